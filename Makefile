@@ -1,0 +1,38 @@
+# Quick start: `make demo` and `make test` each do all of their own set-up (virtual environment,
+# install, kernel build), so both work on a fresh machine with only Python 3.10+, gcc and make.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+STAMP := $(VENV)/.kerasdet-installed
+PYTEST_ARGS ?=
+
+.PHONY: demo test venv kernels clean benchmarks
+
+demo: kernels
+	$(PY) -m kerasdet.demo
+
+test: kernels
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+venv: $(STAMP)
+
+# TensorFlow and setuptools go in first: the editable install below builds without isolation so the
+# kernels compile against the very TensorFlow that will load them.
+$(STAMP): setup.cfg setup.py pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip "setuptools>=68" wheel
+	$(PIP) install "tensorflow>=2.21,<2.22"
+	$(PIP) install --no-build-isolation -e ".[test]"
+	touch $(STAMP)
+
+# Incremental: custom_ops/build.py recompiles only what changed.
+kernels: $(STAMP)
+	$(PY) custom_ops/build.py
+
+benchmarks: kernels
+	$(PY) benchmarks/ops.py
+	$(PY) benchmarks/input_pipeline.py
+
+clean:
+	rm -rf $(VENV) custom_ops/_build kerasdet/ops/_lib build *.egg-info

@@ -1,0 +1,21 @@
+"""kerasdet: the object-detection lineage from OverFeat to Cascade R-CNN as a Keras 3 model zoo."""
+import importlib
+
+__version__ = "0.1.0"
+
+_SUBMODULES = (
+    "backbones", "data", "evaluation", "heads", "layers", "losses", "models", "necks", "ops",
+    "visualize", "zoo",
+)
+
+
+def __getattr__(name):
+    # Submodules load on first use so that `import kerasdet` stays cheap and a tool that needs only
+    # the evaluation code does not pay for building the kernels' Python side.
+    if name in _SUBMODULES:
+        return importlib.import_module(f"kerasdet.{name}")
+    raise AttributeError(f"module 'kerasdet' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_SUBMODULES))
