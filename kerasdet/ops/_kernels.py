@@ -1,0 +1,108 @@
+"""Lazy loading of the compiled kerasdet kernels, with a pure-TensorFlow fallback switch.
+
+Every op in kerasdet.ops that has a compiled kernel asks ``use_kernels()`` at trace time and takes
+either the kernel (``library().kerasdet_xxx``) or its pure-TensorFlow twin, which computes the same
+numbers. The library is looked for next to this file (``_lib/_kerasdet_ops.so``, written by
+``custom_ops/build.py``) or at ``KERASDET_OPS_LIBRARY``. It is used only when it was built for the
+TensorFlow that is running: a missing or mismatched library gives one warning and the fallback,
+never a crash, because a custom-op ABI break on a TensorFlow upgrade must not take a model down.
+
+Environment:
+    KERASDET_PURE_TF=1          always use the fallbacks (e.g. for a portable SavedModel).
+    KERASDET_REQUIRE_KERNELS=1  a missing or mismatched library is an error instead of a warning.
+    KERASDET_OPS_LIBRARY=PATH   load the library from PATH.
+"""
+import contextlib
+import json
+import os
+import threading
+import warnings
+
+_LIB_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_lib")
+_LIB_NAME = "_kerasdet_ops.so"
+
+_lock = threading.Lock()
+_state = {"tried": False, "lib": None, "reason": None, "path": None}
+_local = threading.local()
+
+
+class KernelsUnavailableError(RuntimeError):
+    """Raised instead of falling back when KERASDET_REQUIRE_KERNELS=1."""
+
+
+def _library_path():
+    return os.environ.get("KERASDET_OPS_LIBRARY") or os.path.join(_LIB_DIR, _LIB_NAME)
+
+
+def _try_load():
+    import tensorflow as tf
+
+    path = _library_path()
+    _state["path"] = path
+    if not os.path.exists(path):
+        return None, (f"compiled kernels not found at {path} (build them with `make kernels` or "
+                      "reinstall kerasdet with gcc available)")
+    info_path = os.path.join(os.path.dirname(path), "_kerasdet_ops.json")
+    built_for = None
+    if os.path.exists(info_path):
+        with open(info_path) as f:
+            built_for = json.load(f).get("tensorflow")
+    if built_for != tf.__version__:
+        return None, (f"kernels at {path} were built for TensorFlow {built_for}, but "
+                      f"{tf.__version__} is running; rebuild them with `make kernels`")
+    try:
+        return tf.load_op_library(path), None
+    except (tf.errors.NotFoundError, OSError) as err:  # undefined symbol, wrong ABI, ...
+        return None, f"kernels at {path} failed to load: {err}"
+
+
+def library():
+    """The loaded op library, or None when the fallbacks are in use (after one warning)."""
+    if not _state["tried"]:
+        with _lock:
+            if not _state["tried"]:
+                lib, reason = _try_load()
+                _state.update(lib=lib, reason=reason, tried=True)
+                if lib is None:
+                    if os.environ.get("KERASDET_REQUIRE_KERNELS") == "1":
+                        raise KernelsUnavailableError(reason)
+                    warnings.warn(f"kerasdet: {reason}; using the pure-TensorFlow fallbacks "
+                                  "(same results, slower).", RuntimeWarning, stacklevel=3)
+    return _state["lib"]
+
+
+def use_kernels():
+    """True when ops traced now should call the compiled kernels."""
+    if os.environ.get("KERASDET_PURE_TF") == "1" or getattr(_local, "pure_tf", 0) > 0:
+        return False
+    return library() is not None
+
+
+@contextlib.contextmanager
+def pure_tf():
+    """Within this block (this thread), ops are traced with their pure-TensorFlow fallbacks.
+
+    A model traced here exports to a SavedModel made of builtin ops only, which TF Serving can load
+    without the kerasdet library.
+    """
+    _local.pure_tf = getattr(_local, "pure_tf", 0) + 1
+    try:
+        yield
+    finally:
+        _local.pure_tf -= 1
+
+
+def status():
+    """What was loaded, from where, and why not: for bug reports and `kerasdet` diagnostics."""
+    library_loaded = False
+    try:
+        library_loaded = library() is not None
+    except KernelsUnavailableError:
+        pass
+    return {"loaded": library_loaded, "path": _state["path"], "reason": _state["reason"],
+            "pure_tf_forced": os.environ.get("KERASDET_PURE_TF") == "1"}
+
+
+def _reset_for_tests():
+    with _lock:
+        _state.update(tried=False, lib=None, reason=None, path=None)
