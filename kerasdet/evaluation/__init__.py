@@ -14,6 +14,7 @@ _LAZY = {
     "coco_ground_truth": "kerasdet.evaluation.coco",
     "coco_results": "kerasdet.evaluation.coco",
     "save_coco_results": "kerasdet.evaluation.coco",
+    "encode_masks": "kerasdet.evaluation.coco",
     "COCO_METRIC_NAMES": "kerasdet.evaluation.coco",
     "format_metrics_table": "kerasdet.evaluation.table",
     "EvaluationCallback": "kerasdet.evaluation.callback",

@@ -1,0 +1,394 @@
+"""COCO box and mask AP through pycocotools.
+
+Three ways in:
+
+- ``coco_evaluate(detections, ground_truths)``: both as per-image dicts (see
+  ``kerasdet.evaluation._inputs``); the ground-truth COCO object is built in memory (iscrowd, areas,
+  binary masks as RLE).
+- ``coco_evaluate(detections, coco_gt=annotation_json_or_COCO, category_ids=...)``: ground truth
+  from an existing COCO annotation file; each detection dict names its ``image_id`` (or pass
+  ``image_ids``) and class ids map to COCO category ids through ``category_ids``.
+- ``coco_evaluate_json(results_json, coco_gt)``: a standard COCO results file.
+
+All return ``{iou_type: {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs",
+"ARm", "ARl", "per_class_AP"}}`` for iou_type in "bbox" / "segm". Where pycocotools reports -1 (no
+ground truth in that area range / class) the value is NaN. No detections at all gives AP 0.
+pycocotools' prints are silenced unless ``verbose``.
+
+Coordinates: detections and ground truths must be in the same frame (e.g. both in network-input
+pixels, or both in original-image pixels): the area ranges of APs/APm/APl (32^2, 96^2) refer to
+that frame. The VOC ``difficult`` flag has no COCO counterpart and is not used here.
+"""
+import contextlib
+import copy
+import io
+import json
+import os
+
+import numpy as np
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from kerasdet.evaluation._inputs import check_detections, check_ground_truths, check_same_length
+
+__all__ = [
+    "COCO_METRIC_NAMES", "coco_evaluate", "coco_evaluate_json", "coco_ground_truth", "coco_results",
+    "save_coco_results", "encode_masks",
+]
+
+# The order of COCOeval.stats after summarize().
+COCO_METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl",
+                     "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+_IOU_TYPES = ("bbox", "segm")
+
+
+@contextlib.contextmanager
+def _quiet(verbose):
+    if verbose:
+        yield
+    else:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+
+
+def encode_masks(masks, threshold=0.5):
+    """Binary-threshold [N, H, W] masks and encode each as a COCO RLE dict with str counts."""
+    masks = np.asarray(masks)
+    if masks.ndim != 3:
+        raise ValueError(f"masks must have shape [N, H, W], got {masks.shape}")
+    binary = masks >= threshold if masks.dtype != bool else masks
+    # pycocotools wants a Fortran-ordered uint8 [H, W, N] array.
+    rles = mask_utils.encode(np.asfortranarray(binary.transpose(1, 2, 0).astype(np.uint8)))
+    for rle in rles:
+        rle["counts"] = rle["counts"].decode("ascii")  # JSON-serializable
+    return rles
+
+
+def _image_size(gt, index):
+    if gt.get("image_size") is not None:
+        size = np.asarray(gt["image_size"]).reshape(-1)
+        if size.shape[0] < 2 or not np.all(np.isfinite(size)):
+            raise ValueError(f"ground_truths[{index}]['image_size'] must be (height, width), got {size}")
+        return int(size[0]), int(size[1])
+    if gt["masks"] is not None:
+        return int(gt["masks"].shape[1]), int(gt["masks"].shape[2])
+    if gt["boxes"].shape[0]:
+        # Only polygon decoding needs the size; boxes alone need just a consistent value.
+        return int(np.ceil(max(gt["boxes"][:, 3].max(), 1))), int(np.ceil(max(gt["boxes"][:, 2].max(), 1)))
+    return 1, 1
+
+
+def _xyxy_to_xywh(boxes):
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    return np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
+
+
+def coco_ground_truth(ground_truths, class_ids=None, class_names=None, image_ids=None,
+                      mask_threshold=0.5, verbose=False):
+    """Build a pycocotools COCO ground-truth object in memory from per-image dicts.
+
+    Args:
+      ground_truths: list of dicts with ``boxes`` [M, 4] (x1, y1, x2, y2), ``classes`` [M], optional
+        ``iscrowd`` [M], ``area`` [M], ``masks`` [M, H, W] (binary, or probabilities thresholded
+        at ``mask_threshold``) and ``image_size`` (height, width).
+      class_ids: the class ids that become categories (default: those in ``ground_truths``, or
+        0..len(class_names)-1).
+      class_names: optional names, indexed by class id.
+      image_ids: optional COCO image ids, one per image (default 1..N).
+
+    Returns:
+      (coco, category_ids): the COCO object and the dict class id -> COCO category id (id + 1:
+      pycocotools treats 0 as "no match" for annotation ids, so ids start at 1 throughout).
+
+    Areas (used for the small / medium / large ranges) are, in order of preference: the ``area``
+    entry, the mask's pixel count (COCO's own definition), the box area.
+    """
+    ground_truths = check_ground_truths(ground_truths)
+    image_ids = _image_id_list(image_ids, len(ground_truths), "ground_truths")
+    if class_ids is None:
+        if class_names is not None:
+            class_ids = range(len(class_names))
+        else:
+            seen = [g["classes"] for g in ground_truths]
+            class_ids = np.unique(np.concatenate(seen)) if seen else []
+    category_ids = {int(c): int(c) + 1 for c in class_ids}
+    categories = [{"id": cat, "name": str(class_names[c]) if class_names is not None else str(c)}
+                  for c, cat in category_ids.items()]
+    images, annotations = [], []
+    for index, (gt, image_id) in enumerate(zip(ground_truths, image_ids)):
+        height, width = _image_size(gt, index)
+        images.append({"id": image_id, "height": height, "width": width})
+        rles = encode_masks(gt["masks"], mask_threshold) if gt["masks"] is not None else None
+        xywh = _xyxy_to_xywh(gt["boxes"])
+        for j in range(gt["boxes"].shape[0]):
+            cls = int(gt["classes"][j])
+            if cls not in category_ids:
+                raise ValueError(f"ground_truths[{index}]['classes'][{j}] = {cls} is not one of the "
+                                 f"evaluated classes {sorted(category_ids)}")
+            if gt["area"] is not None:
+                area = float(gt["area"][j])
+            elif rles is not None:
+                area = float(mask_utils.area(rles[j]))
+            else:
+                area = float(xywh[j, 2] * xywh[j, 3])
+            ann = {"id": len(annotations) + 1, "image_id": image_id, "category_id": category_ids[cls],
+                   "bbox": xywh[j].tolist(), "area": area, "iscrowd": int(gt["iscrowd"][j])}
+            if rles is not None:
+                ann["segmentation"] = rles[j]
+            annotations.append(ann)
+    coco = COCO()
+    coco.dataset = {"images": images, "annotations": annotations, "categories": categories}
+    with _quiet(verbose):
+        coco.createIndex()
+    return coco, category_ids
+
+
+def _image_id_list(image_ids, n, what):
+    if image_ids is None:
+        return list(range(1, n + 1))
+    image_ids = [int(i) for i in image_ids]
+    if len(image_ids) != n:
+        raise ValueError(f"image_ids has {len(image_ids)} entries but {what} has {n} images")
+    if len(set(image_ids)) != n:
+        raise ValueError("image_ids must be unique")
+    return image_ids
+
+
+def coco_results(detections, image_ids=None, category_ids=None, iou_types=("bbox",), mask_threshold=0.5):
+    """Convert per-image detection dicts to a COCO results list (JSON-serializable).
+
+    Each entry has ``image_id``, ``category_id``, ``score``, and ``bbox`` [x, y, w, h] and/or
+    ``segmentation`` (RLE of the thresholded mask), depending on ``iou_types``.
+    ``image_ids``: one per image, else each dict's ``image_id`` entry, else 1..N.
+    ``category_ids``: dict class id -> COCO category id (default id + 1, as ``coco_ground_truth``).
+    """
+    detections = check_detections(detections)
+    iou_types = _check_iou_types(iou_types)
+    if image_ids is None and detections and all("image_id" in d for d in detections):
+        image_ids = [d["image_id"] for d in detections]
+    image_ids = _image_id_list(image_ids, len(detections), "detections")
+    results = []
+    for index, (det, image_id) in enumerate(zip(detections, image_ids)):
+        n = det["boxes"].shape[0]
+        if n == 0:
+            continue
+        rles = None
+        if "segm" in iou_types:
+            if det["masks"] is None:
+                raise ValueError(f"detections[{index}] has no 'masks' but mask (segm) evaluation was asked")
+            rles = encode_masks(det["masks"], mask_threshold)
+        xywh = _xyxy_to_xywh(det["boxes"])
+        for j in range(n):
+            cls = int(det["classes"][j])
+            if category_ids is None:
+                category = cls + 1
+            elif cls in category_ids:
+                category = int(category_ids[cls])
+            else:
+                raise ValueError(f"detections[{index}]['classes'][{j}] = {cls} has no entry in category_ids")
+            entry = {"image_id": image_id, "category_id": category, "score": float(det["scores"][j])}
+            if "bbox" in iou_types:
+                entry["bbox"] = xywh[j].tolist()
+            if rles is not None:
+                entry["segmentation"] = rles[j]
+            results.append(entry)
+    return results
+
+
+def save_coco_results(detections, path, image_ids=None, category_ids=None, iou_types=("bbox",),
+                      mask_threshold=0.5):
+    """Write ``coco_results(...)`` to a JSON file; returns the number of entries written."""
+    results = coco_results(detections, image_ids, category_ids, iou_types, mask_threshold)
+    directory = os.path.dirname(os.fspath(path))
+    if directory:
+        os.makedirs(directory, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(results, f)
+    return len(results)
+
+
+def _check_iou_types(iou_types):
+    if isinstance(iou_types, str):
+        iou_types = (iou_types,)
+    iou_types = tuple(iou_types)
+    for t in iou_types:
+        if t not in _IOU_TYPES:
+            raise ValueError(f"iou_types entries must be 'bbox' or 'segm', got {t!r}")
+    if not iou_types:
+        raise ValueError("iou_types is empty")
+    return iou_types
+
+
+def _load_coco_gt(coco_gt, verbose):
+    if isinstance(coco_gt, COCO):
+        return coco_gt
+    path = os.fspath(coco_gt)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"COCO annotation file not found: {path}")
+    with _quiet(verbose):
+        try:
+            return COCO(path)
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"cannot read COCO annotations from {path}: {err}") from err
+
+
+def _results_for(results, iou_type, coco_gt, where):
+    """The entries usable for one iou type, prepared the way loadRes expects."""
+    key = "bbox" if iou_type == "bbox" else "segmentation"
+    picked = []
+    for k, entry in enumerate(results):
+        for field in ("image_id", "category_id", "score"):
+            if field not in entry:
+                raise ValueError(f"{where}[{k}] has no {field!r}")
+        if key not in entry:
+            raise ValueError(f"{where}[{k}] has no {key!r}, needed for {iou_type!r} evaluation")
+        if not np.isfinite(entry["score"]):
+            raise ValueError(f"{where}[{k}]['score'] is not finite: {entry['score']}")
+        entry = copy.deepcopy(entry)
+        if iou_type == "segm":
+            # loadRes takes a result's area from its bbox when one is present; mask AP must use the
+            # mask area (as detectron2 also does by dropping the box).
+            entry.pop("bbox", None)
+        picked.append(entry)
+    known = set(coco_gt.getImgIds())
+    unknown = {e["image_id"] for e in picked} - known
+    if unknown:
+        raise ValueError(f"{where} names image ids not in the ground truth: {sorted(unknown)[:10]}")
+    return picked
+
+
+def _empty_results(coco_gt):
+    # loadRes indexes results[0], so "no detections" needs an empty COCO built by hand; COCOeval
+    # then scores every category with ground truth at AP 0.
+    dt = COCO()
+    dt.dataset = {"images": list(coco_gt.dataset.get("images", [])),
+                  "categories": copy.deepcopy(coco_gt.dataset.get("categories", [])),
+                  "annotations": []}
+    dt.createIndex()
+    return dt
+
+
+def _run_cocoeval(coco_gt, results, iou_type, class_keys, verbose, where):
+    picked = _results_for(results, iou_type, coco_gt, where)
+    with _quiet(verbose):
+        coco_dt = coco_gt.loadRes(picked) if picked else _empty_results(coco_gt)
+        evaluator = COCOeval(coco_gt, coco_dt, iou_type)
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    metrics = {name: (float(v) if v > -1 else float("nan"))
+               for name, v in zip(COCO_METRIC_NAMES, evaluator.stats)}
+    # precision: [iou thresholds, recall points, categories, area ranges, max dets]; AP per class
+    # at area "all" and 100 detections, the same cell summarize() averages.
+    precision = evaluator.eval["precision"]
+    per_class = {}
+    for k, cat in enumerate(evaluator.params.catIds):
+        p = precision[:, :, k, 0, -1]
+        p = p[p > -1]
+        per_class[class_keys.get(cat, cat)] = float(p.mean()) if p.size else float("nan")
+    metrics["per_class_AP"] = per_class
+    return metrics
+
+
+def coco_evaluate(detections, ground_truths=None, iou_types=("bbox",), class_names=None,
+                  coco_gt=None, category_ids=None, image_ids=None, mask_threshold=0.5, verbose=False):
+    """COCO AP / AR for boxes ("bbox") and / or masks ("segm") through pycocotools.
+
+    Args:
+      detections: list of per-image dicts: ``boxes`` [N, 4] (x1, y1, x2, y2), ``scores`` [N],
+        ``classes`` [N], and ``masks`` [N, H, W] (image-sized probabilities or binary masks) for
+        "segm"; optionally ``image_id``.
+      ground_truths: list of per-image dicts (see ``coco_ground_truth``), same order; or None
+        when ``coco_gt`` is given.
+      iou_types: "bbox", "segm" or both.
+      class_names: names indexed by class id; used as the keys of ``per_class_AP``.
+      coco_gt: a COCO object or the path of a COCO instances JSON, instead of ``ground_truths``.
+      category_ids: dict class id -> COCO category id. With ``coco_gt`` the default maps class i to
+        the i-th smallest category id (the usual contiguous labelling).
+      image_ids: COCO image ids, one per detection dict (else each dict's ``image_id``).
+      mask_threshold: masks are binarized with ``mask >= mask_threshold``.
+      verbose: let pycocotools print its summary.
+
+    Returns:
+      {iou_type: {metric name: float, "per_class_AP": {class: AP}}}.
+    """
+    iou_types = _check_iou_types(iou_types)
+    if (ground_truths is None) == (coco_gt is None):
+        raise ValueError("pass exactly one of ground_truths (per-image dicts) or coco_gt (COCO / JSON path)")
+    checked = check_detections(detections)
+    if ground_truths is not None:
+        check_same_length(checked, ground_truths)
+        if class_names is not None:
+            class_ids = list(range(len(class_names)))
+        else:
+            ids = [g["classes"] for g in check_ground_truths(ground_truths)]
+            ids += [d["classes"] for d in checked]
+            class_ids = np.unique(np.concatenate(ids)).tolist() if ids else []
+        for index, det in enumerate(checked):
+            bad = [int(c) for c in det["classes"] if int(c) not in class_ids]
+            if bad:
+                raise ValueError(f"detections[{index}]['classes'] has ids {bad[:5]} outside class_names "
+                                 f"(0..{len(class_ids) - 1})")
+        coco, category_ids = coco_ground_truth(ground_truths, class_ids, class_names, image_ids,
+                                               mask_threshold, verbose)
+        image_ids = [img["id"] for img in coco.dataset["images"]]
+        if "segm" in iou_types:
+            _check_mask_sizes(checked, coco, image_ids)
+    else:
+        coco = _load_coco_gt(coco_gt, verbose)
+        if category_ids is None:
+            category_ids = {i: cat for i, cat in enumerate(sorted(coco.getCatIds()))}
+    results = coco_results(checked, image_ids, category_ids, iou_types, mask_threshold)
+    class_keys = _class_keys(coco, category_ids, class_names)
+    return {t: _run_cocoeval(coco, results, t, class_keys, verbose, "detections") for t in iou_types}
+
+
+def _check_mask_sizes(detections, coco, image_ids):
+    for index, (det, image_id) in enumerate(zip(detections, image_ids)):
+        img = coco.imgs[image_id]
+        if det["masks"] is not None and det["masks"].shape[0] and \
+                tuple(det["masks"].shape[1:]) != (img["height"], img["width"]):
+            raise ValueError(f"detections[{index}]['masks'] are {det['masks'].shape[1:]} but the image is "
+                             f"{(img['height'], img['width'])}; masks must be image-sized")
+
+
+def _class_keys(coco, category_ids, class_names):
+    """COCO category id -> the key used in per_class_AP (class name, else class id, else COCO name)."""
+    keys = {}
+    for cls, cat in (category_ids or {}).items():
+        keys[cat] = class_names[cls] if class_names is not None and cls < len(class_names) else cls
+    for cat in coco.getCatIds():
+        if cat not in keys:
+            keys[cat] = coco.cats[cat].get("name", cat)
+    return keys
+
+
+def coco_evaluate_json(results, coco_gt, iou_types=("bbox",), class_names=None, category_ids=None,
+                       verbose=False):
+    """Evaluate a COCO results file (or an already loaded results list) against ``coco_gt``.
+
+    ``coco_gt`` is a COCO object (e.g. from ``coco_ground_truth``) or an annotation JSON path.
+    ``class_names`` / ``category_ids`` only choose the keys of ``per_class_AP``. Entries carrying
+    both ``bbox`` and ``segmentation`` serve both iou types. Returns the same dict as
+    ``coco_evaluate``.
+    """
+    iou_types = _check_iou_types(iou_types)
+    coco = _load_coco_gt(coco_gt, verbose)
+    where = "results"
+    if not isinstance(results, (list, tuple)):
+        path = os.fspath(results)
+        where = path
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"COCO results file not found: {path}")
+        try:
+            with open(path) as f:
+                results = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON: {err}") from err
+        if not isinstance(results, list):
+            raise ValueError(f"{path} must hold a JSON list of detections, got {type(results).__name__}")
+    if category_ids is None and class_names is not None:
+        category_ids = {i: cat for i, cat in enumerate(sorted(coco.getCatIds()))}
+    class_keys = _class_keys(coco, category_ids, class_names)
+    return {t: _run_cocoeval(coco, list(results), t, class_keys, verbose, where) for t in iou_types}
