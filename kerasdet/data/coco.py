@@ -1,0 +1,136 @@
+"""COCO instances JSON reader.
+
+Boxes: COCO's [x, y, width, height] are continuous pixel coordinates already, so x2 = x + width with no
++1. Categories are mapped to contiguous 0-based labels in increasing category-id order; the data set keeps
+the map both ways (``category_ids``). Images without annotations are kept (negatives matter).
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+
+import numpy as np
+
+from kerasdet.data.images import check_image
+from kerasdet.data.records import (BadInputError, BadInputReport, DetectionDataset, DetectionRecord,
+                                   check_on_bad, resolve_image_path, sanitize_boxes)
+
+
+def _load_json(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"COCO annotation file not found: {path}")
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadInputError(f"{path}: not valid JSON: {exc}") from exc
+    if not isinstance(data, dict) or "images" not in data or "categories" not in data:
+        raise BadInputError(f"{path}: not a COCO instances file (needs 'images' and 'categories')")
+    return data
+
+
+def load_coco(annotation_file: str, image_root: str, *, on_bad: str = "error",
+              check_images: str = "header", load_masks: bool = True,
+              skip_empty: bool = False) -> DetectionDataset:
+    """Read a COCO instances JSON file.
+
+    Args:
+        annotation_file: path of the instances JSON.
+        image_root: directory the images' ``file_name`` entries are relative to. File names that are
+            absolute, contain ``..`` or resolve outside it through a symlink always raise BadInputError.
+        on_bad: "error" raises BadInputError naming the file and record for a missing/unreadable image,
+            an annotation of an unknown image or category id, or a malformed bbox; "skip" drops that
+            image (or annotation) and counts it in ``dataset.report`` with one warning at the end.
+            Whatever the policy, NaN/infinite boxes raise; degenerate boxes (w or h <= 0) and boxes
+            entirely outside the image are dropped with a counted warning, boxes partly outside are
+            clipped to the image.
+        check_images: "header" (default) opens each image's header to check it exists, is an image and
+            has the annotated size; "decode" decodes it fully (catches corrupt pixel data); "none" trusts
+            the JSON.
+        load_masks: keep each annotation's segmentation (polygons or RLE) in ``record.masks``.
+        skip_empty: drop images without (valid) objects; by default they are kept as negatives.
+
+    Returns:
+        DetectionDataset with ``category_ids`` (label -> COCO category id).
+    """
+    check_on_bad(on_bad)
+    data = _load_json(annotation_file)
+    report = BadInputReport(f"COCO {annotation_file}")
+    categories = sorted(data["categories"], key=lambda c: int(c["id"]))
+    category_ids = [int(c["id"]) for c in categories]
+    if len(set(category_ids)) != len(category_ids):
+        raise BadInputError(f"{annotation_file}: duplicate category ids")
+    label_of = {c: i for i, c in enumerate(category_ids)}
+    class_names = [str(c.get("name", c["id"])) for c in categories]
+
+    images = {}
+    for image in data["images"]:
+        images[image["id"]] = image
+    annotations = defaultdict(list)
+    for ann in data.get("annotations", []):
+        if ann.get("image_id") not in images:
+            where = f"{annotation_file} annotation {ann.get('id')}"
+            if on_bad == "error":
+                raise BadInputError(f"{where}: unknown image id {ann.get('image_id')!r}")
+            report.add("annotation of an unknown image skipped", where)
+            continue
+        annotations[ann["image_id"]].append(ann)
+
+    records = []
+    for image_id, image in images.items():
+        file_name = image.get("file_name")
+        where = f"{annotation_file} image id {image_id} ({file_name})"
+        rel = resolve_image_path(image_root, file_name, where)
+        path = os.path.join(image_root, *rel.split("/"))
+        width, height = image.get("width"), image.get("height")
+        try:
+            if check_images != "none":
+                expected = (int(height), int(width)) if width and height else None
+                height, width = check_image(path, expected, check_images, where)
+            elif not (width and height):
+                raise BadInputError(f"{where}: no width/height in the JSON and check_images='none'")
+        except BadInputError:
+            if on_bad == "error":
+                raise
+            report.add("unreadable or missing image skipped", where)
+            continue
+        record = _record(image_id, rel, int(width), int(height), annotations.get(image_id, []),
+                         label_of, where, on_bad, report, load_masks)
+        if record is None or (skip_empty and record.num_objects == 0):
+            continue
+        records.append(record)
+    report.warn()
+    return DetectionDataset(records, class_names, image_root, category_ids, report)
+
+
+def _record(image_id, rel, width, height, anns, label_of, where, on_bad, report, load_masks):
+    boxes, labels, crowd, segs, object_ids = [], [], [], [], []
+    for ann in anns:
+        ann_where = f"{where} annotation {ann.get('id')}"
+        category = ann.get("category_id")
+        bbox = ann.get("bbox")
+        problem = reason = None
+        if category not in label_of:
+            problem, reason = f"unknown category id {category!r}", "unknown category skipped"
+        elif (not isinstance(bbox, (list, tuple)) or len(bbox) != 4
+              or not all(isinstance(v, (int, float)) or v is None for v in bbox)):
+            problem = f"malformed bbox {bbox!r} (want [x, y, width, height])"
+            reason = "malformed bbox skipped"
+        if problem:
+            if on_bad == "error":
+                raise BadInputError(f"{ann_where}: {problem}")
+            report.add(reason, ann_where)
+            continue
+        x, y, w, h = (float("nan") if v is None else float(v) for v in bbox)
+        boxes.append([x, y, x + w, y + h])
+        labels.append(label_of[category])
+        crowd.append(bool(ann.get("iscrowd", 0)))
+        segs.append(ann.get("segmentation") or None)
+        object_ids.append(f"{len(object_ids)} (annotation {ann.get('id')})")
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+    clipped, keep = sanitize_boxes(boxes, width, height, where, report, object_ids)
+    record = DetectionRecord(image_id=image_id, image_path=rel, width=width, height=height,
+                             boxes=clipped, labels=labels, iscrowd=crowd,
+                             masks=segs if load_masks else None)
+    return record.select(keep)

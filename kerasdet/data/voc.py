@@ -1,0 +1,140 @@
+"""Pascal VOC reader (standard tree: Annotations/, JPEGImages/, ImageSets/Main/<split>.txt).
+
+Coordinates: VOC's <bndbox> holds 1-based inclusive pixel indices (xmin=1 is the first column,
+xmax is the last column covered). In kerasdet's continuous 0-based coordinates the box covering
+columns xmin..xmax is [xmin - 1, xmax): so x1 = xmin - 1, y1 = ymin - 1, x2 = xmax, y2 = ymax, and
+the box's width is xmax - xmin + 1 pixels, as VOC intends. Writers do the inverse.
+"""
+from __future__ import annotations
+
+import os
+import xml.etree.ElementTree as ET
+
+import numpy as np
+
+from kerasdet.data.images import check_image
+from kerasdet.data.records import (BadInputError, BadInputReport, DetectionDataset, DetectionRecord,
+                                   FatalInputError, check_on_bad, resolve_image_path,
+                                   sanitize_boxes)
+
+VOC_CLASSES = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+    "tvmonitor",
+)
+
+
+def read_split(root: str, split: str) -> list[str]:
+    """Image ids listed in ImageSets/Main/<split>.txt (first token of each non-empty line)."""
+    path = os.path.join(root, "ImageSets", "Main", f"{split}.txt")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"VOC split file not found: {path}")
+    with open(path, "r", encoding="utf-8") as f:
+        return [line.split()[0] for line in f if line.strip()]
+
+
+def _number(node, tag, where):
+    child = node.find(tag)
+    if child is None or child.text is None:
+        raise BadInputError(f"{where}: missing <{tag}>")
+    try:
+        return float(child.text.strip())
+    except ValueError as exc:
+        raise BadInputError(f"{where}: <{tag}> is not a number: {child.text!r}") from exc
+
+
+def load_voc(root: str, split: str = "trainval", *, class_names=VOC_CLASSES, on_bad: str = "error",
+             check_images: str = "header", keep_difficult: bool = True,
+             skip_empty: bool = False) -> DetectionDataset:
+    """Read a Pascal VOC style data set.
+
+    Args:
+        root: the VOC year directory (holding Annotations/, JPEGImages/, ImageSets/Main/).
+        split: name of the ImageSets/Main split file ("train", "val", "trainval", "test", ...).
+        class_names: names in label order; VOC's 20 classes by default.
+        on_bad: "error" raises BadInputError naming the XML file and image for a missing, unreadable
+            or malformed annotation or image, or an object of a class not in ``class_names``;
+            "skip" drops that image (or object) and counts it in ``dataset.report`` (one warning).
+            Whatever the policy, NaN boxes raise; degenerate boxes are dropped and boxes outside the
+            image clipped/dropped with a counted warning; file names escaping JPEGImages/ raise.
+        check_images: "header", "decode" or "none" (see ``load_coco``).
+        keep_difficult: keep "difficult" objects (flagged in ``record.difficult``; the VOC
+            evaluation ignores them). False drops them.
+        skip_empty: drop images without objects (kept by default: they are negatives).
+    """
+    check_on_bad(on_bad)
+    class_names = list(class_names)
+    label_of = {name: i for i, name in enumerate(class_names)}
+    image_root = os.path.join(root, "JPEGImages")
+    report = BadInputReport(f"VOC {root} split {split}")
+    records = []
+    for image_id in read_split(root, split):
+        xml_path = os.path.join(root, "Annotations", f"{image_id}.xml")
+        where = f"{xml_path} (image {image_id})"
+        try:
+            record = _parse(xml_path, image_id, image_root, label_of, where, on_bad, report,
+                            check_images, keep_difficult)
+        except FatalInputError:
+            raise
+        except BadInputError:
+            if on_bad == "error":
+                raise
+            report.add("unreadable image or annotation skipped", where)
+            continue
+        if skip_empty and record.num_objects == 0:
+            continue
+        records.append(record)
+    report.warn()
+    return DetectionDataset(records, class_names, image_root, None, report)
+
+
+def _parse(xml_path, image_id, image_root, label_of, where, on_bad, report, check_images,
+           keep_difficult):
+    if not os.path.isfile(xml_path):
+        raise BadInputError(f"{where}: annotation file not found")
+    try:
+        tree = ET.parse(xml_path).getroot()
+    except ET.ParseError as exc:
+        raise BadInputError(f"{where}: malformed XML: {exc}") from exc
+    file_name = tree.findtext("filename")
+    file_name = file_name.strip() if file_name and file_name.strip() else f"{image_id}.jpg"
+    rel = resolve_image_path(image_root, file_name, where)
+    path = os.path.join(image_root, *rel.split("/"))
+    size = tree.find("size")
+    expected = None
+    if size is not None and size.findtext("width") and size.findtext("height"):
+        expected = (int(float(size.findtext("height"))), int(float(size.findtext("width"))))
+        if expected[0] <= 0 or expected[1] <= 0:
+            expected = None  # some VOC-style tools write 0: trust the image instead
+    if check_images != "none":
+        height, width = check_image(path, expected, check_images, where)
+    elif expected is None:
+        raise BadInputError(f"{where}: no <size> and check_images='none'")
+    else:
+        height, width = expected
+
+    boxes, labels, difficult, object_ids = [], [], [], []
+    for i, obj in enumerate(tree.findall("object")):
+        obj_where = f"{where} object {i}"
+        name = (obj.findtext("name") or "").strip()
+        if name not in label_of:
+            if on_bad == "error":
+                raise BadInputError(f"{obj_where}: unknown class name {name!r}")
+            report.add("unknown class skipped", obj_where)
+            continue
+        is_difficult = (obj.findtext("difficult") or "0").strip() not in ("0", "")
+        if is_difficult and not keep_difficult:
+            continue
+        bndbox = obj.find("bndbox")
+        if bndbox is None:
+            raise BadInputError(f"{obj_where}: missing <bndbox>")
+        xmin, ymin, xmax, ymax = (_number(bndbox, t, obj_where) for t in ("xmin", "ymin", "xmax", "ymax"))
+        boxes.append([xmin - 1.0, ymin - 1.0, xmax, ymax])  # 1-based inclusive -> continuous
+        labels.append(label_of[name])
+        difficult.append(is_difficult)
+        object_ids.append(i)
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+    clipped, keep = sanitize_boxes(boxes, width, height, where, report, object_ids)
+    record = DetectionRecord(image_id=image_id, image_path=rel, width=width, height=height,
+                             boxes=clipped, labels=labels, difficult=difficult)
+    return record.select(keep)
