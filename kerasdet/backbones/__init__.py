@@ -1,1 +1,25 @@
-"""kerasdet.backbones"""
+"""kerasdet.backbones: feature extractors with named outputs and output strides.
+
+    backbone = kerasdet.backbones.get("resnet50", frozen_bn=True, freeze_at=2)
+    features = backbone(images)          # {"C2": ..., "C5": ...}
+    backbone.strides                     # {"C2": 4, "C3": 8, "C4": 16, "C5": 32}
+    kerasdet.backbones.list()            # registered names
+"""
+from kerasdet.backbones.base import Backbone, ImageNormalization
+from kerasdet.backbones.registry import get, list_names, register
+from kerasdet.backbones.resnet import ResNet, ResNetConv5Head, resnet50, resnet101, resnet_c4
+from kerasdet.backbones.tiny import TinyBackbone
+
+register("resnet50", resnet50)
+register("resnet101", resnet101)
+register("resnet50_c4", lambda **kw: ResNet(depth=50, include_c5=False, **kw))
+register("resnet101_c4", lambda **kw: ResNet(depth=101, include_c5=False, **kw))
+register("tiny", TinyBackbone)
+
+# `list` is the public name the project asked for; inside this package use `list_names`.
+list = list_names  # noqa: A001
+
+__all__ = [
+    "Backbone", "ImageNormalization", "ResNet", "ResNetConv5Head", "TinyBackbone",
+    "get", "list", "list_names", "register", "resnet50", "resnet101", "resnet_c4",
+]

@@ -1,0 +1,151 @@
+"""Tests of kerasdet.necks (FPN) against plain-numpy references."""
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from kerasdet.backbones.tiny import TinyBackbone
+from kerasdet.necks import FPN, upsample_nearest_to
+
+
+def np_conv2d_same(x, kernel, bias):
+    """Stride-1 cross-correlation with symmetric zero padding k // 2 (odd kernels)."""
+    kh, kw = kernel.shape[:2]
+    ph, pw = kh // 2, kw // 2
+    xp = np.pad(x.astype(np.float64), ((0, 0), (ph, ph), (pw, pw), (0, 0)))
+    h, w = x.shape[1:3]
+    out = np.zeros(x.shape[:3] + (kernel.shape[3],))
+    for i in range(kh):
+        for j in range(kw):
+            out += xp[:, i:i + h, j:j + w, :] @ kernel[i, j].astype(np.float64)
+    return out + bias
+
+
+def np_upsample_nearest(x, height, width):
+    """Coarse pixel j covers fine pixels 2j and 2j + 1 (source index floor(i * h / H))."""
+    rows = (np.arange(height) * x.shape[1]) // height
+    cols = (np.arange(width) * x.shape[2]) // width
+    return x[:, rows][:, :, cols]
+
+
+def random_features(rng, sizes, channels, batch=1):
+    return {name: rng.normal(size=(batch, h, w, c)).astype(np.float32)
+            for (name, (h, w)), c in zip(sizes.items(), channels)}
+
+
+def test_upsample_nearest_matches_numpy_for_even_and_odd_sizes():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 4, 5, 3)).astype(np.float32)
+    for height, width in ((8, 10), (7, 9), (8, 9)):
+        ref = np.zeros((1, height, width, 1), np.float32)
+        got = upsample_nearest_to(tf.constant(x), tf.constant(ref)).numpy()
+        np.testing.assert_array_equal(got, np_upsample_nearest(x, height, width))
+    # The exact 2x case is a plain pixel repeat.
+    doubled = upsample_nearest_to(tf.constant(x), tf.zeros((1, 8, 10, 1))).numpy()
+    np.testing.assert_array_equal(doubled, x.repeat(2, axis=1).repeat(2, axis=2))
+
+
+def test_upsample_nearest_gradient():
+    x = tf.constant(np.random.default_rng(1).normal(size=(1, 2, 3, 2)), tf.float64)
+    ref = tf.zeros((1, 3, 5, 1))
+    theoretical, numerical = tf.test.compute_gradient(
+        lambda t: upsample_nearest_to(tf.cast(t, tf.float32), ref), [x])
+    np.testing.assert_allclose(theoretical[0], numerical[0], atol=1e-2)
+
+
+@pytest.mark.parametrize("height,width", [(97, 131), (64, 64), (33, 47)])
+def test_fpn_shapes_follow_backbone_on_odd_sizes(height, width):
+    backbone = TinyBackbone()
+    fpn = FPN(channels=32)
+    features = backbone(np.zeros((2, height, width, 3), np.float32))
+    pyramid = fpn(features)
+    assert list(pyramid) == ["P2", "P3", "P4", "P5", "P6"] == fpn.output_levels
+    for k in (2, 3, 4, 5):
+        assert tuple(pyramid[f"P{k}"].shape) == tuple(features[f"C{k}"].shape[:3]) + (32,)
+    p5 = pyramid["P5"].shape
+    assert tuple(pyramid["P6"].shape) == (2, (p5[1] + 1) // 2, (p5[2] + 1) // 2, 32)
+    assert fpn.output_strides(backbone.strides) == {"P2": 4, "P3": 8, "P4": 16, "P5": 32, "P6": 64}
+
+
+def test_fpn_top_down_merge_matches_numpy():
+    rng = np.random.default_rng(2)
+    # Odd C4 (7x9) under a C5 of 4x5: the top-down path must resize to the lateral, not double.
+    features = random_features(rng, {"C4": (7, 9), "C5": (4, 5)}, (6, 10), batch=2)
+    fpn = FPN(channels=4, input_levels=("C4", "C5"))
+    out = fpn(features)
+    for layer in fpn.lateral_convs + fpn.output_convs:   # non-zero biases so they are checked too
+        kernel, bias = layer.get_weights()
+        layer.set_weights([kernel, rng.normal(size=bias.shape)])
+    out = {k: v.numpy() for k, v in fpn(features).items()}
+
+    def weights(name):
+        return [layer for layer in fpn.lateral_convs + fpn.output_convs if layer.name == name][0].get_weights()
+
+    lateral5 = np_conv2d_same(features["C5"], *weights("fpn_lateral5"))
+    lateral4 = np_conv2d_same(features["C4"], *weights("fpn_lateral4"))
+    merged4 = lateral4 + np_upsample_nearest(lateral5, 7, 9)
+    np.testing.assert_allclose(out["P4"], np_conv2d_same(merged4, *weights("fpn_output4")), rtol=1e-4, atol=1e-4)
+    p5 = np_conv2d_same(lateral5, *weights("fpn_output5"))
+    np.testing.assert_allclose(out["P5"], p5, rtol=1e-4, atol=1e-4)
+    # P6: max pool with kernel 1 and stride 2 is subsampling of P5.
+    np.testing.assert_allclose(out["P6"], p5[:, ::2, ::2], rtol=1e-4, atol=1e-4)
+
+
+def test_fpn_gradient():
+    rng = np.random.default_rng(3)
+    c4 = tf.constant(rng.normal(size=(1, 3, 3, 2)), tf.float64)
+    c5 = tf.constant(rng.normal(size=(1, 2, 2, 2)), tf.float64)
+    fpn = FPN(channels=2, input_levels=("C4", "C5"), extra_pool_level=False)
+
+    def p4(a, b):
+        return fpn({"C4": tf.cast(a, tf.float32), "C5": tf.cast(b, tf.float32)})["P4"]
+
+    theoretical, numerical = tf.test.compute_gradient(p4, [c4, c5])
+    for t, n in zip(theoretical, numerical):
+        np.testing.assert_allclose(t, n, atol=2e-2)
+
+
+def test_fpn_in_functional_model_tf_function_and_config_round_trip(tmp_path):
+    backbone = TinyBackbone()
+    inputs = keras.Input((None, None, 3))
+    fpn = FPN(channels=16, name="fpn")
+    model = keras.Model(inputs, fpn(backbone(inputs)))
+    x = np.random.default_rng(4).uniform(0, 255, (1, 45, 61, 3)).astype(np.float32)
+    eager = model(x)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)])
+    def run(images):
+        return model(images)
+
+    traced = run(x)
+    for name in eager:
+        np.testing.assert_allclose(traced[name].numpy(), eager[name].numpy(), rtol=1e-5, atol=1e-5)
+
+    clone = FPN.from_config(fpn.get_config())
+    assert clone.get_config() == fpn.get_config()
+    features = backbone(x)
+    clone(features)
+    clone.set_weights(fpn.get_weights())
+    for name, value in clone(features).items():
+        np.testing.assert_allclose(value.numpy(), eager[name].numpy(), rtol=1e-5, atol=1e-5)
+
+    path = tmp_path / "fpn_model.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    for name, value in loaded(x).items():
+        np.testing.assert_allclose(value.numpy(), eager[name].numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_fpn_rejects_bad_arguments_and_inputs():
+    with pytest.raises(ValueError, match="channels"):
+        FPN(channels=0)
+    with pytest.raises(ValueError, match="consecutive"):
+        FPN(input_levels=("C2", "C4"))
+    with pytest.raises(ValueError, match="input_levels"):
+        FPN(input_levels=("res2", "res3"))
+    fpn = FPN(channels=4)
+    features = random_features(np.random.default_rng(5), {"C2": (8, 8), "C3": (4, 4), "C4": (2, 2)}, (3, 3, 3))
+    with pytest.raises(ValueError, match="C5"):
+        fpn(features)
+    with pytest.raises(TypeError, match="dict"):
+        fpn([features["C2"]])
