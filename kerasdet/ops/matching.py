@@ -1,1 +1,185 @@
-__all__ = []
+"""IoU-based matching of anchors / proposals to ground-truth boxes.
+
+Labels per anchor: 1 = positive (foreground), 0 = negative (background), -1 = ignored (neither
+sampled nor penalized). Works on padded batches: every op reduces over the last two axes of an
+IoU matrix [..., N_anchors, M_gt], with padded ground truth excluded by a validity mask.
+"""
+import tensorflow as tf
+
+__all__ = [
+    "POSITIVE",
+    "NEGATIVE",
+    "IGNORE",
+    "match_boxes",
+    "Matcher",
+    "gather_by_match",
+]
+
+POSITIVE, NEGATIVE, IGNORE = 1, 0, -1
+
+
+def _check_mask(mask, name, expected_shape):
+    mask = tf.convert_to_tensor(mask)
+    if mask.dtype != tf.bool:
+        raise TypeError(f"`{name}` must be a boolean mask, got dtype {mask.dtype.name}.")
+    if not mask.shape.is_compatible_with(expected_shape):
+        raise ValueError(f"`{name}` must have shape {expected_shape}, got {mask.shape}.")
+    return mask
+
+
+def match_boxes(iou, positive_threshold, negative_threshold=None, negative_lower_bound=0.0,
+                allow_low_quality_matches=False, gt_valid=None, anchor_valid=None):
+    """Matches each anchor to its highest-IoU valid ground truth and labels it.
+
+    With ``max_iou`` the anchor's best IoU over valid ground truth:
+
+    - ``max_iou >= positive_threshold`` -> 1;
+    - ``negative_lower_bound <= max_iou < negative_threshold`` -> 0;
+    - otherwise -> -1 (the band between the thresholds, and below `negative_lower_bound`).
+
+    RPN (Faster R-CNN): positive 0.7, negative 0.3, lower bound 0, low-quality matches on.
+    RoI heads: positive 0.5, negative 0.5 (default: = positive), lower bound 0 (Detectron) or 0.1
+    (Fast R-CNN, whose background RoIs have IoU in [0.1, 0.5)).
+
+    Low-quality rule (Faster R-CNN): for each valid ground truth whose best IoU over anchors is
+    > 0, every anchor reaching that best IoU (ties included) is also positive. Such an anchor keeps
+    its own best ground truth as its match, as in the original code. A ground truth that overlaps
+    no anchor at all creates no positives.
+
+    An image with no valid ground truth labels all its (valid) anchors 0, whatever the lower bound:
+    the lower bound only narrows background to hard negatives near objects, and there are none.
+
+    Args:
+        iou: float [..., N, M] IoU of N anchors with M ground-truth boxes.
+        positive_threshold, negative_threshold, negative_lower_bound: see above;
+            negative_threshold defaults to positive_threshold.
+        allow_low_quality_matches: apply the low-quality rule.
+        gt_valid: optional bool [..., M]; False marks padded ground truth (label -1 rows).
+        anchor_valid: optional bool [..., N]; False anchors (e.g. crossing the image border, or
+            padded proposals) get label -1 and take no part in the low-quality rule.
+
+    Returns:
+        (matched_gt_indices int32 [..., N], labels int32 [..., N]). The index is the anchor's
+        best valid ground truth; 0 when the image has none (use `gather_by_match`, which is safe
+        then, to gather targets). Only meaningful where labels == 1.
+    """
+    if negative_threshold is None:
+        negative_threshold = positive_threshold
+    if not 0.0 <= negative_lower_bound <= negative_threshold <= positive_threshold:
+        raise ValueError(
+            "Thresholds must satisfy 0 <= negative_lower_bound <= negative_threshold <= "
+            f"positive_threshold, got {negative_lower_bound}, {negative_threshold}, "
+            f"{positive_threshold}."
+        )
+    iou = tf.cast(tf.convert_to_tensor(iou), tf.float32)
+    if iou.shape.rank is not None and iou.shape.rank < 2:
+        raise ValueError(f"`iou` must have shape [..., N_anchors, M_gt], got {iou.shape}.")
+    num_gt = tf.shape(iou)[-1]
+    if anchor_valid is not None:
+        anchor_valid = _check_mask(anchor_valid, "anchor_valid", iou.shape[:-1])
+    if gt_valid is None:
+        gt_valid = tf.ones(tf.concat([tf.shape(iou)[:-2], [num_gt]], 0), tf.bool)
+    else:
+        gt_valid = _check_mask(gt_valid, "gt_valid", iou.shape[:-2].concatenate(iou.shape[-1:]))
+    # -1 < any real IoU: padded ground truth can never be the best match.
+    masked = tf.where(gt_valid[..., tf.newaxis, :], iou, -1.0)
+    # A sentinel column keeps max/argmax defined when M == 0.
+    sentinel = tf.fill(tf.concat([tf.shape(masked)[:-1], [1]], 0), -1.0)
+    with_sentinel = tf.concat([masked, sentinel], axis=-1)
+    max_iou = tf.reduce_max(with_sentinel, axis=-1)
+    matched = tf.argmax(with_sentinel, axis=-1, output_type=tf.int32)
+    matched = tf.minimum(matched, tf.maximum(num_gt - 1, 0))
+
+    has_gt = tf.reduce_any(gt_valid, axis=-1, keepdims=True)  # [..., 1]
+    positive = max_iou >= positive_threshold
+    negative = (max_iou >= negative_lower_bound) & (max_iou < negative_threshold)
+    negative = tf.where(has_gt, negative, True)
+
+    if allow_low_quality_matches:
+        candidates = masked
+        if anchor_valid is not None:
+            candidates = tf.where(anchor_valid[..., tf.newaxis], masked, -1.0)
+        best_per_gt = tf.reduce_max(candidates, axis=-2, keepdims=True)  # [..., 1, M]
+        is_best = (candidates == best_per_gt) & (best_per_gt > 0.0) & gt_valid[..., tf.newaxis, :]
+        positive = positive | tf.reduce_any(is_best, axis=-1)
+
+    labels = tf.where(positive, POSITIVE, tf.where(negative, NEGATIVE, IGNORE))
+    if anchor_valid is not None:
+        labels = tf.where(anchor_valid, labels, IGNORE)
+    return matched, tf.cast(labels, tf.int32)
+
+
+def gather_by_match(gt_values, matched_gt_indices, fill_value=0):
+    """Per-anchor targets: ``gt_values[..., matched_gt_indices[..., i], ...]``.
+
+    Args:
+        gt_values: [..., M, ...] per-ground-truth values (boxes [B, M, 4], labels [B, M], ...).
+        matched_gt_indices: int [..., N] from `match_boxes`, same leading (batch) dimensions.
+        fill_value: what anchors of an image with M == 0 get.
+
+    Returns:
+        [..., N, ...].
+    """
+    gt_values = tf.convert_to_tensor(gt_values)
+    matched_gt_indices = tf.convert_to_tensor(matched_gt_indices)
+    batch_dims = matched_gt_indices.shape.rank - 1
+    if batch_dims < 0 or gt_values.shape.rank is None or gt_values.shape.rank <= batch_dims:
+        raise ValueError(
+            f"`gt_values` {gt_values.shape} must have the batch dimensions of "
+            f"`matched_gt_indices` {matched_gt_indices.shape} plus the M axis."
+        )
+    # One fill row after the M real rows makes the gather valid even when M == 0.
+    pad_shape = tf.tensor_scatter_nd_update(tf.shape(gt_values), [[batch_dims]], [1])
+    fill = tf.fill(pad_shape, tf.cast(fill_value, gt_values.dtype))
+    padded = tf.concat([gt_values, fill], axis=batch_dims)
+    return tf.gather(padded, matched_gt_indices, axis=batch_dims, batch_dims=batch_dims)
+
+
+class Matcher:
+    """`match_boxes` with its settings held as a config (``get_config`` / ``from_config``)."""
+
+    def __init__(self, positive_threshold, negative_threshold=None, negative_lower_bound=0.0,
+                 allow_low_quality_matches=False):
+        if negative_threshold is None:
+            negative_threshold = positive_threshold
+        if not 0.0 <= negative_lower_bound <= negative_threshold <= positive_threshold:
+            raise ValueError(
+                "Thresholds must satisfy 0 <= negative_lower_bound <= negative_threshold <= "
+                f"positive_threshold, got {negative_lower_bound}, {negative_threshold}, "
+                f"{positive_threshold}."
+            )
+        self.positive_threshold = float(positive_threshold)
+        self.negative_threshold = float(negative_threshold)
+        self.negative_lower_bound = float(negative_lower_bound)
+        self.allow_low_quality_matches = bool(allow_low_quality_matches)
+
+    def __call__(self, iou, gt_valid=None, anchor_valid=None):
+        """(matched_gt_indices, labels) as in `match_boxes`."""
+        return match_boxes(iou, self.positive_threshold, self.negative_threshold,
+                           self.negative_lower_bound, self.allow_low_quality_matches,
+                           gt_valid=gt_valid, anchor_valid=anchor_valid)
+
+    def get_config(self):
+        return {"positive_threshold": self.positive_threshold,
+                "negative_threshold": self.negative_threshold,
+                "negative_lower_bound": self.negative_lower_bound,
+                "allow_low_quality_matches": self.allow_low_quality_matches}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+    @classmethod
+    def rpn(cls):
+        """Faster R-CNN RPN: >= 0.7 positive, < 0.3 negative, best anchor per object positive."""
+        return cls(0.7, 0.3, 0.0, allow_low_quality_matches=True)
+
+    @classmethod
+    def fast_rcnn(cls):
+        """Fast R-CNN RoIs: >= 0.5 foreground, [0.1, 0.5) background, < 0.1 unused."""
+        return cls(0.5, 0.5, 0.1)
+
+    @classmethod
+    def roi_heads(cls, iou_threshold=0.5):
+        """Detectron-style RoI heads / cascade stages (0.5, 0.6, 0.7): >= t fg, < t bg."""
+        return cls(iou_threshold, iou_threshold, 0.0)
