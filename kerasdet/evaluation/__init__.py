@@ -21,6 +21,7 @@ _LAZY = {
     "evaluate_model": "kerasdet.evaluation.callback",
     "predictions_to_dicts": "kerasdet.evaluation.callback",
     "batch_to_ground_truths": "kerasdet.evaluation.callback",
+    "metrics_to_logs": "kerasdet.evaluation.callback",
 }
 
 __all__ = ["voc_ap", "voc_evaluate", "pairwise_iou_numpy", *_LAZY]
