@@ -349,13 +349,13 @@ def test_saved_model_under_pure_tf_loads_without_kerasdet(tmp_path):
 
     module = tf.Module()
     module.layer = layer
+    export_dir = str(tmp_path / "export")
+    # Saving traces every function it finds (the layer's too), so it also happens under pure_tf().
     with _kernels.pure_tf():
         module.serve = tf.function(lambda t: layer(t),
                                    input_signature=[tf.TensorSpec([None, None, None, 4])])
-        module.serve.get_concrete_function()
-    expected = module.serve(x).numpy()
-    export_dir = str(tmp_path / "export")
-    tf.saved_model.save(module, export_dir)
+        expected = module.serve(x).numpy()
+        tf.saved_model.save(module, export_dir)
     np.save(tmp_path / "x.npy", x)
 
     script = textwrap.dedent(f"""
@@ -371,3 +371,17 @@ def test_saved_model_under_pure_tf_loads_without_kerasdet(tmp_path):
     subprocess.run([sys.executable, "-c", script], check=True, env=env, cwd=str(tmp_path),
                    timeout=300)
     np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected, rtol=1e-5, atol=1e-5)
+
+
+def _op_types(fn, *args):
+    graph = tf.function(fn).get_concrete_function(*args).graph
+    return {op.type for op in graph.get_operations()}
+
+
+def test_pure_tf_graph_uses_builtin_ops_only_and_kernel_graph_uses_the_kernel():
+    x, offsets, kernel = _valid_args()
+    fn = lambda x, o: deform_conv2d(x, o, kernel, padding=1)  # noqa: E731
+    with _kernels.pure_tf():
+        assert not any(t.startswith("KerasDet") for t in _op_types(fn, x, offsets))
+    if HAVE_KERNELS:
+        assert "KerasDet>DeformConv2D" in _op_types(fn, x, offsets)

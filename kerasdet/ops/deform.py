@@ -136,7 +136,7 @@ def deform_conv2d(inputs, offsets, kernel, mask=None, strides=1, padding=0, dila
     mask = None if mask is None else tf.cast(mask, compute)
     if compute == tf.float32 and _kernels.use_kernels():
         lib = _kernels.library()
-        result = lib.kerasdet_deform_conv2d(
+        result = lib.keras_det_deform_conv2d(
             input=inputs, offset=offsets,
             mask=mask if mask is not None else tf.zeros([0], tf.float32), kernel=kernel,
             strides=list(strides), pads=list(padding), dilations=list(dilation),
@@ -215,7 +215,7 @@ def _register_gradient():
         @tf.RegisterGradient(_OP_NAME)
         def _deform_conv2d_grad(op, grad):
             lib = _kernels.library()
-            grads = lib.kerasdet_deform_conv2d_grad(
+            grads = lib.keras_det_deform_conv2d_grad(
                 input=op.inputs[0], offset=op.inputs[1], mask=op.inputs[2], kernel=op.inputs[3],
                 grad_output=grad, strides=op.get_attr("strides"), pads=op.get_attr("pads"),
                 dilations=op.get_attr("dilations"),
