@@ -13,6 +13,7 @@ __all__ = [
     "match_boxes",
     "Matcher",
     "gather_by_match",
+    "assign_class_targets",
 ]
 
 POSITIVE, NEGATIVE, IGNORE = 1, 0, -1
@@ -133,6 +134,21 @@ def gather_by_match(gt_values, matched_gt_indices, fill_value=0):
     fill = tf.fill(pad_shape, tf.cast(fill_value, gt_values.dtype))
     padded = tf.concat([gt_values, fill], axis=batch_dims)
     return tf.gather(padded, matched_gt_indices, axis=batch_dims, batch_dims=batch_dims)
+
+
+def assign_class_targets(match_labels, matched_gt_labels):
+    """Softmax-head class targets from a match: positive -> dataset class + 1, negative -> 0
+    (background), ignored -> -1.
+
+    Args:
+        match_labels: int [..., N] 1 / 0 / -1 from `match_boxes`.
+        matched_gt_labels: int [..., N] 0-based dataset class of each anchor's matched ground truth
+            (``gather_by_match(gt_labels, matched_gt_indices)``).
+    """
+    match_labels = tf.convert_to_tensor(match_labels)
+    matched_gt_labels = tf.cast(tf.convert_to_tensor(matched_gt_labels), tf.int32)
+    return tf.where(match_labels == POSITIVE, matched_gt_labels + 1,
+                    tf.where(match_labels == NEGATIVE, 0, -1))
 
 
 class Matcher:
