@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from kerasdet.evaluation import voc_ap, voc_evaluate
+from kerasdet.evaluation import pairwise_iou_numpy, voc_ap, voc_evaluate
 
 
 def _box(i, size=10.0):
@@ -54,6 +54,28 @@ def test_voc_ap_empty_and_perfect():
     assert voc_ap([], []) == 0.0
     assert voc_ap([0.5, 1.0], [1.0, 1.0]) == pytest.approx(1.0)
     assert voc_ap([0.5, 1.0], [1.0, 1.0], use_07_metric=True) == pytest.approx(1.0)
+
+
+def test_eleven_point_thresholds_are_reached_exactly():
+    # 10 gts, 3 TPs: recall .1 .2 .3 with precision 1. R >= t holds for t = 0, .1, .2, .3 -> AP = 4/11
+    # (a float threshold of 0.30000000000000004 compared strictly would give 3/11).
+    recall = np.array([1, 2, 3]) / 10
+    assert voc_ap(recall, np.ones(3), use_07_metric=True) == pytest.approx(4 / 11)
+
+
+def test_pairwise_iou_against_scalar_definition():
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(0, 20, (6, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(0, 10, (6, 2))], 1)
+    boxes[0, 2] = boxes[0, 0]  # zero-area box: IoU 0 with everything, including itself
+    iou = pairwise_iou_numpy(boxes, boxes[::-1])
+    for i, a in enumerate(boxes):
+        for j, b in enumerate(boxes[::-1]):
+            iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+            ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+            union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - iw * ih
+            assert iou[i, j] == pytest.approx(iw * ih / union if union > 0 else 0.0)
+    assert pairwise_iou_numpy(np.zeros((0, 4)), boxes).shape == (0, 6)
 
 
 @pytest.mark.parametrize("recall, precision, message", [

