@@ -12,7 +12,7 @@ dtypes, and every problem is reported with the image index and the key at fault.
 """
 import numpy as np
 
-__all__ = ["check_detections", "check_ground_truths"]
+__all__ = ["check_detections", "check_ground_truths", "check_same_length"]
 
 
 def _as_array(value, index, key, what):
