@@ -316,7 +316,8 @@ def np_multiclass_nms(boxes, scores, max_per_class, k, iou, thr):
 
 
 @pytest.mark.parametrize("per_class_boxes", [False, True])
-def test_multiclass_nms_matches_numpy(per_class_boxes):
+@pytest.mark.parametrize("max_per_class", [4, None])
+def test_multiclass_nms_matches_numpy(per_class_boxes, max_per_class):
     rng = np.random.default_rng(9)
     b, n, c, k = 2, 25, 3, 12
     if per_class_boxes:
@@ -324,10 +325,10 @@ def test_multiclass_nms_matches_numpy(per_class_boxes):
     else:
         boxes = random_boxes(rng, b * n).reshape(b, n, 4)
     scores = rng.uniform(size=(b, n, c)).astype(np.float32)
-    out = B.multiclass_nms(boxes, scores, max_per_class=4, max_detections=k, iou_threshold=0.5,
-                           score_threshold=0.3)
+    out = B.multiclass_nms(boxes, scores, max_detections=k, iou_threshold=0.5,
+                           score_threshold=0.3, max_per_class=max_per_class)
     for i in range(b):
-        ref = np_multiclass_nms(boxes[i], scores[i], 4, k, 0.5, 0.3)
+        ref = np_multiclass_nms(boxes[i], scores[i], max_per_class or k, k, 0.5, 0.3)
         cnt = int(out["num_detections"][i])
         assert cnt == len(ref)
         np.testing.assert_allclose(out["scores"][i, :cnt], [d[0] for d in ref], rtol=1e-6)
@@ -354,7 +355,7 @@ class _PostProcess(tf.Module):
 
     @tf.function(input_signature=[tf.TensorSpec([None, None, 4]), tf.TensorSpec([None, None, 3])])
     def multiclass(self, boxes, scores):
-        return B.multiclass_nms(boxes, scores, 5, 8, 0.5, 0.1)
+        return B.multiclass_nms(boxes, scores, 8, 0.5, 0.1, max_per_class=5)
 
 
 def test_nms_runs_in_tf_function_and_saved_model(tmp_path):

@@ -358,18 +358,22 @@ def batched_nms_padded(boxes, scores, classes, iou_threshold, max_output,
     }
 
 
-def multiclass_nms(boxes, scores, max_per_class, max_detections, iou_threshold=0.5,
-                   score_threshold=0.05):
-    """Per-class NMS over a score matrix, the usual detector post-processing
-    (tf.image.combined_non_max_suppression with pixel coordinates, i.e. no [0, 1] clipping).
+def multiclass_nms(boxes, scores, max_detections, iou_threshold=0.5, score_threshold=0.05,
+                   max_per_class=None, pre_nms_top_k=None):
+    """Per-class NMS over a score matrix: the usual detector post-processing.
 
     Args:
         boxes: [B, N, 4] class-agnostic boxes, or [B, N, C, 4] one box per class.
         scores: [B, N, C] per-class scores for the C foreground classes (drop the background
             column first); class c of the output is column c, i.e. the 0-based dataset id.
-        max_per_class: boxes kept per class per image after NMS.
-        max_detections: K, the fixed number of output slots per image (top-K over classes).
+        max_detections: K, the fixed number of output slots per image (top-K over all classes).
         iou_threshold: suppression threshold; score_threshold: scores <= this are dropped.
+        max_per_class: optional cap on the boxes kept per class per image. When given, the work is
+            done by tf.image.combined_non_max_suppression (pixel coordinates, no [0, 1] clipping),
+            which XLA cannot compile. When None, the (box, class) pairs are flattened and run
+            through `batched_nms_padded` (XLA-compatible); the results are the same as a cap of K.
+        pre_nms_top_k: with max_per_class None, keep only this many highest-scoring (box, class)
+            pairs per image before NMS (bounds the work; e.g. 1000 per image).
 
     Returns:
         dict with `boxes` [B, K, 4], `scores` [B, K], `classes` int32 [B, K] (-1 in unused slots)
@@ -383,12 +387,25 @@ def multiclass_nms(boxes, scores, max_per_class, max_detections, iou_threshold=0
         boxes = boxes[:, :, tf.newaxis, :]
     elif boxes.shape.rank != 4:
         raise ValueError(f"`boxes` must have shape [B, N, 4] or [B, N, C, 4], got {boxes.shape}.")
+    max_detections = int(max_detections)
+    if max_per_class is None:
+        shape = tf.shape(scores)
+        batch, num_classes = shape[0], shape[2]
+        flat_boxes = tf.reshape(tf.broadcast_to(boxes, tf.concat([shape, [4]], 0)), [batch, -1, 4])
+        flat_classes = tf.broadcast_to(tf.range(num_classes), shape)
+        out = batched_nms_padded(
+            flat_boxes, tf.reshape(scores, [batch, -1]), tf.reshape(flat_classes, [batch, -1]),
+            iou_threshold, max_detections, score_threshold=score_threshold,
+            pre_nms_top_k=pre_nms_top_k,
+        )
+        out.pop("indices")
+        return out
     nmsed_boxes, nmsed_scores, nmsed_classes, count = tf.image.combined_non_max_suppression(
         boxes, scores, max_output_size_per_class=int(max_per_class),
-        max_total_size=int(max_detections), iou_threshold=iou_threshold,
+        max_total_size=max_detections, iou_threshold=iou_threshold,
         score_threshold=score_threshold, clip_boxes=False,
     )
-    valid = tf.range(int(max_detections))[tf.newaxis, :] < count[:, tf.newaxis]
+    valid = tf.range(max_detections)[tf.newaxis, :] < count[:, tf.newaxis]
     return {
         "boxes": nmsed_boxes,
         "scores": nmsed_scores,
