@@ -136,7 +136,8 @@ def draw_detections(image, boxes, classes=None, scores=None, masks=None, class_n
         blended = canvas.astype(np.float64)
         for i in keep:
             region = masks[i] >= mask_threshold
-            blended[region] = (1 - mask_alpha) * blended[region] + mask_alpha * np.array(colors[i], np.float64)
+            color = np.array(colors[i], np.float64)
+            blended[region] = (1 - mask_alpha) * blended[region] + mask_alpha * color
         canvas = np.clip(np.round(blended), 0, 255).astype(np.uint8)
 
     if line_width is None:

@@ -144,7 +144,8 @@ def test_padding_is_dropped():
 
 def test_bad_predictions_and_batches_are_reported():
     with pytest.raises(KeyError, match="num_detections"):
-        predictions_to_dicts({"boxes": np.ones((1, 1, 4)), "scores": np.ones((1, 1)), "classes": np.ones((1, 1))})
+        predictions_to_dicts({"boxes": np.ones((1, 1, 4)), "scores": np.ones((1, 1)),
+                              "classes": np.ones((1, 1))})
     with pytest.raises(ValueError, match=r"predictions\['scores'\] must be \[1, 2\]"):
         predictions_to_dicts({"boxes": np.ones((1, 2, 4)), "scores": np.ones((1, 3)),
                               "classes": np.ones((1, 2)), "num_detections": [1]})
@@ -155,3 +156,18 @@ def test_bad_predictions_and_batches_are_reported():
         evaluate_model(model, dataset, metrics=("map",))
     with pytest.raises(ValueError, match="every_n_epochs"):
         EvaluationCallback(dataset, every_n_epochs=0)
+
+
+def test_per_box_mask_grids_are_pasted():
+    # The model predicts a 4x4 all-ones grid for the cat box; pasted, it fills exactly the box,
+    # which is the ground-truth mask -> mask AP 1.
+    gt_mask = np.zeros((SIZE, SIZE), np.uint8)
+    gt_mask[10:50, 10:50] = 1
+    model = FixedDetector([[CAT]], [[0.9]], [[0]], [1], masks=np.ones((1, 1, 4, 4)))
+    dataset = tf.data.Dataset.from_tensor_slices({
+        "images": _images(1),
+        "bounding_boxes": {"boxes": np.array([[CAT]], np.float32), "labels": np.array([[0]], np.int32)},
+        "masks": gt_mask[None, None],
+    }).batch(1)
+    results = evaluate_model(model, dataset, metrics="coco")
+    assert results["coco"]["segm"]["AP"] == pytest.approx(1.0)

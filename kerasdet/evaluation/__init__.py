@@ -16,6 +16,7 @@ _LAZY = {
     "save_coco_results": "kerasdet.evaluation.coco",
     "encode_masks": "kerasdet.evaluation.coco",
     "COCO_METRIC_NAMES": "kerasdet.evaluation.coco",
+    "paste_masks": "kerasdet.evaluation.masks",
     "format_metrics_table": "kerasdet.evaluation.table",
     "EvaluationCallback": "kerasdet.evaluation.callback",
     "evaluate_model": "kerasdet.evaluation.callback",

@@ -68,7 +68,8 @@ def _check_classes(record, n, index, what):
     classes = _check_vector(record, "classes", n, index, what, np.int64)
     if np.any(classes < 0):
         # Padding rows (label -1) must be dropped before evaluation, or they would count as a class.
-        raise ValueError(f"{what}[{index}]['classes'] has negative class ids {np.unique(classes[classes < 0])}; "
+        negative = np.unique(classes[classes < 0])
+        raise ValueError(f"{what}[{index}]['classes'] has negative class ids {negative}; "
                          "drop padding (label -1) before evaluating")
     return classes
 

@@ -4,8 +4,9 @@ The dataset yields the batch dicts of the input pipeline (``images`` [B, H, W, 3
 ``bounding_boxes`` = {``boxes`` [B, N, 4], ``labels`` [B, N] padded with -1, optional
 ``difficult`` / ``iscrowd`` [B, N]}, optional ``masks`` [B, N, H, W]). The model's predict output is
 the dict ``boxes`` [B, K, 4], ``scores`` [B, K], ``classes`` [B, K], ``num_detections`` [B], optional
-``masks`` [B, K, H, W]. Both sides are turned into per-image dicts without padding and scored with
-``voc_evaluate`` and / or ``coco_evaluate``; boxes are compared in network-input pixels.
+``masks`` [B, K, H, W] (or per-box grids [B, K, M, M], pasted into the boxes). Both sides are
+turned into per-image dicts without padding and scored with ``voc_evaluate`` and / or
+``coco_evaluate``; boxes are compared in network-input pixels.
 """
 import math
 
@@ -13,6 +14,7 @@ import keras
 import numpy as np
 
 from kerasdet.evaluation.coco import coco_evaluate
+from kerasdet.evaluation.masks import paste_masks
 from kerasdet.evaluation.table import format_metrics_table
 from kerasdet.evaluation.voc import voc_evaluate
 
@@ -29,11 +31,13 @@ def _numpy(value):
     return value.numpy() if hasattr(value, "numpy") else np.asarray(value)
 
 
-def predictions_to_dicts(outputs):
+def predictions_to_dicts(outputs, image_size=None):
     """Split a batch of padded predictions into per-image dicts, keeping the first num_detections.
 
     Rows beyond ``num_detections`` are padding; rows with a negative class are dropped too (some
-    NMS implementations pad with -1 as well).
+    NMS implementations pad with -1 as well). When ``image_size`` (height, width) is given and the
+    predicted masks are per-box grids of another size (e.g. 28 x 28), they are pasted into
+    image-sized masks with ``paste_masks``.
     """
     if not isinstance(outputs, dict):
         raise TypeError(f"model predictions must be a dict with boxes / scores / classes / num_detections, "
@@ -63,6 +67,8 @@ def predictions_to_dicts(outputs):
         record = {"boxes": boxes[b, keep], "scores": scores[b, keep], "classes": classes[b, keep]}
         if masks is not None:
             record["masks"] = masks[b, keep]
+            if image_size is not None and tuple(record["masks"].shape[1:]) != tuple(image_size):
+                record["masks"] = paste_masks(record["masks"], record["boxes"], image_size)
         per_image.append(record)
     return per_image
 
@@ -151,7 +157,8 @@ def evaluate_model(model, dataset, metrics=("voc", "coco"), class_names=None, io
         if max_batches is not None and step >= max_batches:
             break
         gts = batch_to_ground_truths(batch)
-        dets = predictions_to_dicts(predict_fn(model, batch))
+        image_size = gts[0]["image_size"] if gts else None
+        dets = predictions_to_dicts(predict_fn(model, batch), image_size)
         if len(dets) != len(gts):
             raise ValueError(f"batch {step}: the model returned {len(dets)} images for {len(gts)} inputs")
         detections += dets

@@ -352,7 +352,8 @@ def _check_mask_sizes(detections, coco, image_ids):
         if det["masks"] is not None and det["masks"].shape[0] and \
                 tuple(det["masks"].shape[1:]) != (img["height"], img["width"]):
             raise ValueError(f"detections[{index}]['masks'] are {det['masks'].shape[1:]} but the image is "
-                             f"{(img['height'], img['width'])}; masks must be image-sized")
+                             f"{(img['height'], img['width'])}; masks must be image-sized (per-box grids: "
+                             "kerasdet.evaluation.paste_masks)")
 
 
 def _class_keys(coco, category_ids, class_names):
