@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from kerasdet.evaluation import (coco_evaluate, coco_evaluate_json, coco_ground_truth, save_coco_results,
-                                 voc_evaluate)
+from kerasdet.evaluation import (coco_evaluate, coco_evaluate_json, coco_ground_truth, encode_masks,
+                                 save_coco_results, voc_evaluate)
 
 
 def _perfect_case():
@@ -105,6 +105,21 @@ def test_mask_ap_degraded_by_hand():
     m = coco_evaluate(dets, gts, iou_types="segm")["segm"]
     assert m["per_class_AP"][0] == pytest.approx(0.2)
     assert m["AP"] == pytest.approx(0.6)
+
+
+def test_rle_masks_give_the_same_result_as_dense_masks():
+    # The evaluation callback keeps masks as RLE to save memory; both forms must score alike.
+    gts, gt_masks = _masks_case()
+    masks = gt_masks.copy()
+    masks[0, 16:25] = 0
+    dense = [{"boxes": gts[0]["boxes"], "scores": [0.9, 0.8], "classes": [0, 1], "masks": masks}]
+    rle = [dict(dense[0], masks=encode_masks(masks))]
+    rle_gts = [dict(gts[0], masks=encode_masks(gt_masks))]
+    expected = coco_evaluate(dense, gts, iou_types="segm")["segm"]["AP"]
+    assert coco_evaluate(rle, rle_gts, iou_types="segm")["segm"]["AP"] == pytest.approx(expected)
+    assert expected == pytest.approx(0.6)
+    with pytest.raises(ValueError, match=r"detections\[0\]\['masks'\] has 1 RLE entries"):
+        coco_evaluate([dict(dense[0], masks=rle[0]["masks"][:1])], gts, iou_types="segm")
 
 
 def test_results_json_and_annotation_json_paths(tmp_path):

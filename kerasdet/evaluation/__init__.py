@@ -15,6 +15,7 @@ _LAZY = {
     "coco_results": "kerasdet.evaluation.coco",
     "save_coco_results": "kerasdet.evaluation.coco",
     "encode_masks": "kerasdet.evaluation.coco",
+    "as_rles": "kerasdet.evaluation.coco",
     "COCO_METRIC_NAMES": "kerasdet.evaluation.coco",
     "paste_masks": "kerasdet.evaluation.masks",
     "format_metrics_table": "kerasdet.evaluation.table",

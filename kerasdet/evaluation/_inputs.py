@@ -74,9 +74,22 @@ def _check_classes(record, n, index, what):
     return classes
 
 
+def _check_rles(rles, n, index, what):
+    if len(rles) != n:
+        raise ValueError(f"{what}[{index}]['masks'] has {len(rles)} RLE entries but there are {n} boxes")
+    for j, rle in enumerate(rles):
+        if "size" not in rle or "counts" not in rle or len(rle["size"]) != 2:
+            raise ValueError(f"{what}[{index}]['masks'][{j}] is not a COCO RLE dict with 'size' (h, w) "
+                             "and 'counts'")
+    return list(rles)
+
+
 def _check_masks(record, n, index, what):
+    """Dense [N, H, W] masks, or a list of COCO RLE dicts (compact for full-size masks)."""
     if record.get("masks") is None:
         return None
+    if isinstance(record["masks"], (list, tuple)) and all(isinstance(m, dict) for m in record["masks"]):
+        return _check_rles(record["masks"], n, index, what)
     masks = _as_array(record["masks"], index, "masks", what)
     if masks.ndim != 3 or masks.shape[0] != n:
         raise ValueError(

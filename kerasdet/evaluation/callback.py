@@ -13,7 +13,7 @@ import math
 import keras
 import numpy as np
 
-from kerasdet.evaluation.coco import coco_evaluate
+from kerasdet.evaluation.coco import coco_evaluate, encode_masks
 from kerasdet.evaluation.masks import paste_masks
 from kerasdet.evaluation.table import format_metrics_table
 from kerasdet.evaluation.voc import voc_evaluate
@@ -126,7 +126,7 @@ def _default_predict(model, batch):
 
 def evaluate_model(model, dataset, metrics=("voc", "coco"), class_names=None, iou_threshold=0.5,
                    use_07_metric=False, coco_iou_types=None, max_batches=None, predict_fn=None,
-                   verbose=False):
+                   mask_threshold=0.5, verbose=False):
     """Run a detector over a dataset and score it.
 
     Args:
@@ -140,6 +140,7 @@ def evaluate_model(model, dataset, metrics=("voc", "coco"), class_names=None, io
       max_batches: stop after this many batches (None: the whole dataset).
       predict_fn: optional ``callable(model, batch) -> predict dict`` for models whose predict
         needs more than the images.
+      mask_threshold: predicted (and ground-truth) masks are binarized with ``mask >= threshold``.
       verbose: let pycocotools print.
 
     Returns:
@@ -161,6 +162,10 @@ def evaluate_model(model, dataset, metrics=("voc", "coco"), class_names=None, io
         dets = predictions_to_dicts(predict_fn(model, batch), image_size)
         if len(dets) != len(gts):
             raise ValueError(f"batch {step}: the model returned {len(dets)} images for {len(gts)} inputs")
+        for record in dets + gts:
+            # Image-sized masks of a whole validation set do not fit in memory; their RLE does.
+            if record.get("masks") is not None:
+                record["masks"] = encode_masks(record["masks"], mask_threshold)
         detections += dets
         ground_truths += gts
     if not ground_truths:
@@ -203,8 +208,8 @@ class EvaluationCallback(keras.callbacks.Callback):
     Args:
       dataset: the validation tf.data dataset of batch dicts.
       every_n_epochs: evaluate when (epoch + 1) is a multiple of this.
-      metrics, class_names, iou_threshold, use_07_metric, coco_iou_types, max_batches, predict_fn:
-        as ``evaluate_model``.
+      metrics, class_names, iou_threshold, use_07_metric, coco_iou_types, max_batches, predict_fn,
+        mask_threshold: as ``evaluate_model``.
       prefix: prefix of the log keys.
       print_table: print ``format_metrics_table`` after each evaluation.
       verbose: let pycocotools print.
@@ -212,7 +217,7 @@ class EvaluationCallback(keras.callbacks.Callback):
 
     def __init__(self, dataset, every_n_epochs=1, metrics=("voc", "coco"), class_names=None,
                  iou_threshold=0.5, use_07_metric=False, coco_iou_types=None, max_batches=None,
-                 predict_fn=None, prefix="val_", print_table=True, verbose=False):
+                 predict_fn=None, mask_threshold=0.5, prefix="val_", print_table=True, verbose=False):
         super().__init__()
         if not isinstance(every_n_epochs, int) or every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be a positive int, got {every_n_epochs!r}")
@@ -225,6 +230,7 @@ class EvaluationCallback(keras.callbacks.Callback):
         self.coco_iou_types = coco_iou_types
         self.max_batches = max_batches
         self.predict_fn = predict_fn
+        self.mask_threshold = mask_threshold
         self.prefix = prefix
         self.print_table = print_table
         self.verbose = verbose
@@ -237,7 +243,7 @@ class EvaluationCallback(keras.callbacks.Callback):
             self.model, self.dataset, metrics=self.metrics, class_names=self.class_names,
             iou_threshold=self.iou_threshold, use_07_metric=self.use_07_metric,
             coco_iou_types=self.coco_iou_types, max_batches=self.max_batches,
-            predict_fn=self.predict_fn, verbose=self.verbose)
+            predict_fn=self.predict_fn, mask_threshold=self.mask_threshold, verbose=self.verbose)
         self.last_results = results
         flat = metrics_to_logs(results, self.prefix)
         if logs is not None:

@@ -34,7 +34,7 @@ from kerasdet.evaluation._inputs import check_detections, check_ground_truths, c
 
 __all__ = [
     "COCO_METRIC_NAMES", "coco_evaluate", "coco_evaluate_json", "coco_ground_truth", "coco_results",
-    "save_coco_results", "encode_masks",
+    "save_coco_results", "encode_masks", "as_rles",
 ]
 
 # The order of COCOeval.stats after summarize().
@@ -65,14 +65,29 @@ def encode_masks(masks, threshold=0.5):
     return rles
 
 
+def as_rles(masks, threshold=0.5):
+    """RLE dicts for dense [N, H, W] masks (thresholded), or the given list of RLE dicts as is."""
+    if isinstance(masks, (list, tuple)):
+        return [dict(rle, counts=rle["counts"].decode("ascii")) if isinstance(rle["counts"], bytes)
+                else rle for rle in masks]
+    return encode_masks(masks, threshold)
+
+
+def _mask_size(masks):
+    """(height, width) of dense masks or RLE dicts; None when there are no masks."""
+    if isinstance(masks, (list, tuple)):
+        return tuple(int(s) for s in masks[0]["size"]) if masks else None
+    return tuple(int(s) for s in masks.shape[1:])
+
+
 def _image_size(gt, index):
     if gt.get("image_size") is not None:
         size = np.asarray(gt["image_size"]).reshape(-1)
         if size.shape[0] < 2 or not np.all(np.isfinite(size)):
             raise ValueError(f"ground_truths[{index}]['image_size'] must be (height, width), got {size}")
         return int(size[0]), int(size[1])
-    if gt["masks"] is not None:
-        return int(gt["masks"].shape[1]), int(gt["masks"].shape[2])
+    if gt["masks"] is not None and _mask_size(gt["masks"]) is not None:
+        return _mask_size(gt["masks"])
     if gt["boxes"].shape[0]:
         # Only polygon decoding needs the size; boxes alone need just a consistent value.
         return int(np.ceil(max(gt["boxes"][:, 3].max(), 1))), int(np.ceil(max(gt["boxes"][:, 2].max(), 1)))
@@ -91,7 +106,7 @@ def coco_ground_truth(ground_truths, class_ids=None, class_names=None, image_ids
     Args:
       ground_truths: list of dicts with ``boxes`` [M, 4] (x1, y1, x2, y2), ``classes`` [M], optional
         ``iscrowd`` [M], ``area`` [M], ``masks`` [M, H, W] (binary, or probabilities thresholded
-        at ``mask_threshold``) and ``image_size`` (height, width).
+        at ``mask_threshold``; or a list of M COCO RLE dicts) and ``image_size`` (height, width).
       class_ids: the class ids that become categories (default: those in ``ground_truths``, or
         0..len(class_names)-1).
       class_names: optional names, indexed by class id.
@@ -119,7 +134,7 @@ def coco_ground_truth(ground_truths, class_ids=None, class_names=None, image_ids
     for index, (gt, image_id) in enumerate(zip(ground_truths, image_ids)):
         height, width = _image_size(gt, index)
         images.append({"id": image_id, "height": height, "width": width})
-        rles = encode_masks(gt["masks"], mask_threshold) if gt["masks"] is not None else None
+        rles = as_rles(gt["masks"], mask_threshold) if gt["masks"] is not None else None
         xywh = _xyxy_to_xywh(gt["boxes"])
         for j in range(gt["boxes"].shape[0]):
             cls = int(gt["classes"][j])
@@ -177,7 +192,7 @@ def coco_results(detections, image_ids=None, category_ids=None, iou_types=("bbox
         if "segm" in iou_types:
             if det["masks"] is None:
                 raise ValueError(f"detections[{index}] has no 'masks' but mask (segm) evaluation was asked")
-            rles = encode_masks(det["masks"], mask_threshold)
+            rles = as_rles(det["masks"], mask_threshold)
         xywh = _xyxy_to_xywh(det["boxes"])
         for j in range(n):
             cls = int(det["classes"][j])
@@ -299,8 +314,9 @@ def coco_evaluate(detections, ground_truths=None, iou_types=("bbox",), class_nam
 
     Args:
       detections: list of per-image dicts: ``boxes`` [N, 4] (x1, y1, x2, y2), ``scores`` [N],
-        ``classes`` [N], and ``masks`` [N, H, W] (image-sized probabilities or binary masks) for
-        "segm"; optionally ``image_id``.
+        ``classes`` [N], and ``masks`` [N, H, W] (image-sized probabilities or binary masks, or a
+        list of N COCO RLE dicts such as ``encode_masks`` returns) for "segm"; optionally
+        ``image_id``.
       ground_truths: list of per-image dicts (see ``coco_ground_truth``), same order; or None
         when ``coco_gt`` is given.
       iou_types: "bbox", "segm" or both.
@@ -349,9 +365,9 @@ def coco_evaluate(detections, ground_truths=None, iou_types=("bbox",), class_nam
 def _check_mask_sizes(detections, coco, image_ids):
     for index, (det, image_id) in enumerate(zip(detections, image_ids)):
         img = coco.imgs[image_id]
-        if det["masks"] is not None and det["masks"].shape[0] and \
-                tuple(det["masks"].shape[1:]) != (img["height"], img["width"]):
-            raise ValueError(f"detections[{index}]['masks'] are {det['masks'].shape[1:]} but the image is "
+        size = _mask_size(det["masks"]) if det["masks"] is not None and len(det["masks"]) else None
+        if size is not None and size != (img["height"], img["width"]):
+            raise ValueError(f"detections[{index}]['masks'] are {size} but the image is "
                              f"{(img['height'], img['width'])}; masks must be image-sized (per-box grids: "
                              "kerasdet.evaluation.paste_masks)")
 
