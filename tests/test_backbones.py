@@ -188,7 +188,18 @@ def test_image_normalization_torchvision_and_caffe():
 
 # ----------------------------------------------------------------------------- ResNet
 
-def test_resnet_parameter_counts_match_torchvision():
+@pytest.fixture(scope="module")
+def r50():
+    """Default ResNet-50 (frozen BN, freeze_at=2) with the fc top, shared by the read-only tests."""
+    return ResNet(50, include_top=True)
+
+
+@pytest.fixture(scope="module")
+def r101():
+    return ResNet(101, include_top=True)
+
+
+def test_resnet_parameter_counts_match_torchvision(r50, r101):
     # Stem conv1 7x7x3x64 + bn1, four stages, fc 2048 -> 1000; the published totals are 23,508,032
     # (ResNet-50 without fc), 25,557,032 (with fc) and 44,549,160 (ResNet-101 with fc).
     def expected(blocks, fc):
@@ -199,27 +210,24 @@ def test_resnet_parameter_counts_match_torchvision():
             in_ch = 4 * planes
         return n + (2048 * 1000 + 1000 if fc else 0)
 
-    r50 = ResNet(50, include_top=False)
-    assert torch_param_count(r50) == expected((3, 4, 6, 3), False) == 23_508_032
-    r50_top = ResNet(50, include_top=True)
-    assert torch_param_count(r50_top) == expected((3, 4, 6, 3), True) == 25_557_032
-    r101 = ResNet(101, include_top=True)
+    assert torch_param_count(r50) == expected((3, 4, 6, 3), True) == 25_557_032
+    fc_params = sum(int(np.prod(w.shape)) for w in r50.get_layer("fc").weights)
+    assert torch_param_count(r50) - fc_params == expected((3, 4, 6, 3), False) == 23_508_032
     assert torch_param_count(r101) == expected((3, 4, 23, 3), True) == 44_549_160
 
 
-def test_resnet50_output_names_shapes_and_strides():
-    model = ResNet(50, input_shape=(224, 224, 3), include_top=True)
-    assert model.strides == {"C2": 4, "C3": 8, "C4": 16, "C5": 32}
-    assert model.feature_names == ["C2", "C3", "C4", "C5"]
-    shapes = {k: tuple(v.shape) for k, v in model.output.items()}
-    assert shapes == {"C2": (None, 56, 56, 256), "C3": (None, 28, 28, 512), "C4": (None, 14, 14, 1024),
-                      "C5": (None, 7, 7, 2048), "logits": (None, 1000)}
+def test_resnet50_output_names_shapes_and_strides(r50):
+    assert r50.strides == {"C2": 4, "C3": 8, "C4": 16, "C5": 32}
+    assert r50.feature_names == ["C2", "C3", "C4", "C5"]
+    specs = r50.compute_output_spec(keras.KerasTensor((1, 224, 224, 3)))
+    shapes = {k: tuple(v.shape) for k, v in specs.items()}
+    assert shapes == {"C2": (1, 56, 56, 256), "C3": (1, 28, 28, 512), "C4": (1, 14, 14, 1024),
+                      "C5": (1, 7, 7, 2048), "logits": (1, 1000)}
 
 
 @pytest.mark.parametrize("height,width", [(64, 64), (97, 75)])
-def test_resnet_sizes_follow_pytorch_symmetric_padding(height, width):
-    model = ResNet(50)
-    out = model(np.zeros((1, height, width, 3), np.float32))
+def test_resnet_sizes_follow_pytorch_symmetric_padding(height, width, r50):
+    out = r50(np.zeros((1, height, width, 3), np.float32))
 
     def sizes(n):
         n = torch_out_size(n, 7, 2, 3)      # conv1
@@ -234,9 +242,9 @@ def test_resnet_sizes_follow_pytorch_symmetric_padding(height, width):
         assert tuple(out[name].shape) == (1, h, w, c), name
 
 
-def test_resnet_stem_matches_numpy():
+def test_resnet_stem_matches_numpy(r50):
     rng = np.random.default_rng(5)
-    model = ResNet(50, frozen_bn=True)
+    model = r50
     randomize_bn(model.get_layer("bn1"), rng)
     probe = keras.Model(model.input, [model.get_layer("conv1").output, model.get_layer("maxpool").output])
     x = rng.uniform(0, 255, (1, 37, 42, 3)).astype(np.float32)
@@ -250,9 +258,9 @@ def test_resnet_stem_matches_numpy():
     np.testing.assert_allclose(pool_out.numpy(), np_maxpool(act, 3, 2, pad=1), rtol=1e-4, atol=1e-3)
 
 
-def test_resnet_downsampling_bottleneck_matches_numpy():
+def test_resnet_downsampling_bottleneck_matches_numpy(r50):
     rng = np.random.default_rng(6)
-    model = ResNet(50, frozen_bn=True, input_normalization=None)
+    model = r50
     prefix = "layer2_0"
     for suffix in ("bn1", "bn2", "bn3", "downsample_1"):
         randomize_bn(model.get_layer(f"{prefix}_{suffix}"), rng)
@@ -302,8 +310,8 @@ def torch_key_to_keras(key):
 
 
 @pytest.mark.parametrize("depth,blocks", [(50, (3, 4, 6, 3)), (101, (3, 4, 23, 3))])
-def test_resnet_weights_map_one_to_one_to_torchvision_keys(depth, blocks):
-    model = ResNet(depth, include_top=True)
+def test_resnet_weights_map_one_to_one_to_torchvision_keys(depth, blocks, r50, r101):
+    model = r50 if depth == 50 else r101
     keras_paths = [w.path for w in model.weights]
     assert len(keras_paths) == len(set(keras_paths))
     assert sorted(keras_paths) == sorted(torch_key_to_keras(k) for k in torchvision_resnet_keys(blocks))
@@ -313,7 +321,7 @@ def _trainable_params(model):
     return sum(int(np.prod(w.shape)) for w in model.trainable_weights)
 
 
-@pytest.mark.parametrize("freeze_at", [0, 1, 2, 5])
+@pytest.mark.parametrize("freeze_at", [0, 2, 5])
 def test_resnet_freeze_at_leaves_expected_variables_trainable(freeze_at):
     model = ResNet(50, frozen_bn=False, freeze_at=freeze_at)
     stem = 7 * 7 * 3 * 64 + 2 * 64
@@ -328,17 +336,17 @@ def test_resnet_freeze_at_leaves_expected_variables_trainable(freeze_at):
         assert not w.path.endswith(("moving_mean", "moving_variance"))
 
 
-def test_resnet_frozen_bn_keeps_only_conv_kernels_trainable():
-    model = ResNet(50, frozen_bn=True, freeze_at=0)
-    assert all(w.path.endswith("kernel") for w in model.trainable_weights)
-    convs = 7 * 7 * 3 * 64
-    in_ch = 64
-    for planes, blocks in zip((64, 128, 256, 512), (3, 4, 6, 3)):
+def test_resnet_frozen_bn_keeps_only_conv_kernels_trainable(r50):
+    # Default: frozen BN and freeze_at=2, so the conv kernels of layer2..layer4 plus fc remain.
+    assert all(w.path.endswith("kernel") or w.path == "fc/bias" for w in r50.trainable_weights)
+    convs, in_ch = 0, 64
+    for stage, (planes, blocks) in enumerate(zip((64, 128, 256, 512), (3, 4, 6, 3)), 1):
         for b in range(blocks):
             cin = in_ch if b == 0 else 4 * planes
-            convs += cin * planes + 9 * planes * planes + planes * 4 * planes + (cin * 4 * planes if b == 0 else 0)
+            if stage >= 2:
+                convs += cin * planes + 9 * planes * planes + planes * 4 * planes + (cin * 4 * planes if b == 0 else 0)
         in_ch = 4 * planes
-    assert _trainable_params(model) == convs
+    assert _trainable_params(r50) == convs + 2048 * 1000 + 1000
 
 
 def test_resnet_frozen_stage_batchnorm_does_not_update_statistics():
@@ -350,14 +358,14 @@ def test_resnet_frozen_stage_batchnorm_does_not_update_statistics():
     assert not np.allclose(live.moving_mean.numpy(), before[1])
 
 
-def test_resnet_c4_split_and_conv5_head():
+def test_resnet_c4_split_and_conv5_head(r50):
     trunk, head = resnet_c4(50)
     assert trunk.strides == {"C2": 4, "C3": 8, "C4": 16}
     assert not any(layer.name.startswith("layer4") for layer in trunk.layers)
     rois = np.random.default_rng(8).normal(size=(3, 14, 14, 1024)).astype(np.float32)
     assert tuple(head(rois).shape) == (3, 7, 7, 2048)
     assert torch_param_count(head) == stage_params(1024, 512, 3)
-    full = {w.path for w in ResNet(50).weights if w.path.startswith("layer4")}
+    full = {w.path for w in r50.weights if w.path.startswith("layer4")}
     assert {w.path for w in head.weights} == full
     pooled = ResNetConv5Head(global_pool=True)
     assert tuple(pooled(rois).shape) == (3, 2048)
@@ -366,7 +374,7 @@ def test_resnet_c4_split_and_conv5_head():
 
 
 def test_resnet_config_round_trip_and_bad_arguments():
-    model = ResNet(101, frozen_bn=False, freeze_at=3, input_normalization="caffe", name="r101")
+    model = ResNet(50, frozen_bn=False, freeze_at=3, input_normalization="caffe", name="r50_caffe")
     clone = ResNet.from_config(model.get_config())
     assert clone.get_config() == model.get_config()
     assert [w.path for w in clone.weights] == [w.path for w in model.weights]
@@ -415,8 +423,7 @@ def test_registry_lists_gets_and_rejects_unknown_names():
         assert expected in names
     model = backbones.get("tiny", channels=(4, 4, 4, 4, 4))
     assert isinstance(model, TinyBackbone) and model.strides["C5"] == 32
-    c4 = backbones.get("resnet50_c4")
-    assert c4.strides == {"C2": 4, "C3": 8, "C4": 16}
+    assert "resnet50_c4" in names and "resnet101_c4" in names
     with pytest.raises(KeyError, match="resnet18"):
         backbones.get("resnet18")
 
@@ -430,3 +437,248 @@ def test_backbone_runs_in_tf_function():
 
     out = features(tf.zeros((1, 50, 70, 3)))
     assert tuple(out["C5"].shape) == (1, 2, 3, 64)
+
+
+# ----------------------------------------------------------------------------- VGG-16
+
+def caffe_ceil_out_size(n, kernel, stride, pad=0):
+    """Caffe's pooling output size (ceil mode)."""
+    return -(-(n + 2 * pad - kernel) // stride) + 1
+
+
+def vgg16_conv_params():
+    n, in_ch = 0, 3
+    for filters, repeats in ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3)):
+        for _ in range(repeats):
+            n += 9 * in_ch * filters + filters
+            in_ch = filters
+    return n
+
+
+def test_vgg16_parameter_count_and_outputs():
+    model = backbones.get("vgg16", include_top=True, input_shape=(224, 224, 3))
+    fc = (7 * 7 * 512 * 4096 + 4096) + (4096 * 4096 + 4096) + (4096 * 1000 + 1000)
+    assert model.count_params() == vgg16_conv_params() + fc == 138_357_544
+    assert model.strides == {"conv4_3": 8, "conv5_3": 16, "pool5": 32}
+    shapes = {k: tuple(v.shape) for k, v in model.output.items()}
+    assert shapes == {"conv4_3": (None, 28, 28, 512), "conv5_3": (None, 14, 14, 512), "pool5": (None, 7, 7, 512),
+                      "fc7": (None, 4096), "logits": (None, 1000)}
+    with pytest.raises(ValueError, match="224"):
+        backbones.get("vgg16", include_top=True)
+
+
+def test_vgg16_ceil_mode_sizes_on_odd_input():
+    model = backbones.get("vgg16")
+    out = model(np.zeros((1, 75, 50, 3), np.float32))
+    h, w, sizes = 75, 50, {}
+    for block in range(1, 6):
+        if block in (4, 5):
+            sizes[f"conv{block}_3"] = (h, w)
+        h, w = caffe_ceil_out_size(h, 2, 2), caffe_ceil_out_size(w, 2, 2)
+    sizes["pool5"] = (h, w)
+    for name, (h, w) in sizes.items():
+        assert tuple(out[name].shape[1:3]) == (h, w), name
+
+
+def test_vgg16_reduced_matches_refinedet_layout():
+    model = backbones.get("vgg16_reduced")
+    extra = (9 * 512 * 1024 + 1024) + (1024 * 1024 + 1024) + (1024 * 256 + 256) + (9 * 256 * 512 + 512)
+    assert model.count_params() == vgg16_conv_params() + extra
+    assert model.strides == {"conv4_3": 8, "conv5_3": 16, "fc7": 16, "conv6_2": 32}
+    # RefineDet320: detection layers of 40, 20, 20 and 10 pixels.
+    shapes = {k: tuple(v.shape) for k, v in model(np.zeros((1, 320, 320, 3), np.float32)).items()}
+    assert shapes == {"conv4_3": (1, 40, 40, 512), "conv5_3": (1, 20, 20, 512), "fc7": (1, 20, 20, 1024),
+                      "conv6_2": (1, 10, 10, 512)}
+
+
+def test_vgg16_reduced_dilated_fc6_and_conv6_2_match_numpy():
+    rng = np.random.default_rng(10)
+    model = backbones.get("vgg16_reduced", input_normalization=None)
+    probe = keras.Model(model.input, [model.get_layer("conv5_3").output, model.get_layer("conv_fc6").output,
+                                      model.get_layer("conv6_1").output, model.get_layer("conv6_2").output])
+    x = rng.uniform(0, 1, (1, 128, 112, 3)).astype(np.float32)
+    conv5_3, fc6, conv6_1, conv6_2 = (t.numpy() for t in probe(x))
+    pool5 = np_maxpool(conv5_3, 3, 1, pad=1)
+    kernel, bias = model.get_layer("conv_fc6").get_weights()
+    expected_fc6 = np.maximum(np_conv2d(pool5, kernel, bias, pad=6, dilation=6), 0)
+    np.testing.assert_allclose(fc6, expected_fc6, rtol=1e-4, atol=1e-4)
+    kernel, bias = model.get_layer("conv6_2").get_weights()
+    expected_6_2 = np.maximum(np_conv2d(conv6_1, kernel, bias, stride=2, pad=1), 0)
+    np.testing.assert_allclose(conv6_2, expected_6_2, rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- ZF-5
+
+def test_zf5_sizes_follow_zeiler_fergus_figure_3():
+    model = backbones.get("zf", input_shape=(224, 224, 3))
+    assert model.strides == {"conv5": 16}
+    layers = ("conv1", "pool1", "conv2", "pool2", "conv3", "conv4", "conv5")
+    probe = keras.Model(model.input, [model.get_layer(n).output for n in layers])
+    # ZF paper Fig. 3 / SPP-net Table 1: 110 after conv1, 55 after pool1, 26 after conv2, then 13.
+    expected = {"conv1": (110, 96), "pool1": (55, 96), "conv2": (26, 256), "pool2": (13, 256),
+                "conv3": (13, 384), "conv4": (13, 384), "conv5": (13, 256)}
+    for name, tensor in zip(layers, probe.outputs):
+        assert tuple(tensor.shape[1:]) == (expected[name][0],) * 2 + (expected[name][1],), name
+    params = (7 * 7 * 3 * 96 + 96) + (5 * 5 * 96 * 256 + 256) + (9 * 256 * 384 + 384) + (9 * 384 * 384 + 384) \
+        + (9 * 384 * 256 + 256)
+    assert model.count_params() == params
+
+
+def test_zf5_ceil_mode_pool_and_lrn_match_numpy():
+    rng = np.random.default_rng(11)
+    model = backbones.get("zf", input_normalization=None)
+    probe = keras.Model(model.input, [model.get_layer(n).output for n in ("conv1", "pool1", "norm1")])
+    x = rng.uniform(0, 1, (1, 61, 70, 3)).astype(np.float32)
+    conv1, pool1, norm1 = (t.numpy() for t in probe(x))
+    # Ceil mode: enough -inf padding at the bottom/right for the last partial window.
+    h, w = (caffe_ceil_out_size(n, 3, 2) for n in conv1.shape[1:3])
+    padded = np.pad(conv1, ((0, 0), (0, 2 * h + 1 - conv1.shape[1]), (0, 2 * w + 1 - conv1.shape[2]), (0, 0)),
+                    constant_values=-np.inf)
+    expected_pool = np_maxpool(padded, 3, 2)
+    assert expected_pool.shape == pool1.shape
+    np.testing.assert_allclose(pool1, expected_pool, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(norm1, np_lrn(expected_pool, 5, 1e-4, 0.75, 1.0), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="minimum"):
+        backbones.get("zf", input_shape=(32, 64, 3))
+
+
+# ----------------------------------------------------------------------------- OverFeat
+
+# Seed 001 Table 1 (fast) and Table 3 (accurate), transcribed row by row:
+# channels, filter size, conv stride, pooling size (= pooling stride), zero padding, spatial input size.
+OVERFEAT_TABLES = {
+    "fast": dict(
+        channels=(96, 256, 512, 1024, 1024, 3072, 4096, 1000), filters=(11, 5, 3, 3, 3), strides=(4, 1, 1, 1, 1),
+        pools=(2, 2, None, None, 2), pads=(0, 0, 1, 1, 1), spatial_input=(231, 24, 12, 12, 12, 6, 1, 1)),
+    "accurate": dict(
+        channels=(96, 256, 512, 512, 1024, 1024, 4096, 4096, 1000), filters=(7, 7, 3, 3, 3, 3),
+        strides=(2, 1, 1, 1, 1, 1), pools=(3, 2, None, None, None, 3), pads=(0, 0, 1, 1, 1, 1),
+        spatial_input=(221, 36, 15, 15, 15, 15, 5, 1, 1)),
+}
+OVERFEAT_TABLE4_MILLIONS = {"fast": 145, "accurate": 144}
+
+
+@pytest.fixture(scope="module")
+def overfeat_models():
+    return {variant: backbones.get(f"overfeat_{variant}") for variant in ("fast", "accurate")}
+
+
+def layer_output_shapes(model, names, input_size):
+    """Output shapes of the named layers for a square input of ``input_size`` pixels."""
+    probe = keras.Model(model.input, {n: model.get_layer(n).output for n in names})
+    specs = probe.compute_output_spec(keras.KerasTensor((1, input_size, input_size, 3)))
+    return {n: tuple(spec.shape) for n, spec in specs.items()}
+
+
+@pytest.mark.parametrize("variant", ["fast", "accurate"])
+def test_overfeat_layers_match_paper_table(variant, overfeat_models):
+    table = OVERFEAT_TABLES[variant]
+    model = overfeat_models[variant]
+    num_convs = len(table["filters"])
+    layer_names = [layer.name for layer in model.layers]
+    fc_names = [f"fc{num_convs + 1 + j}" for j in range(len(table["channels"]) - num_convs)]
+    probed = [f"conv{i + 1}" for i in range(num_convs)] + [f"pool{i + 1}" for i in range(num_convs)
+                                                           if table["pools"][i]] + fc_names
+    shapes = layer_output_shapes(model, probed, table["spatial_input"][0])
+    for i in range(num_convs):
+        conv = model.get_layer(f"conv{i + 1}")
+        assert conv.kernel_size == (table["filters"][i],) * 2 and conv.strides == (table["strides"][i],) * 2
+        assert conv.filters == table["channels"][i]
+        pad_name = f"conv{i + 1}_pad"
+        assert (pad_name in layer_names) == bool(table["pads"][i])
+        if table["pads"][i]:
+            assert model.get_layer(pad_name).padding == ((table["pads"][i],) * 2,) * 2
+        # The size a layer hands to the next one is the next layer's "spatial input size"; for the fast
+        # model's layer 2 the table gives the size after its convolution (see kerasdet.backbones.overfeat).
+        after_conv = shapes[f"conv{i + 1}"]
+        if table["pools"][i]:
+            pool = model.get_layer(f"pool{i + 1}")
+            assert pool.pool_size == (table["pools"][i],) * 2 and pool.strides == (table["pools"][i],) * 2
+            handed_on = shapes[f"pool{i + 1}"]
+        else:
+            handed_on = after_conv
+        if variant == "fast" and i == 0:
+            # Layer 2's table entry (24) is its conv output, so layer 1's output is derived from its
+            # own row instead: (231 - 11) / 4 + 1 = 56, pooled 2x2/2 -> 28.
+            n = (table["spatial_input"][0] - table["filters"][0]) // table["strides"][0] + 1
+            assert handed_on[1:3] == (n // table["pools"][0],) * 2
+        elif variant == "fast" and i == 1:
+            assert after_conv[1:3] == (table["spatial_input"][1],) * 2
+            assert handed_on[1:3] == (table["spatial_input"][2],) * 2
+        else:
+            assert handed_on[1:3] == (table["spatial_input"][i + 1],) * 2, f"layer {i + 1}"
+        assert handed_on[3] == table["channels"][i]
+    for j, name in enumerate(fc_names):
+        layer_number = num_convs + 1 + j
+        fc = model.get_layer(name)
+        assert fc.filters == table["channels"][layer_number - 1]
+        assert shapes[name] == (1, 1, 1, table["channels"][layer_number - 1])
+        # A fully connected layer as a convolution spans its whole spatial input.
+        assert fc.kernel_size == (table["spatial_input"][layer_number - 1],) * 2
+
+
+@pytest.mark.parametrize("variant", ["fast", "accurate"])
+def test_overfeat_parameter_count_matches_table_4(variant, overfeat_models):
+    table = OVERFEAT_TABLES[variant]
+    expected, in_ch = 0, 3
+    for ch, k in zip(table["channels"], table["filters"]):
+        expected += k * k * in_ch * ch + ch
+        in_ch = ch
+    num_convs = len(table["filters"])
+    for j, ch in enumerate(table["channels"][num_convs:]):
+        k = table["spatial_input"][num_convs + j]
+        expected += k * k * in_ch * ch + ch
+        in_ch = ch
+    count = overfeat_models[variant].count_params()
+    assert count == expected
+    assert count // 1_000_000 == OVERFEAT_TABLE4_MILLIONS[variant]
+
+
+def test_overfeat_fast_classifier_slides_over_larger_images(overfeat_models):
+    model = overfeat_models["fast"]
+    assert model.strides["logits"] == 32
+    rng = np.random.default_rng(12)
+    # 231 + 32 pixels: one more classifier window in each direction (Fig. 5 of the paper).
+    image = rng.uniform(0, 1, (1, 231 + 32, 231 + 32, 3)).astype(np.float32)
+    out = model(image)
+    pooled, scores = out["pooled"].numpy()[0], out["logits"].numpy()[0]
+    assert pooled.shape == (7, 7, 1024) and scores.shape == (2, 2, 1000)
+    # The fully connected layers applied to each 6x6 window of layer 5, as plain matrix products
+    # (float32: a float64 copy of fc6's 113M weights would cost more than the whole test).
+    w6, b6 = model.get_layer("fc6").get_weights()
+    w7, b7 = model.get_layer("fc7").get_weights()
+    w8, b8 = model.get_layer("fc8").get_weights()
+    windows = np.stack([pooled[r:r + 6, c:c + 6].reshape(-1) for r in range(2) for c in range(2)])
+    h = np.maximum(windows @ w6.reshape(-1, 3072) + b6, 0)
+    h = np.maximum(h @ w7.reshape(3072, 4096) + b7, 0)
+    expected = (h @ w8.reshape(4096, 1000) + b8).reshape(2, 2, 1000)
+    np.testing.assert_allclose(scores, expected, rtol=1e-3, atol=1e-4)
+
+
+def test_overfeat_accurate_multiscale_sizes_match_table_5():
+    model = backbones.get("overfeat_accurate", include_top=False)
+    assert model.strides == {"features": 12, "pooled": 36}
+    # Table 5: input size -> unpooled layer-5 map. Scale 5 (425x497) is left out: 497 gives 38 columns,
+    # not the table's 35, by the same Table 3 arithmetic that reproduces every other row.
+    table5 = {(245, 245): (17, 17), (281, 317): (20, 23), (317, 389): (23, 29), (389, 461): (29, 35),
+              (461, 569): (35, 44)}
+    for (h, w), expected in table5.items():
+        features = model.compute_output_spec(keras.KerasTensor((1, h, w, 3)))["features"]
+        assert tuple(features.shape[1:3]) == expected, (h, w)
+        assert features.shape[3] == 1024
+
+
+def test_more_backbones_config_round_trip_and_registry():
+    for name in ("resnet50", "resnet101", "vgg16", "vgg16_reduced", "zf", "overfeat_fast", "overfeat_accurate",
+                 "tiny"):
+        assert name in backbones.list()
+    for model in (backbones.get("vgg16_reduced"), backbones.get("zf"),
+                  backbones.get("overfeat_accurate", include_top=False, input_normalization="torchvision")):
+        clone = type(model).from_config(model.get_config())
+        assert clone.get_config() == model.get_config()
+        assert clone.strides == model.strides
+        assert [w.shape for w in clone.weights] == [w.shape for w in model.weights]
+    with pytest.raises(ValueError, match="variant"):
+        backbones.OverFeat(variant="slow")
+    with pytest.raises(ValueError, match="minimum"):
+        backbones.get("overfeat_fast", input_shape=(200, 200, 3))

@@ -8,18 +8,27 @@
 from kerasdet.backbones.base import Backbone, ImageNormalization
 from kerasdet.backbones.registry import get, list_names, register
 from kerasdet.backbones.resnet import ResNet, ResNetConv5Head, resnet50, resnet101, resnet_c4
+from kerasdet.backbones.overfeat import OverFeat, overfeat_accurate, overfeat_fast
 from kerasdet.backbones.tiny import TinyBackbone
+from kerasdet.backbones.vgg import VGG16, vgg16, vgg16_reduced
+from kerasdet.backbones.zf import ZF5
 
 register("resnet50", resnet50)
 register("resnet101", resnet101)
 register("resnet50_c4", lambda **kw: ResNet(depth=50, include_c5=False, **kw))
 register("resnet101_c4", lambda **kw: ResNet(depth=101, include_c5=False, **kw))
 register("tiny", TinyBackbone)
+register("vgg16", vgg16)
+register("vgg16_reduced", vgg16_reduced)
+register("zf", ZF5)
+register("overfeat_fast", overfeat_fast)
+register("overfeat_accurate", overfeat_accurate)
 
 # `list` is the public name the project asked for; inside this package use `list_names`.
 list = list_names  # noqa: A001
 
 __all__ = [
-    "Backbone", "ImageNormalization", "ResNet", "ResNetConv5Head", "TinyBackbone",
-    "get", "list", "list_names", "register", "resnet50", "resnet101", "resnet_c4",
+    "Backbone", "ImageNormalization", "OverFeat", "ResNet", "ResNetConv5Head", "TinyBackbone", "VGG16", "ZF5",
+    "get", "list", "list_names", "overfeat_accurate", "overfeat_fast", "register", "resnet50", "resnet101",
+    "resnet_c4", "vgg16", "vgg16_reduced",
 ]
