@@ -215,6 +215,21 @@ def test_decode_batched_anchors_broadcast_and_gradient():
     np.testing.assert_allclose(theo[0], num[0], rtol=1e-2, atol=1e-2)
 
 
+def test_encode_and_clip_gradients_match_finite_differences():
+    rng = np.random.default_rng(6)
+    anchors = random_boxes(rng, 4)
+    boxes = tf.constant(random_boxes(rng, 4), tf.float64)
+    theo, num = tf.test.compute_gradient(
+        lambda b: tf.cast(B.encode_boxes(b, anchors), tf.float64), [boxes], delta=1e-2)
+    np.testing.assert_allclose(theo[0], num[0], rtol=1e-2, atol=1e-2)
+    # Clipping passes the gradient of coordinates inside the image and blocks clipped ones.
+    inside_and_out = tf.constant([[-5.0, 3.0, 20.0, 50.0]], tf.float64)
+    theo, num = tf.test.compute_gradient(
+        lambda b: tf.cast(B.clip_boxes(b, (40, 30)), tf.float64), [inside_and_out], delta=1e-2)
+    np.testing.assert_allclose(theo[0], num[0], atol=1e-3)
+    np.testing.assert_allclose(np.diag(theo[0]), [0, 1, 1, 0])
+
+
 def test_coder_rejects_bad_weights():
     with pytest.raises(ValueError, match="weights"):
         B.encode_boxes(np.zeros((1, 4)), np.ones((1, 4)), weights=(1, 1, 1))

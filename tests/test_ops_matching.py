@@ -138,3 +138,46 @@ def test_bad_arguments():
         Mt.match_boxes(np.zeros((2, 2)), 0.5, gt_valid=np.ones(2))
     with pytest.raises(ValueError, match="gt_valid"):
         Mt.match_boxes(np.zeros((2, 2)), 0.5, gt_valid=np.ones(3, bool))
+
+
+def _rpn_targets(anchors, gt_boxes, gt_labels, image_shape):
+    """The RPN target pipeline a detector runs in train_step, built from the public ops."""
+    from kerasdet import ops
+
+    iou = ops.box_iou(anchors, gt_boxes)  # [B, N, M]
+    inside = ops.anchors_inside_image_mask(anchors, image_shape)  # [B, N]
+    matched, labels = ops.Matcher.rpn()(iou, gt_valid=gt_labels >= 0, anchor_valid=inside)
+    box_targets = ops.encode_boxes(ops.gather_by_match(gt_boxes, matched), anchors, (1, 1, 1, 1))
+    class_targets = ops.assign_class_targets(labels, ops.gather_by_match(gt_labels, matched))
+    sampled = ops.sample_balanced(labels, 32, 0.5, seed=4)
+    return labels, box_targets, class_targets, sampled
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_rpn_target_pipeline_end_to_end(jit_compile):
+    from kerasdet import ops
+
+    anchors = ops.AnchorGenerator(strides=(8,), sizes=[(16, 32)]).for_image((64, 64))
+    gt_boxes = np.array([[[4, 4, 30, 20], [34, 30, 60, 62], [0, 0, 0, 0]],
+                         [[10, 12, 50, 40], [0, 0, 0, 0], [0, 0, 0, 0]],
+                         [[0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]], np.float32)
+    gt_labels = np.array([[2, 0, -1], [1, -1, -1], [-1, -1, -1]], np.int32)
+    image_shape = np.array([[64, 64], [64, 64], [48, 64]], np.int32)
+    fn = tf.function(_rpn_targets, jit_compile=jit_compile)
+    labels, box_targets, class_targets, sampled = [t.numpy() for t in fn(
+        anchors, gt_boxes, gt_labels, image_shape)]
+    anchors = anchors.numpy()
+    from kerasdet.ops import boxes as B
+    for i in range(3):
+        valid_gt = gt_labels[i] >= 0
+        pos = labels[i] == 1
+        # Every real object gets at least one positive anchor (low-quality rule), none otherwise.
+        assert pos.any() == valid_gt.any()
+        decoded = B.decode_boxes(box_targets[i][pos], anchors[pos], (1, 1, 1, 1)).numpy()
+        ious = B.box_iou(decoded, gt_boxes[i][valid_gt]).numpy() if pos.any() else np.zeros((0, 1))
+        assert np.all(ious.max(axis=1) > 0.999)  # targets decode back onto a real object
+        np.testing.assert_array_equal(class_targets[i][pos] - 1,
+                                      gt_labels[i][valid_gt][ious.argmax(axis=1)] if pos.any() else [])
+        assert sampled[i].sum() == min(32, (labels[i] >= 0).sum())
+        assert np.all(labels[i][sampled[i]] >= 0)
+    assert np.all(labels[2][anchors[:, 3] > 48] == -1)  # cross-boundary anchors ignored

@@ -3,6 +3,16 @@
 Labels per anchor: 1 = positive (foreground), 0 = negative (background), -1 = ignored (neither
 sampled nor penalized). Works on padded batches: every op reduces over the last two axes of an
 IoU matrix [..., N_anchors, M_gt], with padded ground truth excluded by a validity mask.
+
+Typical RPN targets inside a train_step (anchors [N, 4], padded gt_boxes [B, M, 4] and gt_labels
+[B, M] with -1 padding)::
+
+    iou = ops.box_iou(anchors, gt_boxes)                                   # [B, N, M]
+    matched, labels = ops.Matcher.rpn()(iou, gt_valid=gt_labels >= 0,
+                                        anchor_valid=ops.anchors_inside_image_mask(anchors, hw))
+    box_targets = ops.encode_boxes(ops.gather_by_match(gt_boxes, matched), anchors, (1, 1, 1, 1))
+    class_targets = ops.assign_class_targets(labels, ops.gather_by_match(gt_labels, matched))
+    sampled = ops.sample_balanced(labels, 256, 0.5, seed=self.seed_generator)   # [B, N] bool
 """
 import tensorflow as tf
 
