@@ -1,0 +1,188 @@
+"""TFRecord files of tf.train.Example, one per image, and the reader that turns them into samples.
+
+Features (boxes in absolute, continuous pixel coordinates of the stored image, unlike the TF Object
+Detection API's normalized ones):
+    image/encoded     bytes    the image file (JPEG/PNG/BMP/GIF as stored; TIFF re-encoded as PNG,
+                               because tf.io cannot decode TIFF)
+    image/format      bytes    "jpeg", "png", ...
+    image/height, image/width, image/index   int64 (index = position in the source data set)
+    image/id, image/filename                  bytes
+    object/bbox       float    [4 n] x1, y1, x2, y2, ...
+    object/label, object/difficult, object/iscrowd   int64 [n]
+    object/mask       bytes    [n] one PNG per instance (only when written with masks)
+"""
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+import tensorflow as tf
+from PIL import Image
+
+from kerasdet.data.images import is_tiff, read_image
+from kerasdet.data.masks import masks_for_record
+from kerasdet.data.records import BadInputError, DetectionDataset
+
+_TF_DECODABLE = {b"\xff\xd8\xff": "jpeg", b"\x89PNG": "png", b"BM": "bmp", b"GIF8": "gif"}
+
+
+def _format_of(data: bytes):
+    for magic, name in _TF_DECODABLE.items():
+        if data.startswith(magic):
+            return name
+    return None
+
+
+def _png_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _bytes(values):
+    return tf.train.Feature(bytes_list=tf.train.BytesList(value=list(values)))
+
+
+def _ints(values):
+    return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(v) for v in values]))
+
+
+def _floats(values):
+    return tf.train.Feature(float_list=tf.train.FloatList(value=[float(v) for v in values]))
+
+
+def record_to_example(dataset: DetectionDataset, index: int, with_masks: bool) -> tf.train.Example:
+    """The tf.train.Example of ``dataset.records[index]`` (reads its image file)."""
+    record = dataset.records[index]
+    path = dataset.image_file(record)
+    where = f"record {record.image_id!r} ({path})"
+    if not os.path.isfile(path):
+        raise BadInputError(f"{where}: image file not found")
+    with open(path, "rb") as f:
+        data = f.read()
+    fmt = None if is_tiff(path) else _format_of(data)
+    if fmt is None:  # TIFF or a format tf.io cannot decode: store it as PNG of its RGB pixels
+        data, fmt = _png_bytes(read_image(path, where)), "png"
+    feature = {
+        "image/encoded": _bytes([data]),
+        "image/format": _bytes([fmt.encode()]),
+        "image/height": _ints([record.height]),
+        "image/width": _ints([record.width]),
+        "image/index": _ints([index]),
+        "image/id": _bytes([str(record.image_id).encode()]),
+        "image/filename": _bytes([record.image_path.encode()]),
+        "object/bbox": _floats(record.boxes.reshape(-1)),
+        "object/label": _ints(record.labels),
+        "object/difficult": _ints(record.difficult),
+        "object/iscrowd": _ints(record.iscrowd),
+    }
+    if with_masks:
+        feature["object/mask"] = _bytes([_png_bytes(m) for m in masks_for_record(record, where)])
+    return tf.train.Example(features=tf.train.Features(feature=feature))
+
+
+def write_tfrecord(dataset: DetectionDataset, path: str, *, with_masks=None,
+                   num_shards: int = 1) -> list[str]:
+    """Write ``dataset`` as TFRecord file(s); returns the file names.
+
+    Args:
+        path: output file; with ``num_shards`` > 1 the files are ``path-00000-of-0000N``.
+        with_masks: store instance masks as PNGs (default: when the data set has masks).
+        num_shards: number of files; record i goes to shard i % num_shards.
+    """
+    if num_shards < 1:
+        raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+    with_masks = dataset.has_masks if with_masks is None else with_masks
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    names = ([path] if num_shards == 1 else
+             [f"{path}-{i:05d}-of-{num_shards:05d}" for i in range(num_shards)])
+    writers = [tf.io.TFRecordWriter(name) for name in names]
+    try:
+        for index in range(len(dataset)):
+            example = record_to_example(dataset, index, with_masks)
+            writers[index % num_shards].write(example.SerializeToString())
+    finally:
+        for writer in writers:
+            writer.close()
+    return names
+
+
+_FEATURES = {
+    "image/encoded": tf.io.FixedLenFeature([], tf.string),
+    "image/height": tf.io.FixedLenFeature([], tf.int64),
+    "image/width": tf.io.FixedLenFeature([], tf.int64),
+    "image/index": tf.io.FixedLenFeature([], tf.int64, default_value=-1),
+    "image/filename": tf.io.FixedLenFeature([], tf.string, default_value=""),
+    "object/bbox": tf.io.VarLenFeature(tf.float32),
+    "object/label": tf.io.VarLenFeature(tf.int64),
+    "object/difficult": tf.io.VarLenFeature(tf.int64),
+    "object/iscrowd": tf.io.VarLenFeature(tf.int64),
+}
+
+
+@tf.autograph.experimental.do_not_convert
+def parse_example(serialized, with_masks: bool = False) -> dict:
+    """Parse one serialized Example into a sample dict (image uint8 [h, w, 3], boxes, labels, ...)."""
+    features = dict(_FEATURES)
+    if with_masks:
+        features["object/mask"] = tf.io.VarLenFeature(tf.string)
+    ex = tf.io.parse_single_example(serialized, features)
+    dense = {k: tf.sparse.to_dense(v) for k, v in ex.items() if isinstance(v, tf.SparseTensor)}
+    image = tf.io.decode_image(ex["image/encoded"], channels=3, dtype=tf.uint8, expand_animations=False)
+    image.set_shape([None, None, 3])
+    height = tf.cast(ex["image/height"], tf.int32)
+    width = tf.cast(ex["image/width"], tf.int32)
+    tf.debugging.Assert(tf.reduce_all(tf.equal(tf.shape(image)[:2], tf.stack([height, width]))),
+                        ["TFRecord image size differs from its height/width:", ex["image/filename"]])
+    n = tf.size(dense["object/label"])
+    tf.debugging.Assert(tf.equal(tf.size(dense["object/bbox"]), 4 * n),
+                        ["TFRecord object/bbox is not 4 x labels:", ex["image/filename"]])
+    sample = {
+        "image": image,
+        "boxes": tf.reshape(dense["object/bbox"], [n, 4]),
+        "labels": tf.cast(dense["object/label"], tf.int32),
+        "difficult": tf.cast(dense["object/difficult"], tf.bool),
+        "iscrowd": tf.cast(dense["object/iscrowd"], tf.bool),
+        "image_index": tf.cast(ex["image/index"], tf.int32),
+    }
+    if with_masks:
+        def decode_mask(png):
+            return tf.io.decode_png(png, channels=1)[..., 0]
+
+        pngs = dense["object/mask"]
+        check = tf.debugging.Assert(tf.equal(tf.size(pngs), n),
+                                    ["TFRecord has no object/mask per object (written without masks?):",
+                                     ex["image/filename"]])
+        with tf.control_dependencies([check]):
+            # map_fn cannot stack an empty list of [None, None] masks: images without objects skip it.
+            masks = tf.cond(
+                tf.size(pngs) > 0,
+                lambda: tf.map_fn(decode_mask, pngs,
+                                  fn_output_signature=tf.TensorSpec([None, None], tf.uint8)),
+                lambda: tf.zeros(tf.stack([0, height, width]), tf.uint8))
+            sample["masks"] = tf.reshape(masks, tf.stack([n, height, width]))
+    return sample
+
+
+def read_tfrecord(paths, *, with_masks: bool = False, shuffle: bool = False, seed=None,
+                  shuffle_buffer: int = 1024) -> tf.data.Dataset:
+    """Samples (see kerasdet.data.augment) from TFRecord file(s) written by ``write_tfrecord``.
+
+    Args:
+        paths: a file name or a list of them (missing files raise FileNotFoundError naming them).
+        with_masks: decode ``object/mask`` (error if the files were written without masks).
+        shuffle: shuffle the serialized records with a buffer of ``shuffle_buffer`` (seeded by ``seed``).
+    """
+    paths = [os.fspath(paths)] if isinstance(paths, (str, os.PathLike)) else [os.fspath(p) for p in paths]
+    if not paths:
+        raise ValueError("no TFRecord files given")
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(f"TFRecord file(s) not found: {missing}")
+    ds = tf.data.TFRecordDataset(paths, num_parallel_reads=min(len(paths), 4) if len(paths) > 1
+                                 else None)
+    if shuffle:
+        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    return ds.map(lambda s: parse_example(s, with_masks), num_parallel_calls=tf.data.AUTOTUNE,
+                  deterministic=True)
