@@ -19,7 +19,8 @@ Normalization by paper (pass these as weights / normalizer):
   number of sampled anchors. The paper's lambda = 10 with N_reg ~ 2400 anchor locations weighs the
   two terms about the same as this.
 - Fast R-CNN: L = L_cls(p, u) + lambda [u >= 1] L_loc(t^u, v), lambda = 1, averaged over the
-  sampled RoIs (box term summed over foreground RoIs, divided by all sampled RoIs): `fast_rcnn_loss`.
+  sampled RoIs (box term summed over foreground RoIs, divided by all sampled RoIs):
+  `fast_rcnn_loss`.
 - RetinaNet focal loss (alpha 0.25, gamma 2): summed over all non-ignored anchors and classes,
   divided by the number of positive anchors.
 - SSD / RefineDet: (L_conf + alpha L_loc) / N with N the number of positive (matched) anchors,
@@ -125,7 +126,8 @@ def softmax_cross_entropy(labels, logits):
         raise TypeError(f"`labels` must be integer class ids, got dtype {labels.dtype.name}.")
     if not labels.shape.is_compatible_with(logits.shape[:-1]):
         raise ValueError(
-            f"`labels` shape {labels.shape} must be `logits` shape {logits.shape} without the last axis."
+            f"`labels` shape {labels.shape} must be `logits` shape {logits.shape} without its "
+            "last axis."
         )
     valid = labels >= 0
     ce = keras.ops.sparse_categorical_crossentropy(tf.maximum(labels, 0), logits, from_logits=True)
@@ -177,7 +179,8 @@ def sigmoid_focal(targets, logits, alpha=0.25, gamma=2.0):
 def sigmoid_focal_loss(targets, logits, alpha=0.25, gamma=2.0, weights=None, normalizer=None):
     """Scalar focal loss. RetinaNet: weights = non-ignored anchors ([..., N] or [..., N, K]),
     normalizer = number of positive anchors (pass it: there is no useful default here)."""
-    return weighted_normalized_sum(sigmoid_focal(targets, logits, alpha, gamma), weights, normalizer)
+    per_entry = sigmoid_focal(targets, logits, alpha, gamma)
+    return weighted_normalized_sum(per_entry, weights, normalizer)
 
 
 def select_class_boxes(box_deltas, classes):
@@ -233,7 +236,8 @@ def mask_loss(mask_targets, mask_logits, classes, weights=None, normalizer=None)
     penalized); then ``sum(weights * per_roi) / normalizer``.
 
     Args:
-        mask_targets: [..., R, m, m] binary targets of each RoI's matched object, cropped to the RoI.
+        mask_targets: [..., R, m, m] binary targets of each RoI's matched object, cropped to the
+            RoI.
         mask_logits: [..., R, m, m, K] one mask channel per dataset class (channels-last).
         classes: int [..., R] 0-based dataset class of each RoI's ground truth.
         weights: [..., R], 1 for positive RoIs (only they get a mask loss), 0 otherwise.

@@ -170,7 +170,8 @@ def test_fast_rcnn_loss_class_specific_matches_numpy():
     sampled = u >= 0
     n = sampled.sum()
     cls = np_softmax_ce(u, logits)[sampled].sum() / n
-    box = sum(np_smooth_l1(deltas[i, u[i] - 1] - v[i], 1.0).sum() for i in range(r) if u[i] >= 1) / n
+    box = sum(np_smooth_l1(deltas[i, u[i] - 1] - v[i], 1.0).sum()
+              for i in range(r) if u[i] >= 1) / n
     np.testing.assert_allclose(out["classification"].numpy(), cls, rtol=1e-10)
     np.testing.assert_allclose(out["box"].numpy(), 2.0 * box, rtol=1e-10)
     np.testing.assert_allclose(out["total"].numpy(), cls + 2.0 * box, rtol=1e-10)

@@ -179,7 +179,8 @@ def test_encode_hand_value():
                                [[0.5, 1.0, 0.0, math.log(2.0)]], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("weights", [(10.0, 10.0, 5.0, 5.0), (1.0, 1.0, 1.0, 1.0), (20, 20, 10, 10)])
+@pytest.mark.parametrize("weights", [(10.0, 10.0, 5.0, 5.0), (1.0, 1.0, 1.0, 1.0),
+                                     (20, 20, 10, 10)])
 def test_encode_decode_match_numpy_and_round_trip(weights):
     rng = np.random.default_rng(4)
     boxes, anchors = random_boxes(rng, 50), random_boxes(rng, 50)

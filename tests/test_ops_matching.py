@@ -176,8 +176,8 @@ def test_rpn_target_pipeline_end_to_end(jit_compile):
         decoded = B.decode_boxes(box_targets[i][pos], anchors[pos], (1, 1, 1, 1)).numpy()
         ious = B.box_iou(decoded, gt_boxes[i][valid_gt]).numpy() if pos.any() else np.zeros((0, 1))
         assert np.all(ious.max(axis=1) > 0.999)  # targets decode back onto a real object
-        np.testing.assert_array_equal(class_targets[i][pos] - 1,
-                                      gt_labels[i][valid_gt][ious.argmax(axis=1)] if pos.any() else [])
+        expected_classes = gt_labels[i][valid_gt][ious.argmax(axis=1)] if pos.any() else []
+        np.testing.assert_array_equal(class_targets[i][pos] - 1, expected_classes)
         assert sampled[i].sum() == min(32, (labels[i] >= 0).sum())
         assert np.all(labels[i][sampled[i]] >= 0)
     assert np.all(labels[2][anchors[:, 3] > 48] == -1)  # cross-boundary anchors ignored

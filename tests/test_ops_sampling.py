@@ -1,4 +1,4 @@
-"""kerasdet.ops.sampling: counts, fractions over many draws, padding, seeds, hard negative mining."""
+"""kerasdet.ops.sampling: counts, fractions over many draws, padding, seeds, hard negatives."""
 import keras
 import numpy as np
 import pytest

@@ -150,7 +150,7 @@ class AnchorGenerator:
 
     @classmethod
     def fpn(cls):
-        """FPN: P2..P6 with strides 4..64, one size 32..512 per level, ratios 1:2, 1:1, 2:1 (A = 3)."""
+        """FPN: P2..P6, strides 4..64, one size 32..512 per level, ratios 1:2, 1:1, 2:1 (A = 3)."""
         return cls(strides=(4, 8, 16, 32, 64), sizes=[(32,), (64,), (128,), (256,), (512,)],
                    aspect_ratios=(0.5, 1.0, 2.0))
 

@@ -86,9 +86,9 @@ def box_iou(boxes1, boxes2):
     Returns:
         float32 [..., N, M]. Pairs whose union is empty (two zero-area boxes) give 0, never NaN.
     """
-    # Not keras.utils.bounding_boxes.compute_iou: it divides by (union + 1e-7), which biases small or
-    # normalized boxes (two identical 1e-3 x 1e-3 boxes get IoU 0.909, not 1) and so shifts matches
-    # at the thresholds; divide_no_nan is exact and still gives 0 for an empty union.
+    # Not keras.utils.bounding_boxes.compute_iou: it divides by (union + 1e-7), which biases small
+    # or normalized boxes (two identical 1e-3 x 1e-3 boxes get IoU 0.909, not 1, measured) and so
+    # shifts matches at the thresholds; divide_no_nan is exact and gives 0 for an empty union.
     boxes1 = _as_boxes(boxes1, "boxes1")
     boxes2 = _as_boxes(boxes2, "boxes2")
     if boxes1.shape.rank is not None and boxes1.shape.rank < 2:
@@ -177,7 +177,8 @@ def encode_boxes(boxes, anchors, weights=DEFAULT_BOX_CODER_WEIGHTS):
         weights: (wx, wy, ww, wh); (10, 10, 5, 5) for Fast R-CNN heads, (1, 1, 1, 1) for the RPN.
 
     Returns:
-        float32 [..., 4] deltas (dx, dy, dw, dh). Zero-size sides are floored at 1e-7 before the log.
+        float32 [..., 4] deltas (dx, dy, dw, dh). Zero-size sides are floored at 1e-7 before the
+        log.
     """
     weights = _coder_weights(weights)
     boxes = _as_boxes(boxes, "boxes")
@@ -297,6 +298,9 @@ def batched_nms(boxes, scores, classes, iou_threshold, max_output, score_thresho
 
     Returns:
         int32 [K] indices into the inputs, sorted by descending score, K <= max_output.
+
+    Clip boxes to the image first: the class offsets scale with the coordinate span, and huge
+    unclipped boxes would cost float32 precision in the IoU.
     """
     boxes, scores, classes = _check_nms_inputs(boxes, scores, classes, batch_rank=0)
     return tf.image.non_max_suppression(
