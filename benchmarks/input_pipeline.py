@@ -1,0 +1,87 @@
+"""Input-pipeline throughput (decode + augment + resize + batch) on a generated synthetic data set.
+
+Prints one JSON object: per setting, images/s over whole epochs after a warm-up epoch (which pays
+for tracing and iterator start-up), plus the time of that first epoch.
+
+    python benchmarks/input_pipeline.py --num-images 256 --batch-size 8 --epochs 2
+"""
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+SETTINGS = {
+    # name: (source, build_dataset keyword arguments)
+    "eval_letterbox_320": ("files", dict(training=False, image_size=(320, 320))),
+    "train_flip_shorter_side_256_stride32": (
+        "files", dict(training=True, min_size=256, max_size=400, stride=32, augment="flip")),
+    "train_ssd_320": ("files", dict(training=True, image_size=(320, 320), keep_aspect_ratio=False,
+                                    augment="ssd")),
+    "train_ssd_320_tfrecord": ("tfrecord", dict(training=True, image_size=(320, 320),
+                                                keep_aspect_ratio=False, augment="ssd")),
+    "train_flip_masks_256": ("files", dict(training=True, image_size=(256, 256), augment="flip",
+                                           with_masks=True)),
+}
+
+
+def measure(ds, epochs):
+    start = time.perf_counter()
+    count = sum(int(b["images"].shape[0]) for b in ds)
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    total = 0
+    for _ in range(epochs):
+        total += sum(int(b["images"].shape[0]) for b in ds)
+    elapsed = time.perf_counter() - start
+    return {"images_per_second": round(total / elapsed, 1), "first_epoch_seconds": round(first, 2),
+            "images_per_epoch": count}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--num-images", type=int, default=256)
+    parser.add_argument("--image-size", type=int, nargs=2, default=(256, 320), metavar=("H", "W"),
+                        help="size of the generated images")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=2, help="timed epochs after the warm-up one")
+    parser.add_argument("--settings", nargs="*", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workdir", default=None, help="where to write the data (default: a temp dir)")
+    args = parser.parse_args(argv)
+
+    import tensorflow as tf
+
+    from kerasdet.data.pipeline import build_dataset
+    from kerasdet.data.synthetic import make_dataset
+    from kerasdet.data.tfrecord import write_tfrecord
+
+    workdir = args.workdir or tempfile.mkdtemp(prefix="kerasdet-bench-")
+    start = time.perf_counter()
+    dataset = make_dataset(os.path.join(workdir, "synthetic"), args.num_images, seed=args.seed,
+                           image_size=tuple(args.image_size), object_size=(16, 128), max_objects=6)
+    generate_seconds = time.perf_counter() - start
+    tfrecord = None
+    results = {}
+    for name in args.settings:
+        source, kwargs = SETTINGS[name]
+        if source == "tfrecord" and tfrecord is None:
+            tfrecord = write_tfrecord(dataset, os.path.join(workdir, "train.tfrecord"))
+        ds = build_dataset(dataset if source == "files" else tfrecord, args.batch_size,
+                           seed=args.seed, max_boxes=8, **kwargs)
+        results[name] = measure(ds, args.epochs)
+    print(json.dumps({
+        "benchmark": "input_pipeline",
+        "num_images": args.num_images, "image_size": list(args.image_size),
+        "batch_size": args.batch_size, "epochs": args.epochs,
+        "generate_seconds": round(generate_seconds, 2),
+        "cpu_count": os.cpu_count(), "tensorflow": tf.__version__, "python": platform.python_version(),
+        "results": results,
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
