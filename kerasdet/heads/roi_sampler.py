@@ -1,0 +1,54 @@
+"""Training RoIs for the second stage: proposals (plus the ground truth) matched and sampled.
+
+Fast R-CNN section 2.3: a fixed number of RoIs per image, a quarter foreground (IoU >= 0.5 with a
+ground-truth box), the rest background with IoU in [bg_low, 0.5) — 0.1 in Fast R-CNN, 0 in the later
+reference implementations, which also add the ground-truth boxes to the proposals.
+"""
+import tensorflow as tf
+
+from kerasdet import ops
+
+__all__ = ["sample_rois"]
+
+
+def sample_rois(proposals, proposal_valid, gt_boxes, gt_labels, num_samples=512,
+                positive_fraction=0.25, foreground_iou=0.5, background_iou_low=0.0,
+                add_ground_truth=True, seed=None):
+    """Matches proposals to ground truth and samples a fixed number of RoIs per image.
+
+    Args:
+        proposals: [B, P, 4]; proposal_valid: bool [B, P] (padding is never sampled).
+        gt_boxes: [B, N, 4]; gt_labels: int32 [B, N], 0-based classes, -1 for padding.
+
+    Returns a dict:
+        rois [B, S, 4]; labels int32 [B, S]: class + 1 for foreground, 0 for background, -1 for
+        unused slots (when an image has fewer than S usable RoIs); matched_boxes [B, S, 4] (the
+        ground truth of each RoI, meaningful for foreground); matched_index int32 [B, S];
+        iou [B, S] (the RoI's best IoU, for Cascade R-CNN statistics and the integral loss).
+    """
+    gt_labels = tf.cast(gt_labels, tf.int32)
+    gt_valid = gt_labels >= 0
+    if add_ground_truth:
+        proposals = tf.concat([proposals, gt_boxes], axis=1)
+        proposal_valid = tf.concat([proposal_valid, gt_valid], axis=1)
+    iou = ops.box_iou(proposals, gt_boxes)  # [B, P', N]
+    matched, candidate = ops.match_boxes(
+        iou, foreground_iou, foreground_iou, background_iou_low, gt_valid=gt_valid,
+        anchor_valid=proposal_valid)
+    best_iou = tf.reduce_max(tf.where(gt_valid[:, tf.newaxis, :], iou, 0.0), axis=-1)
+    foreground = candidate == 1
+    indices, valid = ops.sample_balanced_indices(candidate, num_samples, positive_fraction,
+                                                 seed=seed)
+    rois = tf.gather(proposals, indices, batch_dims=1)
+    is_fg = tf.gather(foreground, indices, batch_dims=1) & valid
+    matched_index = tf.gather(matched, indices, batch_dims=1)
+    matched_boxes = ops.gather_by_match(gt_boxes, matched_index)
+    class_ids = ops.gather_by_match(gt_labels, matched_index) + 1
+    labels = tf.where(is_fg, class_ids, tf.where(valid, 0, -1))
+    return {
+        "rois": tf.stop_gradient(rois),
+        "labels": labels,
+        "matched_boxes": matched_boxes,
+        "matched_index": matched_index,
+        "iou": tf.gather(best_iou, indices, batch_dims=1),
+    }

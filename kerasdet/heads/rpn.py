@@ -1,0 +1,138 @@
+"""Region Proposal Network (Faster R-CNN): head, training targets and proposal generation.
+
+The head is a 3x3 conv followed by two sibling 1x1 convs, one objectness logit and four box deltas per
+anchor, shared by every pyramid level (FPN). Objectness uses one sigmoid logit per anchor rather than the
+paper's two-way softmax: the two are equivalent for a binary decision and the sigmoid halves the channels
+(the choice of the reference implementations, Detectron and torchvision).
+"""
+import keras
+import tensorflow as tf
+
+from kerasdet import losses as kd_losses
+from kerasdet import ops
+
+__all__ = ["RPNHead", "rpn_targets", "rpn_losses", "generate_proposals"]
+
+
+@keras.saving.register_keras_serializable(package="kerasdet")
+class RPNHead(keras.layers.Layer):
+    """Objectness logits and box deltas for `num_anchors` anchors at every location of each level.
+
+    Call on a list of feature maps [B, H_l, W_l, C]; returns (logits, deltas), two lists with
+    [B, H_l * W_l * A] and [B, H_l * W_l * A, 4], in the anchor order of kerasdet.ops anchors
+    (location-major, then anchor type).
+    """
+
+    def __init__(self, num_anchors, channels=256, **kwargs):
+        super().__init__(**kwargs)
+        self.num_anchors = int(num_anchors)
+        self.channels = int(channels)
+        init = keras.initializers.RandomNormal(stddev=0.01)
+        self.conv = keras.layers.Conv2D(self.channels, 3, padding="same", activation="relu",
+                                        kernel_initializer=init, name="conv")
+        self.objectness = keras.layers.Conv2D(self.num_anchors, 1, kernel_initializer=init,
+                                              name="objectness")
+        self.box = keras.layers.Conv2D(4 * self.num_anchors, 1, kernel_initializer=init, name="box")
+
+    def build(self, input_shape):
+        shape = input_shape[0] if isinstance(input_shape, (list, tuple)) and isinstance(
+            input_shape[0], (list, tuple)) else input_shape
+        self.conv.build(shape)
+        hidden = tuple(shape[:-1]) + (self.channels,)
+        self.objectness.build(hidden)
+        self.box.build(hidden)
+
+    def call(self, features):
+        if not isinstance(features, (list, tuple)):
+            features = [features]
+        logits, deltas = [], []
+        for feature in features:
+            hidden = self.conv(feature)
+            batch = tf.shape(feature)[0]
+            logits.append(tf.reshape(self.objectness(hidden), [batch, -1]))
+            deltas.append(tf.reshape(self.box(hidden), [batch, -1, 4]))
+        return logits, deltas
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(num_anchors=self.num_anchors, channels=self.channels)
+        return config
+
+
+def rpn_targets(anchors, gt_boxes, gt_labels, image_shapes, positive_iou=0.7, negative_iou=0.3,
+                num_samples=256, positive_fraction=0.5, allow_low_quality=True,
+                ignore_cross_boundary=False, weights=(1.0, 1.0, 1.0, 1.0), seed=None):
+    """Anchor labels and regression targets for the RPN loss (Faster R-CNN section 3.1.2).
+
+    Args:
+        anchors: [A, 4] anchors of all levels, concatenated in the order of the head's outputs.
+        gt_boxes: [B, N, 4]; gt_labels: [B, N] with -1 for padding.
+        image_shapes: [B, 2] valid (height, width) of each padded image.
+        ignore_cross_boundary: the paper ignores anchors that cross the image border in training;
+            Detectron and torchvision keep them. Off by default, as in those.
+        seed: a keras.random.SeedGenerator owned by the model, so each step samples afresh.
+
+    Returns:
+        labels int32 [B, A]: 1 positive, 0 negative (both sampled), -1 not used in the loss;
+        box_targets [B, A, 4]: encoded deltas towards the matched ground truth.
+    """
+    iou = ops.box_iou(anchors[tf.newaxis], gt_boxes)  # [B, A, N]
+    anchor_valid = None
+    if ignore_cross_boundary:
+        anchor_valid = ops.anchors_inside_image_mask(anchors, image_shapes)
+    matched, labels = ops.match_boxes(
+        iou, positive_iou, negative_iou, 0.0, allow_low_quality_matches=allow_low_quality,
+        gt_valid=gt_labels >= 0, anchor_valid=anchor_valid)
+    sampled = ops.sample_balanced(labels, num_samples, positive_fraction, seed=seed)
+    labels = tf.where(sampled, labels, -1)
+    matched_boxes = tf.gather(gt_boxes, tf.maximum(matched, 0), batch_dims=1)
+    box_targets = ops.encode_boxes(matched_boxes, anchors[tf.newaxis], weights=weights)
+    return labels, tf.stop_gradient(box_targets)
+
+
+def rpn_losses(logits, deltas, labels, box_targets, beta=1.0 / 9.0):
+    """Objectness BCE averaged over the sampled anchors and smooth-L1 box loss over the positives
+    divided by the same count (see kerasdet.losses for why this matches the paper's weighting)."""
+    sampled = tf.cast(labels >= 0, tf.float32)
+    positive = tf.cast(labels == 1, tf.float32)
+    normalizer = tf.reduce_sum(sampled)
+    cls_loss = kd_losses.binary_cross_entropy_loss(positive, logits, sampled, normalizer)
+    box_loss = kd_losses.smooth_l1_loss(box_targets, deltas, beta, positive, normalizer)
+    return {"rpn_cls": cls_loss, "rpn_box": box_loss}
+
+
+def generate_proposals(logits, deltas, anchors, image_shapes, pre_nms_top_k, post_nms_top_k,
+                       nms_iou=0.7, min_size=0.0, weights=(1.0, 1.0, 1.0, 1.0)):
+    """Proposals from RPN outputs: per level top-k, decode, clip, drop small boxes, level-aware NMS,
+    then the best `post_nms_top_k` over all levels (the FPN reference implementation's scheme).
+
+    Args:
+        logits, deltas: lists per level as returned by RPNHead.
+        anchors: list per level of [A_l, 4].
+        image_shapes: [B, 2] valid (height, width) used for clipping.
+
+    Returns:
+        proposals [B, post_nms_top_k, 4] (stop-gradient: approximate joint training treats them as
+        constants), scores [B, post_nms_top_k] (objectness logits) and valid bool [B, post_nms_top_k].
+    """
+    boxes_all, scores_all, levels_all = [], [], []
+    for level, (lvl_logits, lvl_deltas, lvl_anchors) in enumerate(zip(logits, deltas, anchors)):
+        k = tf.minimum(pre_nms_top_k, tf.shape(lvl_logits)[1])
+        top_scores, top = tf.math.top_k(lvl_logits, k=k)
+        top_deltas = tf.gather(lvl_deltas, top, batch_dims=1)
+        top_anchors = tf.gather(lvl_anchors, top)
+        boxes = ops.decode_boxes(top_deltas, top_anchors, weights=weights)
+        boxes = ops.clip_boxes(boxes, image_shapes)
+        keep = ops.valid_boxes_mask(boxes, min_size)
+        boxes_all.append(boxes)
+        scores_all.append(tf.where(keep, top_scores, -1e9))
+        levels_all.append(tf.fill(tf.shape(top), level))
+    boxes = tf.stop_gradient(tf.concat(boxes_all, axis=1))
+    scores = tf.stop_gradient(tf.concat(scores_all, axis=1))
+    levels = tf.concat(levels_all, axis=1)
+    out = ops.batched_nms_padded(boxes, scores, levels, iou_threshold=nms_iou,
+                                 max_output=post_nms_top_k, score_threshold=-1e8)
+    # NMS keeps at most the best box per cluster on each level; the top-k over levels then comes
+    # from the descending-score order of the padded output.
+    valid = out["indices"] >= 0
+    return out["boxes"], out["scores"], valid

@@ -1,0 +1,127 @@
+"""The training / inference plumbing every kerasdet detector shares.
+
+A detector subclasses `Detector` and implements two methods on padded dense tensors:
+    compute_detection_losses(batch, training) -> dict of scalar losses
+    detect(images, image_shapes) -> predict dict (boxes, scores, classes, num_detections[, masks])
+`Detector` turns them into Keras' train_step / test_step / predict_step, so that compile(), fit()
+on a tf.data pipeline, evaluate() and predict() work as for any Keras model.
+"""
+import keras
+import tensorflow as tf
+
+__all__ = ["Detector", "batch_image_shapes", "ground_truth"]
+
+
+def batch_image_shapes(batch, images):
+    """[B, 2] valid (height, width) of each padded image.
+
+    The pipeline's `image_info` holds them (see kerasdet.data.pipeline); without it (plain image
+    tensors given to predict) the whole padded canvas counts as the image.
+    """
+    if isinstance(batch, dict) and "image_info" in batch:
+        info = tf.cast(batch["image_info"], tf.float32)
+        return info[:, 4:6]
+    shape = tf.cast(tf.shape(images)[1:3], tf.float32)
+    return tf.tile(shape[tf.newaxis], [tf.shape(images)[0], 1])
+
+
+def ground_truth(batch):
+    """(boxes [B, N, 4], labels [B, N]) padded with label -1, with N >= 1 so that gathers on
+    "the matched ground truth" are valid even for a batch without any object."""
+    boxes = tf.cast(batch["bounding_boxes"]["boxes"], tf.float32)
+    labels = tf.cast(batch["bounding_boxes"]["labels"], tf.int32)
+    boxes = tf.concat([boxes, tf.zeros_like(boxes[:, :1])], axis=1)
+    labels = tf.concat([labels, -tf.ones_like(labels[:, :1])], axis=1)
+    return boxes, labels
+
+
+class Detector(keras.Model):
+    """Base class: Keras plumbing around `compute_detection_losses` and `detect`."""
+
+    loss_names = ()
+
+    def __init__(self, num_classes, **kwargs):
+        super().__init__(**kwargs)
+        if int(num_classes) < 1:
+            raise ValueError(f"`num_classes` must be >= 1, got {num_classes!r}.")
+        self.num_classes = int(num_classes)
+        self._trackers = {name: keras.metrics.Mean(name=name)
+                          for name in ("loss",) + tuple(self.loss_names)}
+
+    # -- subclass interface ---------------------------------------------------------------------
+    def compute_detection_losses(self, batch, training):
+        raise NotImplementedError
+
+    def detect(self, images, image_shapes, training=False):
+        raise NotImplementedError
+
+    # -- Keras plumbing -------------------------------------------------------------------------
+    def build(self, input_shape=None):
+        """Creates every weight by running one inference on a blank image.
+
+        `input_shape` is (B, H, W, 3) with H, W possibly None (then 64). Subclassed detectors
+        create their weights lazily on the first call, so this is what count_params(),
+        load_weights() and summary() need first.
+        """
+        if self.built:
+            return
+        shape = tuple(input_shape or (1, None, None, 3))
+        height, width = shape[1] or 64, shape[2] or 64
+        self.call(tf.zeros([1, height, width, 3], self.compute_dtype), training=False)
+        self.built = True
+
+    def fit(self, *args, **kwargs):
+        # Weights must exist before Keras creates the optimizer's slots for them.
+        self.build()
+        return super().fit(*args, **kwargs)
+
+    @property
+    def metrics(self):
+        return list(self._trackers.values())
+
+    @staticmethod
+    def _unpack(data):
+        if isinstance(data, tuple):  # (x,) or (x, y) from a dataset that splits them
+            data = data[0]
+        return data
+
+    def call(self, inputs, training=False):
+        images = inputs["images"] if isinstance(inputs, dict) else inputs
+        images = tf.cast(images, self.compute_dtype)
+        return self.detect(images, batch_image_shapes(inputs, images), training=training)
+
+    def _total(self, losses):
+        total = tf.add_n([tf.cast(v, tf.float32) for v in losses.values()])
+        if self.losses:  # weight decay and other regularizers
+            total = total + tf.add_n([tf.cast(v, tf.float32) for v in self.losses])
+        return total
+
+    def _log(self, losses, total):
+        self._trackers["loss"].update_state(total)
+        for name, value in losses.items():
+            self._trackers[name].update_state(value)
+        return {name: tracker.result() for name, tracker in self._trackers.items()}
+
+    def train_step(self, data):
+        batch = self._unpack(data)
+        with tf.GradientTape() as tape:
+            losses = self.compute_detection_losses(batch, training=True)
+            total = self._total(losses)
+            scaled = self.optimizer.scale_loss(total) if hasattr(self.optimizer, "scale_loss") \
+                else total
+        variables = self.trainable_variables
+        grads = tape.gradient(scaled, variables)
+        self.optimizer.apply(grads, variables)
+        return self._log(losses, total)
+
+    def test_step(self, data):
+        batch = self._unpack(data)
+        losses = self.compute_detection_losses(batch, training=False)
+        return self._log(losses, self._total(losses))
+
+    def predict_step(self, data):
+        batch = self._unpack(data)
+        return self(batch, training=False)
+
+    def get_config(self):
+        return {"num_classes": self.num_classes, "name": self.name}
