@@ -1,9 +1,23 @@
 #!/usr/bin/env python
-"""Compile the kerasdet TensorFlow kernels (custom_ops/<family>/*.cc) into one op library.
+"""Compile the kerasdet TensorFlow kernels (custom_ops/<family>/) into op libraries.
 
 Used by `make kernels` (in place, incremental) and by setup.py (into the wheel's build dir).
 The flags come from the TensorFlow that is installed, so the library matches the runtime that
 loads it; the version it was built for is written next to it and checked at load time.
+
+Rules, the same for every family folder (a folder starting with "_" is ignored):
+  * ``*.cc`` except ``*.cu.cc``: op registrations and CPU kernels, compiled with g++ into
+    ``_kerasdet_ops.so`` (the CPU library).
+  * ``*.cu.cc``: CUDA kernels, compiled by nvcc (without TensorFlow headers: TF's pip headers do not
+    compile under nvcc, so these files expose raw-pointer launchers). When nvcc is on PATH, every
+    ``*.cc`` is compiled a second time with ``-DGOOGLE_CUDA=1`` (so ``#if GOOGLE_CUDA`` GPU kernel
+    registrations are included) and linked with the CUDA objects into ``_kerasdet_ops_gpu.so``,
+    which the loader prefers when TensorFlow sees a GPU. Without nvcc the GPU library is skipped
+    with a message; with nvcc, a failing CUDA build is an error (exit status 1), so CI catches it.
+
+Environment: CXX (default g++), NVCC (default: nvcc on PATH), KERASDET_CUDA=0 to skip the GPU
+library, KERASDET_CUDA_ARCH (default "75,80": SASS for sm_75 and sm_80 plus PTX of the last one,
+which newer GPUs JIT-compile; fewer architectures keep nvcc time bounded).
 """
 import argparse
 import concurrent.futures
@@ -16,9 +30,13 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 LIB_NAME = "_kerasdet_ops.so"
+GPU_LIB_NAME = "_kerasdet_ops_gpu.so"
+INFO_NAME = "_kerasdet_ops.json"
+DEFAULT_CUDA_ARCH = "75,80"
 
 
 def sources(suffix, exclude=()):
+    """Files ending in `suffix` (and in none of `exclude`) of every family folder, sorted."""
     found = []
     for family in sorted(os.listdir(HERE)):
         folder = os.path.join(HERE, family)
@@ -32,7 +50,8 @@ def sources(suffix, exclude=()):
 
 def headers():
     out = []
-    for dirpath, _, files in os.walk(HERE):
+    for dirpath, dirnames, files in os.walk(HERE):
+        dirnames[:] = [d for d in dirnames if not d.startswith("_")]
         out += [os.path.join(dirpath, f) for f in files if f.endswith(".h")]
     return out
 
@@ -44,11 +63,50 @@ def stale(target, deps):
     return any(os.path.getmtime(d) > t for d in deps)
 
 
+def cuda_arch_flags(spec):
+    """KERASDET_CUDA_ARCH "75,80" -> SASS for each, plus PTX of the newest for forward compat."""
+    archs = [a.strip().replace("sm_", "").replace(".", "") for a in spec.split(",") if a.strip()]
+    if not archs or not all(a.isdigit() for a in archs):
+        raise SystemExit(f"custom_ops: KERASDET_CUDA_ARCH must be like '75,80', got {spec!r}")
+    flags = []
+    for a in archs:
+        flags += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
+    flags += ["-gencode", f"arch=compute_{archs[-1]},code=compute_{archs[-1]}"]
+    return flags
+
+
+def find_nvcc():
+    if os.environ.get("KERASDET_CUDA", "1") == "0":
+        return None, "KERASDET_CUDA=0"
+    nvcc = os.environ.get("NVCC") or shutil.which("nvcc")
+    if not nvcc:
+        return None, "nvcc not found on PATH"
+    return nvcc, None
+
+
+def cuda_lib_dir(nvcc):
+    """The lib64 folder of the CUDA toolkit that nvcc belongs to (for the static runtime)."""
+    root = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    for sub in ("lib64", "lib", os.path.join("targets", "x86_64-linux", "lib")):
+        if os.path.exists(os.path.join(root, sub, "libcudart_static.a")):
+            return os.path.join(root, sub)
+    return os.path.join(root, "lib64")
+
+
+def run(cmd, what):
+    print("custom_ops:", what, flush=True)
+    result = subprocess.run(cmd)
+    if result.returncode != 0:
+        raise RuntimeError(f"{what} failed (exit {result.returncode}): {' '.join(cmd)}")
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.path.join(ROOT, "kerasdet", "ops", "_lib"))
     parser.add_argument("--build-dir", default=os.path.join(HERE, "_build"))
     parser.add_argument("-j", "--jobs", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--no-cuda", action="store_true", help="skip the GPU library")
     args = parser.parse_args(argv)
 
     import tensorflow as tf
@@ -56,36 +114,101 @@ def main(argv=None):
     cxx = os.environ.get("CXX", "g++")
     cflags = tf.sysconfig.get_compile_flags()
     lflags = tf.sysconfig.get_link_flags()
-    common = ["-std=c++17", "-O2", "-fPIC", "-I", HERE] + cflags
+    # TF's own headers use deprecated Status helpers; their warnings would bury ours.
+    common = ["-std=c++17", "-O3", "-fPIC", "-Wall", "-Wno-deprecated-declarations",
+              "-Wno-sign-compare", "-Wno-interference-size", "-I", HERE] + [f for f in cflags if f != "--std=c++17"]
 
     cc_files = sources(".cc", exclude=(".cu.cc",))
+    cu_files = sources(".cu.cc")
     if not cc_files:
         print("custom_ops: no kernel sources yet; nothing to build")
         return 0
     hdrs = headers()
     os.makedirs(args.out, exist_ok=True)
+    jobs = max(1, args.jobs)
 
-    def compile_one(src):
+    def compile_cc(src, variant, extra):
         rel = os.path.relpath(src, HERE)
-        obj = os.path.join(args.build_dir, "cpu", rel[:-3] + ".o")
+        obj = os.path.join(args.build_dir, variant, rel[:-3] + ".o")
         if stale(obj, [src] + hdrs + [__file__]):
             os.makedirs(os.path.dirname(obj), exist_ok=True)
-            cmd = [cxx, "-c", src, "-o", obj] + common
-            print("custom_ops: compiling", rel, flush=True)
-            subprocess.run(cmd, check=True)
+            run([cxx, "-c", src, "-o", obj] + common + extra, f"compiling {rel} ({variant})")
         return obj
 
-    with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
-        objs = list(pool.map(compile_one, cc_files))
+    nvcc, no_gpu_reason = (None, "--no-cuda") if args.no_cuda else find_nvcc()
+    arch = os.environ.get("KERASDET_CUDA_ARCH", DEFAULT_CUDA_ARCH)
+    nvcc_flags = ["-std=c++17", "-O3", "-x", "cu", "-Xcompiler", "-fPIC", "-I", HERE,
+                  "--expt-relaxed-constexpr", "-DGOOGLE_CUDA=1"] + (
+                      cuda_arch_flags(arch) if nvcc else [])
+
+    def compile_cu(src):
+        rel = os.path.relpath(src, HERE)
+        obj = os.path.join(args.build_dir, "cuda", rel[:-6] + ".cu.o")
+        stamp_deps = [src] + hdrs + [__file__]
+        if stale(obj, stamp_deps) or _arch_changed(obj, arch):
+            os.makedirs(os.path.dirname(obj), exist_ok=True)
+            run([nvcc, "-c", src, "-o", obj] + nvcc_flags, f"nvcc {rel} (sm {arch})")
+            with open(obj + ".arch", "w") as f:
+                f.write(arch)
+        return obj
+
+    tasks = [(compile_cc, (src, "cpu", [])) for src in cc_files]
+    if nvcc:
+        tasks += [(compile_cc, (src, "gpu", ["-DGOOGLE_CUDA=1"])) for src in cc_files]
+        tasks += [(compile_cu, (src,)) for src in cu_files]
+    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+        futures = [pool.submit(fn, *a) for fn, a in tasks]
+        errors = []
+        for fut in futures:
+            try:
+                fut.result()
+            except RuntimeError as err:
+                errors.append(str(err))
+    if errors:
+        for e in errors:
+            print("custom_ops: ERROR:", e, file=sys.stderr)
+        return 1
+    cpu_objs = [f.result() for f, (fn, a) in zip(futures, tasks) if fn is compile_cc and a[1] == "cpu"]
 
     lib = os.path.join(args.out, LIB_NAME)
-    if stale(lib, objs):
-        print("custom_ops: linking", LIB_NAME, flush=True)
-        subprocess.run([cxx, "-shared", "-o", lib] + objs + lflags, check=True)
-    with open(os.path.join(args.out, "_kerasdet_ops.json"), "w") as f:
-        json.dump({"tensorflow": tf.__version__, "compiler": shutil.which(cxx) and cxx}, f)
-    print("custom_ops: up to date ->", os.path.relpath(lib, ROOT))
+    if stale(lib, cpu_objs):
+        run([cxx, "-shared", "-o", lib] + cpu_objs + lflags, f"linking {LIB_NAME}")
+
+    gpu_built = False
+    if nvcc:
+        gpu_objs = [f.result() for f, (fn, a) in zip(futures, tasks)
+                    if (fn is compile_cc and a[1] == "gpu") or fn is compile_cu]
+        gpu_lib = os.path.join(args.out, GPU_LIB_NAME)
+        if stale(gpu_lib, gpu_objs):
+            # The CUDA runtime is linked statically so the library has no libcudart.so dependency
+            # of its own (TensorFlow's GPU wheel brings the driver API it needs at run time).
+            try:
+                run([cxx, "-shared", "-o", gpu_lib] + gpu_objs + lflags +
+                    ["-L", cuda_lib_dir(nvcc), "-l:libcudart_static.a", "-ldl", "-lrt", "-lpthread"],
+                    f"linking {GPU_LIB_NAME}")
+            except RuntimeError as err:
+                print("custom_ops: ERROR:", err, file=sys.stderr)
+                return 1
+        gpu_built = True
+    else:
+        print(f"custom_ops: skipping the CUDA kernels ({no_gpu_reason}); CPU library only")
+
+    with open(os.path.join(args.out, INFO_NAME), "w") as f:
+        json.dump({"tensorflow": tf.__version__, "compiler": shutil.which(cxx) and cxx,
+                   "gpu_library": GPU_LIB_NAME if gpu_built else None,
+                   "cuda_arch": arch if gpu_built else None}, f)
+    print("custom_ops: up to date ->", os.path.relpath(lib, ROOT),
+          "+ " + GPU_LIB_NAME if gpu_built else "")
     return 0
+
+
+def _arch_changed(obj, arch):
+    """True when `obj` was compiled for other CUDA architectures than asked now."""
+    try:
+        with open(obj + ".arch") as f:
+            return f.read() != arch
+    except OSError:
+        return True
 
 
 if __name__ == "__main__":

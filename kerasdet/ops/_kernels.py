@@ -1,9 +1,11 @@
 """Lazy loading of the compiled kerasdet kernels, with a pure-TensorFlow fallback switch.
 
 Every op in kerasdet.ops that has a compiled kernel asks ``use_kernels()`` at trace time and takes
-either the kernel (``library().kerasdet_xxx``) or its pure-TensorFlow twin, which computes the same
-numbers. The library is looked for next to this file (``_lib/_kerasdet_ops.so``, written by
-``custom_ops/build.py``) or at ``KERASDET_OPS_LIBRARY``. It is used only when it was built for the
+either the kernel (``library().kerasdet_xxx``, e.g. ``kerasdet_roi_align`` for the op
+``KerasDet>RoIAlign``) or its pure-TensorFlow twin, which computes the same numbers. The library is
+looked for next to this file (``_lib/_kerasdet_ops.so``, written by ``custom_ops/build.py``) or at
+``KERASDET_OPS_LIBRARY``. When TensorFlow sees a GPU and the CUDA build exists
+(``_lib/_kerasdet_ops_gpu.so``, a superset with the GPU kernels), that one is loaded instead. It is used only when it was built for the
 TensorFlow that is running: a missing or mismatched library gives one warning and the fallback,
 never a crash, because a custom-op ABI break on a TensorFlow upgrade must not take a model down.
 
@@ -20,6 +22,7 @@ import warnings
 
 _LIB_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_lib")
 _LIB_NAME = "_kerasdet_ops.so"
+_GPU_LIB_NAME = "_kerasdet_ops_gpu.so"
 
 _lock = threading.Lock()
 _state = {"tried": False, "lib": None, "reason": None, "path": None}
@@ -28,6 +31,36 @@ _local = threading.local()
 
 class KernelsUnavailableError(RuntimeError):
     """Raised instead of falling back when KERASDET_REQUIRE_KERNELS=1."""
+
+
+class _OpLibrary:
+    """The loaded op module, with each op also reachable as ``kerasdet_<snake_case>``.
+
+    TensorFlow names the Python wrapper of ``KerasDet>RoIAlign`` ``keras_det_ro_i_align``; callers
+    use the readable ``kerasdet_roi_align``. Names match after dropping "_" and lower-casing.
+    """
+
+    def __init__(self, module):
+        self.module = module
+        self._by_key = {}
+        for name in dir(module):
+            if name.startswith("keras_det_") and not name.endswith("_eager_fallback"):
+                self._by_key[name.replace("_", "").lower()] = getattr(module, name)
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        try:
+            return getattr(self.module, name)
+        except AttributeError:
+            found = self._by_key.get(name.replace("_", "").lower())
+            if found is None:
+                raise AttributeError(f"the kerasdet op library has no op {name!r} (rebuild it with "
+                                     "`make kernels`?)") from None
+            return found
+
+    def __dir__(self):
+        return sorted(set(dir(self.module)) | set(self._by_key))
 
 
 def _library_path():
@@ -50,9 +83,16 @@ def _try_load():
     if built_for != tf.__version__:
         return None, (f"kernels at {path} were built for TensorFlow {built_for}, but "
                       f"{tf.__version__} is running; rebuild them with `make kernels`")
+    gpu_path = os.path.join(os.path.dirname(path), _GPU_LIB_NAME)
+    if (not os.environ.get("KERASDET_OPS_LIBRARY") and os.path.exists(gpu_path)
+            and tf.config.list_physical_devices("GPU")):
+        # The GPU build holds every CPU kernel too; loading both would register the ops twice.
+        path = gpu_path
+        _state["path"] = path
     try:
-        return tf.load_op_library(path), None
-    except (tf.errors.NotFoundError, OSError) as err:  # undefined symbol, wrong ABI, ...
+        return _OpLibrary(tf.load_op_library(path)), None
+    except (tf.errors.NotFoundError, tf.errors.AlreadyExistsError, OSError) as err:
+        # undefined symbol, wrong ABI, ops registered twice, ...
         return None, f"kernels at {path} failed to load: {err}"
 
 

@@ -1,0 +1,422 @@
+// CPU kernels of the bilinear RoI family: RoIAlign, PSRoIAlign, DeformRoIPool, DeformPSRoIPool and
+// their gradients. One templated implementation serves all four (definition in roi_align_core.h).
+//
+// Threading: the forward pass splits the output bins over the CPU worker pool (each bin is written
+// by one worker). The feature gradient is a scatter, so it is split over channel blocks instead:
+// every worker owns a disjoint set of input channels and the result is deterministic without
+// atomics. The offset gradient is a reduction per (RoI, bin, group) and is split over those.
+#include <algorithm>
+#include <cstring>
+
+#include "common/roi_inputs.h"
+#include "roi_align/roi_align_core.h"
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/tensor.h"
+#include "tensorflow/core/util/work_sharder.h"
+
+namespace kerasdet {
+namespace {
+
+using tensorflow::OpKernel;
+using tensorflow::OpKernelConstruction;
+using tensorflow::OpKernelContext;
+using tensorflow::Tensor;
+using tensorflow::TensorShape;
+using tensorflow::errors::InvalidArgument;
+
+inline bool TapIsEmpty(const BilinearTap& t) {
+  return t.w00 == 0.f && t.w01 == 0.f && t.w10 == 0.f && t.w11 == 0.f && t.dy00 == 0.f &&
+         t.dy10 == 0.f && t.dx00 == 0.f && t.dx01 == 0.f;
+}
+
+inline int NumGroups(const RoIAlignParams& p) { return p.offset_groups > 0 ? p.offset_groups : 1; }
+
+// Shift of bin u (flat r * ph * pw + i * pw + j) for offset group grp, in feature pixels.
+inline void BinShift(const RoIAlignParams& p, const RoIAlignGeometry& g, const float* offsets,
+                     int64_t u, int grp, float* dy, float* dx) {
+  *dy = *dx = 0.f;
+  if (p.offset_groups > 0) {
+    const float* t = offsets + u * 2 * p.offset_groups + 2 * grp;
+    *dx = p.gamma * t[0] * g.roi_w;
+    *dy = p.gamma * t[1] * g.roi_h;
+  }
+}
+
+template <bool PS>
+void ForwardBins(const RoIAlignParams& p, const float* features, const float* boxes,
+                 const int* box_indices, const float* offsets, float* output, int64_t begin,
+                 int64_t end) {
+  const int bins = p.pooled_h * p.pooled_w;
+  const int groups = NumGroups(p);
+  const int cpg = p.out_channels / groups;
+  const int cs = PS ? bins : 1;  // input-channel stride between consecutive output channels
+  const int64_t row = static_cast<int64_t>(p.width) * p.channels;
+  const int64_t image = p.height * row;
+  for (int64_t u = begin; u < end; ++u) {
+    const int r = static_cast<int>(u / bins);
+    const int i = static_cast<int>((u % bins) / p.pooled_w), j = static_cast<int>(u % p.pooled_w);
+    const RoIAlignGeometry g = roi_align_geometry(boxes + 4 * r, p);
+    const float* img = features + box_indices[r] * image + (PS ? i * p.pooled_w + j : 0);
+    float* out = output + u * p.out_channels;
+    std::fill(out, out + p.out_channels, 0.f);
+    for (int grp = 0; grp < groups; ++grp) {
+      float dy, dx;
+      BinShift(p, g, offsets, u, grp, &dy, &dx);
+      float* og = out + grp * cpg;
+      const float* ig = img + static_cast<int64_t>(grp) * cpg * cs;
+      for (int iy = 0; iy < g.grid_h; ++iy) {
+        const float y = sample_y(g, i, iy) + dy;
+        for (int ix = 0; ix < g.grid_w; ++ix) {
+          const float x = sample_x(g, j, ix) + dx;
+          const BilinearTap t = roi_align_tap(y, x, p.height, p.width);
+          if (TapIsEmpty(t)) continue;
+          const float* p00 = ig + t.y0 * row + static_cast<int64_t>(t.x0) * p.channels;
+          const float* p01 = ig + t.y0 * row + static_cast<int64_t>(t.x1) * p.channels;
+          const float* p10 = ig + t.y1 * row + static_cast<int64_t>(t.x0) * p.channels;
+          const float* p11 = ig + t.y1 * row + static_cast<int64_t>(t.x1) * p.channels;
+          for (int c = 0; c < cpg; ++c) {
+            og[c] += t.w00 * p00[c * cs] + t.w01 * p01[c * cs] + t.w10 * p10[c * cs] +
+                     t.w11 * p11[c * cs];
+          }
+        }
+      }
+    }
+    for (int c = 0; c < p.out_channels; ++c) out[c] *= g.inv_count;
+  }
+}
+
+// Feature gradient for the channel blocks [begin, end) (block = channels of one offset group).
+template <bool PS>
+void BackwardFeatures(const RoIAlignParams& p, const float* grad, const float* boxes,
+                      const int* box_indices, const float* offsets, float* grad_features,
+                      int block, int64_t begin, int64_t end) {
+  const int bins = p.pooled_h * p.pooled_w;
+  const int groups = NumGroups(p);
+  const int cpg = p.out_channels / groups;
+  const int blocks_per_group = (cpg + block - 1) / block;
+  const int cs = PS ? bins : 1;
+  const int64_t row = static_cast<int64_t>(p.width) * p.channels;
+  const int64_t image = p.height * row;
+  for (int64_t unit = begin; unit < end; ++unit) {
+    const int grp = static_cast<int>(unit / blocks_per_group);
+    const int c0 = grp * cpg + static_cast<int>(unit % blocks_per_group) * block;
+    const int c1 = std::min(c0 + block, (grp + 1) * cpg);
+    for (int r = 0; r < p.num_rois; ++r) {
+      const RoIAlignGeometry g = roi_align_geometry(boxes + 4 * r, p);
+      if (g.grid_h <= 0 || g.grid_w <= 0) continue;
+      for (int i = 0; i < p.pooled_h; ++i) {
+        for (int j = 0; j < p.pooled_w; ++j) {
+          const int64_t u = (static_cast<int64_t>(r) * p.pooled_h + i) * p.pooled_w + j;
+          const float* gb = grad + u * p.out_channels;
+          float* img = grad_features + box_indices[r] * image + (PS ? i * p.pooled_w + j : 0);
+          float dy, dx;
+          BinShift(p, g, offsets, u, grp, &dy, &dx);
+          for (int iy = 0; iy < g.grid_h; ++iy) {
+            const float y = sample_y(g, i, iy) + dy;
+            for (int ix = 0; ix < g.grid_w; ++ix) {
+              const float x = sample_x(g, j, ix) + dx;
+              const BilinearTap t = roi_align_tap(y, x, p.height, p.width);
+              if (TapIsEmpty(t)) continue;
+              const float w00 = t.w00 * g.inv_count, w01 = t.w01 * g.inv_count;
+              const float w10 = t.w10 * g.inv_count, w11 = t.w11 * g.inv_count;
+              float* p00 = img + t.y0 * row + static_cast<int64_t>(t.x0) * p.channels;
+              float* p01 = img + t.y0 * row + static_cast<int64_t>(t.x1) * p.channels;
+              float* p10 = img + t.y1 * row + static_cast<int64_t>(t.x0) * p.channels;
+              float* p11 = img + t.y1 * row + static_cast<int64_t>(t.x1) * p.channels;
+              for (int c = c0; c < c1; ++c) {
+                const float gv = gb[c];
+                p00[c * cs] += w00 * gv;
+                p01[c * cs] += w01 * gv;
+                p10[c * cs] += w10 * gv;
+                p11[c * cs] += w11 * gv;
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+// Offset gradient of the (bin, group) units [begin, end): d loss / d offsets[r, i, j, 2g : 2g + 2].
+template <bool PS>
+void BackwardOffsets(const RoIAlignParams& p, const float* grad, const float* features,
+                     const float* boxes, const int* box_indices, const float* offsets,
+                     float* grad_offsets, int64_t begin, int64_t end) {
+  const int bins = p.pooled_h * p.pooled_w;
+  const int groups = NumGroups(p);
+  const int cpg = p.out_channels / groups;
+  const int cs = PS ? bins : 1;
+  const int64_t row = static_cast<int64_t>(p.width) * p.channels;
+  const int64_t image = p.height * row;
+  for (int64_t unit = begin; unit < end; ++unit) {
+    const int64_t u = unit / groups;
+    const int grp = static_cast<int>(unit % groups);
+    const int r = static_cast<int>(u / bins);
+    const int i = static_cast<int>((u % bins) / p.pooled_w), j = static_cast<int>(u % p.pooled_w);
+    const RoIAlignGeometry g = roi_align_geometry(boxes + 4 * r, p);
+    const float* img = features + box_indices[r] * image + (PS ? i * p.pooled_w + j : 0) +
+                       static_cast<int64_t>(grp) * cpg * cs;
+    const float* gb = grad + u * p.out_channels + grp * cpg;
+    float dy, dx;
+    BinShift(p, g, offsets, u, grp, &dy, &dx);
+    float sum_y = 0.f, sum_x = 0.f;
+    for (int iy = 0; iy < g.grid_h; ++iy) {
+      const float y = sample_y(g, i, iy) + dy;
+      for (int ix = 0; ix < g.grid_w; ++ix) {
+        const float x = sample_x(g, j, ix) + dx;
+        const BilinearTap t = roi_align_tap(y, x, p.height, p.width);
+        if (TapIsEmpty(t)) continue;
+        const float* p00 = img + t.y0 * row + static_cast<int64_t>(t.x0) * p.channels;
+        const float* p01 = img + t.y0 * row + static_cast<int64_t>(t.x1) * p.channels;
+        const float* p10 = img + t.y1 * row + static_cast<int64_t>(t.x0) * p.channels;
+        const float* p11 = img + t.y1 * row + static_cast<int64_t>(t.x1) * p.channels;
+        float gy = 0.f, gx = 0.f;
+        for (int c = 0; c < cpg; ++c) {
+          const float v00 = p00[c * cs], v01 = p01[c * cs], v10 = p10[c * cs], v11 = p11[c * cs];
+          gy += gb[c] * (t.dy00 * v00 + t.dy01 * v01 + t.dy10 * v10 + t.dy11 * v11);
+          gx += gb[c] * (t.dx00 * v00 + t.dx01 * v01 + t.dx10 * v10 + t.dx11 * v11);
+        }
+        sum_y += gy;
+        sum_x += gx;
+      }
+    }
+    float* go = grad_offsets + u * 2 * groups + 2 * grp;
+    go[0] = sum_x * g.inv_count * p.gamma * g.roi_w;
+    go[1] = sum_y * g.inv_count * p.gamma * g.roi_h;
+  }
+}
+
+// OP_REQUIRES for functions that return a value.
+#define OP_REQUIRES_VALUE_CHECK(CTX, EXP, RET, STATUS) \
+  do {                                                 \
+    if (!TF_PREDICT_TRUE(EXP)) {                       \
+      (CTX)->CtxFailure(__FILE__, __LINE__, (STATUS)); \
+      return RET;                                      \
+    }                                                  \
+  } while (0)
+
+// Attributes and parameter assembly shared by the forward and gradient kernels.
+template <bool PS, bool Deform>
+class RoIAlignFamilyBase : public OpKernel {
+ public:
+  explicit RoIAlignFamilyBase(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    ReadPooledSize(ctx, &pooled_h_, &pooled_w_);
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("spatial_scale", &spatial_scale_));
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("sampling_ratio", &sampling_ratio_));
+    aligned_ = true;  // position-sensitive ops always use continuous, half-pixel-shifted coordinates
+    if (!PS) OP_REQUIRES_OK(ctx, ctx->GetAttr("aligned", &aligned_));
+    gamma_ = 0.f;
+    if (Deform) OP_REQUIRES_OK(ctx, ctx->GetAttr("gamma", &gamma_));
+  }
+
+ protected:
+  // Fills params from the features shape; checks channels and offsets. Sets ctx status on error.
+  RoIAlignParams MakeParams(OpKernelContext* ctx, const TensorShape& features, int64_t num_rois,
+                            const Tensor* offsets) {
+    RoIAlignParams p;
+    p.batch = static_cast<int>(features.dim_size(0));
+    p.height = static_cast<int>(features.dim_size(1));
+    p.width = static_cast<int>(features.dim_size(2));
+    p.channels = static_cast<int>(features.dim_size(3));
+    p.num_rois = static_cast<int>(num_rois);
+    p.pooled_h = pooled_h_;
+    p.pooled_w = pooled_w_;
+    p.spatial_scale = spatial_scale_;
+    p.sampling_ratio = sampling_ratio_;
+    p.aligned = aligned_;
+    p.position_sensitive = PS;
+    p.gamma = gamma_;
+    p.offset_groups = 0;
+    p.out_channels = p.channels;
+    if (PS) {
+      const int bins = pooled_h_ * pooled_w_;
+      OP_REQUIRES_VALUE_CHECK(ctx, p.channels % bins == 0, p,
+                              InvalidArgument("features has ", p.channels,
+                                              " channels, which is not divisible by output "
+                                              "height * width = ", bins,
+                                              " as position-sensitive pooling needs"));
+      p.out_channels = p.channels / bins;
+    }
+    if (Deform) {
+      OP_REQUIRES_VALUE_CHECK(
+          ctx,
+          offsets->dims() == 4 && offsets->dim_size(0) == num_rois &&
+              offsets->dim_size(1) == pooled_h_ && offsets->dim_size(2) == pooled_w_ &&
+              offsets->dim_size(3) >= 2 && offsets->dim_size(3) % 2 == 0,
+          p,
+          InvalidArgument("offsets must be [R, ph, pw, 2 * groups] = [", num_rois, ", ", pooled_h_,
+                          ", ", pooled_w_, ", 2 * groups], got shape ",
+                          offsets->shape().DebugString()));
+      p.offset_groups = static_cast<int>(offsets->dim_size(3) / 2);
+      OP_REQUIRES_VALUE_CHECK(ctx, p.out_channels % p.offset_groups == 0, p,
+                              InvalidArgument("offsets has ", p.offset_groups,
+                                              " offset groups, which do not divide the ",
+                                              p.out_channels, " output channels"));
+    }
+    return p;
+  }
+
+  static tensorflow::thread::ThreadPool* Workers(OpKernelContext* ctx, int* threads) {
+    auto* w = ctx->device()->tensorflow_cpu_worker_threads();
+    *threads = w->num_threads;
+    return w->workers;
+  }
+
+  int pooled_h_, pooled_w_, sampling_ratio_;
+  float spatial_scale_, gamma_;
+  bool aligned_;
+};
+
+template <bool PS, bool Deform>
+class RoIAlignFamilyOp : public RoIAlignFamilyBase<PS, Deform> {
+ public:
+  using Base = RoIAlignFamilyBase<PS, Deform>;
+  explicit RoIAlignFamilyOp(OpKernelConstruction* ctx) : Base(ctx) {}
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& features = ctx->input(0);
+    const Tensor& boxes = ctx->input(1);
+    const Tensor& box_indices = ctx->input(2);
+    ValidateRoIInputs(ctx, features, boxes, box_indices, /*check_values=*/true);
+    if (!ctx->status().ok()) return;
+    const Tensor* offsets = Deform ? &ctx->input(3) : nullptr;
+    const RoIAlignParams p = this->MakeParams(ctx, features.shape(), boxes.dim_size(0), offsets);
+    if (!ctx->status().ok()) return;
+    Tensor* output = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(
+                            0, TensorShape({p.num_rois, p.pooled_h, p.pooled_w, p.out_channels}),
+                            &output));
+    if (output->NumElements() == 0) return;
+    if (features.NumElements() == 0) {
+      std::memset(output->flat<float>().data(), 0, output->NumElements() * sizeof(float));
+      return;
+    }
+    const float* f = features.flat<float>().data();
+    const float* b = boxes.flat<float>().data();
+    const int* bi = box_indices.flat<int32_t>().data();
+    const float* off = Deform ? offsets->flat<float>().data() : nullptr;
+    float* out = output->flat<float>().data();
+    int threads;
+    auto* workers = this->Workers(ctx, &threads);
+    const int64_t units = static_cast<int64_t>(p.num_rois) * p.pooled_h * p.pooled_w;
+    tensorflow::Shard(threads, workers, units, /*cost_per_unit=*/40 * p.out_channels,
+                      [&](int64_t begin, int64_t end) {
+                        ForwardBins<PS>(p, f, b, bi, off, out, begin, end);
+                      });
+  }
+};
+
+template <bool PS, bool Deform>
+class RoIAlignFamilyGradOp : public RoIAlignFamilyBase<PS, Deform> {
+ public:
+  using Base = RoIAlignFamilyBase<PS, Deform>;
+  explicit RoIAlignFamilyGradOp(OpKernelConstruction* ctx) : Base(ctx) {}
+
+  void Compute(OpKernelContext* ctx) override {
+    // Non-deformable: (grad, boxes, box_indices, features_shape);
+    // deformable: (grad, features, boxes, box_indices, offsets).
+    const Tensor& grad = ctx->input(0);
+    TensorShape features_shape;
+    const Tensor* features = nullptr;
+    const Tensor* offsets = nullptr;
+    int box_input = 1;
+    if (Deform) {
+      features = &ctx->input(1);
+      features_shape = features->shape();
+      offsets = &ctx->input(4);
+      box_input = 2;
+    } else {
+      const Tensor& shape = ctx->input(3);
+      OP_REQUIRES(ctx, shape.dims() == 1 && shape.NumElements() == 4,
+                  InvalidArgument("features_shape must be a 4-vector, got shape ",
+                                  shape.shape().DebugString()));
+      const auto dims = shape.vec<int32_t>();
+      for (int k = 0; k < 4; ++k) {
+        OP_REQUIRES(ctx, dims(k) >= 0,
+                    InvalidArgument("features_shape has a negative dimension: ", dims(k)));
+        features_shape.AddDim(dims(k));
+      }
+    }
+    const Tensor& boxes = ctx->input(box_input);
+    const Tensor& box_indices = ctx->input(box_input + 1);
+    OP_REQUIRES(ctx, features_shape.dims() == 4,
+                InvalidArgument("features must be a rank-4 NHWC tensor, got shape ",
+                                features_shape.DebugString()));
+    OP_REQUIRES(ctx, boxes.dims() == 2 && boxes.dim_size(1) == 4 && box_indices.dims() == 1 &&
+                         box_indices.dim_size(0) == boxes.dim_size(0),
+                InvalidArgument("boxes must be [R, 4] and box_indices [R]"));
+    const int64_t batch = features_shape.dim_size(0);
+    const auto idx = box_indices.flat<int32_t>();
+    for (int64_t r = 0; r < idx.size(); ++r) {
+      OP_REQUIRES(ctx, idx(r) >= 0 && idx(r) < batch,
+                  InvalidArgument("box_indices[", r, "] = ", idx(r),
+                                  " is out of range: features has batch size ", batch));
+    }
+    const RoIAlignParams p = this->MakeParams(ctx, features_shape, boxes.dim_size(0), offsets);
+    if (!ctx->status().ok()) return;
+    OP_REQUIRES(ctx, grad.shape() == TensorShape({p.num_rois, p.pooled_h, p.pooled_w,
+                                                  p.out_channels}),
+                InvalidArgument("grad must be shaped like the op's output, got ",
+                                grad.shape().DebugString()));
+
+    Tensor* grad_features = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, features_shape, &grad_features));
+    float* gf = grad_features->flat<float>().data();
+    std::memset(gf, 0, grad_features->NumElements() * sizeof(float));
+    float* goff = nullptr;
+    if (Deform) {
+      Tensor* grad_offsets = nullptr;
+      OP_REQUIRES_OK(ctx, ctx->allocate_output(1, offsets->shape(), &grad_offsets));
+      goff = grad_offsets->flat<float>().data();
+      std::memset(goff, 0, grad_offsets->NumElements() * sizeof(float));
+    }
+    if (grad.NumElements() == 0 || grad_features->NumElements() == 0) return;
+
+    const float* g = grad.flat<float>().data();
+    const float* b = boxes.flat<float>().data();
+    const int* bi = box_indices.flat<int32_t>().data();
+    const float* off = Deform ? offsets->flat<float>().data() : nullptr;
+    int threads;
+    auto* workers = this->Workers(ctx, &threads);
+
+    const int groups = NumGroups(p);
+    const int cpg = p.out_channels / groups;
+    // Blocks small enough to give every thread work, large enough to amortize the tap maths.
+    int block = std::max(1, std::min(32, cpg / std::max(1, 2 * threads)));
+    const int64_t units = static_cast<int64_t>(groups) * ((cpg + block - 1) / block);
+    const int64_t cost = static_cast<int64_t>(p.num_rois) * p.pooled_h * p.pooled_w * 40 * block;
+    tensorflow::Shard(threads, workers, units, cost, [&](int64_t begin, int64_t end) {
+      BackwardFeatures<PS>(p, g, b, bi, off, gf, block, begin, end);
+    });
+    if (Deform) {
+      const float* f = features->flat<float>().data();
+      const int64_t bin_units = static_cast<int64_t>(p.num_rois) * p.pooled_h * p.pooled_w * groups;
+      tensorflow::Shard(threads, workers, bin_units, 80 * cpg, [&](int64_t begin, int64_t end) {
+        BackwardOffsets<PS>(p, g, f, b, bi, off, goff, begin, end);
+      });
+    }
+  }
+};
+
+using tensorflow::DEVICE_CPU;
+
+REGISTER_KERNEL_BUILDER(Name("KerasDet>RoIAlign").Device(DEVICE_CPU),
+                        RoIAlignFamilyOp<false, false>);
+REGISTER_KERNEL_BUILDER(Name("KerasDet>RoIAlignGrad").Device(DEVICE_CPU),
+                        RoIAlignFamilyGradOp<false, false>);
+REGISTER_KERNEL_BUILDER(Name("KerasDet>PSRoIAlign").Device(DEVICE_CPU),
+                        RoIAlignFamilyOp<true, false>);
+REGISTER_KERNEL_BUILDER(Name("KerasDet>PSRoIAlignGrad").Device(DEVICE_CPU),
+                        RoIAlignFamilyGradOp<true, false>);
+REGISTER_KERNEL_BUILDER(Name("KerasDet>DeformRoIPool").Device(DEVICE_CPU),
+                        RoIAlignFamilyOp<false, true>);
+REGISTER_KERNEL_BUILDER(Name("KerasDet>DeformRoIPoolGrad").Device(DEVICE_CPU),
+                        RoIAlignFamilyGradOp<false, true>);
+REGISTER_KERNEL_BUILDER(Name("KerasDet>DeformPSRoIPool").Device(DEVICE_CPU),
+                        RoIAlignFamilyOp<true, true>);
+REGISTER_KERNEL_BUILDER(Name("KerasDet>DeformPSRoIPoolGrad").Device(DEVICE_CPU),
+                        RoIAlignFamilyGradOp<true, true>);
+
+}  // namespace
+}  // namespace kerasdet
