@@ -67,7 +67,8 @@ def weighted_normalized_sum(values, weights=None, normalizer=None):
 
     Args:
         values: per-element losses.
-        weights: broadcastable to `values`; default 1.
+        weights: the shape of `values` or a leading part of it (per-anchor weights [B, N] for
+            per-class losses [B, N, K] are repeated over K); default 1.
         normalizer: scalar; default ``sum(weights)`` broadcast to the shape of `values` (the
             weighted mean). Division by 0 gives 0.
     """
@@ -75,7 +76,16 @@ def weighted_normalized_sum(values, weights=None, normalizer=None):
     if weights is None:
         weights = tf.ones_like(values)
     else:
-        weights = tf.broadcast_to(tf.cast(weights, values.dtype), tf.shape(values))
+        weights = tf.cast(tf.convert_to_tensor(weights), values.dtype)
+        extra = values.shape.rank - weights.shape.rank
+        if extra < 0:
+            raise ValueError(
+                f"`weights` shape {weights.shape} has more axes than the losses {values.shape}."
+            )
+        if extra > 0:  # align on the leading axes, repeat over the trailing ones
+            weights = tf.reshape(weights, tf.concat([tf.shape(weights), tf.ones([extra], tf.int32)],
+                                                    0))
+        weights = tf.broadcast_to(weights, tf.shape(values))
     total = tf.reduce_sum(weights * values)
     if normalizer is None:
         normalizer = tf.reduce_sum(weights)
@@ -177,8 +187,9 @@ def sigmoid_focal(targets, logits, alpha=0.25, gamma=2.0):
 
 
 def sigmoid_focal_loss(targets, logits, alpha=0.25, gamma=2.0, weights=None, normalizer=None):
-    """Scalar focal loss. RetinaNet: weights = non-ignored anchors ([..., N] or [..., N, K]),
-    normalizer = number of positive anchors (pass it: there is no useful default here)."""
+    """Scalar focal loss. RetinaNet: weights = non-ignored anchors ([..., N], repeated over the K
+    classes, or [..., N, K]), normalizer = number of positive anchors (pass it: the default,
+    sum of weights over anchors x classes, is not what the paper uses)."""
     per_entry = sigmoid_focal(targets, logits, alpha, gamma)
     return weighted_normalized_sum(per_entry, weights, normalizer)
 

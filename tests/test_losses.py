@@ -151,6 +151,18 @@ def test_sigmoid_focal_accurate_for_confident_logits():
     np.testing.assert_allclose(graph, np_focal(t, x.astype(np.float64), 0.25, 2.0), rtol=1e-4)
 
 
+def test_per_anchor_weights_repeat_over_classes():
+    rng = np.random.default_rng(10)
+    x = rng.normal(0, 2, (2, 6, 3))
+    t = (rng.uniform(size=(2, 6, 3)) < 0.3).astype(np.float64)
+    w = (rng.uniform(size=(2, 6)) < 0.7).astype(np.float64)
+    expected = (w[..., None] * np_focal(t, x, 0.25, 2.0)).sum() / 4.0
+    np.testing.assert_allclose(L.sigmoid_focal_loss(t, x, weights=w, normalizer=4.0).numpy(),
+                               expected, rtol=1e-8)
+    with pytest.raises(ValueError, match="weights"):
+        L.binary_cross_entropy_loss(t[0], x[0], weights=np.ones((6, 3, 1)))
+
+
 def test_sigmoid_focal_gradient():
     rng = np.random.default_rng(6)
     t = tf.constant((rng.uniform(size=(4, 3)) < 0.3).astype(np.float64))
