@@ -317,6 +317,60 @@ def test_resnet_weights_map_one_to_one_to_torchvision_keys(depth, blocks, r50, r
     assert sorted(keras_paths) == sorted(torch_key_to_keras(k) for k in torchvision_resnet_keys(blocks))
 
 
+def fake_torchvision_state_dict(model, blocks, rng):
+    """Random arrays in torchvision's layout for every key of the architecture (plus the BN counters)."""
+    keras_weights = {w.path: w for w in model.weights}
+    state = {}
+    for key in torchvision_resnet_keys(blocks):
+        shape = tuple(keras_weights[torch_key_to_keras(key)].shape)
+        if len(shape) == 4:
+            shape = (shape[3], shape[2], shape[0], shape[1])      # [kh, kw, in, out] -> [out, in, kh, kw]
+        elif len(shape) == 2:
+            shape = shape[::-1]
+        low = 0.5 if key.endswith("running_var") else -1.0
+        state[key] = rng.uniform(low, 1.0, shape).astype(np.float32)
+        if key.endswith("running_var"):
+            state[key.rsplit(".", 1)[0] + ".num_batches_tracked"] = np.array(7)
+    return state
+
+
+def test_load_torchvision_weights_into_resnet_and_conv5_head(r50):
+    rng = np.random.default_rng(13)
+    state = fake_torchvision_state_dict(r50, (3, 4, 6, 3), rng)
+    used = backbones.load_torchvision_weights(r50, state)
+    assert sorted(used) == sorted(k for k in state if not k.endswith("num_batches_tracked"))
+    weights = {w.path: w.numpy() for w in r50.weights}
+    np.testing.assert_array_equal(weights["layer3_2_conv2/kernel"], state["layer3.2.conv2.weight"].transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(weights["fc/kernel"], state["fc.weight"].T)
+    np.testing.assert_array_equal(weights["layer1_0_downsample_1/moving_variance"],
+                                  state["layer1.0.downsample.1.running_var"])
+    # The stem computed from the torch-layout kernel directly: out[o] = sum_{i,u,v} w[o, i, u, v] x[i, ...].
+    probe = keras.Model(r50.input, r50.get_layer("conv1").output)
+    x = rng.uniform(0, 255, (1, 20, 22, 3)).astype(np.float32)
+    normalized = (x / 255.0 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
+    padded = np.pad(normalized, ((0, 0), (3, 3), (3, 3), (0, 0)))
+    w = state["conv1.weight"].astype(np.float64)
+    expected = np.zeros((1, 10, 11, 64))
+    for r in range(10):
+        for c in range(11):
+            expected[0, r, c] = np.einsum("oiuv,uvi->o", w, padded[0, 2 * r:2 * r + 7, 2 * c:2 * c + 7])
+    np.testing.assert_allclose(probe(x).numpy(), expected, rtol=1e-4, atol=1e-3)
+
+    head = ResNetConv5Head()
+    used = backbones.load_torchvision_weights(head, state)
+    assert used and all(k.startswith("layer4.") for k in used)
+    np.testing.assert_array_equal(head.get_layer("layer4_0_conv2").get_weights()[0],
+                                  state["layer4.0.conv2.weight"].transpose(2, 3, 1, 0))
+
+    broken = dict(state)
+    del broken["layer2.1.bn2.running_mean"]
+    with pytest.raises(ValueError, match="layer2_1_bn2/moving_mean"):
+        backbones.load_torchvision_weights(r50, broken)
+    broken = dict(state, **{"layer2.1.conv1.weight": np.zeros((128, 512, 3, 3), np.float32)})
+    with pytest.raises(ValueError, match="layer2.1.conv1.weight"):
+        backbones.load_torchvision_weights(r50, broken)
+
+
 def _trainable_params(model):
     return sum(int(np.prod(w.shape)) for w in model.trainable_weights)
 
@@ -507,6 +561,17 @@ def test_vgg16_reduced_dilated_fc6_and_conv6_2_match_numpy():
     np.testing.assert_allclose(conv6_2, expected_6_2, rtol=1e-4, atol=1e-4)
 
 
+def test_vgg16_freeze_blocks():
+    model = backbones.get("vgg16_reduced", freeze_blocks=2)
+    trainable_layers = {w.path.split("/")[0] for w in model.trainable_weights}
+    assert trainable_layers == {"conv3_1", "conv3_2", "conv3_3", "conv4_1", "conv4_2", "conv4_3", "conv5_1",
+                                "conv5_2", "conv5_3", "conv_fc6", "conv_fc7", "conv6_1", "conv6_2"}
+    frozen = (9 * 3 * 64 + 64) + (9 * 64 * 64 + 64) + (9 * 64 * 128 + 128) + (9 * 128 * 128 + 128)
+    assert sum(int(np.prod(w.shape)) for w in model.non_trainable_weights) == frozen
+    with pytest.raises(ValueError, match="freeze_blocks"):
+        backbones.get("vgg16", freeze_blocks=6)
+
+
 # ----------------------------------------------------------------------------- ZF-5
 
 def test_zf5_sizes_follow_zeiler_fergus_figure_3():
@@ -682,3 +747,22 @@ def test_more_backbones_config_round_trip_and_registry():
         backbones.OverFeat(variant="slow")
     with pytest.raises(ValueError, match="minimum"):
         backbones.get("overfeat_fast", input_shape=(200, 200, 3))
+
+
+def test_normalization_layers_save_and_load_in_keras_format(tmp_path):
+    rng = np.random.default_rng(14)
+    inputs = keras.Input((6, 6, 3))
+    x = keras.layers.Conv2D(5, 3, padding="same")(inputs)
+    x = FrozenBatchNormalization(name="frozen_bn")(x)
+    x = LocalResponseNormalization(size=3, alpha=1e-2, name="lrn")(x)
+    model = keras.Model(inputs, x)
+    model.get_layer("frozen_bn").set_weights([rng.uniform(0.5, 1.5, 5), rng.normal(size=5), rng.normal(size=5),
+                                              rng.uniform(0.5, 2.0, 5)])
+    data = rng.normal(size=(2, 6, 6, 3)).astype(np.float32)
+    path = tmp_path / "norm.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    assert isinstance(loaded.get_layer("frozen_bn"), FrozenBatchNormalization)
+    assert loaded.get_layer("frozen_bn").trainable_weights == []
+    assert isinstance(loaded.get_layer("lrn"), LocalResponseNormalization)
+    np.testing.assert_allclose(loaded(data).numpy(), model(data).numpy(), rtol=1e-6, atol=1e-6)

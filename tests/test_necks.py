@@ -149,3 +149,37 @@ def test_fpn_rejects_bad_arguments_and_inputs():
         fpn(features)
     with pytest.raises(TypeError, match="dict"):
         fpn([features["C2"]])
+
+
+def test_backbone_and_fpn_export_to_saved_model(tmp_path):
+    backbone = TinyBackbone()
+    inputs = keras.Input((None, None, 3))
+    model = keras.Model(inputs, FPN(channels=8, name="fpn")(backbone(inputs)))
+    x = np.random.default_rng(6).uniform(0, 255, (1, 53, 41, 3)).astype(np.float32)
+    expected = model(x)
+    export_dir = str(tmp_path / "saved_model")
+    model.export(export_dir, format="tf_saved_model", verbose=False)
+    restored = tf.saved_model.load(export_dir)
+    got = restored.serve(tf.constant(x))
+    assert set(got) == set(expected)
+    for name in expected:
+        np.testing.assert_allclose(got[name].numpy(), expected[name].numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_fpn_respects_mixed_precision_policy():
+    x = np.random.default_rng(7).uniform(0, 255, (1, 40, 40, 3)).astype(np.float32)
+    reference_backbone, reference_fpn = TinyBackbone(), FPN(channels=8)
+    reference = reference_fpn(reference_backbone(x))
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_float16")
+    try:
+        backbone, fpn = TinyBackbone(), FPN(channels=8)
+        backbone.set_weights(reference_backbone.get_weights())
+        fpn(backbone(x))
+        fpn.set_weights(reference_fpn.get_weights())
+        out = fpn(backbone(x))
+    finally:
+        keras.config.set_dtype_policy(previous)
+    for name, value in out.items():
+        assert value.dtype == tf.float16, name
+        np.testing.assert_allclose(value.numpy().astype(np.float32), reference[name].numpy(), rtol=2e-2, atol=2e-2)

@@ -7,7 +7,8 @@
 """
 from kerasdet.backbones.base import Backbone, ImageNormalization
 from kerasdet.backbones.registry import get, list_names, register
-from kerasdet.backbones.resnet import ResNet, ResNetConv5Head, resnet50, resnet101, resnet_c4
+from kerasdet.backbones.resnet import (ResNet, ResNetConv5Head, load_torchvision_weights, resnet50, resnet101,
+                                      resnet_c4, torchvision_key_to_keras)
 from kerasdet.backbones.overfeat import OverFeat, overfeat_accurate, overfeat_fast
 from kerasdet.backbones.tiny import TinyBackbone
 from kerasdet.backbones.vgg import VGG16, vgg16, vgg16_reduced
@@ -30,5 +31,5 @@ list = list_names  # noqa: A001
 __all__ = [
     "Backbone", "ImageNormalization", "OverFeat", "ResNet", "ResNetConv5Head", "TinyBackbone", "VGG16", "ZF5",
     "get", "list", "list_names", "overfeat_accurate", "overfeat_fast", "register", "resnet50", "resnet101",
-    "resnet_c4", "vgg16", "vgg16_reduced",
+    "resnet_c4", "vgg16", "vgg16_reduced", "load_torchvision_weights", "torchvision_key_to_keras",
 ]

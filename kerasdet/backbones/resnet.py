@@ -24,6 +24,8 @@ Checkpoint name mapping (torchvision state-dict key -> Keras layer / weight), on
   `num_batches_tracked` has no counterpart and is dropped. Layers without weights (paddings, relus,
   adds) have names that no state-dict key produces.
 
+`load_torchvision_weights(model, state_dict)` applies this rule to a state dict of numpy arrays.
+
 Faster R-CNN "C4" (He et al. 2016 sec. on detection; Detectron's ResNet-C4): the trunk stops after
 layer3 (`ResNet(include_c5=False)`, outputs C2..C4, stride 16); RoIs are pooled from C4 to 14x14 and
 `ResNetConv5Head` applies layer4 to each RoI with stride 2 in its first block (14x14 -> 7x7), followed
@@ -234,3 +236,70 @@ def resnet_c4(depth=50, frozen_bn=True, **kwargs):
     """The Faster R-CNN C4 split: (trunk up to layer3 with outputs C2..C4, `ResNetConv5Head`)."""
     trunk = ResNet(depth=depth, frozen_bn=frozen_bn, include_c5=False, **kwargs)
     return trunk, ResNetConv5Head(frozen_bn=frozen_bn)
+
+
+_BN_PARAMS = {"weight": "gamma", "bias": "beta", "running_mean": "moving_mean", "running_var": "moving_variance"}
+
+
+def torchvision_key_to_keras(key):
+    """Maps a torchvision ResNet state-dict key to (Keras layer name, weight name), or None.
+
+    The rule of the module docstring: module path with "." -> "_"; BN parameters renamed to the
+    Keras ones; conv / fc "weight" -> "kernel". ``num_batches_tracked`` has no counterpart (None).
+    """
+    module, _, param = key.rpartition(".")
+    if not module or param == "num_batches_tracked":
+        return None
+    layer = module.replace(".", "_")
+    leaf = module.split(".")[-1]
+    is_bn = leaf.startswith("bn") or module.endswith("downsample.1")
+    if is_bn:
+        if param not in _BN_PARAMS:
+            raise ValueError(f"torchvision key {key!r}: unknown BatchNorm parameter {param!r}")
+        return layer, _BN_PARAMS[param]
+    if param == "weight":
+        return layer, "kernel"
+    if param == "bias":
+        return layer, "bias"
+    raise ValueError(f"torchvision key {key!r}: unknown parameter {param!r}")
+
+
+def load_torchvision_weights(model, state_dict):
+    """Copies a torchvision ResNet state dict (a mapping key -> numpy array) into ``model``.
+
+    ``model`` is a `ResNet` or a `ResNetConv5Head`; keys for layers the model lacks (e.g. ``fc`` when
+    ``include_top=False``, or everything but layer4 for the head) are skipped. Conv kernels are
+    transposed from [out, in, kh, kw] to [kh, kw, in, out] and the fc weight from [out, in] to
+    [in, out]. Every weight of the model must receive a value; a missing key or a shape mismatch
+    raises ValueError naming the key. Returns the list of keys that were used.
+    """
+    import numpy as np
+
+    targets = {}
+    for layer in model.layers:
+        for weight in layer.weights:
+            targets[(layer.name, weight.name)] = weight
+    used, assigned = [], set()
+    for key, value in state_dict.items():
+        mapped = torchvision_key_to_keras(key)
+        if mapped is None or mapped not in targets:
+            continue
+        value = np.asarray(value)
+        if value.ndim == 4:
+            value = value.transpose(2, 3, 1, 0)
+        elif value.ndim == 2:
+            value = value.T
+        weight = targets[mapped]
+        if tuple(value.shape) != tuple(weight.shape):
+            raise ValueError(f"torchvision key {key!r}: shape {tuple(value.shape)} after transposition does not "
+                             f"match Keras weight {'/'.join(mapped)} of shape {tuple(weight.shape)}")
+        if not np.all(np.isfinite(value)):
+            raise ValueError(f"torchvision key {key!r}: contains NaN or infinite values")
+        weight.assign(value.astype(weight.dtype))
+        used.append(key)
+        assigned.add(mapped)
+    missing = sorted("/".join(m) for m in set(targets) - assigned)
+    if missing:
+        raise ValueError(f"load_torchvision_weights: no value for {len(missing)} weights of {model.name!r}, "
+                         f"e.g. {missing[:5]}")
+    return used

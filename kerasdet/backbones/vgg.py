@@ -37,14 +37,18 @@ class VGG16(Backbone):
         include_top: plain VGG-16 only: flatten + fc6, fc7 (with dropout) + fc8; needs a 224x224 input.
         num_classes: fc8 size.
         dropout: dropout rate after fc6 and fc7 (0.5 in the paper).
+        freeze_blocks: number of leading conv blocks made non-trainable (Fast R-CNN fine-tunes VGG-16
+            from conv3_1 up: ``freeze_blocks=2``).
         input_shape: (H, W, 3); H and W may be None unless ``include_top``.
         input_normalization: "caffe" (default: BGR mean subtraction of the Caffe checkpoints),
             "torchvision" or None.
     """
 
-    def __init__(self, reduced=False, include_top=False, num_classes=1000, dropout=0.5,
+    def __init__(self, reduced=False, include_top=False, num_classes=1000, dropout=0.5, freeze_blocks=0,
                  input_shape=(None, None, 3), input_normalization="caffe", name=None, **kwargs):
         input_shape = check_input_shape(input_shape, "VGG16")
+        if not isinstance(freeze_blocks, int) or not 0 <= freeze_blocks <= 5:
+            raise ValueError(f"VGG16: `freeze_blocks` must be an int in [0, 5], got {freeze_blocks!r}")
         if include_top and reduced:
             raise ValueError("VGG16: `include_top` applies to the plain network; the reduced variant "
                              "replaces fc6/fc7 by convolutions")
@@ -95,12 +99,16 @@ class VGG16(Backbone):
         self.include_top = bool(include_top)
         self.num_classes = int(num_classes)
         self.dropout = float(dropout)
+        self.freeze_blocks = freeze_blocks
+        for block in range(1, freeze_blocks + 1):
+            for i in range(1, VGG16_BLOCKS[block - 1][1] + 1):
+                self.get_layer(f"conv{block}_{i}").trainable = False
         self._input_shape_arg = input_shape
         self.input_normalization = input_normalization
 
     def get_config(self):
         return {"reduced": self.reduced, "include_top": self.include_top, "num_classes": self.num_classes,
-                "dropout": self.dropout, "input_shape": list(self._input_shape_arg),
+                "dropout": self.dropout, "freeze_blocks": self.freeze_blocks, "input_shape": list(self._input_shape_arg),
                 "input_normalization": self.input_normalization, "name": self.name}
 
 
