@@ -134,9 +134,10 @@ def random_expand(sample: dict, seed, max_ratio: float = 4.0, probability: float
     return tf.cond(on, expand, lambda: dict(sample))
 
 
-def crop(sample: dict, window) -> dict:
-    """Crop to the integer window (x1, y1, x2, y2); keep objects whose box centre lies in the window
-    (SSD's rule), clip them to it and drop the ones left empty."""
+def crop(sample: dict, window, center_rule: bool = True) -> dict:
+    """Crop to the integer window (x1, y1, x2, y2); clip boxes to it and drop the ones left empty.
+
+    With ``center_rule`` (SSD) only objects whose box centre lies inside the window are kept."""
     window = tf.cast(window, tf.int32)
     x1, y1, x2, y2 = window[0], window[1], window[2], window[3]
     boxes = sample["boxes"]
@@ -144,6 +145,8 @@ def crop(sample: dict, window) -> dict:
     cy = (boxes[:, 1] + boxes[:, 3]) / 2.0
     wf = tf.cast(window, tf.float32)
     inside = (cx > wf[0]) & (cx < wf[2]) & (cy > wf[1]) & (cy < wf[3])
+    if not center_rule:
+        inside = tf.ones_like(inside)
     out = dict(sample, image=sample["image"][y1:y2, x1:x2],
                boxes=boxes - tf.stack([wf[0], wf[1], wf[0], wf[1]]))
     if "masks" in sample:

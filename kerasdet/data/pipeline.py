@@ -158,6 +158,17 @@ def resize_sample(sample: dict, new_h, new_w) -> dict:
     return out
 
 
+def _crop_to_canvas(sample: dict, canvas, seed) -> dict:
+    """Random crop of an image larger than ``canvas`` (H, W) down to it (no-op when it fits)."""
+    h, w = aug._image_hw(sample)
+    ch, cw = tf.minimum(h, float(canvas[0])), tf.minimum(w, float(canvas[1]))
+    offset = tf.floor(tf.random.stateless_uniform([2], seed) * tf.stack([h - ch + 1.0, w - cw + 1.0]))
+    window = tf.stack([offset[1], offset[0], offset[1] + cw, offset[0] + ch])
+    out = aug.crop(sample, window, center_rule=False)
+    out["image_info"] = tf.concat([sample["image_info"][:4], tf.stack([ch, cw])], axis=0)
+    return out
+
+
 def _round_up(x, stride):
     return ((x + stride - 1) // stride) * stride
 
@@ -186,7 +197,7 @@ def pad_sample(sample: dict, height, width, max_boxes: int) -> dict:
 # ----------------------------------------------------------------------------- builder
 def build_dataset(dataset, batch_size: int, training: bool = False, *, image_size=None,
                   min_size=None, max_size=None, keep_aspect_ratio: bool = True, stride: int = 1,
-                  augment="default", shuffle=None, seed=None, max_boxes=None,
+                  augment="default", scale_jitter=None, shuffle=None, seed=None, max_boxes=None,
                   with_masks: bool = False, drop_remainder: bool = False, fixed_size=None,
                   mean_rgb=aug.MEAN_RGB, prefetch: bool = True) -> tf.data.Dataset:
     """Build the batched tf.data.Dataset of DESIGN.md's batch dict (layout in the module docstring).
@@ -202,6 +213,10 @@ def build_dataset(dataset, batch_size: int, training: bool = False, *, image_siz
         augment: "default" (= "flip" when training, nothing otherwise), None, "none", "flip", "ssd", a
             list of steps from kerasdet.data.augment.AUGMENTATIONS, or callables f(sample, seed).
             Augmentation runs only when ``training``.
+        scale_jitter: (low, high): in training, multiply the resize scale by U[low, high]. In
+            shorter-side mode the image just grows or shrinks; in fixed-size mode an image larger than
+            the canvas is randomly cropped to it (boxes clipped, empty ones dropped; "large scale
+            jitter"), a smaller one padded.
         shuffle: shuffle the records each epoch (default: ``training``).
         seed: makes shuffling and augmentation repeat exactly; None = fresh randomness.
         max_boxes: N of the padded object axis; default: the data set's largest object count
@@ -225,6 +240,11 @@ def build_dataset(dataset, batch_size: int, training: bool = False, *, image_siz
     steps = aug.resolve_augment(("flip" if training else None) if augment == "default" else augment)
     if not training:
         steps = ()
+    jitter = None
+    if scale_jitter is not None and training:
+        jitter = (float(scale_jitter[0]), float(scale_jitter[1]))
+        if not 0 < jitter[0] <= jitter[1]:
+            raise ValueError(f"scale_jitter must be (low, high) with 0 < low <= high, got {scale_jitter}")
     sizes = None
     if min_size is not None:
         sizes = tuple(int(s) for s in (min_size if isinstance(min_size, (tuple, list)) else [min_size]))
@@ -269,7 +289,14 @@ def build_dataset(dataset, batch_size: int, training: bool = False, *, image_siz
         else:
             new_h, new_w = resize_scale(h, w, image_size=image_size,
                                         keep_aspect_ratio=keep_aspect_ratio)
+        if jitter is not None:
+            factor = tf.random.stateless_uniform([], aug._sub_seed(element_seed, 2), jitter[0],
+                                                 jitter[1])
+            new_h = tf.maximum(tf.round(new_h * factor), 1.0)
+            new_w = tf.maximum(tf.round(new_w * factor), 1.0)
         sample = resize_sample(sample, new_h, new_w)
+        if jitter is not None and image_size is not None and jitter[1] > 1.0:
+            sample = _crop_to_canvas(sample, image_size, aug._sub_seed(element_seed, 3))
         sample = aug.clip_and_drop_empty(sample)
         shape = tf.shape(sample["image"])
         if image_size is not None:
