@@ -24,12 +24,15 @@ Normalization by paper (pass these as weights / normalizer):
 - RetinaNet focal loss (alpha 0.25, gamma 2): summed over all non-ignored anchors and classes,
   divided by the number of positive anchors.
 - SSD / RefineDet: (L_conf + alpha L_loc) / N with N the number of positive (matched) anchors,
-  alpha = 1, the confidence term over positives and mined hard negatives (3:1); 0 if N = 0.
+  alpha = 1, the confidence term over positives and mined hard negatives (3:1); 0 if N = 0:
+  `multibox_loss`.
 - Mask R-CNN: per-pixel sigmoid cross entropy on the m x m mask of the RoI's ground-truth class
   only, averaged over the pixels, then over the positive RoIs: `mask_loss`.
 """
 import keras
 import tensorflow as tf
+
+from kerasdet.ops.sampling import hard_negative_mining
 
 __all__ = [
     "smooth_l1",
@@ -42,6 +45,7 @@ __all__ = [
     "sigmoid_focal_loss",
     "select_class_boxes",
     "fast_rcnn_loss",
+    "multibox_loss",
     "mask_loss",
     "weighted_normalized_sum",
 ]
@@ -237,6 +241,37 @@ def fast_rcnn_loss(class_targets, class_logits, box_targets, box_deltas, beta=1.
     foreground = sampled * tf.cast(class_targets >= 1, tf.float32)
     cls = softmax_cross_entropy_loss(class_targets, class_logits, sampled, normalizer)
     box = smooth_l1_loss(box_targets, box_deltas, beta, foreground, normalizer)
+    box = box_loss_weight * tf.cast(box, cls.dtype)
+    return {"classification": cls, "box": box, "total": cls + box}
+
+
+def multibox_loss(class_targets, class_logits, box_targets, box_deltas, neg_pos_ratio=3.0,
+                  min_negatives=3, beta=1.0, box_loss_weight=1.0):
+    """SSD / RefineDet loss ``(L_conf + alpha L_loc) / N`` with online hard negative mining.
+
+    The confidence term is the softmax cross entropy over all positives and the hardest negatives
+    (`kerasdet.ops.hard_negative_mining`, `neg_pos_ratio`:1 per image, `min_negatives` for images
+    without positives); the localization term is smooth L1 over the positives; N is the number of
+    positive anchors in the whole batch, and the loss is 0 when N = 0. RefineDet uses it twice: the
+    ARM with 2 classes (object / background), the ODM with K + 1 classes and, as class target -1,
+    the negative anchors the ARM already rejects with confidence > 0.99.
+
+    Args:
+        class_targets: int [B, N] head classes (0 = background, -1 = ignored).
+        class_logits: [B, N, C]; box_targets, box_deltas: [B, N, 4].
+        beta: smooth L1 transition (SSD: 1); box_loss_weight: alpha (1).
+
+    Returns:
+        dict with "classification", "box" and "total" scalars.
+    """
+    class_targets = tf.convert_to_tensor(class_targets)
+    per_anchor = softmax_cross_entropy(class_targets, class_logits)
+    match_labels = tf.where(class_targets > 0, 1, tf.where(class_targets == 0, 0, -1))
+    selected = hard_negative_mining(per_anchor, match_labels, neg_pos_ratio, min_negatives)
+    positive = tf.cast(class_targets > 0, per_anchor.dtype)
+    num_positive = tf.reduce_sum(positive)
+    cls = weighted_normalized_sum(per_anchor, tf.cast(selected, per_anchor.dtype), num_positive)
+    box = smooth_l1_loss(box_targets, box_deltas, beta, positive, num_positive)
     box = box_loss_weight * tf.cast(box, cls.dtype)
     return {"classification": cls, "box": box, "total": cls + box}
 
