@@ -85,7 +85,7 @@ def rpn_targets(anchors, gt_boxes, gt_labels, image_shapes, positive_iou=0.7, ne
         gt_valid=gt_labels >= 0, anchor_valid=anchor_valid)
     sampled = ops.sample_balanced(labels, num_samples, positive_fraction, seed=seed)
     labels = tf.where(sampled, labels, -1)
-    matched_boxes = tf.gather(gt_boxes, tf.maximum(matched, 0), batch_dims=1)
+    matched_boxes = ops.gather_by_match(gt_boxes, matched)
     box_targets = ops.encode_boxes(matched_boxes, anchors[tf.newaxis], weights=weights)
     return labels, tf.stop_gradient(box_targets)
 

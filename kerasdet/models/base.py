@@ -30,8 +30,9 @@ def ground_truth(batch):
     "the matched ground truth" are valid even for a batch without any object."""
     boxes = tf.cast(batch["bounding_boxes"]["boxes"], tf.float32)
     labels = tf.cast(batch["bounding_boxes"]["labels"], tf.int32)
-    boxes = tf.concat([boxes, tf.zeros_like(boxes[:, :1])], axis=1)
-    labels = tf.concat([labels, -tf.ones_like(labels[:, :1])], axis=1)
+    batch_size = tf.shape(boxes)[0]
+    boxes = tf.concat([boxes, tf.zeros([batch_size, 1, 4], boxes.dtype)], axis=1)
+    labels = tf.concat([labels, -tf.ones([batch_size, 1], labels.dtype)], axis=1)
     return boxes, labels
 
 
@@ -65,7 +66,11 @@ class Detector(keras.Model):
         """
         if self.built:
             return
-        shape = tuple(input_shape or (1, None, None, 3))
+        if isinstance(input_shape, dict):  # called on a batch dict
+            input_shape = input_shape.get("images")
+        shape = tuple(input_shape) if input_shape is not None else ()
+        if len(shape) != 4:
+            shape = (1, None, None, 3)
         height, width = shape[1] or 64, shape[2] or 64
         self.call(tf.zeros([1, height, width, 3], self.compute_dtype), training=False)
         self.built = True

@@ -1,0 +1,68 @@
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from kerasdet.models.faster_rcnn import FasterRCNN
+from learning import fit_and_evaluate, tiny_fpn_settings
+
+
+def test_faster_rcnn_fpn_learns_the_synthetic_shapes(synthetic_data):
+    model = FasterRCNN(3, **tiny_fpn_settings())
+    history, results, seconds = fit_and_evaluate(model, synthetic_data, epochs=6)
+    losses = history["loss"]
+    print(f"Faster R-CNN FPN tiny: mAP@0.5 {results['voc']['mAP']:.3f} after {seconds:.0f}s, "
+          f"loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    assert losses[-1] < 0.6 * losses[0]
+    assert results["voc"]["mAP"] >= 0.5
+
+
+def test_predict_on_mixed_sizes_and_empty_images():
+    model = FasterRCNN(3, **tiny_fpn_settings())
+    images = np.zeros([2, 96, 160, 3], np.float32)
+    out = model.predict_on_batch({"images": images,
+                                  "image_info": np.array([[96, 160, 1, 1, 96, 160],
+                                                          [64, 100, 1, 1, 64, 100]], np.float32)})
+    assert out["boxes"].shape == (2, 100, 4) and out["classes"].dtype == np.int32
+    n = out["num_detections"]
+    # Boxes stay inside each image's own valid region, never the padded canvas.
+    for b, (h, w) in enumerate([(96, 160), (64, 100)]):
+        boxes = out["boxes"][b, : n[b]]
+        assert np.all(boxes[:, [0, 2]] <= w + 1e-3) and np.all(boxes[:, [1, 3]] <= h + 1e-3)
+
+
+def test_train_step_handles_a_batch_without_objects():
+    model = FasterRCNN(3, **tiny_fpn_settings())
+    model.compile(optimizer="sgd")
+    batch = {"images": tf.random.uniform([2, 64, 64, 3], 0, 255),
+             "bounding_boxes": {"boxes": tf.zeros([2, 0, 4]), "labels": tf.zeros([2, 0], tf.int32)}}
+    logs = model.train_on_batch(batch, return_dict=True)
+    assert all(np.isfinite(v) for v in logs.values())
+    assert logs["roi_box"] == 0.0 and logs["rpn_box"] == 0.0
+
+
+def test_c4_model_with_res5_head_runs():
+    model = FasterRCNN(2, backbone="tiny", fpn=False, box_head="2fc", fc_dim=64,
+                       anchor_sizes=((32, 64, 128),), rpn_pre_nms_top_k_test=50,
+                       rpn_post_nms_top_k_test=20)
+    out = model.predict_on_batch(np.zeros([1, 64, 64, 3], np.float32))
+    assert out["scores"].shape == (1, 100)
+
+
+def test_config_round_trip_rebuilds_the_same_model():
+    model = FasterRCNN(3, **tiny_fpn_settings())
+    model.build()
+    clone = FasterRCNN.from_config(model.get_config())
+    clone.build()
+    assert clone.count_params() == model.count_params()
+
+
+@pytest.mark.parametrize("num_classes, expected", [(90, 41_755_286)])
+def test_resnet50_fpn_parameter_count_matches_the_standard_architecture(num_classes, expected):
+    # torchvision's fasterrcnn_resnet50_fpn at 91 outputs: 41,755,286 trainable + frozen parameters
+    # (BatchNorm statistics are buffers there, so they are left out of our count too).
+    model = FasterRCNN(num_classes, backbone="resnet50", backbone_config={"freeze_at": 0})
+    model.build((1, 64, 64, 3))
+    bn_stats = sum(int(np.prod(v.shape)) for v in model.weights
+                   if "moving_mean" in v.path or "moving_variance" in v.path)
+    count = model.count_params() - bn_stats
+    assert abs(count - expected) / expected < 0.01, count
