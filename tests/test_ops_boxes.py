@@ -393,3 +393,16 @@ def test_nms_runs_in_tf_function_and_saved_model(tmp_path):
         np.testing.assert_array_equal(before[1][key], after[1][key])
     for key in before[2]:
         np.testing.assert_array_equal(before[2][key], after[2][key])
+
+
+def test_nms_edge_cases_fewer_boxes_than_slots_and_empty():
+    boxes = np.array([[[0, 0, 10, 10], [1, 1, 10, 10], [20, 20, 30, 30]]], np.float32)
+    scores = np.array([[0.9, 0.8, 0.7]], np.float32)
+    classes = np.array([[0, 0, 1]], np.int32)
+    out = B.batched_nms_padded(boxes, scores, classes, 0.5, 8, pre_nms_top_k=100)
+    ref = np_class_nms(boxes[0], scores[0], classes[0], 0.5, 8)
+    assert int(out["num_detections"][0]) == len(ref)
+    np.testing.assert_array_equal(out["indices"][0], list(ref) + [-1] * (8 - len(ref)))
+    empty = B.batched_nms(np.zeros((0, 4), np.float32), np.zeros(0, np.float32),
+                          np.zeros(0, np.int32), 0.5, 5)
+    assert empty.shape == (0,)
