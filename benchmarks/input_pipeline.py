@@ -17,6 +17,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 SETTINGS = {
     # name: (source, build_dataset keyword arguments)
     "eval_letterbox_320": ("files", dict(training=False, image_size=(320, 320))),
+    "eval_letterbox_320_python_decoder": ("files", dict(training=False, image_size=(320, 320),
+                                                        decoder="python")),
     "train_flip_shorter_side_256_stride32": (
         "files", dict(training=True, min_size=256, max_size=400, stride=32, augment="flip")),
     "train_ssd_320": ("files", dict(training=True, image_size=(320, 320), keep_aspect_ratio=False,

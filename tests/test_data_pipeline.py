@@ -204,3 +204,16 @@ def test_scale_jitter_shorter_side(mixed):
     assert min(shorter) >= 19 and max(shorter) <= 61 and len(set(shorter)) > 3
     with pytest.raises(ValueError, match="scale_jitter"):
         build_dataset(mixed, 1, training=True, min_size=40, scale_jitter=(2, 1))
+
+
+def test_corrupt_image_named_with_python_decoder(tmp_path):
+    ds = make_dataset(str(tmp_path), 3, seed=1, image_size=(24, 24))
+    good = _batches(build_dataset(ds, 3, image_size=24, decoder="python"))[0]["images"]
+    np.testing.assert_array_equal(good, _batches(build_dataset(ds, 3, image_size=24))[0]["images"])
+    with open(ds.image_file(2), "r+b") as f:  # keep the header, break the pixel data
+        f.seek(60)
+        f.write(b"\x00" * 40)
+    with pytest.raises(tf.errors.OpError, match="000002.png"):
+        _batches(build_dataset(ds, 3, image_size=24, decoder="python"))
+    with pytest.raises(ValueError, match="decoder"):
+        build_dataset(ds, 3, image_size=24, decoder="opencv")

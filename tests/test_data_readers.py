@@ -222,6 +222,22 @@ def test_voc_reader_difficult_and_one_based_coordinates(tmp_path):
     np.testing.assert_array_equal(custom.records[0].labels, [1, 0])
 
 
+def test_voc_instance_masks(tmp_path):
+    root = _voc_tree(tmp_path, _obj("dog", (1, 1, 10, 5)) + _obj("unicorn", (2, 2, 4, 4))
+                     + _obj("cat", (5, 6, 32, 24)))
+    instances = np.zeros((24, 32), np.uint8)
+    instances[0:5, 0:10] = 1
+    instances[5:24, 4:32] = 3  # XML object 2 (the unicorn, object 1, is skipped)
+    instances[5, 4:32] = 255   # VOC's void border counts as background
+    _save(str(root / "SegmentationObject" / "000001.png"), instances)
+    with pytest.warns(BadInputWarning, match="unknown class"):
+        ds = load_voc(str(root), "train", on_bad="skip", load_masks=True)
+    masks = masks_for_record(ds.records[0])
+    np.testing.assert_array_equal(masks[0], instances == 1)
+    np.testing.assert_array_equal(masks[1], instances == 3)
+    assert load_voc(str(root), "train", class_names=["dog", "unicorn", "cat"]).records[0].masks is None
+
+
 def test_voc_bad_inputs(tmp_path):
     root = _voc_tree(tmp_path, _obj("unicorn", (1, 1, 4, 4)) + _obj("dog", (3, 3, 2, 8)))
     with pytest.raises(BadInputError, match=r"000001.xml \(image 000001\) object 0: unknown class name"):

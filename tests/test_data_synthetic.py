@@ -70,6 +70,8 @@ def test_voc_and_coco_agree(tmp_path):
         instances = np.asarray(Image.open(tmp_path / "voc" / "SegmentationObject" / f"{b.image_id}.png"))
         for i, box in enumerate(b.boxes):
             np.testing.assert_array_equal(mask_bounding_box(instances == i + 1), box)
+        # The VOC reader turns the instance PNG back into the same masks as COCO's RLE.
+        np.testing.assert_array_equal(masks_for_record(a), masks_for_record(b))
 
 
 def test_bad_arguments(tmp_path):

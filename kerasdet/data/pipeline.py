@@ -48,9 +48,7 @@ _graph_fn = tf.autograph.experimental.do_not_convert
 def _decode_image(contents, tiff_path, is_tiff_file):
     """uint8 [h, w, 3] from encoded bytes; TIFF (which tf.io cannot decode) goes through read_image."""
     def from_tiff():
-        image = tf.numpy_function(lambda p: read_image(p.decode()), [tiff_path], tf.uint8,
-                                  stateful=False)
-        return tf.reshape(image, tf.concat([tf.shape(image)[:2], [3]], 0))
+        return _python_decode(tiff_path)
 
     def from_bytes():
         return tf.io.decode_image(contents, channels=3, dtype=tf.uint8, expand_animations=False)
@@ -60,14 +58,28 @@ def _decode_image(contents, tiff_path, is_tiff_file):
     return image
 
 
+def _python_decode(path):
+    """read_image in the graph: its BadInputError (naming the file) becomes the tf.data error."""
+    image = tf.numpy_function(lambda p: read_image(p.decode()), [path], tf.uint8, stateful=False)
+    image = tf.reshape(image, tf.concat([tf.shape(image)[:2], [3]], 0))
+    image.set_shape([None, None, 3])
+    return image
+
+
 def dataset_samples(dataset: DetectionDataset, with_masks: bool = False,
-                    shuffle: bool = False, seed=None) -> tf.data.Dataset:
+                    shuffle: bool = False, seed=None, decoder: str = "tf") -> tf.data.Dataset:
     """Per-image samples (see kerasdet.data.augment) read from the image files of ``dataset``.
 
-    Images are decoded in parallel with tf.io (JPEG, PNG incl. 16-bit, BMP, GIF) or, for TIFF, with
-    read_image. A decoded size that differs from the record's raises an error naming the file.
+    decoder: "tf" decodes in parallel with tf.io (JPEG, PNG incl. 16-bit, BMP, GIF; TIFF through
+        read_image); a corrupt file that passed the reader's check fails with TensorFlow's decode
+        error, which does not name the file (load with ``check_images="decode"`` to catch those
+        up front). "python" decodes every image with read_image (Pillow / tifffile): slower, but
+        every decode error names the file.
+    A decoded size that differs from the record's raises an error naming the file.
     Shuffling happens on the (cheap) record indices before decoding.
     """
+    if decoder not in ("tf", "python"):
+        raise ValueError(f"decoder must be 'tf' or 'python', got {decoder!r}")
     records = dataset.records
     n = len(records)
     if n == 0:
@@ -97,8 +109,10 @@ def dataset_samples(dataset: DetectionDataset, with_masks: bool = False,
 
     @_graph_fn
     def load(row):
-        contents = tf.io.read_file(row["path"])
-        image = _decode_image(contents, row["path"], row["tiff"])
+        if decoder == "python":
+            image = _python_decode(row["path"])
+        else:
+            image = _decode_image(tf.io.read_file(row["path"]), row["path"], row["tiff"])
         shape = tf.shape(image)
         tf.debugging.Assert(
             tf.reduce_all(tf.equal(shape[:2], tf.stack([row["height"], row["width"]]))),
@@ -199,7 +213,8 @@ def build_dataset(dataset, batch_size: int, training: bool = False, *, image_siz
                   min_size=None, max_size=None, keep_aspect_ratio: bool = True, stride: int = 1,
                   augment="default", scale_jitter=None, shuffle=None, seed=None, max_boxes=None,
                   with_masks: bool = False, drop_remainder: bool = False, fixed_size=None,
-                  mean_rgb=aug.MEAN_RGB, prefetch: bool = True) -> tf.data.Dataset:
+                  mean_rgb=aug.MEAN_RGB, decoder: str = "tf",
+                  prefetch: bool = True) -> tf.data.Dataset:
     """Build the batched tf.data.Dataset of DESIGN.md's batch dict (layout in the module docstring).
 
     Args:
@@ -226,6 +241,8 @@ def build_dataset(dataset, batch_size: int, training: bool = False, *, image_siz
         fixed_size: (H, W) to pad every batch to (instead of the batch's largest image), e.g. to avoid
             retracing in shorter-side mode; must be at least the largest resized image.
         mean_rgb: fill colour of the expand augmentation.
+        decoder: "tf" (fast, default) or "python" (every decode error names the file); see
+            ``dataset_samples``. TFRecord input always decodes with tf.io.
         prefetch: add ``prefetch(AUTOTUNE)``.
     """
     if batch_size < 1:
@@ -255,7 +272,8 @@ def build_dataset(dataset, batch_size: int, training: bool = False, *, image_siz
         if with_masks and not dataset.has_masks:
             warnings.warn("with_masks=True but the data set has no masks: masks will be all zero",
                           stacklevel=2)
-        samples = dataset_samples(dataset, with_masks=with_masks, shuffle=shuffle, seed=seed)
+        samples = dataset_samples(dataset, with_masks=with_masks, shuffle=shuffle, seed=seed,
+                                  decoder=decoder)
         most = dataset.max_objects()
         if max_boxes is None:
             max_boxes = max(most, 1)

@@ -212,4 +212,4 @@ def _write_voc(root, split, classes, samples, write_instance_pngs):
             Image.fromarray(instance_png).save(os.path.join(root, "SegmentationObject", name + ".png"))
     with open(os.path.join(root, "ImageSets", "Main", f"{split}.txt"), "w", encoding="utf-8") as f:
         f.write("".join(name + "\n" for name, *_ in samples))
-    return load_voc(root, split, class_names=classes)
+    return load_voc(root, split, class_names=classes, load_masks=write_instance_pngs)

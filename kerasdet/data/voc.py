@@ -11,6 +11,7 @@ import os
 import xml.etree.ElementTree as ET
 
 import numpy as np
+from PIL import Image
 
 from kerasdet.data.images import check_image
 from kerasdet.data.records import (BadInputError, BadInputReport, DetectionDataset, DetectionRecord,
@@ -45,7 +46,7 @@ def _number(node, tag, where):
 
 def load_voc(root: str, split: str = "trainval", *, class_names=VOC_CLASSES, on_bad: str = "error",
              check_images: str = "header", keep_difficult: bool = True,
-             skip_empty: bool = False) -> DetectionDataset:
+             skip_empty: bool = False, load_masks: bool = False) -> DetectionDataset:
     """Read a Pascal VOC style data set.
 
     Args:
@@ -61,6 +62,10 @@ def load_voc(root: str, split: str = "trainval", *, class_names=VOC_CLASSES, on_
         keep_difficult: keep "difficult" objects (flagged in ``record.difficult``; the VOC
             evaluation ignores them). False drops them.
         skip_empty: drop images without objects (kept by default: they are negatives).
+        load_masks: read instance masks from SegmentationObject/<id>.png where it exists (VOC's
+            convention: pixel value i + 1 is the i-th <object> of the XML, 0 background, 255 the
+            void border, taken as background); stored as COCO RLE in ``record.masks``. Images
+            without such a file get ``masks=None``.
     """
     check_on_bad(on_bad)
     class_names = list(class_names)
@@ -74,6 +79,11 @@ def load_voc(root: str, split: str = "trainval", *, class_names=VOC_CLASSES, on_
         try:
             record = _parse(xml_path, image_id, image_root, label_of, where, on_bad, report,
                             check_images, keep_difficult)
+            if load_masks:
+                record = _attach_masks(record, os.path.join(root, "SegmentationObject",
+                                                            f"{image_id}.png"), where)
+            else:
+                record.masks = None
         except FatalInputError:
             raise
         except BadInputError:
@@ -135,6 +145,27 @@ def _parse(xml_path, image_id, image_root, label_of, where, on_bad, report, chec
         object_ids.append(i)
     boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
     clipped, keep = sanitize_boxes(boxes, width, height, where, report, object_ids)
+    # masks temporarily hold each object's XML index, for _attach_masks
     record = DetectionRecord(image_id=image_id, image_path=rel, width=width, height=height,
-                             boxes=clipped, labels=labels, difficult=difficult)
+                             boxes=clipped, labels=labels, difficult=difficult, masks=object_ids)
     return record.select(keep)
+
+
+def _attach_masks(record, png_path, where):
+    """Replace the XML indices in record.masks by RLE masks from a SegmentationObject PNG."""
+    from kerasdet.data.masks import mask_to_rle
+
+    xml_indices = record.masks or []
+    if not os.path.isfile(png_path):
+        record.masks = None
+        return record
+    try:
+        with Image.open(png_path) as img:
+            instances = np.asarray(img)  # palette indices (P) or gray values (L)
+    except OSError as exc:
+        raise BadInputError(f"{where}: cannot read instance mask {png_path}: {exc}") from exc
+    if instances.shape[:2] != (record.height, record.width) or instances.ndim != 2:
+        raise BadInputError(f"{where}: instance mask {png_path} has shape {instances.shape}, "
+                            f"image is {record.height}x{record.width}")
+    record.masks = [mask_to_rle(instances == i + 1) for i in xml_indices]
+    return record
