@@ -7,20 +7,18 @@
 // col2im scatter gives grad_input. The batch is processed in chunks so the column buffer stays
 // under kMaxColumnFloats.
 //
-// CPU matrix products use Eigen's tensor contraction on the op's thread-pool device (the same
-// blocked, multi-threaded GEMM that TensorFlow's own MatMul uses on CPU); the sampling loops are
-// sharded over the op's CPU worker threads. The input-gradient scatter is sharded over channel
+// CPU matrix products use the packed AVX-512 / AVX2 SGEMM of deform_conv_gemm.cc (see there why
+// not Eigen); they and the sampling loops are sharded over the op's CPU worker threads. The input-gradient scatter is sharded over channel
 // blocks, so no two threads write the same address and no atomics or per-thread copies are needed.
-#define EIGEN_USE_THREADS
-
 #include <algorithm>
+#include <functional>
 #include <vector>
 
 #include "deform_conv/deform_conv_core.h"
+#include "deform_conv/deform_conv_gemm.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/tensor.h"
 #include "tensorflow/core/util/work_sharder.h"
-#include "unsupported/Eigen/CXX11/Tensor"
 
 #if GOOGLE_CUDA
 // The CUDA stream comes from the stream executor as a void* handle, so this file needs no CUDA
@@ -48,8 +46,6 @@ constexpr int64_t kChannelBlock = 16;
 
 // ------------------------------------------------------------------------------------------ CPU
 struct CpuBackend {
-  using Device = Eigen::ThreadPoolDevice;
-
   static void Shard(OpKernelContext* ctx, int64_t total, int64_t cost,
                     const std::function<void(int64_t, int64_t)>& work) {
     auto* workers = ctx->device()->tensorflow_cpu_worker_threads();
@@ -88,19 +84,10 @@ struct CpuBackend {
 
   static bool Gemm(OpKernelContext* ctx, bool trans_a, bool trans_b, int64_t m, int64_t n,
                    int64_t k, const float* a, const float* b, float* c, bool accumulate) {
-    using ConstMatrix = Eigen::TensorMap<Eigen::Tensor<const float, 2, Eigen::RowMajor, Eigen::DenseIndex>>;
-    using Matrix = Eigen::TensorMap<Eigen::Tensor<float, 2, Eigen::RowMajor, Eigen::DenseIndex>>;
-    const Device& device = ctx->eigen_device<Device>();
-    ConstMatrix lhs(a, trans_a ? k : m, trans_a ? m : k);
-    ConstMatrix rhs(b, trans_b ? n : k, trans_b ? k : n);
-    Matrix out(c, m, n);
-    const Eigen::array<Eigen::IndexPair<Eigen::DenseIndex>, 1> dims = {
-        Eigen::IndexPair<Eigen::DenseIndex>(trans_a ? 0 : 1, trans_b ? 1 : 0)};
-    if (accumulate) {
-      out.device(device) += lhs.contract(rhs, dims);
-    } else {
-      out.device(device) = lhs.contract(rhs, dims);
-    }
+    Sgemm(trans_a, trans_b, m, n, k, a, b, c, accumulate,
+          [ctx](int64_t total, int64_t cost, const std::function<void(int64_t, int64_t)>& work) {
+            Shard(ctx, total, cost, work);
+          });
     return true;
   }
 
