@@ -182,6 +182,11 @@ def test_image_normalization_torchvision_and_caffe():
     caffe = ImageNormalization(CAFFE_BGR_MEAN, (1, 1, 1), bgr=True)
     np.testing.assert_allclose(caffe(x).numpy(), x[..., ::-1] - np.array(CAFFE_BGR_MEAN), rtol=1e-5, atol=1e-4)
     assert ImageNormalization.from_config(caffe.get_config()).bgr is True
+    # Gradient of the affine map: d y_c / d x_c' = 1 / std_c for the channel c' that feeds c.
+    small = tf.constant(rng.uniform(0, 255, (1, 2, 2, 3)), tf.float64)
+    theoretical, numerical = tf.test.compute_gradient(lambda t: tv(tf.cast(t, tf.float32)), [small])
+    np.testing.assert_allclose(theoretical[0], numerical[0], rtol=1e-2, atol=1e-3)
+    np.testing.assert_allclose(np.diag(theoretical[0]), np.tile(1 / np.array(TORCHVISION_STD), 4), rtol=1e-5)
     with pytest.raises(ValueError, match="std"):
         ImageNormalization((0, 0, 0), (1, 0, 1))
 
@@ -253,7 +258,9 @@ def test_resnet_stem_matches_numpy(r50):
     kernel = model.get_layer("conv1").get_weights()[0]
     expected_conv = np_conv2d(normalized, kernel, stride=2, pad=3)
     np.testing.assert_allclose(conv_out.numpy(), expected_conv, rtol=1e-4, atol=1e-3)
-    gamma, beta, mean, var = model.get_layer("bn1").get_weights()
+    bn1 = model.get_layer("bn1")
+    assert isinstance(bn1, FrozenBatchNormalization) and bn1.epsilon == 1e-5 and bn1.momentum == 0.9
+    gamma, beta, mean, var = bn1.get_weights()
     act = np.maximum(np_batchnorm(expected_conv, gamma, beta, mean, var, 1e-5), 0)
     np.testing.assert_allclose(pool_out.numpy(), np_maxpool(act, 3, 2, pad=1), rtol=1e-4, atol=1e-3)
 
@@ -369,6 +376,33 @@ def test_load_torchvision_weights_into_resnet_and_conv5_head(r50):
     broken = dict(state, **{"layer2.1.conv1.weight": np.zeros((128, 512, 3, 3), np.float32)})
     with pytest.raises(ValueError, match="layer2.1.conv1.weight"):
         backbones.load_torchvision_weights(r50, broken)
+    broken = dict(state, **{"bn1.running_var": np.full(64, np.nan, np.float32)})
+    with pytest.raises(ValueError, match="bn1.running_var.*NaN"):
+        backbones.load_torchvision_weights(r50, broken)
+
+
+def test_deformable_resnet_starts_as_the_plain_one(r50):
+    # Deformable ConvNets v1 in res5: the offset convs start at zero, so after loading the same
+    # torchvision weights the network computes exactly what the plain ResNet does.
+    rng = np.random.default_rng(15)
+    state = fake_torchvision_state_dict(r50, (3, 4, 6, 3), rng)
+    dcn = ResNet(50, include_top=True, deformable_stages=(5,))
+    offset_weights = [w.path for w in dcn.weights if "offset_conv" in w.path]
+    assert offset_weights and all(p.startswith("layer4_") for p in offset_weights)
+    assert all(any(w.path == p for w in dcn.trainable_weights) for p in offset_weights)
+    backbones.load_torchvision_weights(r50, state)
+    backbones.load_torchvision_weights(dcn, state)
+    x = rng.uniform(0, 255, (1, 48, 40, 3)).astype(np.float32)
+    plain, deformable = r50(x), dcn(x)
+    np.testing.assert_allclose(deformable["C5"].numpy(), plain["C5"].numpy(), rtol=1e-4, atol=1e-4)
+    assert ResNet.from_config(dcn.get_config()).get_config() == dcn.get_config()
+    with pytest.raises(ValueError, match="deformable_stages"):
+        ResNet(50, deformable_stages=(2,))
+    with pytest.raises(ValueError, match="deformable_version"):
+        ResNet(50, deformable_stages=(5,), deformable_version=3)
+    head = ResNetConv5Head(deformable=2)
+    assert any("offset_conv" in w.path for w in head.weights)
+    assert tuple(head(np.zeros((2, 14, 14, 1024), np.float32)).shape) == (2, 7, 7, 2048)
 
 
 def _trainable_params(model):

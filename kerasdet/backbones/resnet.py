@@ -35,6 +35,7 @@ torchvision checkpoint fills both parts.
 import keras
 
 from kerasdet.backbones.base import Backbone, check_input_shape, normalization_layer
+from kerasdet.layers.deform_layers import DeformConv2D
 from kerasdet.layers.normalization import FrozenBatchNormalization
 
 STAGE_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
@@ -69,13 +70,21 @@ def _conv(x, filters, kernel_size, stride, name):
                                kernel_initializer=_conv_initializer(), name=name)(x)
 
 
-def bottleneck_block(x, prefix, planes, stride, downsample, frozen_bn):
-    """One torchvision Bottleneck; ``prefix`` is e.g. "layer2_0". Returns the block output."""
+def bottleneck_block(x, prefix, planes, stride, downsample, frozen_bn, deformable=None):
+    """One torchvision Bottleneck; ``prefix`` is e.g. "layer2_0". Returns the block output.
+
+    ``deformable`` (None, 1 or 2) swaps the 3x3 conv for a `DeformConv2D` (DCN v1 / v2 with mask) of
+    the same name, kernel shape and padding, as Deformable ConvNets do in the last stages.
+    """
     shortcut = x
     y = _conv(x, planes, 1, 1, f"{prefix}_conv1")
     y = _norm(f"{prefix}_bn1", frozen_bn)(y)
     y = keras.layers.ReLU(name=f"{prefix}_relu1")(y)
-    y = _conv(y, planes, 3, stride, f"{prefix}_conv2")
+    if deformable:
+        y = DeformConv2D(planes, 3, strides=stride, padding=1, use_bias=False, use_mask=deformable == 2,
+                         kernel_initializer=_conv_initializer(), name=f"{prefix}_conv2")(y)
+    else:
+        y = _conv(y, planes, 3, stride, f"{prefix}_conv2")
     y = _norm(f"{prefix}_bn2", frozen_bn)(y)
     y = keras.layers.ReLU(name=f"{prefix}_relu2")(y)
     y = _conv(y, planes * EXPANSION, 1, 1, f"{prefix}_conv3")
@@ -89,13 +98,18 @@ def bottleneck_block(x, prefix, planes, stride, downsample, frozen_bn):
     return keras.layers.ReLU(name=f"{prefix}_out")(y)
 
 
-def resnet_stage(x, stage, num_blocks, stride, frozen_bn):
+def resnet_stage(x, stage, num_blocks, stride, frozen_bn, deformable=None):
     """torchvision ``layer{stage}``: ``num_blocks`` bottlenecks, the first strided and projected."""
     planes = STAGE_PLANES[stage - 1]
     for i in range(num_blocks):
         x = bottleneck_block(x, f"layer{stage}_{i}", planes, stride if i == 0 else 1,
-                             downsample=(i == 0), frozen_bn=frozen_bn)
+                             downsample=(i == 0), frozen_bn=frozen_bn, deformable=deformable)
     return x
+
+
+def _check_deformable_version(version, owner):
+    if version not in (1, 2):
+        raise ValueError(f"{owner}: `deformable_version` must be 1 or 2, got {version!r}")
 
 
 def _stage_of_layer(name):
@@ -124,11 +138,15 @@ class ResNet(Backbone):
         input_shape: (H, W, 3); H and W may be None.
         input_normalization: "torchvision" (default, for torchvision checkpoints), "caffe" or None
             (the inputs are then fed to conv1 unchanged). Inputs are RGB 0..255.
+        deformable_stages: output levels whose blocks get deformable 3x3 convs, e.g. (5,) for
+            Deformable ConvNets v1 (res5) or (3, 4, 5) for v2 (C3..C5 = layer2..layer4). Their offset
+            convs start at zero, so a torchvision checkpoint loads and the net starts as the plain one.
+        deformable_version: 1 (offsets only) or 2 (offsets and modulation mask).
     """
 
     def __init__(self, depth=50, frozen_bn=True, freeze_at=2, include_c5=True, include_top=False,
                  num_classes=1000, input_shape=(None, None, 3), input_normalization="torchvision",
-                 name=None, **kwargs):
+                 deformable_stages=(), deformable_version=1, name=None, **kwargs):
         if depth not in STAGE_BLOCKS:
             raise ValueError(f"ResNet: `depth` must be one of {sorted(STAGE_BLOCKS)}, got {depth!r}")
         if not isinstance(freeze_at, int) or not 0 <= freeze_at <= 5:
@@ -138,6 +156,12 @@ class ResNet(Backbone):
         if not include_c5 and freeze_at == 5:
             raise ValueError("ResNet: `freeze_at=5` freezes layer4, which `include_c5=False` omits")
         input_shape = check_input_shape(input_shape, "ResNet")
+        deformable_stages = tuple(sorted(int(k) for k in deformable_stages))
+        max_level = 5 if include_c5 else 4
+        if any(k not in range(3, max_level + 1) for k in deformable_stages):
+            raise ValueError(f"ResNet: `deformable_stages` must be levels in 3..{max_level}, got {deformable_stages}")
+        if deformable_stages:
+            _check_deformable_version(deformable_version, "ResNet")
 
         inputs = keras.Input(shape=input_shape, name="images")
         x = inputs
@@ -155,7 +179,9 @@ class ResNet(Backbone):
         outputs, strides = {}, {}
         num_stages = 4 if include_c5 else 3
         for stage in range(1, num_stages + 1):
-            x = resnet_stage(x, stage, STAGE_BLOCKS[depth][stage - 1], 1 if stage == 1 else 2, frozen_bn)
+            deformable = deformable_version if stage + 1 in deformable_stages else None
+            x = resnet_stage(x, stage, STAGE_BLOCKS[depth][stage - 1], 1 if stage == 1 else 2, frozen_bn,
+                             deformable=deformable)
             outputs[f"C{stage + 1}"] = x
             strides[f"C{stage + 1}"] = 2 ** (stage + 1)
         if include_top:
@@ -172,6 +198,8 @@ class ResNet(Backbone):
         self.num_classes = int(num_classes)
         self._input_shape_arg = input_shape
         self.input_normalization = input_normalization
+        self.deformable_stages = deformable_stages
+        self.deformable_version = int(deformable_version)
         for layer in self.layers:
             stage = _stage_of_layer(layer.name)
             if stage is not None and stage < freeze_at:
@@ -182,7 +210,9 @@ class ResNet(Backbone):
             "depth": self.depth, "frozen_bn": self.frozen_bn, "freeze_at": self.freeze_at,
             "include_c5": self.include_c5, "include_top": self.include_top,
             "num_classes": self.num_classes, "input_shape": list(self._input_shape_arg),
-            "input_normalization": self.input_normalization, "name": self.name,
+            "input_normalization": self.input_normalization,
+            "deformable_stages": list(self.deformable_stages), "deformable_version": self.deformable_version,
+            "name": self.name,
         }
 
 
@@ -198,13 +228,17 @@ class ResNetConv5Head(keras.Model):
         input_channels: channels of the pooled features (1024 for a ResNet C4 trunk).
         stride: stride of the first block (2 as in the paper / Detectron).
         global_pool: append global average pooling.
+        deformable: None, 1 or 2: deformable 3x3 convs (DCN v1 / v2) in the three blocks.
     """
 
-    def __init__(self, frozen_bn=True, input_channels=1024, stride=2, global_pool=False, name=None, **kwargs):
+    def __init__(self, frozen_bn=True, input_channels=1024, stride=2, global_pool=False, deformable=None,
+                 name=None, **kwargs):
         if stride not in (1, 2):
             raise ValueError(f"ResNetConv5Head: `stride` must be 1 or 2, got {stride!r}")
+        if deformable is not None:
+            _check_deformable_version(deformable, "ResNetConv5Head")
         inputs = keras.Input(shape=(None, None, int(input_channels)), name="roi_features")
-        x = resnet_stage(inputs, 4, 3, stride, frozen_bn)
+        x = resnet_stage(inputs, 4, 3, stride, frozen_bn, deformable=deformable)
         if global_pool:
             x = keras.layers.GlobalAveragePooling2D(name="avgpool")(x)
         super().__init__(inputs=inputs, outputs=x, name=name or "res5_head", **kwargs)
@@ -212,10 +246,11 @@ class ResNetConv5Head(keras.Model):
         self.input_channels = int(input_channels)
         self.stride = stride
         self.global_pool = bool(global_pool)
+        self.deformable = deformable
 
     def get_config(self):
         return {"frozen_bn": self.frozen_bn, "input_channels": self.input_channels, "stride": self.stride,
-                "global_pool": self.global_pool, "name": self.name}
+                "global_pool": self.global_pool, "deformable": self.deformable, "name": self.name}
 
     @classmethod
     def from_config(cls, config):
@@ -268,7 +303,8 @@ def load_torchvision_weights(model, state_dict):
     """Copies a torchvision ResNet state dict (a mapping key -> numpy array) into ``model``.
 
     ``model`` is a `ResNet` or a `ResNetConv5Head`; keys for layers the model lacks (e.g. ``fc`` when
-    ``include_top=False``, or everything but layer4 for the head) are skipped. Conv kernels are
+    ``include_top=False``, or everything but layer4 for the head) are skipped. The offset convs of
+    deformable blocks have no torchvision counterpart and keep their zero initialization. Conv kernels are
     transposed from [out, in, kh, kw] to [kh, kw, in, out] and the fc weight from [out, in] to
     [in, out]. Every weight of the model must receive a value; a missing key or a shape mismatch
     raises ValueError naming the key. Returns the list of keys that were used.
@@ -278,7 +314,9 @@ def load_torchvision_weights(model, state_dict):
     targets = {}
     for layer in model.layers:
         for weight in layer.weights:
-            targets[(layer.name, weight.name)] = weight
+            # Only the layer's own weights: a DeformConv2D also lists its offset conv's "kernel".
+            if weight.path.split("/")[-2] == layer.name:
+                targets[(layer.name, weight.name)] = weight
     used, assigned = [], set()
     for key, value in state_dict.items():
         mapped = torchvision_key_to_keras(key)
