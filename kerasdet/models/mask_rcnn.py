@@ -1,0 +1,171 @@
+"""Mask R-CNN (He et al. 2017): Faster R-CNN plus a mask branch on RoIAlign features.
+
+Training (paper section 3.1): the mask loss is computed on the foreground RoIs of the box
+branch's sample only, against the matched ground-truth mask cropped to the RoI at 28 x 28 and
+binarized at 0.5; the loss is the per-pixel sigmoid cross entropy of the ground-truth class's
+channel (`kerasdet.losses.mask_loss`). Inference (section 3.1, "Inference"): the box branch's top
+100 detections after NMS go through the mask branch; each takes its class's channel, sigmoid, and
+is pasted into the image and binarized at 0.5 inside the graph, so an exported SavedModel returns
+the masks too.
+"""
+import keras
+import tensorflow as tf
+
+from kerasdet import losses as kd_losses
+from kerasdet.heads.box_outputs import box_head_losses, decode_detections
+from kerasdet.heads.mask_head import MaskHead, mask_targets, paste_masks, select_class_masks
+from kerasdet.heads.roi_extractor import RoIExtractor
+from kerasdet.heads.roi_sampler import sample_rois
+from kerasdet.heads.rpn import rpn_losses, rpn_targets
+from kerasdet.models.base import batch_image_shapes, ground_truth
+from kerasdet.models.faster_rcnn import FasterRCNN
+
+__all__ = ["MaskRCNN"]
+
+
+@keras.saving.register_keras_serializable(package="kerasdet")
+class MaskRCNN(FasterRCNN):
+    """Mask R-CNN: every FasterRCNN argument, plus the mask branch.
+
+    With fpn=True (the default) RoIs are pooled for the mask branch from P2..P5 by the FPN level
+    rule; with fpn=False from the single C4 map (whatever the box head), still through the FPN-style
+    head below (not the paper's res5-shared C4 mask head).
+
+    Args:
+        mask_pool_size: RoIAlign output of the mask branch (14; the head outputs twice that, 28).
+        mask_sampling_ratio: RoIAlign samples per bin side; 0 (Detectron2's default) means adaptive,
+            ceil(RoI size / pool size) per side, torchvision uses 2.
+        mask_channels / mask_num_convs: width and depth of the head (256 and 4 in the paper).
+        mask_threshold: probability at which predicted masks (and training targets) are binarized.
+        paste_masks: True: predict returns image-sized masks `masks` uint8 [B, K, H, W] (0/1 on the
+            padded input canvas, zeros in empty detection slots). False: the per-box grids
+            `masks` float32 [B, K, 28, 28] of probabilities (kerasdet.evaluation pastes those;
+            cheaper for large images).
+        Other arguments: see FasterRCNN.
+
+    Predict output: FasterRCNN's boxes / scores / classes / num_detections plus `masks`.
+    """
+
+    loss_names = FasterRCNN.loss_names + ("mask",)
+
+    def __init__(self, num_classes, mask_pool_size=14, mask_sampling_ratio=0, mask_channels=256,
+                 mask_num_convs=4, mask_threshold=0.5, paste_masks=True, **kwargs):
+        kwargs.setdefault("roi_pooling", "roi_align")
+        super().__init__(num_classes, **kwargs)
+        self.mask_pool_size = int(mask_pool_size)
+        self.mask_size = 2 * self.mask_pool_size
+        self.mask_sampling_ratio = int(mask_sampling_ratio)
+        self.mask_channels = int(mask_channels)
+        self.mask_num_convs = int(mask_num_convs)
+        self.mask_threshold = float(mask_threshold)
+        self.paste_masks = bool(paste_masks)
+        if not 0.0 < self.mask_threshold < 1.0:
+            raise ValueError(f"`mask_threshold` must be in (0, 1), got {mask_threshold!r}.")
+        self.mask_roi_extractor = RoIExtractor(
+            self.mask_pool_size, strides=self.roi_extractor.strides, method="roi_align",
+            sampling_ratio=self.mask_sampling_ratio, name="mask_roi_extractor")
+        self.mask_head = MaskHead(num_classes, channels=self.mask_channels,
+                                  num_convs=self.mask_num_convs, name="mask_head")
+        # The sampler puts positives first and takes at most this many per image, so the mask
+        # branch only needs the leading slots of the sample (a quarter of them by default).
+        self.max_mask_rois = max(1, int(self.roi_settings["batch_size"]
+                                        * self.roi_settings["positive_fraction"]))
+
+    def mask_logits(self, roi_features, boxes):
+        """[B, R, 4] boxes -> per-class mask logits [B, R, 28, 28, K] (float32)."""
+        pooled = self.mask_roi_extractor(roi_features, boxes)
+        return tf.cast(self.mask_head(pooled), tf.float32)
+
+    @staticmethod
+    def _gt_masks(batch):
+        masks = batch.get("masks") if isinstance(batch, dict) else None
+        if masks is None and isinstance(batch, dict):
+            masks = batch["bounding_boxes"].get("masks")
+        if masks is None:
+            raise ValueError("MaskRCNN needs instance masks in the batch: `masks` [B, N, H, W] "
+                             "(build_dataset(..., with_masks=True)).")
+        boxes = batch["bounding_boxes"]["boxes"]
+        if masks.shape.rank != 4 or (masks.shape[1] is not None and boxes.shape[1] is not None
+                                     and masks.shape[1] != boxes.shape[1]):
+            raise ValueError(f"batch `masks` must be [B, N, H, W] with the N of `bounding_boxes` "
+                             f"{boxes.shape}, got {masks.shape}.")
+        return masks
+
+    # -- Detector interface ---------------------------------------------------------------------
+    def compute_detection_losses(self, batch, training):
+        # The body follows FasterRCNN.compute_detection_losses; it is repeated because the mask
+        # loss needs its intermediate RoI features and sample, which the parent does not return.
+        gt_masks = self._gt_masks(batch)
+        images = tf.cast(batch["images"], self.compute_dtype)
+        image_shapes = batch_image_shapes(batch, images)
+        gt_boxes, gt_labels = ground_truth(batch)
+        rpn_features, roi_features = self.features(images, training=training)
+        logits, deltas, anchors = self.rpn(rpn_features)
+        s = self.rpn_settings
+        labels, targets = rpn_targets(
+            tf.concat(anchors, 0), gt_boxes, gt_labels, image_shapes,
+            positive_iou=s["positive_iou"], negative_iou=s["negative_iou"],
+            num_samples=s["batch_size"], positive_fraction=s["positive_fraction"],
+            seed=self.sampling_seed)
+        losses = rpn_losses(tf.concat(logits, 1), tf.concat(deltas, 1), labels, targets)
+        proposals, _, valid = self.proposals(logits, deltas, anchors, image_shapes, training)
+        r = self.roi_settings
+        sampled = sample_rois(proposals, valid, gt_boxes, gt_labels, num_samples=r["batch_size"],
+                              positive_fraction=r["positive_fraction"],
+                              foreground_iou=r["foreground_iou"],
+                              background_iou_low=r["background_iou_low"],
+                              seed=self.sampling_seed)
+        cls_logits, box_deltas = self.box_branch(roi_features, sampled["rois"], training=training)
+        losses["roi_cls"], losses["roi_box"] = box_head_losses(
+            cls_logits, box_deltas, sampled, weights=self.box_weights)
+        losses["mask"] = self.mask_loss(roi_features, sampled, gt_masks)
+        return losses
+
+    def mask_loss(self, roi_features, sampled, gt_masks):
+        """Mask loss on the foreground RoIs of `sampled` (sample_rois output)."""
+        k = self.max_mask_rois
+        rois = sampled["rois"][:, :k]
+        fg_labels = sampled["labels"][:, :k]
+        foreground = fg_labels > 0
+        targets = mask_targets(gt_masks, rois, sampled["matched_index"][:, :k], self.mask_size,
+                               threshold=self.mask_threshold)
+        logits = self.mask_logits(roi_features, rois)
+        return kd_losses.mask_loss(targets, logits, tf.maximum(fg_labels - 1, 0),
+                                   weights=tf.cast(foreground, tf.float32))
+
+    def detect(self, images, image_shapes, training=False):
+        # Box part as FasterRCNN.detect (repeated: the mask branch needs its RoI features).
+        rpn_features, roi_features = self.features(images, training=training)
+        logits, deltas, anchors = self.rpn(rpn_features)
+        proposals, _, valid = self.proposals(logits, deltas, anchors, image_shapes, False)
+        cls_logits, box_deltas = self.box_branch(roi_features, proposals, training=training)
+        outputs = decode_detections(
+            tf.nn.softmax(tf.cast(cls_logits, tf.float32)), tf.cast(box_deltas, tf.float32),
+            proposals, valid, image_shapes, weights=self.box_weights,
+            score_threshold=self.score_threshold, nms_iou=self.nms_iou,
+            max_detections=self.max_detections)
+        outputs["masks"] = self.detection_masks(roi_features, outputs, tf.shape(images)[1:3])
+        return outputs
+
+    def detection_masks(self, roi_features, detections, canvas_size):
+        """Masks of the final detections: class channel, sigmoid, and (paste_masks=True) pasted
+        into the [H, W] canvas and binarized; zeros in slots beyond num_detections."""
+        boxes = tf.stop_gradient(detections["boxes"])
+        probs = tf.sigmoid(select_class_masks(self.mask_logits(roi_features, boxes),
+                                              detections["classes"]))
+        slots = tf.range(tf.shape(boxes)[1])[tf.newaxis, :]
+        filled = (slots < detections["num_detections"][:, tf.newaxis]) \
+            & (detections["classes"] >= 0)
+        if not self.paste_masks:
+            return tf.where(filled[..., tf.newaxis, tf.newaxis], probs, 0.0)
+        pasted = paste_masks(probs, boxes, canvas_size)
+        binary = (pasted >= self.mask_threshold) & filled[..., tf.newaxis, tf.newaxis]
+        return tf.cast(binary, tf.uint8)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(mask_pool_size=self.mask_pool_size,
+                      mask_sampling_ratio=self.mask_sampling_ratio,
+                      mask_channels=self.mask_channels, mask_num_convs=self.mask_num_convs,
+                      mask_threshold=self.mask_threshold, paste_masks=self.paste_masks)
+        return config
