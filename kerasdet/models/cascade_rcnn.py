@@ -1,0 +1,266 @@
+"""Cascade R-CNN (Cai & Vasconcelos 2018) on the FPN Faster R-CNN, with the paper's Iterative BBox
+and integral-loss baselines as modes of the same parts.
+
+mode="cascade": T = 3 stages, each its own 2fc head and class-agnostic predictor, trained at IoU
+    0.5 / 0.6 / 0.7 with box-coder weights (10,10,5,5) / (20,20,10,10) / (30,30,15,15). Stage 1 is
+    trained on the usual RoI sample (512 per image, 25 % foreground, ground truth added); stage t > 1
+    on stage t - 1's regressed boxes (gradient stopped), relabeled at u_t with the ground truth
+    appended again and no resampling (Detectron2's CascadeROIHeads; see kerasdet.heads.cascade).
+    Each stage's pooled features pass through a gradient-scaling identity (x 1/T) so the trunk gets
+    the mean of the stages' gradients (Detectron2). Test: proposals -> stage 1 -> stage 2 -> stage
+    3; the score is the mean of the three classifiers' probabilities, all evaluated on the last
+    stage's input boxes (the paper's / Detectron's ensemble), the boxes are the last stage's.
+mode="iterative": one head trained at IoU 0.5 (a Faster R-CNN head with class-agnostic boxes),
+    applied T times at test time (f o f o f); score from its last application.
+mode="integral": one head, one regressor trained at 0.5, and T classifiers trained on the same
+    RoIs labeled at 0.5 / 0.6 / 0.7 (the integral loss); score = the mean of the classifiers.
+"""
+import keras
+import tensorflow as tf
+
+from kerasdet.heads.box_head import BoxPredictor, TwoFCHead
+from kerasdet.heads.box_outputs import box_head_losses, decode_detections
+from kerasdet.heads.cascade import (CASCADE_BOX_WEIGHTS, CASCADE_IOUS, mean_class_probabilities,
+                                    refine_boxes, relabel_rois, scale_gradient)
+from kerasdet.heads.roi_sampler import sample_rois
+from kerasdet.heads.rpn import rpn_losses, rpn_targets
+from kerasdet.models.base import batch_image_shapes, ground_truth
+from kerasdet.models.faster_rcnn import FasterRCNN
+
+__all__ = ["CascadeRCNN"]
+
+_MODES = ("cascade", "iterative", "integral")
+# FasterRCNN arguments a cascade fixes itself (they come back from FasterRCNN.get_config).
+_FIXED = {"fpn": True, "class_agnostic": True, "box_head": "2fc"}
+
+
+def _loss_names(mode, num_stages):
+    names = ["rpn_cls", "rpn_box"]
+    if mode == "cascade":
+        for t in range(1, num_stages + 1):
+            names += [f"stage{t}_cls", f"stage{t}_box"]
+    elif mode == "iterative":
+        names += ["stage1_cls", "stage1_box"]
+    else:
+        names += [f"stage{t}_cls" for t in range(1, num_stages + 1)] + ["stage1_box"]
+    return tuple(names)
+
+
+@keras.saving.register_keras_serializable(package="kerasdet")
+class CascadeRCNN(FasterRCNN):
+    """Cascade R-CNN with an FPN backbone.
+
+    Args:
+        num_classes: number of object classes K (background is added internally).
+        mode: "cascade" (default), "iterative" (Iterative BBox) or "integral" (integral loss).
+        stage_ious: IoU threshold u_t of each stage (the first also sets the RoI sampler's
+            foreground threshold).
+        stage_box_weights: box-coder weights of each stage.
+        stage_loss_weights: weight of each stage's (classification + box) loss; Detectron2 uses
+            1 for every stage (Cai's Detectron: 1, 0.5, 0.25).
+        gradient_scale: factor on the gradient each stage sends into the trunk through its pooled
+            features; default 1 / number of stages in cascade mode, 1 in the single-head modes.
+        stage_add_ground_truth: append the ground-truth boxes to the RoIs of stages t > 1.
+        **kwargs: FasterRCNN's arguments (backbone, anchors, RPN, RoI sampling, post-processing);
+            fpn, class_agnostic and box_head are fixed (True, True, "2fc").
+    """
+
+    def __init__(self, num_classes, mode="cascade", stage_ious=CASCADE_IOUS,
+                 stage_box_weights=CASCADE_BOX_WEIGHTS, stage_loss_weights=None,
+                 gradient_scale=None, stage_add_ground_truth=True, **kwargs):
+        if mode not in _MODES:
+            raise ValueError(f"`mode` must be one of {_MODES}, got {mode!r}.")
+        stage_ious = tuple(float(u) for u in stage_ious)
+        stage_box_weights = tuple(tuple(float(w) for w in ws) for ws in stage_box_weights)
+        num_stages = len(stage_ious)
+        if num_stages < 1:
+            raise ValueError("`stage_ious` must name at least one stage.")
+        if any(not 0.0 < u <= 1.0 for u in stage_ious):
+            raise ValueError(f"`stage_ious` must lie in (0, 1], got {stage_ious}.")
+        if len(stage_box_weights) != num_stages or any(len(w) != 4 for w in stage_box_weights):
+            raise ValueError(f"`stage_box_weights` must hold 4 weights for each of the {num_stages}"
+                             f" stages, got {stage_box_weights}.")
+        stage_loss_weights = tuple(float(w) for w in (stage_loss_weights or (1.0,) * num_stages))
+        if len(stage_loss_weights) != num_stages:
+            raise ValueError(f"`stage_loss_weights` must have {num_stages} entries, got "
+                             f"{stage_loss_weights}.")
+        for key, value in _FIXED.items():
+            if key in kwargs and kwargs.pop(key) != value:
+                raise ValueError(f"CascadeRCNN fixes `{key}={value!r}`; do not pass another value.")
+        kwargs.pop("box_weights", None)  # per stage: stage_box_weights
+        iou = kwargs.pop("roi_foreground_iou", stage_ious[0])
+        if abs(float(iou) - stage_ious[0]) > 1e-9:
+            raise ValueError(f"`roi_foreground_iou` ({iou}) must equal stage_ious[0] "
+                             f"({stage_ious[0]}): the first stage's threshold.")
+        # Read by Detector.__init__ (through loss_names) to create the loss trackers.
+        self.mode = mode
+        self.num_stages = num_stages
+        super().__init__(num_classes, roi_foreground_iou=stage_ious[0],
+                         box_weights=stage_box_weights[0], **_FIXED, **kwargs)
+        self.stage_ious = stage_ious
+        self.stage_box_weights = stage_box_weights
+        self.stage_loss_weights = stage_loss_weights
+        self.stage_add_ground_truth = bool(stage_add_ground_truth)
+        if gradient_scale is None:
+            gradient_scale = 1.0 / num_stages if mode == "cascade" else 1.0
+        self.gradient_scale = float(gradient_scale)
+
+        # Stage 1 is FasterRCNN's own box_head / box_predictor (class-agnostic here).
+        self.stage_heads = [self.box_head]
+        self.stage_predictors = [self.box_predictor]
+        self.integral_classifiers = []
+        if mode == "cascade":
+            for t in range(2, num_stages + 1):
+                self.stage_heads.append(TwoFCHead(self.fc_dim, name=f"box_head_stage{t}"))
+                self.stage_predictors.append(BoxPredictor(num_classes, class_agnostic=True,
+                                                          name=f"box_predictor_stage{t}"))
+        elif mode == "integral":
+            for t in range(2, num_stages + 1):
+                self.integral_classifiers.append(keras.layers.Dense(
+                    num_classes + 1, kernel_initializer=keras.initializers.RandomNormal(
+                        stddev=0.01), name=f"cls_score_iou{round(stage_ious[t - 1] * 100)}"))
+
+    @property
+    def loss_names(self):
+        return _loss_names(self.mode, self.num_stages)
+
+    # -- stage building blocks ------------------------------------------------------------------
+    def pool(self, roi_features, rois):
+        """RoI features [B, R, S, S, C] for the stage heads; the gradient into the trunk is scaled
+        by `gradient_scale` (every stage pools separately, so the trunk gets their mean)."""
+        pooled = self.roi_extractor(roi_features, rois)
+        if self.gradient_scale != 1.0:
+            pooled = scale_gradient(pooled, self.gradient_scale)
+        return pooled
+
+    def stage_head(self, pooled, stage):
+        """(logits [B, R, K + 1], class-agnostic deltas [B, R, 1, 4]) of stage `stage` (0-based;
+        in iterative mode every stage is the one head)."""
+        index = stage if self.mode == "cascade" else 0
+        hidden = self.stage_heads[index](pooled)
+        return self.stage_predictors[index](hidden)
+
+    def stage_weights(self, stage):
+        """Box-coder weights of `stage` (0-based); the single-head modes use the first stage's."""
+        return self.stage_box_weights[stage if self.mode == "cascade" else 0]
+
+    def _integral_logits(self, pooled):
+        hidden = self.box_head(pooled)
+        logits, deltas = self.box_predictor(hidden)
+        return [logits] + [cls(hidden) for cls in self.integral_classifiers], deltas
+
+    # -- Detector interface ---------------------------------------------------------------------
+    def compute_detection_losses(self, batch, training):
+        images = tf.cast(batch["images"], self.compute_dtype)
+        image_shapes = batch_image_shapes(batch, images)
+        gt_boxes, gt_labels = ground_truth(batch)
+        rpn_features, roi_features = self.features(images, training=training)
+        logits, deltas, anchors = self.rpn(rpn_features)
+        s = self.rpn_settings
+        labels, targets = rpn_targets(
+            tf.concat(anchors, 0), gt_boxes, gt_labels, image_shapes,
+            positive_iou=s["positive_iou"], negative_iou=s["negative_iou"],
+            num_samples=s["batch_size"], positive_fraction=s["positive_fraction"],
+            seed=self.sampling_seed)
+        losses = rpn_losses(tf.concat(logits, 1), tf.concat(deltas, 1), labels, targets)
+        proposals, _, valid = self.proposals(logits, deltas, anchors, image_shapes, training)
+        r = self.roi_settings
+        sampled = sample_rois(proposals, valid, gt_boxes, gt_labels, num_samples=r["batch_size"],
+                              positive_fraction=r["positive_fraction"],
+                              foreground_iou=self.stage_ious[0],
+                              background_iou_low=r["background_iou_low"],
+                              seed=self.sampling_seed)
+        if self.mode == "integral":
+            losses.update(self._integral_losses(roi_features, sampled, gt_boxes, gt_labels))
+        else:
+            losses.update(self._cascade_losses(roi_features, sampled, gt_boxes, gt_labels,
+                                               image_shapes))
+        return losses
+
+    def stage_targets(self, roi_features, sampled, gt_boxes, gt_labels, image_shapes):
+        """Runs the training cascade: a list with, per stage, (targets dict, logits, deltas);
+        stage t's targets are stage t - 1's refined boxes relabeled at u_t."""
+        num = self.num_stages if self.mode == "cascade" else 1
+        targets = sampled
+        outputs = []
+        for t in range(num):
+            if t > 0:
+                prev_targets, _, prev_deltas = outputs[-1]
+                boxes, nonempty = refine_boxes(prev_deltas, prev_targets["rois"], image_shapes,
+                                               self.stage_weights(t - 1))
+                targets = relabel_rois(boxes, (prev_targets["labels"] >= 0) & nonempty,
+                                       gt_boxes, gt_labels, self.stage_ious[t],
+                                       add_ground_truth=self.stage_add_ground_truth)
+            logits, deltas = self.stage_head(self.pool(roi_features, targets["rois"]), t)
+            outputs.append((targets, logits, deltas))
+        return outputs
+
+    def _cascade_losses(self, roi_features, sampled, gt_boxes, gt_labels, image_shapes):
+        losses = {}
+        stages = self.stage_targets(roi_features, sampled, gt_boxes, gt_labels, image_shapes)
+        for t, (targets, logits, deltas) in enumerate(stages):
+            cls, box = box_head_losses(logits, deltas, targets, weights=self.stage_weights(t))
+            weight = self.stage_loss_weights[t]
+            losses[f"stage{t + 1}_cls"] = weight * cls
+            losses[f"stage{t + 1}_box"] = weight * box
+        return losses
+
+    def _integral_losses(self, roi_features, sampled, gt_boxes, gt_labels):
+        losses = {}
+        stage_logits, deltas = self._integral_logits(self.pool(roi_features, sampled["rois"]))
+        for t, logits in enumerate(stage_logits):
+            if t == 0:
+                targets = sampled
+            else:  # the same RoIs, labeled at the higher threshold
+                targets = relabel_rois(sampled["rois"], sampled["labels"] >= 0, gt_boxes,
+                                       gt_labels, self.stage_ious[t], add_ground_truth=False)
+            cls, box = box_head_losses(logits, deltas, targets, weights=self.stage_weights(0))
+            losses[f"stage{t + 1}_cls"] = self.stage_loss_weights[t] * cls
+            if t == 0:
+                losses["stage1_box"] = self.stage_loss_weights[0] * box
+        return losses
+
+    def refine(self, roi_features, proposals, image_shapes):
+        """Test-time cascade on [B, P, 4] proposals.
+
+        Returns (class probabilities [B, P, K + 1] (the stage ensemble), final deltas
+        [B, P, 1, 4], the boxes those deltas apply to [B, P, 4], and the box-coder weights to
+        decode them with).
+        """
+        if self.mode == "integral":
+            stage_logits, deltas = self._integral_logits(self.pool(roi_features, proposals))
+            return (mean_class_probabilities(stage_logits), deltas, proposals,
+                    self.stage_weights(0))
+        rois = proposals
+        for t in range(self.num_stages - 1):
+            _, deltas = self.stage_head(self.pool(roi_features, rois), t)
+            rois, _ = refine_boxes(deltas, rois, image_shapes, self.stage_weights(t))
+        pooled = self.pool(roi_features, rois)
+        last = self.num_stages - 1
+        if self.mode == "iterative":  # one head: the "ensemble" is its own last output
+            logits, deltas = self.stage_head(pooled, last)
+            return mean_class_probabilities([logits]), deltas, rois, self.stage_weights(last)
+        outputs = [self.stage_head(pooled, t) for t in range(self.num_stages)]
+        probs = mean_class_probabilities([logits for logits, _ in outputs])
+        return probs, outputs[-1][1], rois, self.stage_weights(last)
+
+    def detect(self, images, image_shapes, training=False):
+        rpn_features, roi_features = self.features(images, training=training)
+        logits, deltas, anchors = self.rpn(rpn_features)
+        proposals, _, valid = self.proposals(logits, deltas, anchors, image_shapes, False)
+        probs, box_deltas, rois, weights = self.refine(roi_features, proposals, image_shapes)
+        return decode_detections(
+            probs, tf.cast(box_deltas, tf.float32), rois, valid, image_shapes, weights=weights,
+            score_threshold=self.score_threshold, nms_iou=self.nms_iou,
+            max_detections=self.max_detections)
+
+    def get_config(self):
+        config = super().get_config()
+        for key in ("fpn", "class_agnostic", "box_head", "box_weights", "roi_foreground_iou"):
+            config.pop(key, None)
+        config.update(
+            mode=self.mode, stage_ious=list(self.stage_ious),
+            stage_box_weights=[list(w) for w in self.stage_box_weights],
+            stage_loss_weights=list(self.stage_loss_weights), gradient_scale=self.gradient_scale,
+            stage_add_ground_truth=self.stage_add_ground_truth)
+        return config
