@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from kerasdet.data import DetectionDataset, DetectionRecord
+from kerasdet.data import BadInputError, DetectionDataset, DetectionRecord
 from kerasdet.data.images import read_image
 from kerasdet.data.masks import mask_bounding_box
 from kerasdet.data.pipeline import build_dataset
@@ -217,3 +217,14 @@ def test_corrupt_image_named_with_python_decoder(tmp_path):
         _batches(build_dataset(ds, 3, image_size=24, decoder="python"))
     with pytest.raises(ValueError, match="decoder"):
         build_dataset(ds, 3, image_size=24, decoder="opencv")
+
+
+def test_hand_built_records_are_validated(tmp_path):
+    Image.fromarray(np.zeros((10, 12, 3), np.uint8)).save(tmp_path / "a.png")
+    cases = {"label outside 0..0": ([[1, 1, 5, 5]], [1]), "outside the 10x12": ([[1, 1, 13, 5]], [0]),
+             "x2 <= x1": ([[5, 1, 5, 5]], [0]), "non-finite": ([[1, np.nan, 5, 5]], [0])}
+    for message, (boxes, labels) in cases.items():
+        ds = DetectionDataset([DetectionRecord(3, "a.png", 12, 10, boxes, labels)], ["x"],
+                              str(tmp_path))
+        with pytest.raises(BadInputError, match=rf"record 0 \(image id 3, a.png\): .*{message}"):
+            build_dataset(ds, 1, image_size=16)

@@ -179,6 +179,13 @@ def test_file_names_escaping_the_root_are_refused(coco_files, name):
             load_coco(path, str(root), on_bad=on_bad)
 
 
+def test_coco_duplicate_image_id(coco_files):
+    tmp_path, root, images, annotations, *_ = coco_files
+    images[1]["id"] = 1
+    with pytest.raises(BadInputError, match="duplicate image id 1"):
+        load_coco(_write_coco(tmp_path, images, annotations), str(root))
+
+
 def test_coco_bad_json(tmp_path):
     (tmp_path / "x.json").write_text("{not json")
     with pytest.raises(BadInputError, match="x.json: not valid JSON"):

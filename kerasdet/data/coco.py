@@ -66,7 +66,9 @@ def load_coco(annotation_file: str, image_root: str, *, on_bad: str = "error",
 
     images = {}
     for image in data["images"]:
-        images[image["id"]] = image
+        if image.get("id") in images:
+            raise BadInputError(f"{annotation_file}: duplicate image id {image.get('id')!r}")
+        images[image.get("id")] = image
     annotations = defaultdict(list)
     for ann in data.get("annotations", []):
         if ann.get("image_id") not in images:

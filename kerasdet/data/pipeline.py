@@ -84,6 +84,7 @@ def dataset_samples(dataset: DetectionDataset, with_masks: bool = False,
     n = len(records)
     if n == 0:
         raise ValueError("the data set has no records")
+    dataset.validate()
     counts = np.array([r.num_objects for r in records], np.int64)
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
     total = int(counts.sum())

@@ -153,7 +153,9 @@ class DetectionDataset:
         """Contiguous label of an original category id; KeyError naming the id if unknown."""
         if self.category_ids is None:
             return int(category_id)
-        lookup = {c: i for i, c in enumerate(self.category_ids)}
+        lookup = getattr(self, "_label_of", None)
+        if lookup is None or len(lookup) != len(self.category_ids):
+            lookup = self._label_of = {c: i for i, c in enumerate(self.category_ids)}
         if int(category_id) not in lookup:
             raise KeyError(f"unknown category id {category_id}")
         return lookup[int(category_id)]
@@ -174,6 +176,25 @@ class DetectionDataset:
 
     def max_objects(self) -> int:
         return max((r.num_objects for r in self.records), default=0)
+
+    def validate(self) -> None:
+        """Check every record the way the pipeline relies on (useful for hand-built data sets).
+
+        Raises BadInputError naming the record for non-finite boxes, boxes with x2 <= x1 or y2 <= y1
+        or outside the image, or labels outside 0..num_classes-1.
+        """
+        for index, r in enumerate(self.records):
+            where = f"record {index} (image id {r.image_id!r}, {r.image_path})"
+            b = r.boxes
+            if not np.isfinite(b).all():
+                raise BadInputError(f"{where}: non-finite box")
+            if ((b[:, 2] <= b[:, 0]) | (b[:, 3] <= b[:, 1])).any():
+                raise BadInputError(f"{where}: box with x2 <= x1 or y2 <= y1")
+            if (b < 0).any() or (b[:, 0::2] > r.width).any() or (b[:, 1::2] > r.height).any():
+                raise BadInputError(f"{where}: box outside the {r.height}x{r.width} image")
+            if ((r.labels < 0) | (r.labels >= self.num_classes)).any():
+                raise BadInputError(f"{where}: label outside 0..{self.num_classes - 1}: "
+                                    f"{r.labels.tolist()}")
 
     def __len__(self) -> int:
         return len(self.records)
