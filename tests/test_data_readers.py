@@ -249,7 +249,8 @@ def test_voc_bad_inputs(tmp_path):
     root = _voc_tree(tmp_path, _obj("unicorn", (1, 1, 4, 4)) + _obj("dog", (3, 3, 2, 8)))
     with pytest.raises(BadInputError, match=r"000001.xml \(image 000001\) object 0: unknown class name"):
         load_voc(str(root), "train")
-    with pytest.warns(BadInputWarning, match=r"degenerate box dropped \(e.g. .*object 1\).*unknown class skipped"):
+    with pytest.warns(BadInputWarning,
+                      match=r"degenerate box dropped \(e.g. .*object 1\).*unknown class skipped"):
         ds = load_voc(str(root), "train", on_bad="skip")
     assert ds.records[0].num_objects == 0 and len(ds) == 1
     (root / "Annotations" / "000001.xml").write_text("<annotation><filename>")

@@ -1,5 +1,16 @@
-"""kerasdet.data: readers (COCO, VOC), a synthetic data set, the tf.data pipeline, augmentation, TFRecord.
+"""kerasdet.data: readers (COCO, VOC), a synthetic data set, the tf.data pipeline, augmentation,
+TFRecord.
 
+    from kerasdet import data
+    train = data.load_coco("annotations/instances_train2017.json", "train2017")   # or data.load_voc
+    train = data.make_dataset("synthetic/train", 256, seed=1)                     # synthetic shapes
+    ds = data.build_dataset(train, 8, training=True, min_size=800, max_size=1333, stride=32)
+    files = data.write_tfrecord(train, "train.tfrecord")                          # and back:
+    ds = data.build_dataset(files, 8, training=True, image_size=320, augment="ssd")
+
+Module map: records (DetectionRecord, DetectionDataset, bad-input policy), images (decoding any
+supported file to uint8 RGB), masks (COCO polygons / RLE), coco, voc, synthetic, augment (box-aware,
+seeded, pure TF), pipeline (build_dataset and its batch layout), tfrecord.
 Heavy parts (TensorFlow) load on first use, so the readers work without importing TensorFlow.
 """
 import importlib

@@ -130,7 +130,8 @@ def dataset_samples(dataset: DetectionDataset, with_masks: bool = False,
         }
         if with_masks:
             masks = tf.numpy_function(load_masks, [row["index"]], tf.uint8, stateful=False)
-            sample["masks"] = tf.reshape(masks, tf.stack([tf.cast(row["count"], tf.int32), shape[0], shape[1]]))
+            count = tf.cast(row["count"], tf.int32)
+            sample["masks"] = tf.reshape(masks, tf.stack([count, shape[0], shape[1]]))
         return sample
 
     return source.map(load, num_parallel_calls=AUTOTUNE, deterministic=True)

@@ -106,7 +106,7 @@ def _draw_image(index: int, seed: int, image_size, classes, object_size, max_obj
 
 
 def _pick_size(image_size, rng):
-    h, w = image_size
+    h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
     h = int(rng.integers(h[0], h[1] + 1)) if isinstance(h, (tuple, list)) else int(h)
     w = int(rng.integers(w[0], w[1] + 1)) if isinstance(w, (tuple, list)) else int(w)
     return h, w
@@ -122,7 +122,8 @@ def make_dataset(root: str, num_images: int = 200, seed: int = 0, image_size=(12
         root: output directory (created).
         num_images: how many images.
         seed: same seed and arguments -> byte-identical files.
-        image_size: (H, W), or ((h_min, h_max), (w_min, w_max)) to draw each image's size.
+        image_size: (H, W) or an int for square images, or ((h_min, h_max), (w_min, w_max)) to draw
+            each image's size.
         format: "coco" writes images/<id>.png and annotations/instances_<split>.json with RLE masks;
             "voc" writes JPEGImages/<id>.png (named by <filename>), Annotations/<id>.xml (1-based
             coordinates), ImageSets/Main/<split>.txt and, if ``write_instance_pngs``,
