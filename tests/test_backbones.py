@@ -579,16 +579,33 @@ def test_vgg16_reduced_matches_refinedet_layout():
                       "conv6_2": (1, 10, 10, 512)}
 
 
-def test_vgg16_reduced_dilated_fc6_and_conv6_2_match_numpy():
+def test_vgg16_refinedet_strides_follow_the_paper():
+    # Seed 002: "four feature layers with the total stride sizes 8, 16, 32, and 64 pixels".
+    model = backbones.get("vgg16_refinedet")
+    assert model.strides == {"conv4_3": 8, "conv5_3": 16, "fc7": 32, "conv6_2": 64}
+    assert model.count_params() == backbones.get("vgg16_reduced").count_params()
+    for size in (320, 512):
+        specs = model.compute_output_spec(keras.KerasTensor((1, size, size, 3)))
+        for name, stride in model.strides.items():
+            assert tuple(specs[name].shape[1:3]) == (size // stride,) * 2, (size, name)
+    with pytest.raises(ValueError, match="reduced_style"):
+        backbones.VGG16(reduced=True, reduced_style="yolo")
+
+
+@pytest.mark.parametrize("name", ["vgg16_reduced", "vgg16_refinedet"])
+def test_vgg16_reduced_dilated_fc6_and_conv6_2_match_numpy(name):
     rng = np.random.default_rng(10)
-    model = backbones.get("vgg16_reduced", input_normalization=None)
+    model = backbones.get(name, input_normalization=None)
     probe = keras.Model(model.input, [model.get_layer("conv5_3").output, model.get_layer("conv_fc6").output,
                                       model.get_layer("conv6_1").output, model.get_layer("conv6_2").output])
-    x = rng.uniform(0, 1, (1, 128, 112, 3)).astype(np.float32)
+    x = rng.uniform(0, 1, (1, 128, 96, 3)).astype(np.float32)   # conv5_3 8x6: pool5 2x2/2 has no ceil case
     conv5_3, fc6, conv6_1, conv6_2 = (t.numpy() for t in probe(x))
-    pool5 = np_maxpool(conv5_3, 3, 1, pad=1)
+    if name == "vgg16_reduced":   # SSD: pool5 3x3/1 pad 1, conv_fc6 dilation 6
+        pool5, dilation = np_maxpool(conv5_3, 3, 1, pad=1), 6
+    else:                         # RefineDet: pool5 2x2/2, conv_fc6 dilation 3
+        pool5, dilation = np_maxpool(conv5_3, 2, 2), 3
     kernel, bias = model.get_layer("conv_fc6").get_weights()
-    expected_fc6 = np.maximum(np_conv2d(pool5, kernel, bias, pad=6, dilation=6), 0)
+    expected_fc6 = np.maximum(np_conv2d(pool5, kernel, bias, pad=dilation, dilation=dilation), 0)
     np.testing.assert_allclose(fc6, expected_fc6, rtol=1e-4, atol=1e-4)
     kernel, bias = model.get_layer("conv6_2").get_weights()
     expected_6_2 = np.maximum(np_conv2d(conv6_1, kernel, bias, stride=2, pad=1), 0)
@@ -768,7 +785,7 @@ def test_overfeat_accurate_multiscale_sizes_match_table_5():
 
 
 def test_more_backbones_config_round_trip_and_registry():
-    for name in ("resnet50", "resnet101", "vgg16", "vgg16_reduced", "zf", "overfeat_fast", "overfeat_accurate",
+    for name in ("resnet50", "resnet101", "vgg16", "vgg16_reduced", "vgg16_refinedet", "zf", "overfeat_fast", "overfeat_accurate",
                  "tiny"):
         assert name in backbones.list()
     for model in (backbones.get("vgg16_reduced"), backbones.get("zf"),

@@ -11,7 +11,7 @@ from kerasdet.backbones.resnet import (ResNet, ResNetConv5Head, load_torchvision
                                       resnet_c4, torchvision_key_to_keras)
 from kerasdet.backbones.overfeat import OverFeat, overfeat_accurate, overfeat_fast
 from kerasdet.backbones.tiny import TinyBackbone
-from kerasdet.backbones.vgg import VGG16, vgg16, vgg16_reduced
+from kerasdet.backbones.vgg import VGG16, vgg16, vgg16_reduced, vgg16_refinedet
 from kerasdet.backbones.zf import ZF5
 
 register("resnet50", resnet50)
@@ -21,6 +21,7 @@ register("resnet101_c4", lambda **kw: ResNet(depth=101, include_c5=False, **kw))
 register("tiny", TinyBackbone)
 register("vgg16", vgg16)
 register("vgg16_reduced", vgg16_reduced)
+register("vgg16_refinedet", vgg16_refinedet)
 register("zf", ZF5)
 register("overfeat_fast", overfeat_fast)
 register("overfeat_accurate", overfeat_accurate)
@@ -31,5 +32,5 @@ list = list_names  # noqa: A001
 __all__ = [
     "Backbone", "ImageNormalization", "OverFeat", "ResNet", "ResNetConv5Head", "TinyBackbone", "VGG16", "ZF5",
     "get", "list", "list_names", "overfeat_accurate", "overfeat_fast", "register", "resnet50", "resnet101",
-    "resnet_c4", "vgg16", "vgg16_reduced", "load_torchvision_weights", "torchvision_key_to_keras",
+    "resnet_c4", "vgg16", "vgg16_reduced", "vgg16_refinedet", "load_torchvision_weights", "torchvision_key_to_keras",
 ]

@@ -7,17 +7,24 @@ Layer names are the Caffe ones (conv1_1, pool1, fc6, ...), which the detection p
 Caffe checkpoints use. Pooling rounds up (Caffe's ceil mode, Keras "same" for 2x2/2): a 600-pixel
 side gives 300, 150, 75, 38, the sizes of the Caffe Fast/Faster R-CNN models.
 
-VGG-16 reduced (Liu et al. SSD 2016; Zhang et al. RefineDet 2018, sec. 4 "Backbone Network"):
-pool5 becomes 3x3/1 (padding 1); fc6 and fc7 become convolutions, conv_fc6 3x3 with dilation 6
-(padding 6) and conv_fc7 1x1, both 1024 channels (subsampled from the fc weights); RefineDet then adds
-conv6_1 (1x1, 256) and conv6_2 (3x3/2, padding 1, 512). The detection layers conv4_3, conv5_3, fc7
-(the output of conv_fc7) and conv6_2 are the outputs, at strides 8, 16, 16, 32.
+VGG-16 reduced (DeepLab-LargeFOV; Liu et al. SSD 2016; Zhang et al. RefineDet 2018, sec. 4
+"Backbone Network"): fc6 and fc7 become convolutions, a dilated 3x3 conv_fc6 and a 1x1 conv_fc7, both
+1024 channels (subsampled from the fc weights), followed by RefineDet's extra conv6_1 (1x1, 256) and
+conv6_2 (3x3/2, padding 1, 512). Two styles differ in pool5 and the dilation:
+  "ssd":       pool5 3x3/1 (padding 1), conv_fc6 dilation 6 -> conv4_3, conv5_3, fc7, conv6_2 at
+               strides 8, 16, 16, 32 (SSD's fc7 layout);
+  "refinedet": pool5 2x2/2, conv_fc6 dilation 3 -> strides 8, 16, 32, 64, the four layers "with the
+               total stride sizes 8, 16, 32, and 64" of the RefineDet paper (40, 20, 10, 5 cells at
+               320x320, as its reference Caffe model).
+Outputs: "conv4_3", "conv5_3", "fc7" (the output of conv_fc7) and "conv6_2".
 """
 import keras
 
 from kerasdet.backbones.base import Backbone, check_input_shape, normalization_layer
 
 VGG16_BLOCKS = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))
+# pool5 (size, stride) and conv_fc6 dilation of the reduced styles.
+REDUCED_STYLES = {"ssd": (3, 1, 6), "refinedet": (2, 2, 3)}
 
 
 def _conv(x, filters, kernel_size, name, strides=1, dilation_rate=1, padding="same"):
@@ -34,6 +41,7 @@ class VGG16(Backbone):
 
     Args:
         reduced: build the SSD / RefineDet variant (dilated conv_fc6, conv_fc7, conv6_1, conv6_2).
+        reduced_style: "ssd" (pool5 3x3/1, dilation 6) or "refinedet" (pool5 2x2/2, dilation 3).
         include_top: plain VGG-16 only: flatten + fc6, fc7 (with dropout) + fc8; needs a 224x224 input.
         num_classes: fc8 size.
         dropout: dropout rate after fc6 and fc7 (0.5 in the paper).
@@ -44,8 +52,10 @@ class VGG16(Backbone):
             "torchvision" or None.
     """
 
-    def __init__(self, reduced=False, include_top=False, num_classes=1000, dropout=0.5, freeze_blocks=0,
-                 input_shape=(None, None, 3), input_normalization="caffe", name=None, **kwargs):
+    def __init__(self, reduced=False, reduced_style="ssd", include_top=False, num_classes=1000, dropout=0.5,
+                 freeze_blocks=0, input_shape=(None, None, 3), input_normalization="caffe", name=None, **kwargs):
+        if reduced_style not in REDUCED_STYLES:
+            raise ValueError(f"VGG16: `reduced_style` must be one of {sorted(REDUCED_STYLES)}, got {reduced_style!r}")
         input_shape = check_input_shape(input_shape, "VGG16")
         if not isinstance(freeze_blocks, int) or not 0 <= freeze_blocks <= 5:
             raise ValueError(f"VGG16: `freeze_blocks` must be an int in [0, 5], got {freeze_blocks!r}")
@@ -72,15 +82,17 @@ class VGG16(Backbone):
             x = keras.layers.MaxPooling2D(2, strides=2, padding="same", name=f"pool{block}")(x)
 
         if reduced:
-            x = keras.layers.MaxPooling2D(3, strides=1, padding="same", name="pool5")(x)
-            x = _conv(x, 1024, 3, "conv_fc6", dilation_rate=6)
+            pool_size, pool_stride, dilation = REDUCED_STYLES[reduced_style]
+            # "same": 3x3/1 pads 1 on each side (Caffe pad 1); 2x2/2 rounds up (Caffe ceil mode).
+            x = keras.layers.MaxPooling2D(pool_size, strides=pool_stride, padding="same", name="pool5")(x)
+            x = _conv(x, 1024, 3, "conv_fc6", dilation_rate=dilation)
             x = _conv(x, 1024, 1, "conv_fc7")
-            outputs["fc7"], strides["fc7"] = x, 16
+            outputs["fc7"], strides["fc7"] = x, 16 * pool_stride
             x = _conv(x, 256, 1, "conv6_1")
             # Explicit symmetric padding as Caffe's pad 1 (Keras "same" would pad only bottom/right).
             x = keras.layers.ZeroPadding2D(1, name="conv6_2_pad")(x)
             x = _conv(x, 512, 3, "conv6_2", strides=2, padding="valid")
-            outputs["conv6_2"], strides["conv6_2"] = x, 32
+            outputs["conv6_2"], strides["conv6_2"] = x, 32 * pool_stride
         else:
             x = keras.layers.MaxPooling2D(2, strides=2, padding="same", name="pool5")(x)
             outputs["pool5"], strides["pool5"] = x, 32
@@ -93,9 +105,10 @@ class VGG16(Backbone):
                 x = keras.layers.Dropout(dropout, name="drop7")(x)
                 outputs["logits"] = keras.layers.Dense(num_classes, name="fc8")(x)
 
-        default_name = "vgg16_reduced" if reduced else "vgg16"
+        default_name = ("vgg16_refinedet" if reduced_style == "refinedet" else "vgg16_reduced") if reduced else "vgg16"
         super().__init__(inputs=inputs, outputs=outputs, strides=strides, name=name or default_name, **kwargs)
         self.reduced = bool(reduced)
+        self.reduced_style = reduced_style
         self.include_top = bool(include_top)
         self.num_classes = int(num_classes)
         self.dropout = float(dropout)
@@ -107,7 +120,7 @@ class VGG16(Backbone):
         self.input_normalization = input_normalization
 
     def get_config(self):
-        return {"reduced": self.reduced, "include_top": self.include_top, "num_classes": self.num_classes,
+        return {"reduced": self.reduced, "reduced_style": self.reduced_style, "include_top": self.include_top, "num_classes": self.num_classes,
                 "dropout": self.dropout, "freeze_blocks": self.freeze_blocks, "input_shape": list(self._input_shape_arg),
                 "input_normalization": self.input_normalization, "name": self.name}
 
@@ -118,5 +131,10 @@ def vgg16(**kwargs):
 
 
 def vgg16_reduced(**kwargs):
-    """SSD / RefineDet VGG-16 with dilated conv_fc6 / conv_fc7 and conv6_1 / conv6_2."""
-    return VGG16(reduced=True, **kwargs)
+    """SSD-style reduced VGG-16 (pool5 3x3/1, conv_fc6 dilation 6) with conv6_1 / conv6_2."""
+    return VGG16(reduced=True, reduced_style="ssd", **kwargs)
+
+
+def vgg16_refinedet(**kwargs):
+    """RefineDet's reduced VGG-16 (pool5 2x2/2, conv_fc6 dilation 3): strides 8, 16, 32, 64."""
+    return VGG16(reduced=True, reduced_style="refinedet", **kwargs)
