@@ -8,7 +8,7 @@ from kerasdet.data.pipeline import build_dataset
 from kerasdet.evaluation import evaluate_model
 
 
-def fit_and_evaluate(model, data, epochs, learning_rate=0.02, batch_size=8, with_masks=False,
+def fit_and_evaluate(model, data, epochs, learning_rate=0.02, batch_size=4, with_masks=False,
                      metrics=("voc",)):
     """Returns (history dict, metrics dict, seconds of training)."""
     train, val = data

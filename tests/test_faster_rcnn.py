@@ -8,7 +8,7 @@ from learning import fit_and_evaluate, tiny_fpn_settings
 
 def test_faster_rcnn_fpn_learns_the_synthetic_shapes(synthetic_data):
     model = FasterRCNN(3, **tiny_fpn_settings())
-    history, results, seconds = fit_and_evaluate(model, synthetic_data, epochs=6)
+    history, results, seconds = fit_and_evaluate(model, synthetic_data, epochs=5)
     losses = history["loss"]
     print(f"Faster R-CNN FPN tiny: mAP@0.5 {results['voc']['mAP']:.3f} after {seconds:.0f}s, "
           f"loss {losses[0]:.3f} -> {losses[-1]:.3f}")

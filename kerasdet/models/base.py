@@ -80,6 +80,10 @@ class Detector(keras.Model):
     def fit(self, *args, **kwargs):
         # Weights must exist before Keras creates the optimizer's slots for them.
         self.build()
+        data = args[0] if args else kwargs.get("x")
+        if isinstance(data, tf.data.Dataset):
+            # The pipeline shuffles its records itself; Keras' shuffle flag would only warn.
+            kwargs.setdefault("shuffle", False)
         return super().fit(*args, **kwargs)
 
     @property
