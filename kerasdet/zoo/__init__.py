@@ -1,1 +1,133 @@
-"""kerasdet.zoo"""
+"""kerasdet.zoo: the model registry (`list`, `info`, `load`) and its weights store.
+
+    import kerasdet
+    kerasdet.zoo.list()                                # names of all entries
+    kerasdet.zoo.info("faster_rcnn_r50_fpn")            # architecture, data, weights, metrics
+    model = kerasdet.zoo.load("faster_rcnn_tiny_fpn_synthetic")   # built, with verified weights
+"""
+import builtins
+import copy
+import os
+import warnings
+
+from kerasdet.zoo.registry import UnknownModelError, ZooEntry, entries, get_entry, zoo_dir
+from kerasdet.zoo.weights import (WeightsError, WeightsHashError, cache_dir, load_verified_weights,
+                                  resolve_weights_file, sha256_of)
+
+__all__ = ["list", "info", "load", "build", "input_settings", "ZooEntry", "UnknownModelError",
+           "NotImplementedYetError", "RandomWeightsWarning", "WeightsError", "WeightsHashError",
+           "cache_dir", "sha256_of", "zoo_dir"]
+
+
+class NotImplementedYetError(NotImplementedError):
+    """The entry's model class is not written yet."""
+
+
+class RandomWeightsWarning(UserWarning):
+    """A model was built without trained weights."""
+
+
+def list(family=None, with_weights=None):  # noqa: A001 - the public name the design asks for
+    """Sorted entry names, optionally only one family or only entries with (or without) weights."""
+    names = []
+    for name, entry in entries().items():
+        if family is not None and entry.family != family:
+            continue
+        if with_weights is not None and entry.has_weights != bool(with_weights):
+            continue
+        names.append(name)
+    return sorted(names)
+
+
+def info(name):
+    """A dict describing an entry: class, arguments, data set, input, weights, metrics, status."""
+    from kerasdet.zoo.classes import named_classes
+
+    entry = get_entry(name)
+    return {
+        "name": entry.name, "family": entry.family, "class": entry.class_path,
+        "arguments": copy.deepcopy(entry.arguments), "dataset": entry.dataset,
+        "class_names": builtins.list(named_classes(entry.class_names)), "input": dict(entry.input),
+        "weights": dict(entry.weights) if entry.weights else None,
+        "metrics": copy.deepcopy(entry.metrics), "command": entry.command,
+        "recipe": copy.deepcopy(entry.recipe), "notes": entry.notes, "status": entry.status(),
+        "config_file": entry.source_file,
+    }
+
+
+def input_settings(name_or_model):
+    """The entry's input settings ({"image_size": [H, W]} or {"min_size", "max_size"}, "stride")."""
+    if isinstance(name_or_model, str):
+        return dict(get_entry(name_or_model).input)
+    settings = getattr(name_or_model, "kerasdet_input", None)
+    return dict(settings) if settings else None
+
+
+def build(name, num_classes=None, **overrides):
+    """Builds the entry's architecture with random weights (no warning; see `load`)."""
+    entry = get_entry(name)
+    try:
+        cls = entry.model_class()
+    except (ImportError, AttributeError) as error:
+        raise NotImplementedYetError(f"zoo entry {name!r}: its model class {entry.class_path} is "
+                                     f"not implemented yet ({error})") from error
+    arguments = copy.deepcopy(entry.arguments)
+    if num_classes is not None:
+        arguments["num_classes"] = int(num_classes)
+    arguments.update(overrides)
+    model = cls(**arguments)
+    input_size = entry.input.get("image_size")
+    model.build((1, *(input_size or (64, 64)), 3))
+    # Not part of the saved config: the exporter and the drivers read it for the entry's input size.
+    model.kerasdet_input = dict(entry.input)
+    model.kerasdet_entry = name
+    return model
+
+
+def load(name, weights="default", num_classes=None, **overrides):
+    """Builds a zoo model, ready for predict and fit.
+
+    Args:
+      name: entry name (``list()``).
+      weights: "default" (the entry's published weights, fetched and sha256-verified; an entry
+        without any builds with random weights and warns), None (random weights), or the path of a
+        .weights.h5 file.
+      num_classes: another number of classes than the entry's. With default weights, every layer
+        whose shape still fits is loaded and the class-dependent output layers stay random.
+      overrides: further constructor arguments (e.g. score_threshold=0.3).
+    """
+    entry = get_entry(name)
+    model = build(name, num_classes=num_classes, **overrides)
+    if weights is None:
+        return model
+    if weights == "default":
+        if not entry.has_weights:
+            warnings.warn(f"zoo entry {name!r} has no trained weights yet: the model has random "
+                          "weights (see kerasdet.zoo.info(name)['status'])", RandomWeightsWarning,
+                          stacklevel=2)
+            return model
+        path = resolve_weights_file(entry.weights["url"], entry.weights["sha256"],
+                                    entry.weights.get("file"), base_dir=os.path.dirname(entry.source_file))
+        if num_classes is not None and int(num_classes) != int(entry.arguments.get("num_classes", -1)):
+            return _load_matching(model, path)
+        return load_verified_weights(model, path)
+    path = os.fspath(weights)
+    return load_verified_weights(model, path)
+
+
+def _load_matching(model, path):
+    """Loads the weights whose shapes fit (backbone, RPN, shared heads), skipping class layers."""
+    donor_name = getattr(model, "kerasdet_entry")
+    donor = build(donor_name)
+    load_verified_weights(donor, path)
+    skipped = 0
+    for target, source in zip(model.weights, donor.weights):
+        # Both models are built from the same code in the same order, so the i-th variables
+        # correspond; only their auto-numbered layer names differ.
+        if tuple(target.shape) == tuple(source.shape):
+            target.assign(source)
+        else:
+            skipped += 1
+    warnings.warn(f"{skipped} weight arrays did not fit the new number of classes and stay random",
+                  RandomWeightsWarning, stacklevel=3)
+    return model

@@ -1,0 +1,168 @@
+"""SavedModel export of kerasdet detectors for TF Serving and plain `tf.saved_model.load`.
+
+The SavedModel follows the TF Object Detection API serving convention:
+
+    serving_default(images: uint8 [B, H, W, 3])           -> detections of the batch
+    serving_bytes(encoded_images: string [B])             -> same, from PNG / JPEG / BMP / GIF bytes
+
+    detection_boxes    float32 [B, K, 4]  (ymin, xmin, ymax, xmax) relative to each input image, in [0, 1]
+    detection_scores   float32 [B, K]
+    detection_classes  float32 [B, K]     1-based class ids (0 on padded rows)
+    num_detections     float32 [B]
+    detection_masks    float32 [B, K, ...]  (mask models only, as the model predicts them)
+
+Pre-processing is inside the graph: cast to float, resize keeping the aspect ratio to the model's
+input size (the zoo entry's rule: fixed `image_size`, or shorter side `min_size` capped by
+`max_size`), zero-pad to a fixed canvas; then the model's own decoding and NMS.
+"""
+import contextlib
+import os
+
+import keras
+import tensorflow as tf
+
+__all__ = ["export_saved_model", "serving_input_settings"]
+
+
+def serving_input_settings(model, image_size=None):
+    """{"image_size"} or {"min_size", "max_size"} plus "stride" that the exported graph resizes to.
+
+    An explicit ``image_size`` (int or (H, W)) wins; else the zoo entry's settings recorded on the
+    model by kerasdet.zoo.load.
+    """
+    if image_size is not None:
+        if isinstance(image_size, int):
+            image_size = (image_size, image_size)
+        if len(image_size) != 2 or min(image_size) < 1:
+            raise ValueError(f"image_size must be an int or (height, width) > 0, got {image_size!r}")
+        return {"image_size": [int(image_size[0]), int(image_size[1])], "stride": 1}
+    settings = getattr(model, "kerasdet_input", None)
+    if not settings:
+        raise ValueError("export_saved_model: the model carries no input settings (it was not made "
+                         "by kerasdet.zoo.load); pass image_size=(height, width)")
+    settings = dict(settings)
+    if not settings.get("image_size") and not settings.get("max_size"):
+        raise ValueError(f"export_saved_model: input settings {settings} need image_size or max_size "
+                         "to fix the exported canvas; pass image_size=(height, width)")
+    return settings
+
+
+def _canvas_and_scale_fn(settings):
+    """(canvas (H, W), fn(height, width) -> scale) for the settings' resize rule."""
+    stride = int(settings.get("stride", 1) or 1)
+
+    def round_up(value):
+        return -(-int(value) // stride) * stride
+
+    if settings.get("image_size"):
+        target_h, target_w = (float(v) for v in settings["image_size"])
+
+        def scale_of(height, width):
+            return tf.minimum(target_h / height, target_w / width)
+
+        return (round_up(target_h), round_up(target_w)), scale_of
+    min_size = settings["min_size"]
+    min_size = float(max(min_size) if isinstance(min_size, (list, tuple)) else min_size)
+    max_size = float(settings["max_size"])
+
+    def scale_of(height, width):
+        return tf.minimum(min_size / tf.minimum(height, width), max_size / tf.maximum(height, width))
+
+    return (round_up(max_size), round_up(max_size)), scale_of
+
+
+def _resize_one(image, canvas, scale_of):
+    """float32 [H, W, 3] -> (padded canvas image, image_info [6]) as the data pipeline builds them."""
+    shape = tf.cast(tf.shape(image)[:2], tf.float32)
+    height, width = shape[0], shape[1]
+    scale = scale_of(height, width)
+    new_h = tf.clip_by_value(tf.round(height * scale), 1.0, float(canvas[0]))
+    new_w = tf.clip_by_value(tf.round(width * scale), 1.0, float(canvas[1]))
+    resized = tf.image.resize(image, tf.cast(tf.stack([new_h, new_w]), tf.int32), method="bilinear")
+    padded = tf.image.pad_to_bounding_box(resized, 0, 0, canvas[0], canvas[1])
+    info = tf.stack([height, width, new_h / height, new_w / width, new_h, new_w])
+    return padded, info
+
+
+def _to_od_api(outputs, image_info):
+    """The model's predict dict (network-input pixels) -> TF OD API outputs."""
+    boxes = tf.cast(outputs["boxes"], tf.float32)
+    new_h = image_info[:, 4][:, None]
+    new_w = image_info[:, 5][:, None]
+    normalized = tf.stack([boxes[..., 1] / new_h, boxes[..., 0] / new_w,
+                           boxes[..., 3] / new_h, boxes[..., 2] / new_w], axis=-1)
+    classes = tf.cast(outputs["classes"], tf.int32)
+    valid = classes >= 0
+    result = {
+        "detection_boxes": tf.where(valid[..., None], tf.clip_by_value(normalized, 0.0, 1.0), 0.0),
+        "detection_scores": tf.where(valid, tf.cast(outputs["scores"], tf.float32), 0.0),
+        "detection_classes": tf.cast(tf.where(valid, classes + 1, 0), tf.float32),
+        "num_detections": tf.cast(outputs["num_detections"], tf.float32),
+    }
+    if outputs.get("masks") is not None:
+        result["detection_masks"] = tf.cast(outputs["masks"], tf.float32)
+    return result
+
+
+def export_saved_model(model, export_dir, portable=True, image_size=None, verbose=False):
+    """Writes ``model`` as a SavedModel with the `serving_default` (uint8 batch) and
+    `serving_bytes` (encoded images) signatures described in the module docstring.
+
+    Args:
+      model: a built kerasdet detector (its call takes {"images", "image_info"}).
+      export_dir: output folder (must not exist or be empty).
+      portable: trace under kerasdet.ops._kernels.pure_tf(), so that the graph holds builtin
+        TensorFlow ops only and loads where kerasdet (and its kernel library) is not installed.
+        False keeps the compiled kernels (faster; the serving process must load kerasdet's .so).
+      image_size: the network input (H, W) to resize into; default: the zoo entry's input settings.
+      verbose: let Keras list the exported variables.
+
+    Returns:
+      export_dir.
+    """
+    from kerasdet.ops import _kernels
+
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"model must be a keras.Model, got {type(model).__name__}")
+    export_dir = os.fspath(export_dir)
+    if os.path.isdir(export_dir) and os.listdir(export_dir):
+        raise FileExistsError(f"export_dir {export_dir!r} exists and is not empty")
+    settings = serving_input_settings(model, image_size)
+    canvas, scale_of = _canvas_and_scale_fn(settings)
+    if not model.built:
+        model.build((1, canvas[0], canvas[1], 3))
+
+    def detect(images, image_info):
+        outputs = model({"images": images, "image_info": image_info}, training=False)
+        return _to_od_api(outputs, image_info)
+
+    def serve_images(images):
+        images = tf.cast(images, tf.float32)
+        padded, info = tf.map_fn(
+            lambda image: _resize_one(image, canvas, scale_of), images,
+            fn_output_signature=(tf.TensorSpec([canvas[0], canvas[1], 3], tf.float32),
+                                 tf.TensorSpec([6], tf.float32)))
+        return detect(padded, info)
+
+    def serve_bytes(encoded_images):
+        def decode(data):
+            image = tf.io.decode_image(data, channels=3, expand_animations=False)
+            return _resize_one(tf.cast(image, tf.float32), canvas, scale_of)
+
+        padded, info = tf.map_fn(
+            decode, encoded_images,
+            fn_output_signature=(tf.TensorSpec([canvas[0], canvas[1], 3], tf.float32),
+                                 tf.TensorSpec([6], tf.float32)))
+        return detect(padded, info)
+
+    archive = keras.export.ExportArchive()
+    context = _kernels.pure_tf() if portable else contextlib.nullcontext()
+    with context:
+        archive.track(model)
+        archive.add_endpoint("serving_default", serve_images, input_signature=[
+            tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")])
+        archive.add_endpoint("serving_bytes", serve_bytes, input_signature=[
+            tf.TensorSpec([None], tf.string, name="encoded_images")])
+        archive.write_out(export_dir, verbose=verbose)
+    return export_dir
+
