@@ -191,17 +191,3 @@ def test_resolve_augment():
         aug.resolve_augment(["flip", "rotate"])
     with pytest.raises(ValueError, match="augment must be one of"):
         aug.resolve_augment("mosaic")
-
-
-def test_ssd_chain_runs_in_a_dataset_map():
-    sample = _sample()
-    ds = tf.data.Dataset.from_tensors(sample).repeat(4)
-    ds = tf.data.Dataset.zip(ds, tf.data.Dataset.random(seed=1).batch(2))
-    steps = aug.resolve_augment("ssd")
-    ds = ds.map(lambda s, seed: aug.apply_augmentations(s, steps, seed))
-    for out in ds:
-        out = _np(out)
-        assert out["image"].min() >= 0 and out["image"].max() <= 255
-        assert out["boxes"].shape == (len(out["labels"]), 4)
-        h, w = out["image"].shape[:2]
-        assert (out["boxes"][:, 2] <= w).all() and (out["boxes"][:, 3] <= h).all()

@@ -166,13 +166,14 @@ def parse_example(serialized, with_masks: bool = False) -> dict:
 
 
 def read_tfrecord(paths, *, with_masks: bool = False, shuffle: bool = False, seed=None,
-                  shuffle_buffer: int = 1024) -> tf.data.Dataset:
+                  shuffle_buffer: int = 1024, repeat: bool = False) -> tf.data.Dataset:
     """Samples (see kerasdet.data.augment) from TFRecord file(s) written by ``write_tfrecord``.
 
     Args:
         paths: a file name or a list of them (missing files raise FileNotFoundError naming them).
         with_masks: decode ``object/mask`` (error if the files were written without masks).
         shuffle: shuffle the serialized records with a buffer of ``shuffle_buffer`` (seeded by ``seed``).
+        repeat: repeat forever.
     """
     paths = [os.fspath(paths)] if isinstance(paths, (str, os.PathLike)) else [os.fspath(p) for p in paths]
     if not paths:
@@ -184,5 +185,7 @@ def read_tfrecord(paths, *, with_masks: bool = False, shuffle: bool = False, see
                                  else None)
     if shuffle:
         ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    if repeat:
+        ds = ds.repeat()
     return ds.map(lambda s: parse_example(s, with_masks), num_parallel_calls=tf.data.AUTOTUNE,
                   deterministic=True)
