@@ -10,7 +10,7 @@ import kerasdet.backbones as backbones
 from kerasdet.backbones.base import CAFFE_BGR_MEAN, TORCHVISION_MEAN, TORCHVISION_STD, ImageNormalization
 from kerasdet.backbones.resnet import ResNet, ResNetConv5Head, resnet_c4
 from kerasdet.backbones.tiny import TinyBackbone
-from kerasdet.layers.normalization import FrozenBatchNormalization, LocalResponseNormalization
+from kerasdet.layers.normalization import FrozenBatchNormalization, L2Normalization, LocalResponseNormalization
 
 
 # ----------------------------------------------------------------------------- numpy references
@@ -817,3 +817,24 @@ def test_normalization_layers_save_and_load_in_keras_format(tmp_path):
     assert loaded.get_layer("frozen_bn").trainable_weights == []
     assert isinstance(loaded.get_layer("lrn"), LocalResponseNormalization)
     np.testing.assert_allclose(loaded(data).numpy(), model(data).numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_l2_normalization_matches_numpy_and_gradient():
+    rng = np.random.default_rng(16)
+    layer = L2Normalization(scale=10.0)
+    x = rng.normal(size=(2, 3, 4, 5)).astype(np.float32)
+    layer.build(x.shape)
+    gamma = rng.uniform(5, 15, 5)
+    np.testing.assert_allclose(layer.gamma.numpy(), np.full(5, 10.0))
+    layer.set_weights([gamma])
+    norm = np.sqrt(np.sum(x.astype(np.float64) ** 2, axis=-1, keepdims=True))
+    np.testing.assert_allclose(layer(x).numpy(), gamma * x / norm, rtol=1e-5, atol=1e-5)
+    assert len(layer.trainable_weights) == 1
+    small = tf.constant(rng.normal(size=(1, 2, 2, 3)), tf.float64)
+    theoretical, numerical = tf.test.compute_gradient(lambda t: layer.__class__(2.0)(tf.cast(t, tf.float32)),
+                                                      [small])
+    np.testing.assert_allclose(theoretical[0], numerical[0], atol=2e-2)
+    clone = L2Normalization.from_config(layer.get_config())
+    assert clone.scale == 10.0 and clone.epsilon == layer.epsilon
+    with pytest.raises(ValueError, match="scale"):
+        L2Normalization(scale=0)

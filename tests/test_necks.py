@@ -5,7 +5,7 @@ import pytest
 import tensorflow as tf
 
 from kerasdet.backbones.tiny import TinyBackbone
-from kerasdet.necks import FPN, upsample_nearest_to
+from kerasdet.necks import FPN, TransferConnectionBlocks, upsample_nearest_to
 
 
 def np_conv2d_same(x, kernel, bias):
@@ -183,3 +183,87 @@ def test_fpn_respects_mixed_precision_policy():
     for name, value in out.items():
         assert value.dtype == tf.float16, name
         np.testing.assert_allclose(value.numpy().astype(np.float32), reference[name].numpy(), rtol=2e-2, atol=2e-2)
+
+
+# ----------------------------------------------------------------------------- RefineDet TCBs
+
+def np_deconv_2x2_stride2(x, kernel, bias):
+    """Transposed conv, kernel 2, stride 2, no padding: out[2i+a, 2j+b, o] = sum_c x[i, j, c] K[a, b, o, c]."""
+    b, h, w, _ = x.shape
+    out = np.zeros((b, 2 * h, 2 * w, kernel.shape[2]))
+    for a in range(2):
+        for c in range(2):
+            out[:, a::2, c::2, :] = x.astype(np.float64) @ kernel[a, c].T.astype(np.float64)
+    return out + bias
+
+
+def test_transfer_connection_blocks_match_numpy_on_odd_sizes():
+    rng = np.random.default_rng(8)
+    # Three ARM levels; 5x7 under 3x4 under 2x2 are the rounded-up sizes of stride-2 layers.
+    features = random_features(rng, {"a": (5, 7), "b": (3, 4), "c": (2, 2)}, (3, 5, 4), batch=2)
+    tcb = TransferConnectionBlocks(("a", "b", "c"), channels=6)
+    tcb(features)
+    for layer in tcb.first_convs + tcb.second_convs + tcb.output_convs + tcb.upsamplers:
+        kernel, bias = layer.get_weights()
+        layer.set_weights([kernel, rng.normal(0, 0.3, bias.shape)])
+    out = {k: v.numpy() for k, v in tcb(features).items()}
+    assert list(out) == ["P3", "P4", "P5"]
+
+    def w(name):
+        layers = tcb.first_convs + tcb.second_convs + tcb.output_convs + tcb.upsamplers
+        return [layer for layer in layers if layer.name == name][0].get_weights()
+
+    relu = lambda v: np.maximum(v, 0)  # noqa: E731
+    t5 = relu(np_conv2d_same(relu(np_conv2d_same(features["c"], *w("tl5_1"))), *w("tl5_2")))
+    p5 = relu(np_conv2d_same(t5, *w("p5")))
+    t4 = np_conv2d_same(relu(np_conv2d_same(features["b"], *w("tl4_1"))), *w("tl4_2"))
+    up5 = np_deconv_2x2_stride2(p5, *w("p5_up"))[:, :3, :4]
+    p4 = relu(np_conv2d_same(relu(t4 + up5), *w("p4")))
+    t3 = np_conv2d_same(relu(np_conv2d_same(features["a"], *w("tl3_1"))), *w("tl3_2"))
+    up4 = np_deconv_2x2_stride2(p4, *w("p4_up"))[:, :5, :7]
+    p3 = relu(np_conv2d_same(relu(t3 + up4), *w("p3")))
+    for name, expected in (("P5", p5), ("P4", p4), ("P3", p3)):
+        np.testing.assert_allclose(out[name], expected, rtol=1e-4, atol=1e-4, err_msg=name)
+
+
+def test_transfer_connection_blocks_gradient_and_config():
+    rng = np.random.default_rng(9)
+    tcb = TransferConnectionBlocks(("x", "y"), output_names=("odm1", "odm2"), channels=2)
+    low = tf.constant(rng.normal(size=(1, 3, 3, 2)), tf.float64)
+    high = tf.constant(rng.normal(size=(1, 2, 2, 2)), tf.float64)
+
+    def shallow(a, b):
+        return tcb({"x": tf.cast(a, tf.float32), "y": tf.cast(b, tf.float32)})["odm1"]
+
+    theoretical, numerical = tf.test.compute_gradient(shallow, [low, high])
+    for t, n in zip(theoretical, numerical):
+        np.testing.assert_allclose(t, n, atol=2e-2)
+    clone = TransferConnectionBlocks.from_config(tcb.get_config())
+    assert clone.get_config() == tcb.get_config()
+    inputs = {"x": tf.cast(low, tf.float32), "y": tf.cast(high, tf.float32)}
+    clone(inputs)
+    clone.set_weights(tcb.get_weights())
+    np.testing.assert_allclose(clone(inputs)["odm2"].numpy(), tcb(inputs)["odm2"].numpy(), rtol=1e-6)
+    with pytest.raises(ValueError, match="output_names"):
+        TransferConnectionBlocks(("x", "y"), output_names=("only_one",))
+    with pytest.raises(ValueError, match="lacks"):
+        tcb({"x": inputs["x"]})
+
+
+def test_refinedet_vgg_backbone_with_l2_norm_and_tcbs():
+    from kerasdet.backbones import get
+    from kerasdet.layers.normalization import L2Normalization
+
+    backbone = get("vgg16_refinedet")
+    inputs = keras.Input((None, None, 3))
+    arm = dict(backbone(inputs))
+    arm["conv4_3"] = L2Normalization(10.0, name="conv4_3_norm")(arm["conv4_3"])
+    arm["conv5_3"] = L2Normalization(8.0, name="conv5_3_norm")(arm["conv5_3"])
+    odm = TransferConnectionBlocks(("conv4_3", "conv5_3", "fc7", "conv6_2"), channels=32)(arm)
+    model = keras.Model(inputs, odm)
+    specs = model.compute_output_spec(keras.KerasTensor((1, 320, 320, 3)))
+    assert {k: tuple(v.shape) for k, v in specs.items()} == {
+        "P3": (1, 40, 40, 32), "P4": (1, 20, 20, 32), "P5": (1, 10, 10, 32), "P6": (1, 5, 5, 32)}
+    out = model(np.zeros((1, 72, 88, 3), np.float32))   # not a multiple of 64: cropping kicks in
+    for name, stride in zip(("P3", "P4", "P5", "P6"), (8, 16, 32, 64)):
+        assert tuple(out[name].shape[1:3]) == (-(-72 // stride), -(-88 // stride)), name

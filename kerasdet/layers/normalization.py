@@ -6,11 +6,13 @@
   because per-GPU batches of 1-2 images give useless batch statistics.
 - `LocalResponseNormalization`: the cross-channel LRN of AlexNet / ZF-net (Krizhevsky et al. 2012,
   Zeiler & Fergus 2014), with Caffe's parameterization.
+- `L2Normalization`: ParseNet's per-position L2 normalization with a learned per-channel scale
+  (Liu et al. 2015), which SSD and RefineDet put on conv4_3 (scale 10) and conv5_3 (scale 8).
 """
 import keras
 import tensorflow as tf
 
-__all__ = ["FrozenBatchNormalization", "LocalResponseNormalization"]
+__all__ = ["FrozenBatchNormalization", "L2Normalization", "LocalResponseNormalization"]
 
 
 @keras.saving.register_keras_serializable(package="kerasdet")
@@ -93,4 +95,47 @@ class LocalResponseNormalization(keras.layers.Layer):
     def get_config(self):
         config = super().get_config()
         config.update({"size": self.size, "alpha": self.alpha, "beta": self.beta, "k": self.k})
+        return config
+
+
+@keras.saving.register_keras_serializable(package="kerasdet")
+class L2Normalization(keras.layers.Layer):
+    """y[..., c] = gamma_c * x[..., c] / ||x[...]||_2, the norm taken over the channels of each position.
+
+    ``gamma`` (one per channel) starts at ``scale`` and is learned (ParseNet; SSD / RefineDet use 10
+    on conv4_3 and 8 on conv5_3). Wraps `tf.math.l2_normalize`, which divides by
+    sqrt(max(sum x^2, epsilon)); Caffe's Normalize layer uses sqrt(sum x^2 + epsilon) instead, which
+    differs only for feature vectors of norm below ~1e-5.
+
+    Args:
+        scale: initial value of every gamma.
+        epsilon: floor of the squared norm.
+    """
+
+    def __init__(self, scale=20.0, epsilon=1e-10, **kwargs):
+        super().__init__(**kwargs)
+        if not scale > 0:
+            raise ValueError(f"L2Normalization: `scale` must be positive, got {scale!r}")
+        self.scale = float(scale)
+        self.epsilon = float(epsilon)
+
+    def build(self, input_shape):
+        channels = input_shape[-1]
+        if channels is None:
+            raise ValueError("L2Normalization: the channel dimension of the input must be known")
+        self.gamma = self.add_weight(name="gamma", shape=(channels,),
+                                     initializer=keras.initializers.Constant(self.scale))
+
+    def call(self, inputs):
+        # The norm is computed in float32: a sum of squares of float16 activations overflows.
+        x = tf.cast(inputs, tf.float32)
+        y = tf.math.l2_normalize(x, axis=-1, epsilon=self.epsilon) * tf.cast(self.gamma, tf.float32)
+        return tf.cast(y, self.compute_dtype)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"scale": self.scale, "epsilon": self.epsilon})
         return config
