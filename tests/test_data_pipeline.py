@@ -238,3 +238,19 @@ def test_hand_built_records_are_validated(tmp_path):
                               str(tmp_path))
         with pytest.raises(BadInputError, match=rf"record 0 \(image id 3, a.png\): .*{message}"):
             build_dataset(ds, 1, image_size=16)
+
+
+def test_resize_scale_formulas_match_numpy():
+    from kerasdet.data.pipeline import resize_scale
+
+    rng = np.random.default_rng(0)
+    for h, w in list(rng.integers(1, 2000, size=(40, 2))) + [(1, 1000), (1000, 1)]:
+        S, M = 800, 1333
+        s = min(S / min(h, w), M / max(h, w))
+        got = [float(v) for v in resize_scale(tf.constant(float(h)), tf.constant(float(w)),
+                                              min_size=S, max_size=M)]
+        assert got == [max(np.round(h * s), 1), max(np.round(w * s), 1)]
+        s = min(320 / h, 256 / w)
+        got = [float(v) for v in resize_scale(tf.constant(float(h)), tf.constant(float(w)),
+                                              image_size=(320, 256))]
+        assert got == [np.clip(np.round(h * s), 1, 320), np.clip(np.round(w * s), 1, 256)]

@@ -153,8 +153,8 @@ def resize_scale(height, width, min_size=None, max_size=None, image_size=None,
         if not keep_aspect_ratio:
             return tf.constant(target_h), tf.constant(target_w)
         scale = tf.minimum(target_h / height, target_w / width)
-        return (tf.minimum(tf.round(height * scale), target_h),
-                tf.minimum(tf.round(width * scale), target_w))
+        return (tf.clip_by_value(tf.round(height * scale), 1.0, target_h),
+                tf.clip_by_value(tf.round(width * scale), 1.0, target_w))
     scale = tf.cast(min_size, tf.float32) / tf.minimum(height, width)
     if max_size is not None:
         scale = tf.minimum(scale, float(max_size) / tf.maximum(height, width))
