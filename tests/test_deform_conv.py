@@ -173,7 +173,8 @@ def test_half_precision_inputs_are_accepted(dtype):
 
 # ----------------------------------------------------------------------------- gradients
 def _max_gradient_error(fn, args, delta):
-    theoretical, numerical = tf.test.compute_gradient(fn, args, delta=delta)
+    # One graph call per finite difference instead of an eager op sequence: 50x faster.
+    theoretical, numerical = tf.test.compute_gradient(tf.function(fn), args, delta=delta)
     return max(np.abs(t - n).max() / max(1.0, np.abs(n).max())
                for t, n in zip(theoretical, numerical))
 
@@ -181,9 +182,9 @@ def _max_gradient_error(fn, args, delta):
 @pytest.mark.parametrize("use_mask,groups", [(False, 1), (True, 2)])
 def test_fallback_gradients_numerically(use_mask, groups):
     rng = np.random.default_rng(5)
-    x, offsets, kernel, mask, kwargs, _ = _case(rng, b=1, h=4, w=4, c_in=2, c_out=2,
+    x, offsets, kernel, mask, kwargs, _ = _case(rng, b=1, h=3, w=3, c_in=2, c_out=2, k=(2, 2),
                                                 use_mask=use_mask, groups=groups, off_grid=True,
-                                                strides=1, padding=1)
+                                                strides=1, padding=0)
     args = [tf.constant(a) for a in (x, offsets, kernel) + ((mask,) if use_mask else ())]
 
     def fn(x, offsets, kernel, mask=None):
@@ -223,8 +224,8 @@ def test_kernel_gradients_match_fallback(name):
 @needs_kernels
 def test_kernel_gradients_numerically():
     rng = np.random.default_rng(7)
-    x, offsets, kernel, mask, kwargs, _ = _case(rng, b=1, h=4, w=5, c_in=4, c_out=2, groups=2,
-                                                use_mask=True, off_grid=True)
+    x, offsets, kernel, mask, kwargs, _ = _case(rng, b=1, h=3, w=3, c_in=4, c_out=2, k=(2, 2),
+                                                groups=2, use_mask=True, off_grid=True, padding=0)
     args = [tf.constant(a, tf.float32) for a in (x, offsets, kernel, mask)]
 
     def fn(x, offsets, kernel, mask):
