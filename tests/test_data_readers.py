@@ -122,7 +122,7 @@ def test_coco_missing_and_corrupt_images(coco_files):
     path = _write_coco(tmp_path, images, annotations)
     with pytest.raises(BadInputError, match=r"image id 9 \(missing.png\).*not found"):
         load_coco(path, str(root))
-    with pytest.warns(BadInputWarning, match="unreadable or missing image"):
+    with pytest.warns(BadInputWarning, match="missing, unreadable or wrong-size image skipped"):
         ds = load_coco(path, str(root), on_bad="skip")
     assert [r.image_id for r in ds] == [1, 5]
     # Corrupt file: not an image at all.
@@ -258,6 +258,22 @@ def test_voc_bad_inputs(tmp_path):
         load_voc(str(root), "train")
     with pytest.raises(FileNotFoundError, match="val.txt"):
         load_voc(str(root), "val")
+
+
+def test_voc_missing_image_error_and_skip(tmp_path):
+    root = _voc_tree(tmp_path, _obj("dog", (1, 1, 10, 5)))
+    with open(root / "ImageSets" / "Main" / "train.txt", "a") as f:
+        f.write("000002\n")  # listed, but neither its XML nor its image exist
+    with pytest.raises(BadInputError, match=r"000002.xml \(image 000002\): annotation file not found"):
+        load_voc(str(root), "train")
+    (root / "Annotations" / "000002.xml").write_text(
+        "<annotation><filename>000002.jpg</filename></annotation>")
+    with pytest.raises(BadInputError, match=r"image 000002.*image file not found"):
+        load_voc(str(root), "train")
+    with pytest.warns(BadInputWarning, match="1 x missing or unreadable image or annotation skipped"):
+        ds = load_voc(str(root), "train", on_bad="skip")
+    assert [r.image_id for r in ds] == ["000001"]
+    assert ds.report.as_dict() == {"missing or unreadable image or annotation skipped": 1}
 
 
 def test_voc_nan_and_escape(tmp_path):

@@ -95,7 +95,7 @@ def load_coco(annotation_file: str, image_root: str, *, on_bad: str = "error",
         except BadInputError:
             if on_bad == "error":
                 raise
-            report.add("unreadable or missing image skipped", where)
+            report.add("missing, unreadable or wrong-size image skipped", where)
             continue
         record = _record(image_id, rel, int(width), int(height), annotations.get(image_id, []),
                          label_of, where, on_bad, report, load_masks)

@@ -89,7 +89,7 @@ def load_voc(root: str, split: str = "trainval", *, class_names=VOC_CLASSES, on_
         except BadInputError:
             if on_bad == "error":
                 raise
-            report.add("unreadable image or annotation skipped", where)
+            report.add("missing or unreadable image or annotation skipped", where)
             continue
         if skip_empty and record.num_objects == 0:
             continue
