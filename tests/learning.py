@@ -9,12 +9,16 @@ from kerasdet.evaluation import evaluate_model
 
 
 def fit_and_evaluate(model, data, epochs, learning_rate=0.02, batch_size=4, with_masks=False,
-                     metrics=("voc",)):
-    """Returns (history dict, metrics dict, seconds of training)."""
+                     metrics=("voc",), map_batches=None):
+    """Returns (history dict, metrics dict, seconds of training).
+
+    `map_batches` (a function batch -> batch) adds model-specific inputs, e.g. proposals."""
     train, val = data
     train_ds = build_dataset(train, batch_size, training=True, image_size=(128, 128), seed=0,
                              with_masks=with_masks)
     val_ds = build_dataset(val, batch_size, image_size=(128, 128), with_masks=with_masks)
+    if map_batches is not None:
+        train_ds, val_ds = train_ds.map(map_batches), val_ds.map(map_batches)
     model.compile(optimizer=keras.optimizers.SGD(learning_rate, momentum=0.9, weight_decay=1e-4,
                                                  clipnorm=10.0))
     start = time.perf_counter()

@@ -121,10 +121,11 @@ def _default_predict(model, batch):
     images, _, _ = _split_batch(batch)
     # predict_on_batch goes through the model's own (compiled, cached) predict function, exactly
     # what model.predict does per batch, so a detector's predict_step (decode + NMS) is used.
-    # kerasdet detectors also take `image_info`, to clip boxes to each image's unpadded region.
-    if getattr(model, "accepts_batch_dict", False) and isinstance(batch, dict) \
-            and "image_info" in batch:
-        return model.predict_on_batch({"images": images, "image_info": batch["image_info"]})
+    # kerasdet detectors name the batch entries they predict from (`image_info` to clip boxes to
+    # each unpadded image, Fast R-CNN's `proposals`).
+    keys = getattr(model, "predict_input_keys", None)
+    if keys and isinstance(batch, dict):
+        return model.predict_on_batch({k: batch[k] for k in keys if k in batch})
     return model.predict_on_batch(images)
 
 

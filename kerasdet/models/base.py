@@ -40,8 +40,8 @@ class Detector(keras.Model):
     """Base class: Keras plumbing around `compute_detection_losses` and `detect`."""
 
     loss_names = ()
-    # predict / predict_on_batch accept the pipeline's batch dict ({"images", "image_info"}).
-    accepts_batch_dict = True
+    # The batch entries predict uses; predict / predict_on_batch also take a plain image tensor.
+    predict_input_keys = ("images", "image_info")
 
     def __init__(self, num_classes, **kwargs):
         super().__init__(**kwargs)
