@@ -13,9 +13,9 @@ VGG-16 reduced (DeepLab-LargeFOV; Liu et al. SSD 2016; Zhang et al. RefineDet 20
 conv6_2 (3x3/2, padding 1, 512). Two styles differ in pool5 and the dilation:
   "ssd":       pool5 3x3/1 (padding 1), conv_fc6 dilation 6 -> conv4_3, conv5_3, fc7, conv6_2 at
                strides 8, 16, 16, 32 (SSD's fc7 layout);
-  "refinedet": pool5 2x2/2, conv_fc6 dilation 3 -> strides 8, 16, 32, 64, the four layers "with the
-               total stride sizes 8, 16, 32, and 64" of the RefineDet paper (40, 20, 10, 5 cells at
-               320x320, as its reference Caffe model).
+  "refinedet": pool5 2x2/2, conv_fc6 dilation 3 -> strides 8, 16, 32, 64, the total strides the
+               RefineDet paper gives for its four detection layers (40, 20, 10, 5 cells at 320x320,
+               as in its reference Caffe model).
 Outputs: "conv4_3", "conv5_3", "fc7" (the output of conv_fc7) and "conv6_2".
 """
 import keras

@@ -2,9 +2,8 @@
 Object Detection", CVPR 2018, sec. 3 "Transfer Connection Block" and Fig. 2).
 
 The TCBs turn the anchor refinement module's (ARM) feature maps into the object detection module's
-(ODM) maps, top-down, adding each higher level to the one below it ("to integrate large-scale
-context ... we use the deconvolution operation to enlarge the high-level feature maps and sum them in
-the element-wise way. Then, we add a convolution layer after the summation"). For ARM maps
+(ODM) maps, top-down: each higher ODM level is enlarged by a deconvolution, summed element-wise with
+the transferred lower level for large-scale context, and a convolution follows the sum. For ARM maps
 x_1..x_L (shallowest first; L = top) with ``channels`` = 256:
     top level:    t = relu(conv3x3(relu(conv3x3(x_L))));            P_L = relu(conv3x3(t))
     other levels: t = conv3x3(relu(conv3x3(x_k)))   (no ReLU)
