@@ -9,7 +9,6 @@ code as `kerasdet train` (kerasdet.zoo.training).
 import argparse
 import json
 import os
-import shlex
 import sys
 import time
 
@@ -50,7 +49,10 @@ def main(argv=None):
     file_name = f"{args.entry}.weights.h5"
     target = os.path.join(zoo_folder, "weights", file_name)
     os.makedirs(os.path.dirname(target), exist_ok=True)
-    model.save_weights(target)
+    # A fresh model holds the same layers without the optimizer's slots: half the file size.
+    shipped = zoo.build(args.entry)
+    shipped.set_weights(model.get_weights())
+    shipped.save_weights(target)
     with open(entry.source_file, encoding="utf-8") as handle:
         document = json.load(handle)
     record = document["entries"][args.entry]
@@ -66,8 +68,9 @@ def main(argv=None):
                        f"{seconds:.0f} s on 2 CPU cores"),
         "training_seed": args.seed,
     }
-    record["command"] = "python train/make_shipped_weights.py " + " ".join(
-        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    # --work only chooses a scratch folder, so it is left out of the recorded command.
+    record["command"] = (f"python train/make_shipped_weights.py --entry {args.entry} --seed {args.seed}"
+                         + (f" --epochs {args.epochs}" if args.epochs else ""))
     with open(entry.source_file, "w", encoding="utf-8") as handle:
         json.dump(document, handle, indent=2)
         handle.write("\n")

@@ -1,0 +1,213 @@
+"""kerasdet.zoo: registry, weights store (sha256 before loading), training schedule, shipped weights."""
+import hashlib
+import json
+import os
+import warnings
+
+import keras
+import numpy as np
+import pytest
+
+from kerasdet import zoo
+from kerasdet.zoo import training, weights as store
+
+REQUIRED = ("fast_rcnn_r50", "faster_rcnn_r50_c4", "faster_rcnn_r50_fpn", "faster_rcnn_r101_fpn",
+            "rfcn_r101", "mask_rcnn_r50_fpn", "mask_rcnn_r101_fpn", "cascade_rcnn_r50_fpn",
+            "cascade_rcnn_r101", "cascade_mask_rcnn_r101_fpn", "faster_rcnn_r50_fpn_dcn",
+            "rfcn_r101_dcn", "faster_rcnn_tiny_fpn_synthetic")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERASDET_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("KERASDET_WEIGHTS", raising=False)
+
+
+# ----------------------------------------------------------------------------- registry
+def test_list_holds_every_required_entry_and_info_describes_them():
+    names = zoo.list()
+    assert names == sorted(names)
+    for name in REQUIRED:
+        assert name in names
+        description = zoo.info(name)
+        assert description["name"] == name
+        assert description["class_names"] and description["input"]
+        assert description["status"].startswith(("trained weights", "random weights",
+                                                 "not implemented yet"))
+        if description["weights"] is None:  # no invented numbers for entries without weights
+            assert description["metrics"] == {}
+            assert description["status"] != "trained weights"
+
+
+def test_unknown_name_suggests_close_names():
+    with pytest.raises(zoo.UnknownModelError) as caught:
+        zoo.info("faster_rcnn_r50fpn")
+    message = str(caught.value)
+    assert "faster_rcnn_r50_fpn" in message and "faster_rcnn_r50fpn" in message
+
+
+def _write_zoo(folder, entries):
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "test_family.json"), "w") as handle:
+        json.dump({"family": "test_family", "entries": entries}, handle)
+    return folder
+
+
+def _tiny_entry(weights=None, num_classes=2):
+    return {"class": "kerasdet.models.faster_rcnn:FasterRCNN",
+            "arguments": {"num_classes": num_classes, "backbone": "tiny", "fpn_channels": 16,
+                          "fc_dim": 32, "anchor_sizes": [[16], [32], [64], [128], [256]],
+                          "rpn_pre_nms_top_k_test": 50, "rpn_post_nms_top_k_test": 20},
+            "dataset": "synthetic", "class_names": ["a", "b"], "input": {"image_size": [64, 64]},
+            "weights": weights, "metrics": {}}
+
+
+def test_entries_whose_class_is_missing_are_listed_as_not_implemented(tmp_path, monkeypatch):
+    missing = dict(_tiny_entry(), **{"class": "kerasdet.models.not_written_yet:Nothing"})
+    monkeypatch.setenv("KERASDET_ZOO_DIR", _write_zoo(str(tmp_path / "zoo"), {"ghost": missing}))
+    assert zoo.list() == ["ghost"]
+    assert zoo.info("ghost")["status"].startswith("not implemented yet")
+    with pytest.raises(zoo.NotImplementedYetError, match="ghost"):
+        zoo.load("ghost")
+
+
+def test_bad_zoo_file_is_reported_with_its_path(tmp_path, monkeypatch):
+    folder = _write_zoo(str(tmp_path / "zoo"), {"broken": {"class": "x:y"}})
+    monkeypatch.setenv("KERASDET_ZOO_DIR", folder)
+    with pytest.raises(ValueError, match="test_family.json.*broken"):
+        zoo.list()
+
+
+def test_load_without_weights_warns_and_builds_a_working_model(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERASDET_ZOO_DIR", _write_zoo(str(tmp_path / "zoo"), {"t": _tiny_entry()}))
+    with pytest.warns(zoo.RandomWeightsWarning, match="random weights"):
+        model = zoo.load("t")
+    assert model.built and model.kerasdet_input == {"image_size": [64, 64]}
+    out = model.predict_on_batch(np.zeros([1, 64, 64, 3], np.float32))
+    assert out["boxes"].shape == (1, 100, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert zoo.load("t", weights=None).num_classes == 2
+
+
+# ----------------------------------------------------------------------------- weights store
+def _dense_model(seed):
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, name="d")])
+    model.layers[0].kernel.assign(np.random.default_rng(seed).normal(size=(3, 2)).astype("float32"))
+    return model
+
+
+def _reference_sha256(path):
+    with open(path, "rb") as handle:
+        return hashlib.sha256(handle.read()).hexdigest()
+
+
+@pytest.fixture
+def weights_file(tmp_path):
+    path = str(tmp_path / "src" / "small.weights.h5")
+    os.makedirs(os.path.dirname(path))
+    source = _dense_model(1)
+    source.save_weights(path)
+    return path, _reference_sha256(path), source.layers[0].kernel.numpy()
+
+
+def test_sha256_of_matches_hashlib_on_the_whole_file(weights_file):
+    path, digest, _ = weights_file
+    assert store.sha256_of(path, chunk_size=7) == digest
+
+
+def test_local_path_and_file_url_load_after_verification(weights_file, tmp_path):
+    path, digest, kernel = weights_file
+    local = store.resolve_weights_file(path, digest)
+    assert local == path
+    fetched = store.resolve_weights_file("file://" + path, digest, "fetched.weights.h5")
+    assert fetched.startswith(str(tmp_path / "home" / "weights"))  # copied into the cache
+    target = _dense_model(2)
+    store.load_verified_weights(target, fetched, digest)
+    np.testing.assert_array_equal(target.layers[0].kernel.numpy(), kernel)
+
+
+def test_corrupted_file_is_rejected_before_loading(weights_file, monkeypatch):
+    path, digest, _ = weights_file
+    with open(path, "r+b") as handle:
+        handle.seek(100)
+        handle.write(b"\x00garbage\x00")
+    actual = _reference_sha256(path)
+    target = _dense_model(2)
+    calls = []
+    monkeypatch.setattr(target, "load_weights", lambda *a, **k: calls.append(a))
+    with pytest.raises(store.WeightsHashError) as caught:
+        store.load_verified_weights(target, path, digest)
+    message = str(caught.value)
+    assert path in message and digest in message and actual in message
+    assert calls == []  # never handed to Keras
+
+
+def test_wrong_hash_on_download_deletes_the_file(weights_file, tmp_path):
+    path, digest, _ = weights_file
+    wrong = "0" * 64
+    with pytest.raises(store.WeightsHashError, match=f"expected {wrong}, got {digest}"):
+        store.resolve_weights_file("file://" + path, wrong, "copy.weights.h5")
+    assert not os.path.exists(tmp_path / "home" / "weights" / "copy.weights.h5")
+
+
+def test_missing_file_and_offline_errors_say_how_to_place_the_file(tmp_path):
+    with pytest.raises(store.WeightsError, match="KERASDET_WEIGHTS"):
+        store.resolve_weights_file(str(tmp_path / "absent.weights.h5"), "0" * 64)
+    # Port 9 (discard) on localhost refuses connections: the offline case, without any network.
+    with pytest.raises(store.WeightsError, match="Offline.*KERASDET_WEIGHTS"):
+        store.resolve_weights_file("http://127.0.0.1:9/model.weights.h5", "0" * 64)
+
+
+def test_kerasdet_weights_override_is_used_and_still_verified(weights_file, monkeypatch):
+    path, digest, _ = weights_file
+    monkeypatch.setenv("KERASDET_WEIGHTS", os.path.dirname(path))
+    assert store.resolve_weights_file("http://127.0.0.1:9/small.weights.h5", digest) == path
+    with pytest.raises(store.WeightsHashError):
+        store.resolve_weights_file("http://127.0.0.1:9/small.weights.h5", "1" * 64)
+
+
+def test_only_keras_weights_files_are_accepted(tmp_path):
+    with pytest.raises(store.WeightsError, match="weights.h5"):
+        store.resolve_weights_file(str(tmp_path / "model.pkl"), "0" * 64)
+    with pytest.raises(store.WeightsError, match="no sha256"):
+        store.verify_sha256(__file__, None)
+
+
+# ----------------------------------------------------------------------------- schedule
+def _schedule_reference(step, lr, boundaries, factor, warmup, warmup_factor):
+    rate = lr * factor ** sum(step >= b for b in boundaries)
+    if warmup:
+        alpha = min(step / warmup, 1.0)
+        rate *= warmup_factor + (1 - warmup_factor) * alpha
+    return rate
+
+
+def test_warmup_step_schedule_matches_the_reference():
+    schedule = training.WarmupStepSchedule(0.02, [30, 60], 0.1, warmup_steps=10, warmup_factor=0.001)
+    for step in (0, 1, 5, 10, 29, 30, 59, 60, 100):
+        expected = _schedule_reference(step, 0.02, [30, 60], 0.1, 10, 0.001)
+        assert float(schedule(step)) == pytest.approx(expected, rel=1e-6)
+    clone = training.WarmupStepSchedule.from_config(schedule.get_config())
+    assert float(clone(45)) == pytest.approx(float(schedule(45)))
+    with pytest.raises(ValueError, match="increasing"):
+        training.WarmupStepSchedule(0.1, [5, 3])
+
+
+# ----------------------------------------------------------------------------- shipped weights
+def test_shipped_tiny_weights_reach_the_recorded_map(tmp_path):
+    """Loads the committed weights (sha256-verified) and re-measures VOC mAP@0.5 on the held-out
+    synthetic images regenerated from the recorded seed. Tolerance 0.02: the files and weights
+    are identical, only float summation order may differ between CPUs."""
+    from kerasdet.zoo.data_spec import parse_data_spec
+
+    entry = zoo.info("faster_rcnn_tiny_fpn_synthetic")
+    assert entry["status"] == "trained weights", "run train/make_shipped_weights.py"
+    recorded = entry["metrics"]["voc_map50"]
+    assert recorded >= 0.5
+    model = zoo.load("faster_rcnn_tiny_fpn_synthetic")
+    data = parse_data_spec("synthetic:" + str(tmp_path / "data"), need_train=False)
+    val_ds = training.make_pipeline(data.val, entry["input"], 8, False)
+    summary = training.evaluate_detector(model, val_ds, data.class_names, quiet=True)
+    print(f"shipped weights: VOC mAP@0.5 {summary['voc_map50']:.4f} (recorded {recorded})")
+    assert summary["voc_map50"] == pytest.approx(recorded, abs=0.02)
