@@ -386,7 +386,7 @@ def test_deformable_resnet_starts_as_the_plain_one(r50):
     # torchvision weights the network computes exactly what the plain ResNet does.
     rng = np.random.default_rng(15)
     state = fake_torchvision_state_dict(r50, (3, 4, 6, 3), rng)
-    dcn = ResNet(50, include_top=True, deformable_stages=(5,))
+    dcn = ResNet(50, include_top=True, deformable_stages=(5,), extra_res6=True)   # res6: not in torchvision
     offset_weights = [w.path for w in dcn.weights if "offset_conv" in w.path]
     assert offset_weights and all(p.startswith("layer4_") for p in offset_weights)
     assert all(any(w.path == p for w in dcn.trainable_weights) for p in offset_weights)

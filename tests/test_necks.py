@@ -267,3 +267,22 @@ def test_refinedet_vgg_backbone_with_l2_norm_and_tcbs():
     out = model(np.zeros((1, 72, 88, 3), np.float32))   # not a multiple of 64: cropping kicks in
     for name, stride in zip(("P3", "P4", "P5", "P6"), (8, 16, 32, 64)):
         assert tuple(out[name].shape[1:3]) == (-(-72 // stride), -(-88 // stride)), name
+
+
+def test_refinedet_resnet101_res6_feeds_the_tcbs():
+    from kerasdet.backbones import ResNet
+
+    # RefineDet with ResNet-101: C3, C4, C5 and the extra res6 (512 channels) at strides 8..64.
+    backbone = ResNet(101, extra_res6=True)
+    assert backbone.strides == {"C2": 4, "C3": 8, "C4": 16, "C5": 32, "C6": 64}
+    res6 = [w for w in backbone.weights if w.path.startswith("res6_")]
+    # res6 bottleneck: 1x1 2048->128, 3x3 128->128, 1x1 128->512, projection 2048->512, BN gamma/beta.
+    expected = 2048 * 128 + 9 * 128 * 128 + 128 * 512 + 2048 * 512 + 2 * (128 + 128 + 512 + 512)
+    assert sum(int(np.prod(w.shape)) for w in res6 if "moving" not in w.path) == expected
+    inputs = keras.Input((None, None, 3))
+    arm = backbone(inputs)
+    odm = TransferConnectionBlocks(("C3", "C4", "C5", "C6"), channels=16)(arm)
+    specs = keras.Model(inputs, odm).compute_output_spec(keras.KerasTensor((1, 320, 320, 3)))
+    assert {k: tuple(v.shape) for k, v in specs.items()} == {
+        "P3": (1, 40, 40, 16), "P4": (1, 20, 20, 16), "P5": (1, 10, 10, 16), "P6": (1, 5, 5, 16)}
+    assert tuple(arm["C6"].shape) == (None, None, None, 512)

@@ -142,17 +142,21 @@ class ResNet(Backbone):
             Deformable ConvNets v1 (res5) or (3, 4, 5) for v2 (C3..C5 = layer2..layer4). Their offset
             convs start at zero, so a torchvision checkpoint loads and the net starts as the plain one.
         deformable_version: 1 (offsets only) or 2 (offsets and modulation mask).
+        extra_res6: append RefineDet's extra residual block "res6" (a bottleneck of 128, 128, 512
+            channels with stride 2 and a projection shortcut) after C5, output "C6" at stride 64.
     """
 
     def __init__(self, depth=50, frozen_bn=True, freeze_at=2, include_c5=True, include_top=False,
                  num_classes=1000, input_shape=(None, None, 3), input_normalization="torchvision",
-                 deformable_stages=(), deformable_version=1, name=None, **kwargs):
+                 deformable_stages=(), deformable_version=1, extra_res6=False, name=None, **kwargs):
         if depth not in STAGE_BLOCKS:
             raise ValueError(f"ResNet: `depth` must be one of {sorted(STAGE_BLOCKS)}, got {depth!r}")
         if not isinstance(freeze_at, int) or not 0 <= freeze_at <= 5:
             raise ValueError(f"ResNet: `freeze_at` must be an int in [0, 5], got {freeze_at!r}")
         if include_top and not include_c5:
             raise ValueError("ResNet: `include_top=True` needs `include_c5=True` (the fc reads C5)")
+        if extra_res6 and not include_c5:
+            raise ValueError("ResNet: `extra_res6=True` needs `include_c5=True` (res6 reads C5)")
         if not include_c5 and freeze_at == 5:
             raise ValueError("ResNet: `freeze_at=5` freezes layer4, which `include_c5=False` omits")
         input_shape = check_input_shape(input_shape, "ResNet")
@@ -184,6 +188,10 @@ class ResNet(Backbone):
                              deformable=deformable)
             outputs[f"C{stage + 1}"] = x
             strides[f"C{stage + 1}"] = 2 ** (stage + 1)
+        if extra_res6:
+            # 128 planes x expansion 4 = 512 output channels, as RefineDet's res6.
+            outputs["C6"] = bottleneck_block(x, "res6", 128, 2, downsample=True, frozen_bn=frozen_bn)
+            strides["C6"] = 64
         if include_top:
             pooled = keras.layers.GlobalAveragePooling2D(name="avgpool")(x)
             outputs["logits"] = keras.layers.Dense(num_classes, name="fc")(pooled)
@@ -200,6 +208,7 @@ class ResNet(Backbone):
         self.input_normalization = input_normalization
         self.deformable_stages = deformable_stages
         self.deformable_version = int(deformable_version)
+        self.extra_res6 = bool(extra_res6)
         for layer in self.layers:
             stage = _stage_of_layer(layer.name)
             if stage is not None and stage < freeze_at:
@@ -212,7 +221,7 @@ class ResNet(Backbone):
             "num_classes": self.num_classes, "input_shape": list(self._input_shape_arg),
             "input_normalization": self.input_normalization,
             "deformable_stages": list(self.deformable_stages), "deformable_version": self.deformable_version,
-            "name": self.name,
+            "extra_res6": self.extra_res6, "name": self.name,
         }
 
 
@@ -303,8 +312,9 @@ def load_torchvision_weights(model, state_dict):
     """Copies a torchvision ResNet state dict (a mapping key -> numpy array) into ``model``.
 
     ``model`` is a `ResNet` or a `ResNetConv5Head`; keys for layers the model lacks (e.g. ``fc`` when
-    ``include_top=False``, or everything but layer4 for the head) are skipped. The offset convs of
-    deformable blocks have no torchvision counterpart and keep their zero initialization. Conv kernels are
+    ``include_top=False``, or everything but layer4 for the head) are skipped. Parts with no
+    torchvision counterpart keep their initialization: the offset convs of deformable blocks (zero)
+    and the extra "res6" block. Conv kernels are
     transposed from [out, in, kh, kw] to [kh, kw, in, out] and the fc weight from [out, in] to
     [in, out]. Every weight of the model must receive a value; a missing key or a shape mismatch
     raises ValueError naming the key. Returns the list of keys that were used.
@@ -313,6 +323,8 @@ def load_torchvision_weights(model, state_dict):
 
     targets = {}
     for layer in model.layers:
+        if _stage_of_layer(layer.name) is None and layer.name != "fc":
+            continue
         for weight in layer.weights:
             # Only the layer's own weights: a DeformConv2D also lists its offset conv's "kernel".
             if weight.path.split("/")[-2] == layer.name:
