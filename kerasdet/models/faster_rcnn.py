@@ -163,8 +163,11 @@ class FasterRCNN(Detector):
             hidden = self.box_head(pooled)
         return self.box_predictor(hidden)
 
-    # -- Detector interface ---------------------------------------------------------------------
-    def compute_detection_losses(self, batch, training):
+    # -- the two halves of a two-stage detector, shared by its subclasses ------------------------
+    def first_stage(self, batch, training):
+        """Everything up to the proposals in training: returns a context dict with `batch`,
+        `images`, `image_shapes`, `gt_boxes`, `gt_labels` (padded, label -1), `roi_features`,
+        `proposals`, `proposal_valid`, and `losses` holding the RPN losses."""
         images = tf.cast(batch["images"], self.compute_dtype)
         image_shapes = batch_image_shapes(batch, images)
         gt_boxes, gt_labels = ground_truth(batch)
@@ -178,27 +181,56 @@ class FasterRCNN(Detector):
             seed=self.sampling_seed)
         losses = rpn_losses(tf.concat(logits, 1), tf.concat(deltas, 1), labels, targets)
         proposals, _, valid = self.proposals(logits, deltas, anchors, image_shapes, training)
-        r = self.roi_settings
-        sampled = sample_rois(proposals, valid, gt_boxes, gt_labels, num_samples=r["batch_size"],
-                              positive_fraction=r["positive_fraction"],
-                              foreground_iou=r["foreground_iou"],
-                              background_iou_low=r["background_iou_low"],
-                              seed=self.sampling_seed)
-        cls_logits, box_deltas = self.box_branch(roi_features, sampled["rois"], training=training)
-        losses["roi_cls"], losses["roi_box"] = box_head_losses(
-            cls_logits, box_deltas, sampled, weights=self.box_weights)
-        return losses
+        return dict(batch=batch, images=images, image_shapes=image_shapes, gt_boxes=gt_boxes,
+                    gt_labels=gt_labels, roi_features=roi_features, proposals=proposals,
+                    proposal_valid=valid, losses=losses)
 
-    def detect(self, images, image_shapes, training=False):
+    def sample_training_rois(self, context, foreground_iou=None):
+        """The second stage's training RoIs (sample_rois on the context's proposals)."""
+        r = self.roi_settings
+        return sample_rois(context["proposals"], context["proposal_valid"], context["gt_boxes"],
+                           context["gt_labels"], num_samples=r["batch_size"],
+                           positive_fraction=r["positive_fraction"],
+                           foreground_iou=foreground_iou or r["foreground_iou"],
+                           background_iou_low=r["background_iou_low"], seed=self.sampling_seed)
+
+    def second_stage_losses(self, context, training):
+        """Losses of everything after the proposals; subclasses extend or replace this."""
+        sampled = self.sample_training_rois(context)
+        context["sampled"] = sampled
+        cls_logits, box_deltas = self.box_branch(context["roi_features"], sampled["rois"],
+                                                 training=training)
+        cls_loss, box_loss = box_head_losses(cls_logits, box_deltas, sampled,
+                                             weights=self.box_weights)
+        return {"roi_cls": cls_loss, "roi_box": box_loss}
+
+    def first_stage_inference(self, images, image_shapes, training=False):
+        """(roi_features, proposals, proposal_valid) at test time."""
         rpn_features, roi_features = self.features(images, training=training)
         logits, deltas, anchors = self.rpn(rpn_features)
         proposals, _, valid = self.proposals(logits, deltas, anchors, image_shapes, False)
+        return roi_features, proposals, valid
+
+    def detect_boxes(self, roi_features, proposals, valid, image_shapes, training=False):
+        """The box branch on the proposals, decoded and NMSed: the predict dict."""
         cls_logits, box_deltas = self.box_branch(roi_features, proposals, training=training)
         return decode_detections(
             tf.nn.softmax(tf.cast(cls_logits, tf.float32)), tf.cast(box_deltas, tf.float32),
             proposals, valid, image_shapes, weights=self.box_weights,
             score_threshold=self.score_threshold, nms_iou=self.nms_iou,
             max_detections=self.max_detections)
+
+    # -- Detector interface ---------------------------------------------------------------------
+    def compute_detection_losses(self, batch, training):
+        context = self.first_stage(batch, training)
+        losses = context["losses"]
+        losses.update(self.second_stage_losses(context, training))
+        return losses
+
+    def detect(self, images, image_shapes, training=False):
+        roi_features, proposals, valid = self.first_stage_inference(images, image_shapes,
+                                                                    training)
+        return self.detect_boxes(roi_features, proposals, valid, image_shapes, training)
 
     def get_config(self):
         config = super().get_config()

@@ -1,0 +1,120 @@
+#!/usr/bin/env python
+"""Detector speed on this machine, printed as JSON.
+
+For each detector: inference latency at ResNet-50 scale (800 x 1216 input, batch 1, 80 classes;
+median of --repeats after a warm-up call that traces the graph), and the training-step time of the
+tiny configuration the learning tests use (128 x 128, batch 4). With --torchvision (needs torch and
+torchvision installed), the same-architecture torchvision models are timed in the same run, so the
+ratio compares the two frameworks on the same cores at the same moment.
+
+    python benchmarks/models.py [--models faster_rcnn_fpn,mask_rcnn_fpn] [--repeats 5]
+"""
+import argparse
+import importlib
+import json
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+# name -> (module, class, ResNet-50-scale kwargs, tiny kwargs, torchvision builder name)
+FPN_TINY = dict(backbone="tiny", fpn_channels=64, fc_dim=256,
+                anchor_sizes=((16,), (32,), (64,), (128,), (256,)), rpn_batch_size=128,
+                roi_batch_size=128, rpn_pre_nms_top_k_train=500, rpn_post_nms_top_k_train=300,
+                rpn_pre_nms_top_k_test=300, rpn_post_nms_top_k_test=100, seed=0)
+MODELS = {
+    "faster_rcnn_fpn": ("kerasdet.models.faster_rcnn", "FasterRCNN",
+                        dict(backbone="resnet50"), FPN_TINY, "fasterrcnn_resnet50_fpn"),
+    "faster_rcnn_c4": ("kerasdet.models.faster_rcnn", "FasterRCNN",
+                       dict(backbone="resnet50_c4", fpn=False, box_head="res5"),
+                       dict(FPN_TINY, fpn=False, anchor_sizes=((32, 64, 128),)), None),
+    "mask_rcnn_fpn": ("kerasdet.models.mask_rcnn", "MaskRCNN", dict(backbone="resnet50"),
+                      FPN_TINY, "maskrcnn_resnet50_fpn"),
+    "cascade_rcnn_fpn": ("kerasdet.models.cascade_rcnn", "CascadeRCNN",
+                         dict(backbone="resnet50"), FPN_TINY, None),
+    "rfcn": ("kerasdet.models.rfcn", "RFCN", dict(backbone="resnet50"), dict(backbone="tiny"),
+             None),
+}
+
+
+def median_seconds(fn, repeats):
+    fn()  # trace / warm up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def keras_inference(cls, kwargs, repeats):
+    model = cls(80, **kwargs)
+    model.build((1, 800, 1216, 3))
+    images = tf.random.uniform([1, 800, 1216, 3], 0, 255, seed=0)
+    predict = tf.function(lambda x: model(x, training=False))
+    return median_seconds(lambda: tf.nest.map_structure(lambda t: t.numpy(), predict(images)),
+                          repeats), model.count_params()
+
+
+def keras_train_step(cls, kwargs, repeats):
+    import keras
+
+    model = cls(3, **kwargs)
+    model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9))
+    rng = np.random.default_rng(0)
+    boxes = np.array([[[10, 10, 60, 60], [50, 40, 120, 100]]] * 4, np.float32)
+    batch = {"images": rng.uniform(0, 255, (4, 128, 128, 3)).astype(np.float32),
+             "bounding_boxes": {"boxes": boxes, "labels": np.array([[0, 1]] * 4, np.int32)},
+             "image_info": np.array([[128, 128, 1, 1, 128, 128]] * 4, np.float32)}
+    return median_seconds(lambda: model.train_on_batch(batch), repeats)
+
+
+def torchvision_inference(name, repeats):
+    import torch
+    import torchvision
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    model = getattr(torchvision.models.detection, name)(weights=None, weights_backbone=None,
+                                                        num_classes=81, min_size=800,
+                                                        max_size=1216).eval()
+    image = torch.rand(3, 800, 1216)
+    with torch.no_grad():
+        return median_seconds(lambda: model([image]), repeats)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--torchvision", action="store_true")
+    parser.add_argument("--skip-inference", action="store_true")
+    args = parser.parse_args()
+    report = {"tensorflow": tf.__version__, "cpus": os.cpu_count(), "models": {}}
+    for name in args.models.split(","):
+        module, cls_name, big, tiny, tv_name = MODELS[name]
+        entry = report["models"].setdefault(name, {})
+        try:
+            cls = getattr(importlib.import_module(module), cls_name)
+        except (ImportError, AttributeError) as err:
+            entry["skipped"] = f"not available: {err}"
+            continue
+        if not args.skip_inference:
+            seconds, params = keras_inference(cls, big, args.repeats)
+            entry.update(inference_800x1216_s=round(seconds, 3), parameters=params)
+        entry["train_step_tiny_s"] = round(keras_train_step(cls, tiny, args.repeats), 4)
+        if args.torchvision and tv_name and not args.skip_inference:
+            tv = torchvision_inference(tv_name, args.repeats)
+            entry["torchvision_inference_800x1216_s"] = round(tv, 3)
+            entry["speedup_vs_torchvision"] = round(tv / entry["inference_800x1216_s"], 2)
+        print(json.dumps({name: entry}), file=sys.stderr, flush=True)
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
