@@ -147,7 +147,8 @@ class StopOnNaN(keras.callbacks.Callback):
         loss = (logs or {}).get("loss")
         if loss is None or math.isfinite(float(loss)) or self.stopped:
             return
-        step = int(self.model.optimizer.iterations.numpy())
+        per_epoch = (self.params or {}).get("steps") or 0
+        step = self._epoch * per_epoch + batch + 1  # 1-based count of training steps
         where = (f"the last good checkpoint is {self.last_good_path}"
                  if self.last_good_path and os.path.isfile(self.last_good_path)
                  else "no epoch finished before it, so there is no good checkpoint")
