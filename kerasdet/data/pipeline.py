@@ -34,7 +34,8 @@ import numpy as np
 import tensorflow as tf
 
 from kerasdet.data import augment as aug
-from kerasdet.data.images import is_tiff, read_image
+from kerasdet.data.decode import decode_image_bytes, decode_image_file_python
+from kerasdet.data.images import is_tiff
 from kerasdet.data.masks import masks_for_record
 from kerasdet.data.records import DetectionDataset
 
@@ -47,21 +48,8 @@ _graph_fn = tf.autograph.experimental.do_not_convert
 # ----------------------------------------------------------------------------- sources
 def _decode_image(contents, tiff_path, is_tiff_file):
     """uint8 [h, w, 3] from encoded bytes; TIFF (which tf.io cannot decode) goes through read_image."""
-    def from_tiff():
-        return _python_decode(tiff_path)
-
-    def from_bytes():
-        return tf.io.decode_image(contents, channels=3, dtype=tf.uint8, expand_animations=False)
-
-    image = tf.cond(is_tiff_file, from_tiff, from_bytes)
-    image.set_shape([None, None, 3])
-    return image
-
-
-def _python_decode(path):
-    """read_image in the graph: its BadInputError (naming the file) becomes the tf.data error."""
-    image = tf.numpy_function(lambda p: read_image(p.decode()), [path], tf.uint8, stateful=False)
-    image = tf.reshape(image, tf.concat([tf.shape(image)[:2], [3]], 0))
+    image = tf.cond(is_tiff_file, lambda: decode_image_file_python(tiff_path),
+                    lambda: decode_image_bytes(contents))
     image.set_shape([None, None, 3])
     return image
 
@@ -114,7 +102,7 @@ def dataset_samples(dataset: DetectionDataset, with_masks: bool = False,
     @_graph_fn
     def load(row):
         if decoder == "python":
-            image = _python_decode(row["path"])
+            image = decode_image_file_python(row["path"])
         else:
             image = _decode_image(tf.io.read_file(row["path"]), row["path"], row["tiff"])
         shape = tf.shape(image)

@@ -20,6 +20,7 @@ import numpy as np
 import tensorflow as tf
 from PIL import Image
 
+from kerasdet.data.decode import decode_image_bytes
 from kerasdet.data.images import is_tiff, read_image
 from kerasdet.data.masks import masks_for_record
 from kerasdet.data.records import BadInputError, DetectionDataset
@@ -129,8 +130,7 @@ def parse_example(serialized, with_masks: bool = False) -> dict:
         features["object/mask"] = tf.io.VarLenFeature(tf.string)
     ex = tf.io.parse_single_example(serialized, features)
     dense = {k: tf.sparse.to_dense(v) for k, v in ex.items() if isinstance(v, tf.SparseTensor)}
-    image = tf.io.decode_image(ex["image/encoded"], channels=3, dtype=tf.uint8, expand_animations=False)
-    image.set_shape([None, None, 3])
+    image = decode_image_bytes(ex["image/encoded"])
     height = tf.cast(ex["image/height"], tf.int32)
     width = tf.cast(ex["image/width"], tf.int32)
     tf.debugging.Assert(tf.reduce_all(tf.equal(tf.shape(image)[:2], tf.stack([height, width]))),
