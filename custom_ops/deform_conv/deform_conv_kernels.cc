@@ -45,6 +45,133 @@ constexpr int64_t kMaxColumnFloats = int64_t{1} << 24;
 constexpr int64_t kChannelBlock = 16;
 
 // ------------------------------------------------------------------------------------------ CPU
+// The sampling loops are compiled for AVX-512, AVX2+FMA and baseline x86-64 and picked at load
+// time (GCC function multi-versioning): the library itself is built with TensorFlow's portable
+// flags, which alone would leave these channel loops at 128-bit SSE.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define KD_CPU_CLONES __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
+#else
+#define KD_CPU_CLONES
+#endif
+
+// Columns of output rows [row0 + begin, row0 + end) (columns points at row0's row).
+KD_CPU_CLONES void Im2ColRange(const Geometry& geo, const float* input, const float* offset,
+                               const float* mask, int64_t row0, int64_t begin, int64_t end,
+                               float* columns) {
+  const int C = geo.channels, cg = geo.group_channels(), K = geo.taps();
+  const int64_t P = geo.positions(), image = int64_t{geo.height} * geo.width * C;
+  for (int64_t r = begin; r < end; ++r) {
+    const int64_t row = row0 + r;
+    const float* img = input + (row / P) * image;
+    float* out = columns + r * K * C;
+    for (int g = 0; g < geo.groups; ++g) {
+      for (int t = 0; t < K; ++t) {
+        float m;
+        const BilinearTap tap = sample_tap(geo, offset, mask, row, g, t, &m);
+        const float w00 = m * tap.w00, w01 = m * tap.w01, w10 = m * tap.w10, w11 = m * tap.w11;
+        const float* a = img + (int64_t{tap.y0} * geo.width + tap.x0) * C + g * cg;
+        const float* b = img + (int64_t{tap.y0} * geo.width + tap.x1) * C + g * cg;
+        const float* c = img + (int64_t{tap.y1} * geo.width + tap.x0) * C + g * cg;
+        const float* d = img + (int64_t{tap.y1} * geo.width + tap.x1) * C + g * cg;
+        float* dst = out + t * C + g * cg;
+        for (int ch = 0; ch < cg; ++ch) {
+          dst[ch] = w00 * a[ch] + w01 * b[ch] + w10 * c[ch] + w11 * d[ch];
+        }
+      }
+    }
+  }
+}
+
+// d(loss)/d(offset) and d(loss)/d(mask) of rows [row0 + begin, row0 + end) from grad_columns.
+KD_CPU_CLONES void CoordinateGradRange(const Geometry& geo, const float* input,
+                                       const float* offset, const float* mask,
+                                       const float* grad_columns, int64_t row0, int64_t begin,
+                                       int64_t end, float* grad_offset, float* grad_mask) {
+  const int C = geo.channels, cg = geo.group_channels(), K = geo.taps();
+  const int64_t P = geo.positions(), image = int64_t{geo.height} * geo.width * C;
+  // The channel sums run in kLanes independent partial sums: without -ffast-math the compiler
+  // may not reorder a float reduction, so a single accumulator would stay scalar.
+  constexpr int kLanes = 16;
+  for (int64_t r = begin; r < end; ++r) {
+    const int64_t row = row0 + r;
+    const float* img = input + (row / P) * image;
+    const float* gcol = grad_columns + r * K * C;
+    for (int g = 0; g < geo.groups; ++g) {
+      for (int t = 0; t < K; ++t) {
+        float m;
+        const BilinearTap tap = sample_tap(geo, offset, mask, row, g, t, &m);
+        const float* a = img + (int64_t{tap.y0} * geo.width + tap.x0) * C + g * cg;
+        const float* b = img + (int64_t{tap.y0} * geo.width + tap.x1) * C + g * cg;
+        const float* c = img + (int64_t{tap.y1} * geo.width + tap.x0) * C + g * cg;
+        const float* d = img + (int64_t{tap.y1} * geo.width + tap.x1) * C + g * cg;
+        const float* gc = gcol + t * C + g * cg;
+        float sv[kLanes] = {}, sy[kLanes] = {}, sx[kLanes] = {};
+        int ch = 0;
+        for (; ch + kLanes <= cg; ch += kLanes) {
+          for (int j = 0; j < kLanes; ++j) {
+            const float va = a[ch + j], vb = b[ch + j], vc = c[ch + j], vd = d[ch + j];
+            const float grad = gc[ch + j];
+            sv[j] += grad * (tap.w00 * va + tap.w01 * vb + tap.w10 * vc + tap.w11 * vd);
+            sy[j] += grad * (tap.dy00 * va + tap.dy01 * vb + tap.dy10 * vc + tap.dy11 * vd);
+            sx[j] += grad * (tap.dx00 * va + tap.dx01 * vb + tap.dx10 * vc + tap.dx11 * vd);
+          }
+        }
+        for (; ch < cg; ++ch) {
+          const float va = a[ch], vb = b[ch], vc = c[ch], vd = d[ch], grad = gc[ch];
+          sv[0] += grad * (tap.w00 * va + tap.w01 * vb + tap.w10 * vc + tap.w11 * vd);
+          sy[0] += grad * (tap.dy00 * va + tap.dy01 * vb + tap.dy10 * vc + tap.dy11 * vd);
+          sx[0] += grad * (tap.dx00 * va + tap.dx01 * vb + tap.dx10 * vc + tap.dx11 * vd);
+        }
+        float value = 0.f, dy = 0.f, dx = 0.f;
+        for (int j = 0; j < kLanes; ++j) {
+          value += sv[j];
+          dy += sy[j];
+          dx += sx[j];
+        }
+        const int64_t k = g * K + t;
+        grad_offset[row * 2 * geo.groups * K + 2 * k] = m * dy;
+        grad_offset[row * 2 * geo.groups * K + 2 * k + 1] = m * dx;
+        if (geo.has_mask) grad_mask[row * geo.groups * K + k] = value;
+      }
+    }
+  }
+}
+
+// Adds grad_columns of rows [row0, row0 + rows) into grad_input, channels [c_begin, c_end) only.
+KD_CPU_CLONES void ScatterChannels(const Geometry& geo, const float* offset, const float* mask,
+                                   const float* grad_columns, int64_t row0, int64_t rows,
+                                   int c_begin, int c_end, float* grad_input) {
+  const int C = geo.channels, cg = geo.group_channels(), K = geo.taps();
+  const int64_t P = geo.positions(), image = int64_t{geo.height} * geo.width * C;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t row = row0 + r;
+    float* gimg = grad_input + (row / P) * image;
+    const float* gcol = grad_columns + r * K * C;
+    for (int g = 0; g < geo.groups; ++g) {
+      const int lo = std::max(g * cg, c_begin), hi = std::min((g + 1) * cg, c_end);
+      if (lo >= hi) continue;
+      for (int t = 0; t < K; ++t) {
+        float m;
+        const BilinearTap tap = sample_tap(geo, offset, mask, row, g, t, &m);
+        const float w[4] = {m * tap.w00, m * tap.w01, m * tap.w10, m * tap.w11};
+        const int64_t at[4] = {(int64_t{tap.y0} * geo.width + tap.x0) * C,
+                               (int64_t{tap.y0} * geo.width + tap.x1) * C,
+                               (int64_t{tap.y1} * geo.width + tap.x0) * C,
+                               (int64_t{tap.y1} * geo.width + tap.x1) * C};
+        const float* src = gcol + t * C;
+        for (int corner = 0; corner < 4; ++corner) {
+          // A corner outside the map has weight 0 and a clamped index: skip it, so that an
+          // infinite upstream gradient cannot leak a NaN into an unrelated pixel.
+          if (w[corner] == 0.f) continue;
+          float* dst = gimg + at[corner];
+          const float wc = w[corner];
+          for (int ch = lo; ch < hi; ++ch) dst[ch] += wc * src[ch];
+        }
+      }
+    }
+  }
+}
+
 struct CpuBackend {
   static void Shard(OpKernelContext* ctx, int64_t total, int64_t cost,
                     const std::function<void(int64_t, int64_t)>& work) {
@@ -55,29 +182,8 @@ struct CpuBackend {
   static bool Im2Col(OpKernelContext* ctx, const Geometry& geo, const float* input,
                      const float* offset, const float* mask, int64_t row0, int64_t rows,
                      float* columns) {
-    const int C = geo.channels, cg = geo.group_channels(), K = geo.taps();
-    const int64_t P = geo.positions(), image = int64_t{geo.height} * geo.width * C;
-    Shard(ctx, rows, 12 * K * C, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const int64_t row = row0 + r;
-        const float* img = input + (row / P) * image;
-        float* out = columns + r * K * C;
-        for (int g = 0; g < geo.groups; ++g) {
-          for (int t = 0; t < K; ++t) {
-            float m;
-            const BilinearTap tap = sample_tap(geo, offset, mask, row, g, t, &m);
-            const float w00 = m * tap.w00, w01 = m * tap.w01, w10 = m * tap.w10, w11 = m * tap.w11;
-            const float* a = img + (int64_t{tap.y0} * geo.width + tap.x0) * C + g * cg;
-            const float* b = img + (int64_t{tap.y0} * geo.width + tap.x1) * C + g * cg;
-            const float* c = img + (int64_t{tap.y1} * geo.width + tap.x0) * C + g * cg;
-            const float* d = img + (int64_t{tap.y1} * geo.width + tap.x1) * C + g * cg;
-            float* dst = out + t * C + g * cg;
-            for (int ch = 0; ch < cg; ++ch) {
-              dst[ch] = w00 * a[ch] + w01 * b[ch] + w10 * c[ch] + w11 * d[ch];
-            }
-          }
-        }
-      }
+    Shard(ctx, rows, 12 * geo.col_width(), [&](int64_t begin, int64_t end) {
+      Im2ColRange(geo, input, offset, mask, row0, begin, end, columns);
     });
     return true;
   }
@@ -95,72 +201,18 @@ struct CpuBackend {
                                       const float* input, const float* offset, const float* mask,
                                       const float* grad_columns, int64_t row0, int64_t rows,
                                       float* grad_input, float* grad_offset, float* grad_mask) {
-    const int C = geo.channels, cg = geo.group_channels(), K = geo.taps();
-    const int64_t P = geo.positions(), image = int64_t{geo.height} * geo.width * C;
-
-    // d(loss)/d(sample position) and d(loss)/d(mask): one row per work unit (rows are disjoint).
-    Shard(ctx, rows, 24 * K * C, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const int64_t row = row0 + r;
-        const float* img = input + (row / P) * image;
-        const float* gcol = grad_columns + r * K * C;
-        for (int g = 0; g < geo.groups; ++g) {
-          for (int t = 0; t < K; ++t) {
-            float m;
-            const BilinearTap tap = sample_tap(geo, offset, mask, row, g, t, &m);
-            const float* a = img + (int64_t{tap.y0} * geo.width + tap.x0) * C + g * cg;
-            const float* b = img + (int64_t{tap.y0} * geo.width + tap.x1) * C + g * cg;
-            const float* c = img + (int64_t{tap.y1} * geo.width + tap.x0) * C + g * cg;
-            const float* d = img + (int64_t{tap.y1} * geo.width + tap.x1) * C + g * cg;
-            const float* gc = gcol + t * C + g * cg;
-            float value = 0.f, dy = 0.f, dx = 0.f;
-            for (int ch = 0; ch < cg; ++ch) {
-              const float va = a[ch], vb = b[ch], vc = c[ch], vd = d[ch], grad = gc[ch];
-              value += grad * (tap.w00 * va + tap.w01 * vb + tap.w10 * vc + tap.w11 * vd);
-              dy += grad * (tap.dy00 * va + tap.dy01 * vb + tap.dy10 * vc + tap.dy11 * vd);
-              dx += grad * (tap.dx00 * va + tap.dx01 * vb + tap.dx10 * vc + tap.dx11 * vd);
-            }
-            const int64_t k = g * K + t;
-            grad_offset[row * 2 * geo.groups * K + 2 * k] = m * dy;
-            grad_offset[row * 2 * geo.groups * K + 2 * k + 1] = m * dx;
-            if (geo.has_mask) grad_mask[row * geo.groups * K + k] = value;
-          }
-        }
-      }
+    // Rows are disjoint in grad_offset / grad_mask: shard over rows.
+    Shard(ctx, rows, 24 * geo.col_width(), [&](int64_t begin, int64_t end) {
+      CoordinateGradRange(geo, input, offset, mask, grad_columns, row0, begin, end, grad_offset,
+                          grad_mask);
     });
-
     // Input gradient: sharded over channel blocks, so every thread owns the addresses it adds to.
+    const int C = geo.channels;
     const int64_t blocks = (C + kChannelBlock - 1) / kChannelBlock;
-    Shard(ctx, blocks, rows * K * kChannelBlock * 10, [&](int64_t begin, int64_t end) {
-      const int c_begin = static_cast<int>(begin * kChannelBlock);
-      const int c_end = static_cast<int>(std::min<int64_t>(C, end * kChannelBlock));
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t row = row0 + r;
-        float* gimg = grad_input + (row / P) * image;
-        const float* gcol = grad_columns + r * K * C;
-        for (int g = 0; g < geo.groups; ++g) {
-          const int lo = std::max(g * cg, c_begin), hi = std::min((g + 1) * cg, c_end);
-          if (lo >= hi) continue;
-          for (int t = 0; t < K; ++t) {
-            float m;
-            const BilinearTap tap = sample_tap(geo, offset, mask, row, g, t, &m);
-            const float w[4] = {m * tap.w00, m * tap.w01, m * tap.w10, m * tap.w11};
-            const int64_t at[4] = {(int64_t{tap.y0} * geo.width + tap.x0) * C,
-                                   (int64_t{tap.y0} * geo.width + tap.x1) * C,
-                                   (int64_t{tap.y1} * geo.width + tap.x0) * C,
-                                   (int64_t{tap.y1} * geo.width + tap.x1) * C};
-            const float* src = gcol + t * C;
-            for (int corner = 0; corner < 4; ++corner) {
-              // A corner outside the map has weight 0 and a clamped index: skip it, so that an
-              // infinite upstream gradient cannot leak a NaN into an unrelated pixel.
-              if (w[corner] == 0.f) continue;
-              float* dst = gimg + at[corner];
-              const float wc = w[corner];
-              for (int ch = lo; ch < hi; ++ch) dst[ch] += wc * src[ch];
-            }
-          }
-        }
-      }
+    Shard(ctx, blocks, rows * geo.taps() * kChannelBlock * 10, [&](int64_t begin, int64_t end) {
+      ScatterChannels(geo, offset, mask, grad_columns, row0, rows,
+                      static_cast<int>(begin * kChannelBlock),
+                      static_cast<int>(std::min<int64_t>(C, end * kChannelBlock)), grad_input);
     });
     return true;
   }
