@@ -211,3 +211,14 @@ def test_shipped_tiny_weights_reach_the_recorded_map(tmp_path):
     summary = training.evaluate_detector(model, val_ds, data.class_names, quiet=True)
     print(f"shipped weights: VOC mAP@0.5 {summary['voc_map50']:.4f} (recorded {recorded})")
     assert summary["voc_map50"] == pytest.approx(recorded, abs=0.02)
+
+
+def test_other_num_classes_keeps_the_shipped_backbone_and_warns():
+    shipped = zoo.load("faster_rcnn_tiny_fpn_synthetic")
+    with pytest.warns(zoo.RandomWeightsWarning, match="did not fit"):
+        model = zoo.load("faster_rcnn_tiny_fpn_synthetic", num_classes=5)
+    assert model.num_classes == 5
+    for mine, theirs in zip(model.backbone.weights, shipped.backbone.weights):
+        np.testing.assert_array_equal(mine.numpy(), theirs.numpy())
+    assert [tuple(w.shape) for w in model.box_predictor.weights] != \
+        [tuple(w.shape) for w in shipped.box_predictor.weights]
