@@ -261,15 +261,23 @@ def test_bad_arguments_raise_naming_the_argument(change, match):
         deform_conv2d(**kwargs)
 
 
-@needs_kernels
-def test_kernel_checks_shapes_at_run_time():
-    """Shapes unknown at trace time are still checked by the kernel, naming the argument."""
+@pytest.mark.parametrize("pure", [True, False])
+def test_shapes_are_checked_at_run_time(pure):
+    """Shapes unknown at trace time are still checked (kernel or graph assertions), naming the argument."""
+    if not pure and not HAVE_KERNELS:
+        pytest.skip("compiled kerasdet kernels not built")
     inputs, _, kernel = _valid_args()
-    fn = tf.function(lambda x, o: deform_conv2d(x, o, kernel, padding=1),
-                     input_signature=[tf.TensorSpec([None, None, None, 4]),
-                                      tf.TensorSpec([None, None, None, 18])])
+    spec = tf.TensorSpec([None, None, None, None])
+    with _kernels.pure_tf() if pure else _nullcontext():
+        fn = tf.function(lambda x, o, m: deform_conv2d(x, o, kernel, mask=m, padding=1),
+                         input_signature=[spec, spec, spec])
+        fn.get_concrete_function()
+    good_mask = np.ones((1, 5, 5, 9), np.float32)
     with pytest.raises(tf.errors.InvalidArgumentError, match="offsets"):
-        fn(inputs, np.zeros((1, 4, 5, 18), np.float32))
+        fn(inputs, np.zeros((1, 4, 5, 18), np.float32), good_mask)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="mask"):
+        fn(inputs, np.zeros((1, 5, 5, 18), np.float32), good_mask[..., :8])
+    assert fn(inputs, np.zeros((1, 5, 5, 18), np.float32), good_mask).shape == (1, 5, 5, 2)
 
 
 # ----------------------------------------------------------------------------- graph, layer, export

@@ -199,9 +199,39 @@ def _sample_columns(inputs, offsets, mask, kernel_size, strides, padding, dilati
     return tf.reshape(sampled, [b, h_out, w_out, taps * c_in])
 
 
+def _run_time_checks(inputs, offsets, kernel, mask, strides, padding, dilation, groups):
+    """Graph assertions for what is only known at run time (the kernel checks the same in C++)."""
+    kh, kw = kernel.shape[0], kernel.shape[1]
+    shape = tf.shape(inputs)
+    h_out = (shape[1] + 2 * padding[0] - (dilation[0] * (kh - 1) + 1)) // strides[0] + 1
+    w_out = (shape[2] + 2 * padding[1] - (dilation[1] * (kw - 1) + 1)) // strides[1] + 1
+    taps = groups * kh * kw
+    checks = [
+        tf.debugging.assert_equal(shape[3] % groups, 0, message=(
+            f"deform_conv2d: `inputs` channels must be divisible by `deformable_groups` ({groups})")),
+        tf.debugging.assert_equal(shape[3], tf.shape(kernel)[2], message=(
+            "deform_conv2d: `inputs` channels differ from the `kernel` input channels")),
+        tf.debugging.assert_positive(tf.minimum(h_out, w_out), message=(
+            "deform_conv2d: `inputs` is too small for the kernel, padding and dilation")),
+    ]
+    for name, t, channels in (("offsets", offsets, 2 * taps), ("mask", mask, taps)):
+        if t is not None:
+            want = tf.stack([shape[0], h_out, w_out, channels])
+            checks.append(tf.debugging.assert_equal(tf.shape(t), want, message=(
+                f"deform_conv2d: `{name}` must be [B, H_out, W_out, {channels}] (B and the output "
+                "size of `inputs`)")))
+    return checks
+
+
 def _deform_conv2d_pure_tf(inputs, offsets, kernel, mask, strides, padding, dilation, groups):
     """Builtin-op twin of the compiled kernel (gather-based bilinear sampling + one matmul)."""
     kh, kw = kernel.shape[0], kernel.shape[1]
+    if kh is None or kw is None:
+        raise ValueError(f"deform_conv2d: the spatial size of `kernel` must be known, got shape "
+                         f"{kernel.shape}")
+    with tf.control_dependencies(
+            _run_time_checks(inputs, offsets, kernel, mask, strides, padding, dilation, groups)):
+        inputs = tf.identity(inputs)
     columns = _sample_columns(inputs, offsets, mask, (kh, kw), strides, padding, dilation, groups)
     c_out = tf.shape(kernel)[3]
     # kernel [kh, kw, C_in, C_out] flattens to the same tap-major order as the columns.
