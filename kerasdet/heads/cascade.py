@@ -111,7 +111,7 @@ def refine_boxes(deltas, rois, image_shapes, weights):
     """
     deltas = tf.cast(deltas, tf.float32)
     if deltas.shape.rank == 4:
-        if deltas.shape[2] != 1:
+        if deltas.shape[2] not in (1, None):
             raise ValueError("Cascade stages regress class-agnostic boxes: `deltas` must be "
                              f"[B, R, 1, 4] or [B, R, 4], got {deltas.shape}.")
         deltas = deltas[:, :, 0, :]

@@ -14,14 +14,22 @@ mode="iterative": one head trained at IoU 0.5 (a Faster R-CNN head with class-ag
     applied T times at test time (f o f o f); score from its last application.
 mode="integral": one head, one regressor trained at 0.5, and T classifiers trained on the same
     RoIs labeled at 0.5 / 0.6 / 0.7 (the integral loss); score = the mean of the classifiers.
+with_masks=True (Cascade Mask R-CNN): Mask R-CNN's mask branch (kerasdet.heads.mask_head) on the
+    last stage: trained on the last stage's foreground RoIs (its input boxes, IoU >= u_T with their
+    ground truth; the "mask branch at the last stage" variant of the journal version of the paper),
+    applied at test time to the final detections. Detectron2 instead trains its single mask head on
+    the first stage's sample.
 """
 import keras
 import tensorflow as tf
 
+from kerasdet import losses as kd_losses
 from kerasdet.heads.box_head import BoxPredictor, TwoFCHead
 from kerasdet.heads.box_outputs import box_head_losses, decode_detections
 from kerasdet.heads.cascade import (CASCADE_BOX_WEIGHTS, CASCADE_IOUS, mean_class_probabilities,
                                     refine_boxes, relabel_rois, scale_gradient)
+from kerasdet.heads.mask_head import MaskHead, mask_targets, paste_masks, select_class_masks
+from kerasdet.heads.roi_extractor import RoIExtractor
 from kerasdet.heads.roi_sampler import sample_rois
 from kerasdet.heads.rpn import rpn_losses, rpn_targets
 from kerasdet.models.base import batch_image_shapes, ground_truth
@@ -34,7 +42,7 @@ _MODES = ("cascade", "iterative", "integral")
 _FIXED = {"fpn": True, "class_agnostic": True, "box_head": "2fc"}
 
 
-def _loss_names(mode, num_stages):
+def _loss_names(mode, num_stages, with_masks):
     names = ["rpn_cls", "rpn_box"]
     if mode == "cascade":
         for t in range(1, num_stages + 1):
@@ -43,7 +51,30 @@ def _loss_names(mode, num_stages):
         names += ["stage1_cls", "stage1_box"]
     else:
         names += [f"stage{t}_cls" for t in range(1, num_stages + 1)] + ["stage1_box"]
+    if with_masks:
+        names.append("mask")
     return tuple(names)
+
+
+def _class_agnostic(deltas):
+    # BoxPredictor's reshape leaves the box axis unknown inside tf.function; the shared losses and
+    # decoding recognise class-agnostic deltas by a static size of 1 there.
+    return tf.ensure_shape(deltas, [None, None, 1, 4])
+
+
+def _batch_masks(batch):
+    masks = batch.get("masks")
+    if masks is None:
+        masks = batch["bounding_boxes"].get("masks")
+    if masks is None:
+        raise ValueError("CascadeRCNN(with_masks=True) needs instance masks in the batch: `masks` "
+                         "[B, N, H, W] (build_dataset(..., with_masks=True)).")
+    boxes = batch["bounding_boxes"]["boxes"]
+    if masks.shape.rank != 4 or (masks.shape[1] is not None and boxes.shape[1] is not None
+                                 and masks.shape[1] != boxes.shape[1]):
+        raise ValueError(f"batch `masks` must be [B, N, H, W] with the N of `bounding_boxes` "
+                         f"{boxes.shape}, got {masks.shape}.")
+    return masks
 
 
 @keras.saving.register_keras_serializable(package="kerasdet")
@@ -61,13 +92,21 @@ class CascadeRCNN(FasterRCNN):
         gradient_scale: factor on the gradient each stage sends into the trunk through its pooled
             features; default 1 / number of stages in cascade mode, 1 in the single-head modes.
         stage_add_ground_truth: append the ground-truth boxes to the RoIs of stages t > 1.
+        with_masks: add the Cascade Mask R-CNN mask branch (needs `masks` in training batches;
+            predict then returns `masks` as MaskRCNN does).
+        mask_pool_size / mask_sampling_ratio / mask_channels / mask_num_convs / mask_threshold /
+            paste_masks / max_mask_rois: the mask branch's settings (see MaskRCNN); max_mask_rois
+            bounds the foreground RoIs per image the mask loss uses (default: the RoI sample's
+            foreground quota).
         **kwargs: FasterRCNN's arguments (backbone, anchors, RPN, RoI sampling, post-processing);
             fpn, class_agnostic and box_head are fixed (True, True, "2fc").
     """
 
     def __init__(self, num_classes, mode="cascade", stage_ious=CASCADE_IOUS,
                  stage_box_weights=CASCADE_BOX_WEIGHTS, stage_loss_weights=None,
-                 gradient_scale=None, stage_add_ground_truth=True, **kwargs):
+                 gradient_scale=None, stage_add_ground_truth=True, with_masks=False,
+                 mask_pool_size=14, mask_sampling_ratio=0, mask_channels=256, mask_num_convs=4,
+                 mask_threshold=0.5, paste_masks=True, max_mask_rois=None, **kwargs):
         if mode not in _MODES:
             raise ValueError(f"`mode` must be one of {_MODES}, got {mode!r}.")
         stage_ious = tuple(float(u) for u in stage_ious)
@@ -95,6 +134,7 @@ class CascadeRCNN(FasterRCNN):
         # Read by Detector.__init__ (through loss_names) to create the loss trackers.
         self.mode = mode
         self.num_stages = num_stages
+        self.with_masks = bool(with_masks)
         super().__init__(num_classes, roi_foreground_iou=stage_ious[0],
                          box_weights=stage_box_weights[0], **_FIXED, **kwargs)
         self.stage_ious = stage_ious
@@ -120,9 +160,24 @@ class CascadeRCNN(FasterRCNN):
                     num_classes + 1, kernel_initializer=keras.initializers.RandomNormal(
                         stddev=0.01), name=f"cls_score_iou{round(stage_ious[t - 1] * 100)}"))
 
+        self.mask_settings = dict(
+            mask_pool_size=int(mask_pool_size), mask_sampling_ratio=int(mask_sampling_ratio),
+            mask_channels=int(mask_channels), mask_num_convs=int(mask_num_convs),
+            mask_threshold=float(mask_threshold), paste_masks=bool(paste_masks),
+            max_mask_rois=int(max_mask_rois or max(1, round(
+                self.roi_settings["batch_size"] * self.roi_settings["positive_fraction"]))))
+        if not 0.0 < self.mask_settings["mask_threshold"] < 1.0:
+            raise ValueError(f"`mask_threshold` must be in (0, 1), got {mask_threshold!r}.")
+        if self.with_masks:
+            self.mask_roi_extractor = RoIExtractor(
+                int(mask_pool_size), strides=self.roi_extractor.strides, method="roi_align",
+                sampling_ratio=int(mask_sampling_ratio), name="mask_roi_extractor")
+            self.mask_head = MaskHead(num_classes, channels=int(mask_channels),
+                                      num_convs=int(mask_num_convs), name="mask_head")
+
     @property
     def loss_names(self):
-        return _loss_names(self.mode, self.num_stages)
+        return _loss_names(self.mode, self.num_stages, self.with_masks)
 
     # -- stage building blocks ------------------------------------------------------------------
     def pool(self, roi_features, rois):
@@ -138,7 +193,8 @@ class CascadeRCNN(FasterRCNN):
         in iterative mode every stage is the one head)."""
         index = stage if self.mode == "cascade" else 0
         hidden = self.stage_heads[index](pooled)
-        return self.stage_predictors[index](hidden)
+        logits, deltas = self.stage_predictors[index](hidden)
+        return logits, _class_agnostic(deltas)
 
     def stage_weights(self, stage):
         """Box-coder weights of `stage` (0-based); the single-head modes use the first stage's."""
@@ -147,7 +203,8 @@ class CascadeRCNN(FasterRCNN):
     def _integral_logits(self, pooled):
         hidden = self.box_head(pooled)
         logits, deltas = self.box_predictor(hidden)
-        return [logits] + [cls(hidden) for cls in self.integral_classifiers], deltas
+        return [logits] + [cls(hidden) for cls in self.integral_classifiers], \
+            _class_agnostic(deltas)
 
     # -- Detector interface ---------------------------------------------------------------------
     def compute_detection_losses(self, batch, training):
@@ -171,10 +228,14 @@ class CascadeRCNN(FasterRCNN):
                               background_iou_low=r["background_iou_low"],
                               seed=self.sampling_seed)
         if self.mode == "integral":
-            losses.update(self._integral_losses(roi_features, sampled, gt_boxes, gt_labels))
+            stage_losses, last_targets = self.integral_losses(roi_features, sampled, gt_boxes,
+                                                               gt_labels)
         else:
-            losses.update(self._cascade_losses(roi_features, sampled, gt_boxes, gt_labels,
-                                               image_shapes))
+            stage_losses, last_targets = self.cascade_losses(roi_features, sampled, gt_boxes,
+                                                              gt_labels, image_shapes)
+        losses.update(stage_losses)
+        if self.with_masks:
+            losses["mask"] = self.mask_loss(roi_features, last_targets, _batch_masks(batch))
         return losses
 
     def stage_targets(self, roi_features, sampled, gt_boxes, gt_labels, image_shapes):
@@ -195,7 +256,9 @@ class CascadeRCNN(FasterRCNN):
             outputs.append((targets, logits, deltas))
         return outputs
 
-    def _cascade_losses(self, roi_features, sampled, gt_boxes, gt_labels, image_shapes):
+    def cascade_losses(self, roi_features, sampled, gt_boxes, gt_labels, image_shapes):
+        """Per-stage (weighted) losses of the cascade / iterative modes, and the last stage's
+        labeled RoIs (for the mask branch)."""
         losses = {}
         stages = self.stage_targets(roi_features, sampled, gt_boxes, gt_labels, image_shapes)
         for t, (targets, logits, deltas) in enumerate(stages):
@@ -203,9 +266,11 @@ class CascadeRCNN(FasterRCNN):
             weight = self.stage_loss_weights[t]
             losses[f"stage{t + 1}_cls"] = weight * cls
             losses[f"stage{t + 1}_box"] = weight * box
-        return losses
+        return losses, stages[-1][0]
 
-    def _integral_losses(self, roi_features, sampled, gt_boxes, gt_labels):
+    def integral_losses(self, roi_features, sampled, gt_boxes, gt_labels):
+        """The integral loss: each classifier on the sampled RoIs labeled at its threshold, the
+        regressor at the first; returns the losses and the RoIs labeled at the last threshold."""
         losses = {}
         stage_logits, deltas = self._integral_logits(self.pool(roi_features, sampled["rois"]))
         for t, logits in enumerate(stage_logits):
@@ -218,7 +283,48 @@ class CascadeRCNN(FasterRCNN):
             losses[f"stage{t + 1}_cls"] = self.stage_loss_weights[t] * cls
             if t == 0:
                 losses["stage1_box"] = self.stage_loss_weights[0] * box
-        return losses
+        return losses, targets
+
+    # -- mask branch (Cascade Mask R-CNN) -------------------------------------------------------
+    def mask_logits(self, roi_features, boxes):
+        """[B, R, 4] boxes -> per-class mask logits [B, R, 2S, 2S, K] (float32)."""
+        pooled = self.mask_roi_extractor(roi_features, boxes)
+        return tf.cast(self.mask_head(pooled), tf.float32)
+
+    def mask_loss(self, roi_features, targets, gt_masks):
+        """Mask R-CNN's loss on the foreground RoIs of `targets` (the last stage's labeled RoIs);
+        at most `max_mask_rois` per image, foreground moved to the front first."""
+        k = self.mask_settings["max_mask_rois"]
+        labels = targets["labels"]
+        k = min(k, labels.shape[1]) if labels.shape[1] is not None else k
+        # Stable sort on "is foreground" keeps the RoI order among the foreground.
+        order = tf.argsort(tf.cast(labels > 0, tf.int32), axis=1, direction="DESCENDING",
+                           stable=True)[:, :k]
+        labels = tf.gather(labels, order, batch_dims=1)
+        rois = tf.gather(targets["rois"], order, batch_dims=1)
+        matched = tf.gather(targets["matched_index"], order, batch_dims=1)
+        mask_size = 2 * self.mask_settings["mask_pool_size"]
+        mask_targets_ = mask_targets(gt_masks, rois, matched, mask_size,
+                                     threshold=self.mask_settings["mask_threshold"])
+        logits = self.mask_logits(roi_features, rois)
+        return kd_losses.mask_loss(mask_targets_, logits, tf.maximum(labels - 1, 0),
+                                   weights=tf.cast(labels > 0, tf.float32))
+
+    def detection_masks(self, roi_features, detections, canvas_size):
+        """Masks of the final detections (class channel, sigmoid; pasted into the canvas and
+        binarized when paste_masks), zeros in empty slots — Mask R-CNN's test-time output."""
+        boxes = tf.stop_gradient(detections["boxes"])
+        probs = tf.sigmoid(select_class_masks(self.mask_logits(roi_features, boxes),
+                                              detections["classes"]))
+        slots = tf.range(tf.shape(boxes)[1])[tf.newaxis, :]
+        filled = (slots < detections["num_detections"][:, tf.newaxis]) \
+            & (detections["classes"] >= 0)
+        if not self.mask_settings["paste_masks"]:
+            return tf.where(filled[..., tf.newaxis, tf.newaxis], probs, 0.0)
+        pasted = paste_masks(probs, boxes, canvas_size)
+        binary = (pasted >= self.mask_settings["mask_threshold"]) \
+            & filled[..., tf.newaxis, tf.newaxis]
+        return tf.cast(binary, tf.uint8)
 
     def refine(self, roi_features, proposals, image_shapes):
         """Test-time cascade on [B, P, 4] proposals.
@@ -249,10 +355,13 @@ class CascadeRCNN(FasterRCNN):
         logits, deltas, anchors = self.rpn(rpn_features)
         proposals, _, valid = self.proposals(logits, deltas, anchors, image_shapes, False)
         probs, box_deltas, rois, weights = self.refine(roi_features, proposals, image_shapes)
-        return decode_detections(
+        outputs = decode_detections(
             probs, tf.cast(box_deltas, tf.float32), rois, valid, image_shapes, weights=weights,
             score_threshold=self.score_threshold, nms_iou=self.nms_iou,
             max_detections=self.max_detections)
+        if self.with_masks:
+            outputs["masks"] = self.detection_masks(roi_features, outputs, tf.shape(images)[1:3])
+        return outputs
 
     def get_config(self):
         config = super().get_config()
@@ -262,5 +371,6 @@ class CascadeRCNN(FasterRCNN):
             mode=self.mode, stage_ious=list(self.stage_ious),
             stage_box_weights=[list(w) for w in self.stage_box_weights],
             stage_loss_weights=list(self.stage_loss_weights), gradient_scale=self.gradient_scale,
-            stage_add_ground_truth=self.stage_add_ground_truth)
+            stage_add_ground_truth=self.stage_add_ground_truth, with_masks=self.with_masks,
+            **self.mask_settings)
         return config
