@@ -394,3 +394,51 @@ def test_pure_tf_graph_uses_builtin_ops_only_and_kernel_graph_uses_the_kernel():
         assert not any(t.startswith("KerasDet") for t in _op_types(fn, x, offsets))
     if HAVE_KERNELS:
         assert "KerasDet>DeformConv2D" in _op_types(fn, x, offsets)
+
+
+def test_model_with_layer_saves_as_keras_file(tmp_path):
+    rng = np.random.default_rng(12)
+    x = rng.normal(size=(2, 6, 7, 4)).astype(np.float32)
+    model = keras.Sequential([keras.Input((6, 7, 4)),
+                              DeformConv2D(3, 3, use_mask=True, deformable_groups=2)])
+    w = model.layers[0].offset_conv.kernel
+    w.assign(rng.normal(scale=0.3, size=w.shape).astype(np.float32))
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0),
+                               rtol=1e-6, atol=1e-6)
+
+
+@needs_kernels
+def test_saved_model_with_compiled_kernel_loads_with_the_library(tmp_path):
+    """The "fast" export: the graph keeps KerasDet>DeformConv2D and needs only the .so to serve."""
+    rng = np.random.default_rng(13)
+    x = rng.normal(size=(1, 6, 6, 4)).astype(np.float32)
+    offsets = rng.uniform(-2, 2, size=(1, 6, 6, 18)).astype(np.float32)
+    kernel = tf.Variable(rng.normal(size=(3, 3, 4, 2)).astype(np.float32))
+    module = tf.Module()
+    module.kernel = kernel
+    module.serve = tf.function(lambda a, b: deform_conv2d(a, b, kernel, padding=1),
+                               input_signature=[tf.TensorSpec([None, None, None, 4]),
+                                                tf.TensorSpec([None, None, None, 18])])
+    expected = module.serve(x, offsets).numpy()
+    export_dir = str(tmp_path / "export")
+    tf.saved_model.save(module, export_dir)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "o.npy", offsets)
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["kerasdet"] = None
+        import numpy as np
+        import tensorflow as tf
+        tf.load_op_library({_kernels.status()["path"]!r})
+        loaded = tf.saved_model.load({export_dir!r})
+        out = loaded.serve(tf.constant(np.load({str(tmp_path / "x.npy")!r})),
+                           tf.constant(np.load({str(tmp_path / "o.npy")!r})))
+        np.save({str(tmp_path / "out.npy")!r}, out.numpy())
+    """)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    subprocess.run([sys.executable, "-c", script], check=True, env=env, cwd=str(tmp_path),
+                   timeout=300)
+    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected, rtol=1e-6, atol=1e-6)
