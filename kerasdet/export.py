@@ -9,7 +9,8 @@ The SavedModel follows the TF Object Detection API serving convention:
     detection_scores   float32 [B, K]
     detection_classes  float32 [B, K]     1-based class ids (0 on padded rows)
     num_detections     float32 [B]
-    detection_masks    float32 [B, K, ...]  (mask models only, as the model predicts them)
+    detection_masks    float32 [B, K, M, M] (mask models only) per-box mask probabilities in box
+                       coordinates, as the TF OD API returns them (clients paste them into the image)
 
 Pre-processing is inside the graph: cast to float, resize keeping the aspect ratio to the model's
 input size (the zoo entry's rule: fixed `image_size`, or shorter side `min_size` capped by
@@ -157,7 +158,7 @@ def export_saved_model(model, export_dir, portable=True, image_size=None, verbos
 
     archive = keras.export.ExportArchive()
     context = _kernels.pure_tf() if portable else contextlib.nullcontext()
-    with context:
+    with context, _box_relative_masks(model):
         archive.track(model)
         archive.add_endpoint("serving_default", serve_images, input_signature=[
             tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")])
@@ -166,3 +167,17 @@ def export_saved_model(model, export_dir, portable=True, image_size=None, verbos
         archive.write_out(export_dir, verbose=verbose)
     return export_dir
 
+
+
+@contextlib.contextmanager
+def _box_relative_masks(model):
+    """Mask models trace with per-box mask grids (the OD API layout) instead of canvas-sized masks:
+    smaller outputs, and the canvas (padding included) means nothing to a serving client."""
+    pasting = getattr(model, "paste_masks", None)
+    if pasting:
+        model.paste_masks = False
+    try:
+        yield
+    finally:
+        if pasting:
+            model.paste_masks = pasting

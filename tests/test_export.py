@@ -132,3 +132,21 @@ def test_keras_file_round_trip_predicts_the_same(model, tmp_path):
     for key in ("boxes", "scores", "classes", "num_detections"):
         np.testing.assert_allclose(np.asarray(b[key]), np.asarray(a[key]), atol=1e-6, err_msg=key)
     assert clone.get_config() == model.get_config()
+
+
+def test_mask_model_exports_box_relative_mask_probabilities(tmp_path):
+    import tensorflow as tf
+
+    from kerasdet.models.mask_rcnn import MaskRCNN
+
+    model = MaskRCNN(2, mask_channels=8, mask_num_convs=1, **TINY)
+    model.build((1, *CANVAS, 3))
+    path = str(tmp_path / "mask_model")
+    export_saved_model(model, path, image_size=CANVAS)
+    assert model.paste_masks  # restored after tracing
+    out = tf.saved_model.load(path).signatures["serving_default"](images=tf.constant(_images()[:1]))
+    masks = out["detection_masks"].numpy()
+    n = int(out["num_detections"][0])
+    assert masks.shape == (1, 100, model.mask_size, model.mask_size)
+    assert n > 0 and 0.0 <= masks.min() and masks.max() <= 1.0
+    assert np.all(masks[0, n:] == 0)

@@ -16,7 +16,7 @@ import time
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--entry", default="faster_rcnn_tiny_fpn_synthetic")
-    parser.add_argument("--work", default="shipped_weights_run", help="data and run folder")
+    parser.add_argument("--work", default=os.path.join("out", "shipped_weights"), help="data and run folder")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
     args = parser.parse_args(argv)
