@@ -48,11 +48,12 @@ def sources(suffix, exclude=()):
     return found
 
 
-def headers():
+def headers(src):
+    """Headers a source may include: those of its own family folder and of common/."""
     out = []
-    for dirpath, dirnames, files in os.walk(HERE):
-        dirnames[:] = [d for d in dirnames if not d.startswith("_")]
-        out += [os.path.join(dirpath, f) for f in files if f.endswith(".h")]
+    for folder in {os.path.dirname(src), os.path.join(HERE, "common")}:
+        if os.path.isdir(folder):
+            out += [os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".h")]
     return out
 
 
@@ -84,13 +85,27 @@ def find_nvcc():
     return nvcc, None
 
 
-def cuda_lib_dir(nvcc):
-    """The lib64 folder of the CUDA toolkit that nvcc belongs to (for the static runtime)."""
-    root = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
-    for sub in ("lib64", "lib", os.path.join("targets", "x86_64-linux", "lib")):
-        if os.path.exists(os.path.join(root, sub, "libcudart_static.a")):
-            return os.path.join(root, sub)
-    return os.path.join(root, "lib64")
+def cuda_dirs(nvcc):
+    """(include dir, lib dir) of the CUDA toolkit nvcc belongs to, as nvcc itself reports them
+    (nvcc may be a wrapper script, so its own path does not tell)."""
+    include = lib = None
+    try:
+        out = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+                             capture_output=True, text=True, timeout=60)
+        for line in (out.stdout + out.stderr).splitlines():
+            if line.startswith("#$ INCLUDES=") and include is None:
+                first = line.split("=", 1)[1].strip().strip('"').split('" "')[0]
+                include = first[2:] if first.startswith("-I") else None
+            elif line.startswith("#$ LIBRARIES=") and lib is None:
+                for part in line.split("=", 1)[1].split():
+                    part = part.strip('"')
+                    if part.startswith("-L") and not part.rstrip("/").endswith("stubs"):
+                        lib = part[2:]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    root = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or os.path.dirname(
+        os.path.dirname(os.path.realpath(nvcc)))
+    return (include or os.path.join(root, "include"), lib or os.path.join(root, "lib64"))
 
 
 def run(cmd, what):
@@ -123,14 +138,13 @@ def main(argv=None):
     if not cc_files:
         print("custom_ops: no kernel sources yet; nothing to build")
         return 0
-    hdrs = headers()
     os.makedirs(args.out, exist_ok=True)
     jobs = max(1, args.jobs)
 
     def compile_cc(src, variant, extra):
         rel = os.path.relpath(src, HERE)
         obj = os.path.join(args.build_dir, variant, rel[:-3] + ".o")
-        if stale(obj, [src] + hdrs + [__file__]):
+        if stale(obj, [src] + headers(src) + [__file__]):
             os.makedirs(os.path.dirname(obj), exist_ok=True)
             run([cxx, "-c", src, "-o", obj] + common + extra, f"compiling {rel} ({variant})")
         return obj
@@ -144,7 +158,7 @@ def main(argv=None):
     def compile_cu(src):
         rel = os.path.relpath(src, HERE)
         obj = os.path.join(args.build_dir, "cuda", rel[:-6] + ".cu.o")
-        stamp_deps = [src] + hdrs + [__file__]
+        stamp_deps = [src] + headers(src) + [__file__]
         if stale(obj, stamp_deps) or _arch_changed(obj, arch):
             os.makedirs(os.path.dirname(obj), exist_ok=True)
             run([nvcc, "-c", src, "-o", obj] + nvcc_flags, f"nvcc {rel} (sm {arch})")
@@ -154,7 +168,9 @@ def main(argv=None):
 
     tasks = [(compile_cc, (src, "cpu", [])) for src in cc_files]
     if nvcc:
-        tasks += [(compile_cc, (src, "gpu", ["-DGOOGLE_CUDA=1"])) for src in cc_files]
+        cuda_include, cuda_lib = cuda_dirs(nvcc)
+        tasks += [(compile_cc, (src, "gpu", ["-DGOOGLE_CUDA=1", "-I", cuda_include]))
+                  for src in cc_files]
         tasks += [(compile_cu, (src,)) for src in cu_files]
     with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
         futures = [pool.submit(fn, *a) for fn, a in tasks]
@@ -170,9 +186,17 @@ def main(argv=None):
         return 1
     cpu_objs = [f.result() for f, (fn, a) in zip(futures, tasks) if fn is compile_cc and a[1] == "cpu"]
 
+    # --no-undefined: a missing symbol (say, a launcher whose .cu.cc is absent) fails the build here
+    # instead of failing at load time on a user's machine.
     lib = os.path.join(args.out, LIB_NAME)
     if stale(lib, cpu_objs):
-        run([cxx, "-shared", "-o", lib] + cpu_objs + lflags, f"linking {LIB_NAME}")
+        try:
+            run([cxx, "-shared", "-o", lib] + cpu_objs + lflags + ["-Wl,--no-undefined"],
+                f"linking {LIB_NAME}")
+        except RuntimeError as err:
+            print("custom_ops: ERROR:", err, file=sys.stderr)
+            return 1
+    write_info(args.out, tf.__version__, cxx, None, None)
 
     gpu_built = False
     if nvcc:
@@ -184,22 +208,30 @@ def main(argv=None):
             # of its own (TensorFlow's GPU wheel brings the driver API it needs at run time).
             try:
                 run([cxx, "-shared", "-o", gpu_lib] + gpu_objs + lflags +
-                    ["-L", cuda_lib_dir(nvcc), "-l:libcudart_static.a", "-ldl", "-lrt", "-lpthread"],
+                    ["-L", cuda_lib, "-l:libcudart_static.a", "-ldl", "-lrt", "-lpthread",
+                     "-Wl,--no-undefined"],
                     f"linking {GPU_LIB_NAME}")
             except RuntimeError as err:
+                if os.path.exists(gpu_lib):
+                    os.remove(gpu_lib)  # never leave a stale GPU library for the loader
                 print("custom_ops: ERROR:", err, file=sys.stderr)
                 return 1
         gpu_built = True
     else:
         print(f"custom_ops: skipping the CUDA kernels ({no_gpu_reason}); CPU library only")
 
-    with open(os.path.join(args.out, INFO_NAME), "w") as f:
-        json.dump({"tensorflow": tf.__version__, "compiler": shutil.which(cxx) and cxx,
-                   "gpu_library": GPU_LIB_NAME if gpu_built else None,
-                   "cuda_arch": arch if gpu_built else None}, f)
+    if gpu_built:
+        write_info(args.out, tf.__version__, cxx, GPU_LIB_NAME, arch)
     print("custom_ops: up to date ->", os.path.relpath(lib, ROOT),
           "+ " + GPU_LIB_NAME if gpu_built else "")
     return 0
+
+
+def write_info(out, tf_version, cxx, gpu_library, cuda_arch):
+    """The build record the loader checks: which TensorFlow the libraries were built for."""
+    with open(os.path.join(out, INFO_NAME), "w") as f:
+        json.dump({"tensorflow": tf_version, "compiler": shutil.which(cxx) and cxx,
+                   "gpu_library": gpu_library, "cuda_arch": cuda_arch}, f)
 
 
 def _arch_changed(obj, arch):

@@ -12,7 +12,20 @@
 #include "tensorflow/core/framework/shape_inference.h"
 #include "tensorflow/core/framework/tensor.h"
 
+#if GOOGLE_CUDA && !defined(EIGEN_USE_GPU)
+#error "define EIGEN_USE_GPU before the first include of a file with GPU kernels"
+#endif
+
 namespace kerasdet {
+
+// TensorFlow's CUDA stream (a cudaStream_t) for the raw-pointer launchers of the .cu.cc files.
+#if GOOGLE_CUDA
+inline void* GpuStream(tensorflow::OpKernelContext* ctx) {
+  return ctx->eigen_device<Eigen::GpuDevice>().stream();
+}
+#else
+inline void* GpuStream(tensorflow::OpKernelContext*) { return nullptr; }  // CPU build: unused
+#endif
 
 // Checks features [B, H, W, C], boxes [R, 4], box_indices [R]; when check_values (CPU: the data is
 // in host memory) also that the boxes are finite and every box index is in [0, B).

@@ -5,6 +5,10 @@
 // by one worker). The feature gradient is a scatter, so it is split over channel blocks instead:
 // every worker owns a disjoint set of input channels and the result is deterministic without
 // atomics. The offset gradient is a reduction per (RoI, bin, group) and is split over those.
+#if GOOGLE_CUDA
+#define EIGEN_USE_GPU  // for OpKernelContext::eigen_device<Eigen::GpuDevice>() (the CUDA stream)
+#endif
+
 #include <algorithm>
 #include <cstring>
 
@@ -268,7 +272,10 @@ class RoIAlignFamilyBase : public OpKernel {
   bool aligned_;
 };
 
-template <bool PS, bool Deform>
+// GPU = true: the same op on TensorFlow's GPU device through the raw-pointer CUDA launchers of
+// roi_align_gpu.cu.cc (registered in the GPU library only). Box index values live in device
+// memory there and are not checked (an out-of-range box pools to 0).
+template <bool PS, bool Deform, bool GPU = false>
 class RoIAlignFamilyOp : public RoIAlignFamilyBase<PS, Deform> {
  public:
   using Base = RoIAlignFamilyBase<PS, Deform>;
@@ -278,7 +285,7 @@ class RoIAlignFamilyOp : public RoIAlignFamilyBase<PS, Deform> {
     const Tensor& features = ctx->input(0);
     const Tensor& boxes = ctx->input(1);
     const Tensor& box_indices = ctx->input(2);
-    ValidateRoIInputs(ctx, features, boxes, box_indices, /*check_values=*/true);
+    ValidateRoIInputs(ctx, features, boxes, box_indices, /*check_values=*/!GPU);
     if (!ctx->status().ok()) return;
     const Tensor* offsets = Deform ? &ctx->input(3) : nullptr;
     const RoIAlignParams p = this->MakeParams(ctx, features.shape(), boxes.dim_size(0), offsets);
@@ -288,15 +295,21 @@ class RoIAlignFamilyOp : public RoIAlignFamilyBase<PS, Deform> {
                             0, TensorShape({p.num_rois, p.pooled_h, p.pooled_w, p.out_channels}),
                             &output));
     if (output->NumElements() == 0) return;
-    if (features.NumElements() == 0) {
-      std::memset(output->flat<float>().data(), 0, output->NumElements() * sizeof(float));
-      return;
-    }
     const float* f = features.flat<float>().data();
     const float* b = boxes.flat<float>().data();
     const int* bi = box_indices.flat<int32_t>().data();
     const float* off = Deform ? offsets->flat<float>().data() : nullptr;
     float* out = output->flat<float>().data();
+    if constexpr (GPU) {
+      const int err = LaunchRoIAlignForwardGPU(p, f, b, bi, off, out, GpuStream(ctx));
+      OP_REQUIRES(ctx, err == 0, tensorflow::errors::Internal("CUDA error ", err, " in ",
+                                                              this->name()));
+      return;
+    }
+    if (features.NumElements() == 0) {
+      std::memset(out, 0, output->NumElements() * sizeof(float));
+      return;
+    }
     int threads;
     auto* workers = this->Workers(ctx, &threads);
     const int64_t units = static_cast<int64_t>(p.num_rois) * p.pooled_h * p.pooled_w;
@@ -307,7 +320,7 @@ class RoIAlignFamilyOp : public RoIAlignFamilyBase<PS, Deform> {
   }
 };
 
-template <bool PS, bool Deform>
+template <bool PS, bool Deform, bool GPU = false>
 class RoIAlignFamilyGradOp : public RoIAlignFamilyBase<PS, Deform> {
  public:
   using Base = RoIAlignFamilyBase<PS, Deform>;
@@ -346,12 +359,14 @@ class RoIAlignFamilyGradOp : public RoIAlignFamilyBase<PS, Deform> {
     OP_REQUIRES(ctx, boxes.dims() == 2 && boxes.dim_size(1) == 4 && box_indices.dims() == 1 &&
                          box_indices.dim_size(0) == boxes.dim_size(0),
                 InvalidArgument("boxes must be [R, 4] and box_indices [R]"));
-    const int64_t batch = features_shape.dim_size(0);
-    const auto idx = box_indices.flat<int32_t>();
-    for (int64_t r = 0; r < idx.size(); ++r) {
-      OP_REQUIRES(ctx, idx(r) >= 0 && idx(r) < batch,
-                  InvalidArgument("box_indices[", r, "] = ", idx(r),
-                                  " is out of range: features has batch size ", batch));
+    if constexpr (!GPU) {
+      const int64_t batch = features_shape.dim_size(0);
+      const auto idx = box_indices.flat<int32_t>();
+      for (int64_t r = 0; r < idx.size(); ++r) {
+        OP_REQUIRES(ctx, idx(r) >= 0 && idx(r) < batch,
+                    InvalidArgument("box_indices[", r, "] = ", idx(r),
+                                    " is out of range: features has batch size ", batch));
+      }
     }
     const RoIAlignParams p = this->MakeParams(ctx, features_shape, boxes.dim_size(0), offsets);
     if (!ctx->status().ok()) return;
@@ -363,20 +378,26 @@ class RoIAlignFamilyGradOp : public RoIAlignFamilyBase<PS, Deform> {
     Tensor* grad_features = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, features_shape, &grad_features));
     float* gf = grad_features->flat<float>().data();
-    std::memset(gf, 0, grad_features->NumElements() * sizeof(float));
     float* goff = nullptr;
+    Tensor* grad_offsets = nullptr;
     if (Deform) {
-      Tensor* grad_offsets = nullptr;
       OP_REQUIRES_OK(ctx, ctx->allocate_output(1, offsets->shape(), &grad_offsets));
       goff = grad_offsets->flat<float>().data();
-      std::memset(goff, 0, grad_offsets->NumElements() * sizeof(float));
     }
-    if (grad.NumElements() == 0 || grad_features->NumElements() == 0) return;
-
     const float* g = grad.flat<float>().data();
     const float* b = boxes.flat<float>().data();
     const int* bi = box_indices.flat<int32_t>().data();
     const float* off = Deform ? offsets->flat<float>().data() : nullptr;
+    if constexpr (GPU) {
+      const float* f = Deform ? features->flat<float>().data() : nullptr;
+      const int err = LaunchRoIAlignBackwardGPU(p, g, f, b, bi, off, gf, goff, GpuStream(ctx));
+      OP_REQUIRES(ctx, err == 0, tensorflow::errors::Internal("CUDA error ", err, " in ",
+                                                              this->name()));
+      return;
+    }
+    std::memset(gf, 0, grad_features->NumElements() * sizeof(float));
+    if (Deform) std::memset(goff, 0, grad_offsets->NumElements() * sizeof(float));
+    if (grad.NumElements() == 0 || grad_features->NumElements() == 0) return;
     int threads;
     auto* workers = this->Workers(ctx, &threads);
 
@@ -417,6 +438,28 @@ REGISTER_KERNEL_BUILDER(Name("KerasDet>DeformPSRoIPool").Device(DEVICE_CPU),
                         RoIAlignFamilyOp<true, true>);
 REGISTER_KERNEL_BUILDER(Name("KerasDet>DeformPSRoIPoolGrad").Device(DEVICE_CPU),
                         RoIAlignFamilyGradOp<true, true>);
+
+#if GOOGLE_CUDA
+using tensorflow::DEVICE_GPU;
+REGISTER_KERNEL_BUILDER(Name("KerasDet>RoIAlign").Device(DEVICE_GPU),
+                        RoIAlignFamilyOp<false, false, true>);
+REGISTER_KERNEL_BUILDER(Name("KerasDet>RoIAlignGrad").Device(DEVICE_GPU)
+                            .HostMemory("features_shape"),
+                        RoIAlignFamilyGradOp<false, false, true>);
+REGISTER_KERNEL_BUILDER(Name("KerasDet>PSRoIAlign").Device(DEVICE_GPU),
+                        RoIAlignFamilyOp<true, false, true>);
+REGISTER_KERNEL_BUILDER(Name("KerasDet>PSRoIAlignGrad").Device(DEVICE_GPU)
+                            .HostMemory("features_shape"),
+                        RoIAlignFamilyGradOp<true, false, true>);
+REGISTER_KERNEL_BUILDER(Name("KerasDet>DeformRoIPool").Device(DEVICE_GPU),
+                        RoIAlignFamilyOp<false, true, true>);
+REGISTER_KERNEL_BUILDER(Name("KerasDet>DeformRoIPoolGrad").Device(DEVICE_GPU),
+                        RoIAlignFamilyGradOp<false, true, true>);
+REGISTER_KERNEL_BUILDER(Name("KerasDet>DeformPSRoIPool").Device(DEVICE_GPU),
+                        RoIAlignFamilyOp<true, true, true>);
+REGISTER_KERNEL_BUILDER(Name("KerasDet>DeformPSRoIPoolGrad").Device(DEVICE_GPU),
+                        RoIAlignFamilyGradOp<true, true, true>);
+#endif  // GOOGLE_CUDA
 
 }  // namespace
 }  // namespace kerasdet

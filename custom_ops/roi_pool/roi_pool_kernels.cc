@@ -3,6 +3,10 @@
 // Threading as in roi_align_kernels.cc: the forward pass splits the output bins over the CPU
 // worker pool; the feature gradient (a scatter) is split over channel blocks, so each worker owns
 // disjoint input channels and needs no atomics.
+#if GOOGLE_CUDA
+#define EIGEN_USE_GPU  // for OpKernelContext::eigen_device<Eigen::GpuDevice>() (the CUDA stream)
+#endif
+
 #include <algorithm>
 #include <cfloat>
 #include <cstring>
@@ -174,7 +178,8 @@ class RoIPoolFamilyBase : public OpKernel {
   }
 
   // Reads features_shape (input `index`) and checks the gradient inputs; false on error.
-  bool GradInputs(OpKernelContext* ctx, int index, const Tensor& box_indices,
+  // box_indices: nullptr when its values are not in host memory (GPU).
+  bool GradInputs(OpKernelContext* ctx, int index, const Tensor* box_indices,
                   TensorShape* features_shape) {
     const Tensor& shape = ctx->input(index);
     if (shape.dims() != 1 || shape.NumElements() != 4) {
@@ -192,7 +197,8 @@ class RoIPoolFamilyBase : public OpKernel {
       }
       features_shape->AddDim(dims(k));
     }
-    const auto idx = box_indices.flat<int32_t>();
+    if (box_indices == nullptr) return true;
+    const auto idx = box_indices->flat<int32_t>();
     for (int64_t r = 0; r < idx.size(); ++r) {
       if (idx(r) < 0 || idx(r) >= dims(0)) {
         ctx->CtxFailure(__FILE__, __LINE__,
@@ -208,6 +214,14 @@ class RoIPoolFamilyBase : public OpKernel {
   float spatial_scale_;
 };
 
+// Status of a CUDA launcher's return code.
+inline void CheckLaunch(OpKernelContext* ctx, int err, const std::string& op) {
+  OP_REQUIRES(ctx, err == 0, tensorflow::errors::Internal("CUDA error ", err, " in ", op));
+}
+
+// GPU = true: the same op on the GPU through roi_pool_gpu.cu.cc's launchers (GPU library only).
+// Box index values live in device memory there and are not checked (such a box pools to 0).
+template <bool GPU>
 class RoIPoolOp : public RoIPoolFamilyBase<false> {
  public:
   explicit RoIPoolOp(OpKernelConstruction* ctx) : RoIPoolFamilyBase(ctx) {}
@@ -215,7 +229,7 @@ class RoIPoolOp : public RoIPoolFamilyBase<false> {
     const Tensor& features = ctx->input(0);
     const Tensor& boxes = ctx->input(1);
     const Tensor& box_indices = ctx->input(2);
-    ValidateRoIInputs(ctx, features, boxes, box_indices, /*check_values=*/true);
+    ValidateRoIInputs(ctx, features, boxes, box_indices, /*check_values=*/!GPU);
     if (!ctx->status().ok()) return;
     RoIPoolParams p;
     if (!MakeParams(ctx, features.shape(), boxes.dim_size(0), &p)) return;
@@ -224,16 +238,20 @@ class RoIPoolOp : public RoIPoolFamilyBase<false> {
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, out_shape, &output));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(1, out_shape, &argmax));
     if (output->NumElements() == 0) return;
-    if (features.NumElements() == 0) {
-      output->flat<float>().setZero();
-      argmax->flat<int32_t>().setConstant(-1);
-      return;
-    }
     const float* f = features.flat<float>().data();
     const float* b = boxes.flat<float>().data();
     const int* bi = box_indices.flat<int32_t>().data();
     float* out = output->flat<float>().data();
     int* arg = argmax->flat<int32_t>().data();
+    if constexpr (GPU) {
+      CheckLaunch(ctx, LaunchRoIPoolForwardGPU(p, f, b, bi, out, arg, GpuStream(ctx)), name());
+      return;
+    }
+    if (features.NumElements() == 0) {
+      output->flat<float>().setZero();
+      argmax->flat<int32_t>().setConstant(-1);
+      return;
+    }
     auto* w = ctx->device()->tensorflow_cpu_worker_threads();
     tensorflow::Shard(w->num_threads, w->workers,
                       static_cast<int64_t>(p.num_rois) * p.pooled_h * p.pooled_w,
@@ -243,6 +261,7 @@ class RoIPoolOp : public RoIPoolFamilyBase<false> {
   }
 };
 
+template <bool GPU>
 class RoIPoolGradOp : public RoIPoolFamilyBase<false> {
  public:
   explicit RoIPoolGradOp(OpKernelConstruction* ctx) : RoIPoolFamilyBase(ctx) {}
@@ -251,7 +270,7 @@ class RoIPoolGradOp : public RoIPoolFamilyBase<false> {
     const Tensor& argmax = ctx->input(1);
     const Tensor& box_indices = ctx->input(2);
     TensorShape features_shape;
-    if (!GradInputs(ctx, 3, box_indices, &features_shape)) return;
+    if (!GradInputs(ctx, 3, GPU ? nullptr : &box_indices, &features_shape)) return;
     RoIPoolParams p;
     if (!MakeParams(ctx, features_shape, box_indices.dim_size(0), &p)) return;
     const TensorShape out_shape({p.num_rois, p.pooled_h, p.pooled_w, p.channels});
@@ -260,12 +279,17 @@ class RoIPoolGradOp : public RoIPoolFamilyBase<false> {
                                 out_shape.DebugString()));
     Tensor* grad_features = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, features_shape, &grad_features));
-    grad_features->flat<float>().setZero();
-    if (grad.NumElements() == 0 || grad_features->NumElements() == 0) return;
     const float* g = grad.flat<float>().data();
     const int* arg = argmax.flat<int32_t>().data();
     const int* bi = box_indices.flat<int32_t>().data();
     float* gf = grad_features->flat<float>().data();
+    if constexpr (GPU) {
+      CheckLaunch(ctx, LaunchRoIPoolBackwardGPU(p, g, nullptr, bi, arg, gf, GpuStream(ctx)),
+                  name());
+      return;
+    }
+    grad_features->flat<float>().setZero();
+    if (grad.NumElements() == 0 || grad_features->NumElements() == 0) return;
     const int64_t pixels = features_shape.dim_size(1) * features_shape.dim_size(2);
     for (int64_t k = 0; k < argmax.NumElements(); ++k) {
       OP_REQUIRES(ctx, arg[k] >= -1 && arg[k] < pixels,
@@ -275,6 +299,7 @@ class RoIPoolGradOp : public RoIPoolFamilyBase<false> {
   }
 };
 
+template <bool GPU>
 class PSRoIPoolOp : public RoIPoolFamilyBase<true> {
  public:
   explicit PSRoIPoolOp(OpKernelConstruction* ctx) : RoIPoolFamilyBase(ctx) {}
@@ -282,7 +307,7 @@ class PSRoIPoolOp : public RoIPoolFamilyBase<true> {
     const Tensor& features = ctx->input(0);
     const Tensor& boxes = ctx->input(1);
     const Tensor& box_indices = ctx->input(2);
-    ValidateRoIInputs(ctx, features, boxes, box_indices, /*check_values=*/true);
+    ValidateRoIInputs(ctx, features, boxes, box_indices, /*check_values=*/!GPU);
     if (!ctx->status().ok()) return;
     RoIPoolParams p;
     if (!MakeParams(ctx, features.shape(), boxes.dim_size(0), &p)) return;
@@ -291,14 +316,18 @@ class PSRoIPoolOp : public RoIPoolFamilyBase<true> {
                             0, TensorShape({p.num_rois, p.pooled_h, p.pooled_w, p.out_channels}),
                             &output));
     if (output->NumElements() == 0) return;
-    if (features.NumElements() == 0) {
-      output->flat<float>().setZero();
-      return;
-    }
     const float* f = features.flat<float>().data();
     const float* b = boxes.flat<float>().data();
     const int* bi = box_indices.flat<int32_t>().data();
     float* out = output->flat<float>().data();
+    if constexpr (GPU) {
+      CheckLaunch(ctx, LaunchRoIPoolForwardGPU(p, f, b, bi, out, nullptr, GpuStream(ctx)), name());
+      return;
+    }
+    if (features.NumElements() == 0) {
+      output->flat<float>().setZero();
+      return;
+    }
     auto* w = ctx->device()->tensorflow_cpu_worker_threads();
     tensorflow::Shard(w->num_threads, w->workers,
                       static_cast<int64_t>(p.num_rois) * p.pooled_h * p.pooled_w,
@@ -308,6 +337,7 @@ class PSRoIPoolOp : public RoIPoolFamilyBase<true> {
   }
 };
 
+template <bool GPU>
 class PSRoIPoolGradOp : public RoIPoolFamilyBase<true> {
  public:
   explicit PSRoIPoolGradOp(OpKernelConstruction* ctx) : RoIPoolFamilyBase(ctx) {}
@@ -319,7 +349,7 @@ class PSRoIPoolGradOp : public RoIPoolFamilyBase<true> {
                          box_indices.dim_size(0) == boxes.dim_size(0),
                 InvalidArgument("boxes must be [R, 4] and box_indices [R]"));
     TensorShape features_shape;
-    if (!GradInputs(ctx, 3, box_indices, &features_shape)) return;
+    if (!GradInputs(ctx, 3, GPU ? nullptr : &box_indices, &features_shape)) return;
     RoIPoolParams p;
     if (!MakeParams(ctx, features_shape, boxes.dim_size(0), &p)) return;
     OP_REQUIRES(ctx, grad.shape() == TensorShape({p.num_rois, p.pooled_h, p.pooled_w,
@@ -328,21 +358,37 @@ class PSRoIPoolGradOp : public RoIPoolFamilyBase<true> {
                                 grad.shape().DebugString()));
     Tensor* grad_features = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, features_shape, &grad_features));
-    grad_features->flat<float>().setZero();
-    if (grad.NumElements() == 0 || grad_features->NumElements() == 0) return;
     const float* g = grad.flat<float>().data();
     const float* b = boxes.flat<float>().data();
     const int* bi = box_indices.flat<int32_t>().data();
     float* gf = grad_features->flat<float>().data();
+    if constexpr (GPU) {
+      CheckLaunch(ctx, LaunchRoIPoolBackwardGPU(p, g, b, bi, nullptr, gf, GpuStream(ctx)), name());
+      return;
+    }
+    grad_features->flat<float>().setZero();
+    if (grad.NumElements() == 0 || grad_features->NumElements() == 0) return;
     ShardChannels(ctx, p, [&](int c0, int c1) { PSRoIPoolBackward(p, g, b, bi, gf, c0, c1); });
   }
 };
 
 using tensorflow::DEVICE_CPU;
-REGISTER_KERNEL_BUILDER(Name("KerasDet>RoIPool").Device(DEVICE_CPU), RoIPoolOp);
-REGISTER_KERNEL_BUILDER(Name("KerasDet>RoIPoolGrad").Device(DEVICE_CPU), RoIPoolGradOp);
-REGISTER_KERNEL_BUILDER(Name("KerasDet>PSRoIPool").Device(DEVICE_CPU), PSRoIPoolOp);
-REGISTER_KERNEL_BUILDER(Name("KerasDet>PSRoIPoolGrad").Device(DEVICE_CPU), PSRoIPoolGradOp);
+REGISTER_KERNEL_BUILDER(Name("KerasDet>RoIPool").Device(DEVICE_CPU), RoIPoolOp<false>);
+REGISTER_KERNEL_BUILDER(Name("KerasDet>RoIPoolGrad").Device(DEVICE_CPU), RoIPoolGradOp<false>);
+REGISTER_KERNEL_BUILDER(Name("KerasDet>PSRoIPool").Device(DEVICE_CPU), PSRoIPoolOp<false>);
+REGISTER_KERNEL_BUILDER(Name("KerasDet>PSRoIPoolGrad").Device(DEVICE_CPU), PSRoIPoolGradOp<false>);
+
+#if GOOGLE_CUDA
+using tensorflow::DEVICE_GPU;
+REGISTER_KERNEL_BUILDER(Name("KerasDet>RoIPool").Device(DEVICE_GPU), RoIPoolOp<true>);
+REGISTER_KERNEL_BUILDER(Name("KerasDet>RoIPoolGrad").Device(DEVICE_GPU)
+                            .HostMemory("features_shape"),
+                        RoIPoolGradOp<true>);
+REGISTER_KERNEL_BUILDER(Name("KerasDet>PSRoIPool").Device(DEVICE_GPU), PSRoIPoolOp<true>);
+REGISTER_KERNEL_BUILDER(Name("KerasDet>PSRoIPoolGrad").Device(DEVICE_GPU)
+                            .HostMemory("features_shape"),
+                        PSRoIPoolGradOp<true>);
+#endif  // GOOGLE_CUDA
 
 }  // namespace
 }  // namespace kerasdet

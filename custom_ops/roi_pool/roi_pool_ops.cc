@@ -1,4 +1,8 @@
 // Op registrations of the integer-bin RoI family (see roi_pool_core.h for the definition).
+#if GOOGLE_CUDA
+#define EIGEN_USE_GPU  // common/roi_inputs.h reaches the GPU device in the GPU build
+#endif
+
 #include "common/roi_inputs.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/shape_inference.h"

@@ -76,24 +76,34 @@ def _try_load():
         return None, (f"compiled kernels not found at {path} (build them with `make kernels` or "
                       "reinstall kerasdet with gcc available)")
     info_path = os.path.join(os.path.dirname(path), "_kerasdet_ops.json")
-    built_for = None
-    if os.path.exists(info_path):
+    info = {}
+    try:
         with open(info_path) as f:
-            built_for = json.load(f).get("tensorflow")
+            info = json.load(f)
+    except (OSError, ValueError):  # missing or unreadable: treated as built for an unknown version
+        info = {}
+    if not isinstance(info, dict):
+        info = {}
+    built_for = info.get("tensorflow")
     if built_for != tf.__version__:
         return None, (f"kernels at {path} were built for TensorFlow {built_for}, but "
                       f"{tf.__version__} is running; rebuild them with `make kernels`")
-    gpu_path = os.path.join(os.path.dirname(path), _GPU_LIB_NAME)
-    if (not os.environ.get("KERASDET_OPS_LIBRARY") and os.path.exists(gpu_path)
-            and tf.config.list_physical_devices("GPU")):
-        # The GPU build holds every CPU kernel too; loading both would register the ops twice.
-        path = gpu_path
-        _state["path"] = path
-    try:
-        return _OpLibrary(tf.load_op_library(path)), None
-    except (tf.errors.NotFoundError, tf.errors.AlreadyExistsError, OSError) as err:
-        # undefined symbol, wrong ABI, ops registered twice, ...
-        return None, f"kernels at {path} failed to load: {err}"
+    candidates = [path]
+    gpu_path = os.path.join(os.path.dirname(path), info.get("gpu_library") or _GPU_LIB_NAME)
+    if (not os.environ.get("KERASDET_OPS_LIBRARY") and info.get("gpu_library")
+            and os.path.exists(gpu_path) and tf.config.list_physical_devices("GPU")):
+        # The GPU build holds every CPU kernel too; only one of the two may be loaded (the ops
+        # would register twice), so the CPU library is the fallback if the GPU one fails.
+        candidates.insert(0, gpu_path)
+    reasons = []
+    for candidate in candidates:
+        _state["path"] = candidate
+        try:
+            return _OpLibrary(tf.load_op_library(candidate)), None
+        except (tf.errors.NotFoundError, tf.errors.AlreadyExistsError, OSError) as err:
+            # undefined symbol, wrong ABI, ops registered twice, ...
+            reasons.append(f"kernels at {candidate} failed to load: {err}")
+    return None, "; ".join(reasons)
 
 
 def library():

@@ -1,0 +1,185 @@
+#!/usr/bin/env python
+"""Speed of the compiled kerasdet kernels against their pure-TensorFlow fallbacks (JSON on stdout).
+
+For each op: forward, and forward + backward (gradients for the features, and the offsets /
+kernel where there are), each timed inside one tf.function, after warm-up, as the median of
+repeats; the kernel and the fallback are measured in the same run so that their ratio is fair on a
+busy machine. Sizes follow issue 3 (Faster R-CNN / R-FCN / DCN settings on a ~600x800 image):
+  roi_align          2 x 100 x 152 x 256 map, 512 RoIs, 7x7, sampling_ratio 2
+  roi_pool           same map and RoIs, 7x7
+  ps_roi_align/pool  1 x 38 x 50 x (7*7*21 = 1029) map, 300 RoIs, k = 7
+  deform_roi_pool    same as roi_align; deform_ps_roi_pool same as ps_roi_align
+  deform_conv2d      1 x 50 x 76 x 256 -> 256, 3x3, padding 1 (kerasdet.ops.deform_conv2d)
+
+Usage: python benchmarks/ops.py [--repeats 5] [--warmup 2] [--ops roi_align,ps_roi_pool] [--quick]
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import kerasdet.ops as kops  # noqa: E402
+from kerasdet.ops import _kernels, roi  # noqa: E402
+
+
+def _boxes(rng, count, image_h, image_w):
+    """Proposal-like boxes: centers anywhere, sizes from 16 px to most of the image."""
+    cx = rng.uniform(0, image_w, count)
+    cy = rng.uniform(0, image_h, count)
+    w = np.exp(rng.uniform(np.log(16), np.log(image_w * 0.8), count))
+    h = np.exp(rng.uniform(np.log(16), np.log(image_h * 0.8), count))
+    boxes = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1)
+    boxes[:, 0::2] = boxes[:, 0::2].clip(0, image_w)
+    boxes[:, 1::2] = boxes[:, 1::2].clip(0, image_h)
+    return boxes.astype(np.float32)
+
+
+def _problems(quick):
+    """name -> (description, callable(**tensors) -> output, {name: array}, differentiable names)."""
+    rng = np.random.default_rng(0)
+    shrink = 4 if quick else 1
+    problems = {}
+
+    h, w, c, rois = 100 // shrink, 152 // shrink, 256 // shrink, 512 // shrink
+    feats = rng.normal(size=(2, h, w, c)).astype(np.float32)
+    boxes = _boxes(rng, rois, h * 8, w * 8)
+    bi = rng.integers(0, 2, rois).astype(np.int32)
+    offsets = (rng.normal(size=(rois, 7, 7, 2)) * 0.5).astype(np.float32)
+    base = dict(features=feats, boxes=boxes, box_indices=bi)
+    desc = f"2x{h}x{w}x{c} map, {rois} RoIs, 7x7, spatial_scale 1/8"
+    problems["roi_align"] = (desc + ", sampling_ratio 2", lambda features, boxes, box_indices:
+                             roi.roi_align(features, boxes, box_indices, 7, 0.125, 2), base,
+                             ["features"])
+    problems["roi_pool"] = (desc, lambda features, boxes, box_indices:
+                            roi.roi_pool(features, boxes, box_indices, 7, 0.125), base,
+                            ["features"])
+    problems["deform_roi_pool"] = (
+        desc + ", sampling_ratio 2", lambda features, boxes, box_indices, offsets:
+        roi.deform_roi_pool(features, boxes, box_indices, offsets, 7, 0.125, 2),
+        dict(base, offsets=offsets), ["features", "offsets"])
+
+    h, w, rois = 38 // (shrink // 2 or 1), 50 // (shrink // 2 or 1), 300 // shrink
+    c = 7 * 7 * (21 if not quick else 4)
+    feats = rng.normal(size=(1, h, w, c)).astype(np.float32)
+    boxes = _boxes(rng, rois, h * 16, w * 16)
+    bi = np.zeros(rois, np.int32)
+    offsets = (rng.normal(size=(rois, 7, 7, 2)) * 0.5).astype(np.float32)
+    base = dict(features=feats, boxes=boxes, box_indices=bi)
+    desc = f"1x{h}x{w}x{c} map, {rois} RoIs, k = 7, spatial_scale 1/16"
+    problems["ps_roi_align"] = (desc + ", sampling_ratio 2", lambda features, boxes, box_indices:
+                                roi.ps_roi_align(features, boxes, box_indices, 7, 1 / 16, 2), base,
+                                ["features"])
+    problems["ps_roi_pool"] = (desc, lambda features, boxes, box_indices:
+                               roi.ps_roi_pool(features, boxes, box_indices, 7, 1 / 16), base,
+                               ["features"])
+    problems["deform_ps_roi_pool"] = (
+        desc + ", sampling_ratio 2", lambda features, boxes, box_indices, offsets:
+        roi.deform_ps_roi_pool(features, boxes, box_indices, offsets, 7, 1 / 16, 2),
+        dict(base, offsets=offsets), ["features", "offsets"])
+
+    if hasattr(kops, "deform_conv2d"):
+        h, w, c = 50 // shrink, 76 // shrink, 256 // shrink
+        inputs = rng.normal(size=(1, h, w, c)).astype(np.float32)
+        offs = (rng.normal(size=(1, h, w, 2 * 9)) * 2.0).astype(np.float32)
+        kernel = (rng.normal(size=(3, 3, c, c)) * 0.05).astype(np.float32)
+        problems["deform_conv2d"] = (
+            f"1x{h}x{w}x{c} -> {c}, 3x3, padding 1",
+            lambda inputs, offsets, kernel: kops.deform_conv2d(inputs, offsets, kernel, padding=1),
+            dict(inputs=inputs, offsets=offs, kernel=kernel), ["inputs", "offsets", "kernel"])
+    return problems
+
+
+def _functions(fn, differentiable):
+    @tf.function
+    def forward(**tensors):
+        return tf.reduce_sum(fn(**tensors))
+
+    @tf.function
+    def forward_backward(**tensors):
+        watched = [tensors[n] for n in differentiable]
+        with tf.GradientTape() as tape:
+            tape.watch(watched)
+            out = fn(**tensors)
+            loss = tf.reduce_sum(out * out)
+        grads = tape.gradient(loss, watched)
+        return tf.add_n([tf.reduce_sum(tf.convert_to_tensor(g)) for g in grads])
+
+    return forward, forward_backward
+
+
+def _median_ms(fn, tensors, repeats, warmup):
+    for _ in range(warmup):
+        fn(**tensors).numpy()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn(**tensors).numpy()
+        times.append(time.perf_counter() - start)
+    return round(1000 * statistics.median(times), 2)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--ops", default="", help="comma-separated subset of the ops")
+    parser.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
+    args = parser.parse_args(argv)
+
+    report = {
+        "benchmark": "kerasdet compiled kernels vs pure-TensorFlow fallbacks (CPU)",
+        "tensorflow": tf.__version__,
+        "cpu_count": os.cpu_count(),
+        "repeats": args.repeats, "warmup": args.warmup, "quick": args.quick,
+        "kernels": _kernels.status(),
+        "results": [], "notes": [],
+    }
+    if _kernels.library() is None:
+        report["notes"].append("compiled kernels unavailable: only the fallbacks are timed")
+    if not hasattr(kops, "deform_conv2d"):
+        report["notes"].append("kerasdet.ops.deform_conv2d is not there yet: skipped")
+    wanted = [o for o in args.ops.split(",") if o]
+    problems = _problems(args.quick)
+    for name, (desc, fn, arrays, differentiable) in problems.items():
+        if wanted and name not in wanted:
+            continue
+        tensors = {k: tf.constant(v) for k, v in arrays.items()}
+        row = {"op": name, "config": desc}
+        for impl in ("kernel", "fallback"):
+            if impl == "kernel" and _kernels.library() is None:
+                continue
+            forward, forward_backward = _functions(fn, differentiable)
+            with _kernels.pure_tf() if impl == "fallback" else _null():
+                # Tracing happens at the first call, inside the chosen implementation.
+                row[f"{impl}_forward_ms"] = _median_ms(forward, tensors, args.repeats, args.warmup)
+                row[f"{impl}_forward_backward_ms"] = _median_ms(forward_backward, tensors,
+                                                                args.repeats, args.warmup)
+        if "kernel_forward_ms" in row:
+            row["speedup_forward"] = round(row["fallback_forward_ms"] / row["kernel_forward_ms"], 2)
+            row["speedup_forward_backward"] = round(
+                row["fallback_forward_backward_ms"] / row["kernel_forward_backward_ms"], 2)
+        report["results"].append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)  # progress
+    json.dump(report, sys.stdout, indent=2)
+    print()
+    return 0
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+if __name__ == "__main__":
+    sys.exit(main())
