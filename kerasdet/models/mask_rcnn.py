@@ -36,6 +36,9 @@ class MaskRCNN(FasterRCNN):
         mask_sampling_ratio: RoIAlign samples per bin side; 0 (Detectron2's default) means adaptive,
             ceil(RoI size / pool size) per side, torchvision uses 2.
         mask_channels / mask_num_convs: width and depth of the head (256 and 4 in the paper).
+        mask_rois_per_image: at most this many foreground RoIs per image train the mask branch
+            (None: all of them, as in the paper). The sampler's positives come in random order, so
+            a cap takes a random subset; it bounds the mask branch's training cost.
         mask_threshold: probability at which predicted masks (and training targets) are binarized.
         paste_masks: True: predict returns image-sized masks `masks` uint8 [B, K, H, W] (0/1 on the
             padded input canvas, zeros in empty detection slots). False: the per-box grids
@@ -49,7 +52,8 @@ class MaskRCNN(FasterRCNN):
     loss_names = FasterRCNN.loss_names + ("mask",)
 
     def __init__(self, num_classes, mask_pool_size=14, mask_sampling_ratio=0, mask_channels=256,
-                 mask_num_convs=4, mask_threshold=0.5, paste_masks=True, **kwargs):
+                 mask_num_convs=4, mask_rois_per_image=None, mask_threshold=0.5, paste_masks=True,
+                 **kwargs):
         kwargs.setdefault("roi_pooling", "roi_align")
         super().__init__(num_classes, **kwargs)
         self.mask_pool_size = int(mask_pool_size)
@@ -70,6 +74,12 @@ class MaskRCNN(FasterRCNN):
         # branch only needs the leading slots of the sample (a quarter of them by default).
         self.max_mask_rois = max(1, int(self.roi_settings["batch_size"]
                                         * self.roi_settings["positive_fraction"]))
+        self.mask_rois_per_image = None if mask_rois_per_image is None else int(mask_rois_per_image)
+        if self.mask_rois_per_image is not None:
+            if self.mask_rois_per_image < 1:
+                raise ValueError(f"`mask_rois_per_image` must be >= 1 or None, got "
+                                 f"{mask_rois_per_image!r}.")
+            self.max_mask_rois = min(self.max_mask_rois, self.mask_rois_per_image)
 
     def mask_logits(self, roi_features, boxes):
         """[B, R, 4] boxes -> per-class mask logits [B, R, 28, 28, K] (float32)."""
@@ -167,5 +177,6 @@ class MaskRCNN(FasterRCNN):
         config.update(mask_pool_size=self.mask_pool_size,
                       mask_sampling_ratio=self.mask_sampling_ratio,
                       mask_channels=self.mask_channels, mask_num_convs=self.mask_num_convs,
+                      mask_rois_per_image=self.mask_rois_per_image,
                       mask_threshold=self.mask_threshold, paste_masks=self.paste_masks)
         return config
