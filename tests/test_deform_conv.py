@@ -122,10 +122,13 @@ def test_samples_outside_the_map_read_zero():
     """Every sample pushed far outside the map gives exactly zero output."""
     rng = np.random.default_rng(2)
     x, offsets, kernel, _, kwargs, _ = _case(rng)
-    offsets = np.full_like(offsets, 50.0)
-    for pure in (True, False):
-        with _kernels.pure_tf() if pure else _nullcontext():
-            np.testing.assert_array_equal(_run(x, offsets, kernel, None, kwargs, 1), 0.0)
+    for far in (50.0, -7.5, 1e9, -1e9):  # also beyond the int32 range of grid indices
+        far_offsets = np.full_like(offsets, far)
+        for pure in (True, False):
+            if not pure and not HAVE_KERNELS:
+                continue
+            with _kernels.pure_tf() if pure else _nullcontext():
+                np.testing.assert_array_equal(_run(x, far_offsets, kernel, None, kwargs, 1), 0.0)
 
 
 class _nullcontext:
