@@ -236,6 +236,8 @@ def test_train_step_with_masks_and_without_objects():
     logs = model.train_on_batch(_one_object_batch(), return_dict=True)
     assert set(logs) == {"loss", "rpn_cls", "rpn_box", "roi_cls", "roi_box", "mask"}
     assert np.isfinite(logs["mask"]) and logs["mask"] > 0.1  # log(2) at initialisation
+    evaluated = model.test_on_batch(_one_object_batch(), return_dict=True)  # model.evaluate's step
+    assert evaluated["mask"] > 0.1 and np.isfinite(evaluated["loss"])
     empty = {"images": tf.random.uniform([2, 64, 64, 3], 0, 255),
              "bounding_boxes": {"boxes": tf.zeros([2, 0, 4]), "labels": tf.zeros([2, 0], tf.int32)},
              "masks": tf.zeros([2, 0, 64, 64], tf.uint8)}
@@ -291,6 +293,44 @@ def test_c4_variant_with_per_box_mask_output():
     assert np.all((out["masks"][0, :n] > 0) & (out["masks"][0, :n] < 1))
 
 
+def test_pasted_masks_are_the_binarized_paste_of_the_per_box_masks():
+    model = MaskRCNN(3, **tiny_mask_settings(score_threshold=0.0))
+    images = tf.constant(np.random.default_rng(4).uniform(0, 255, [1, 48, 80, 3]), tf.float32)
+    pasted = model(images)  # eager call: the attribute switch below takes effect
+    model.paste_masks = False
+    grids = model(images)
+    n = int(pasted["num_detections"][0])
+    assert n > 0
+    np.testing.assert_allclose(grids["boxes"], pasted["boxes"])
+    expected = reference_paste(grids["masks"][:, :5].numpy(), grids["boxes"][:, :5].numpy(),
+                               48, 80) >= 0.5
+    near_half = np.abs(reference_paste(grids["masks"][:, :5].numpy(),
+                                       grids["boxes"][:, :5].numpy(), 48, 80) - 0.5) < 1e-4
+    agree = (pasted["masks"][:, :5].numpy() == expected) | near_half
+    assert agree.all()
+
+
+def test_saved_model_carries_the_pasted_masks(tmp_path):
+    # The pasted, binarized masks are graph ops, so a plain SavedModel of predict returns them.
+    # (kerasdet.export's TF OD API signatures return the per-box grids instead.)
+    model = MaskRCNN(3, **tiny_mask_settings(score_threshold=0.0, rpn_post_nms_top_k_test=50))
+    model.build((1, 64, 64, 3))
+    module = tf.Module()
+    module.model = model
+    module.serve = tf.function(lambda images: model(images),
+                               input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32)])
+    path = str(tmp_path / "mask_rcnn")
+    tf.saved_model.save(module, path)
+    images = tf.constant(np.random.default_rng(5).uniform(0, 255, [1, 64, 64, 3]), tf.float32)
+    loaded = tf.saved_model.load(path)  # keep a reference: it owns the restored variables
+    out = loaded.serve(images)
+    reference = model(images)
+    n = int(out["num_detections"][0])
+    assert n == int(reference["num_detections"][0]) > 0
+    assert out["masks"].dtype == tf.uint8 and out["masks"].shape == (1, 100, 64, 64)
+    np.testing.assert_array_equal(out["masks"].numpy(), reference["masks"].numpy())
+
+
 def test_config_round_trip_rebuilds_the_same_model():
     model = MaskRCNN(3, **tiny_mask_settings(mask_num_convs=2, mask_threshold=0.4))
     model.build()
@@ -305,6 +345,8 @@ def test_config_round_trip_rebuilds_the_same_model():
 def test_bad_arguments_are_rejected():
     with pytest.raises(ValueError, match="mask_threshold"):
         MaskRCNN(3, mask_threshold=1.5, **tiny_fpn_settings())
+    with pytest.raises(ValueError, match="mask_rois_per_image"):
+        MaskRCNN(3, mask_rois_per_image=0, **tiny_fpn_settings())
     with pytest.raises(ValueError, match="MaskHead"):
         MaskHead(0)
 
