@@ -376,8 +376,9 @@ def test_each_mode_trains_on_a_batch_and_predicts(mode):
     logs = model.train_on_batch(one_object_batch(), return_dict=True)
     assert set(logs) == {"loss", *model.loss_names}
     assert all(np.isfinite(v) for v in logs.values())
-    out = model.predict_on_batch(np.zeros([1, 64, 64, 3], np.float32))
-    assert out["boxes"].shape == (1, 100, 4) and out["classes"].dtype == np.int32
+    # An eager call runs the same detect() as predict without tracing another graph.
+    out = model(np.zeros([1, 64, 64, 3], np.float32))
+    assert out["boxes"].shape == (1, 100, 4) and out["classes"].dtype == tf.int32
 
 
 def test_predict_on_mixed_sizes_and_empty_images():
@@ -448,6 +449,8 @@ def test_bad_arguments_are_named():
         tiny_cascade(stage_loss_weights=(1.0, 1.0))
     with pytest.raises(ValueError, match="fpn"):
         tiny_cascade(fpn=False)
+    with pytest.raises(ValueError, match="box_weights"):
+        tiny_cascade(box_weights=(1.0, 1.0, 1.0, 1.0))
     with pytest.raises(ValueError, match="roi_foreground_iou"):
         tiny_cascade(roi_foreground_iou=0.6)
     with pytest.raises(ValueError, match="stage_ious"):
@@ -497,9 +500,32 @@ def test_cascade_mask_rcnn_trains_and_predicts_pasted_masks():
     batch = dict(one_object_batch(), masks=tf.constant(one_object_masks()))
     logs = model.train_on_batch(batch, return_dict=True)
     assert "mask" in logs and np.isfinite(logs["mask"]) and logs["mask"] > 0
-    out = model.predict_on_batch(np.zeros([1, 64, 96, 3], np.float32))
-    assert out["masks"].shape == (1, 100, 64, 96) and out["masks"].dtype == np.uint8
+    out = model(np.zeros([1, 64, 96, 3], np.float32))  # eager: no second graph to trace
+    assert out["masks"].shape == (1, 100, 64, 96) and out["masks"].dtype == tf.uint8
     n = int(out["num_detections"][0])
-    assert not out["masks"][0, n:].any()
+    assert not out["masks"].numpy()[0, n:].any()
     with pytest.raises(ValueError, match="masks"):
         model.compute_detection_losses(one_object_batch(), training=True)
+
+
+def test_cascade_mask_model_exports_to_a_saved_model_that_matches_predict(tmp_path):
+    from kerasdet.export import export_saved_model
+
+    model = tiny_cascade(with_masks=True, mask_channels=8, mask_num_convs=1, score_threshold=0.0,
+                         rpn_pre_nms_top_k_test=100, rpn_post_nms_top_k_test=50)
+    model.build((1, 64, 64, 3))
+    path = str(tmp_path / "cascade_mask")
+    # The compiled kernels (portable=False): the pure-TF fallback graph of 4 RoI poolings is slow
+    # to trace, and tests/test_export.py already covers the portable mode.
+    export_saved_model(model, path, portable=False, image_size=(64, 64))
+    assert model.paste_masks  # restored after tracing
+    images = np.random.default_rng(8).integers(0, 256, size=(1, 64, 64, 3), dtype=np.uint8)
+    out = tf.saved_model.load(path).signatures["serving_default"](images=tf.constant(images))
+    reference = {k: v.numpy() for k, v in model(images.astype(np.float32)).items()}
+    n = int(out["num_detections"][0])
+    assert n == int(reference["num_detections"][0]) > 0
+    np.testing.assert_allclose(out["detection_scores"].numpy()[0, :n], reference["scores"][0, :n],
+                               rtol=1e-3, atol=1e-4)
+    masks = out["detection_masks"].numpy()
+    assert masks.shape == (1, 100, 28, 28) and 0.0 <= masks.min() and masks.max() <= 1.0
+    assert np.all(masks[0, n:] == 0)

@@ -126,7 +126,11 @@ class CascadeRCNN(FasterRCNN):
         for key, value in _FIXED.items():
             if key in kwargs and kwargs.pop(key) != value:
                 raise ValueError(f"CascadeRCNN fixes `{key}={value!r}`; do not pass another value.")
-        kwargs.pop("box_weights", None)  # per stage: stage_box_weights
+        box_weights = kwargs.pop("box_weights", None)  # set per stage by stage_box_weights
+        if box_weights is not None and tuple(float(w) for w in box_weights) != \
+                stage_box_weights[0]:
+            raise ValueError(f"`box_weights` ({box_weights}) must equal stage_box_weights[0] "
+                             f"({stage_box_weights[0]}); give the stages' weights instead.")
         iou = kwargs.pop("roi_foreground_iou", stage_ious[0])
         if abs(float(iou) - stage_ious[0]) > 1e-9:
             raise ValueError(f"`roi_foreground_iou` ({iou}) must equal stage_ious[0] "
@@ -163,9 +167,11 @@ class CascadeRCNN(FasterRCNN):
         self.mask_settings = dict(
             mask_pool_size=int(mask_pool_size), mask_sampling_ratio=int(mask_sampling_ratio),
             mask_channels=int(mask_channels), mask_num_convs=int(mask_num_convs),
-            mask_threshold=float(mask_threshold), paste_masks=bool(paste_masks),
+            mask_threshold=float(mask_threshold),
             max_mask_rois=int(max_mask_rois or max(1, round(
                 self.roi_settings["batch_size"] * self.roi_settings["positive_fraction"]))))
+        # An attribute of its own, as on MaskRCNN: kerasdet.export switches it off while tracing.
+        self.paste_masks = bool(paste_masks)
         if not 0.0 < self.mask_settings["mask_threshold"] < 1.0:
             raise ValueError(f"`mask_threshold` must be in (0, 1), got {mask_threshold!r}.")
         if self.with_masks:
@@ -319,7 +325,7 @@ class CascadeRCNN(FasterRCNN):
         slots = tf.range(tf.shape(boxes)[1])[tf.newaxis, :]
         filled = (slots < detections["num_detections"][:, tf.newaxis]) \
             & (detections["classes"] >= 0)
-        if not self.mask_settings["paste_masks"]:
+        if not self.paste_masks:
             return tf.where(filled[..., tf.newaxis, tf.newaxis], probs, 0.0)
         pasted = paste_masks(probs, boxes, canvas_size)
         binary = (pasted >= self.mask_settings["mask_threshold"]) \
@@ -372,5 +378,5 @@ class CascadeRCNN(FasterRCNN):
             stage_box_weights=[list(w) for w in self.stage_box_weights],
             stage_loss_weights=list(self.stage_loss_weights), gradient_scale=self.gradient_scale,
             stage_add_ground_truth=self.stage_add_ground_truth, with_masks=self.with_masks,
-            **self.mask_settings)
+            paste_masks=self.paste_masks, **self.mask_settings)
         return config
