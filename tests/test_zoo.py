@@ -199,18 +199,22 @@ def test_shipped_tiny_weights_reach_the_recorded_map(tmp_path):
     """Loads the committed weights (sha256-verified) and re-measures VOC mAP@0.5 on the held-out
     synthetic images regenerated from the recorded seed. Tolerance 0.02: the files and weights
     are identical, only float summation order may differ between CPUs."""
-    from kerasdet.zoo.data_spec import parse_data_spec
+    from kerasdet.data.synthetic import make_dataset
 
     entry = zoo.info("faster_rcnn_tiny_fpn_synthetic")
     assert entry["status"] == "trained weights", "run train/make_shipped_weights.py"
     recorded = entry["metrics"]["voc_map50"]
     assert recorded >= 0.5
+    spec = entry["metrics"]["data"]
+    val = make_dataset(str(tmp_path / "val"), spec["val_images"], seed=spec["val_seed"],
+                       image_size=tuple(spec["image_size"]), num_classes=spec["num_classes"],
+                       split="val")
     model = zoo.load("faster_rcnn_tiny_fpn_synthetic")
-    data = parse_data_spec("synthetic:" + str(tmp_path / "data"), need_train=False)
-    val_ds = training.make_pipeline(data.val, entry["input"], 8, False)
-    summary = training.evaluate_detector(model, val_ds, data.class_names, quiet=True)
+    val_ds = training.make_pipeline(val, entry["input"], 8, False)
+    summary = training.evaluate_detector(model, val_ds, val.class_names, quiet=True)
     print(f"shipped weights: VOC mAP@0.5 {summary['voc_map50']:.4f} (recorded {recorded})")
     assert summary["voc_map50"] == pytest.approx(recorded, abs=0.02)
+    assert summary["coco_ap"] == pytest.approx(entry["metrics"]["coco_ap"], abs=0.02)
 
 
 def test_other_num_classes_keeps_the_shipped_backbone_and_warns():

@@ -67,6 +67,14 @@ def main(argv=None):
                        f"(seed {SYNTHETIC_SETTINGS['train_seed']}), {recipe['epochs']} epochs, "
                        f"{seconds:.0f} s on 2 CPU cores"),
         "training_seed": args.seed,
+        # What tests/test_zoo.py regenerates to re-measure the metrics.
+        "data": {"generator": "kerasdet.data.synthetic.make_dataset",
+                 "num_classes": SYNTHETIC_SETTINGS["num_classes"],
+                 "image_size": SYNTHETIC_SETTINGS["image_size"],
+                 "train_images": SYNTHETIC_SETTINGS["train_images"],
+                 "train_seed": SYNTHETIC_SETTINGS["train_seed"],
+                 "val_images": SYNTHETIC_SETTINGS["val_images"],
+                 "val_seed": SYNTHETIC_SETTINGS["val_seed"]},
     }
     # --work only chooses a scratch folder, so it is left out of the recorded command.
     record["command"] = (f"python train/make_shipped_weights.py --entry {args.entry} --seed {args.seed}"
