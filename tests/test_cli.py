@@ -169,3 +169,19 @@ def test_train_scripts_share_the_cli():
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr
         assert f"kerasdet {script}" in proc.stdout
+
+
+def test_data_spec_errors_name_the_missing_piece(setup, tmp_path):
+    from kerasdet.zoo.data_spec import parse_data_spec
+
+    with pytest.raises(FileNotFoundError, match="VOC folder"):
+        parse_data_spec(f"voc:{tmp_path / 'nowhere'}")
+    with pytest.raises(FileNotFoundError, match="annotation file"):
+        parse_data_spec(f"coco:{tmp_path}/missing_{{split}}.json:{tmp_path}")
+    with pytest.raises(ValueError, match="coco:ANN.json:IMAGE_DIR"):
+        parse_data_spec("coco:only_one_part.json")
+    root = setup["root"]
+    with pytest.warns(UserWarning, match="same images"):
+        data = parse_data_spec(f"coco:{root}/val/annotations/instances_val.json:{root}/val/images")
+    assert len(data.train) == len(data.val) == 4
+    assert data.class_names == ["circle", "square", "triangle"]
