@@ -445,3 +445,40 @@ def test_saved_model_with_compiled_kernel_loads_with_the_library(tmp_path):
     subprocess.run([sys.executable, "-c", script], check=True, env=env, cwd=str(tmp_path),
                    timeout=300)
     np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected, rtol=1e-6, atol=1e-6)
+
+
+@needs_kernels
+@pytest.mark.parametrize("gemm", ["avx2", "portable"])
+def test_kernel_with_each_cpu_gemm_path(gemm, tmp_path):
+    """The AVX2 and portable matrix products (chosen on other CPUs) against the reference."""
+    rng = np.random.default_rng(14)
+    # Sizes that leave partial micro-tiles on every side.
+    x, offsets, kernel, mask, kwargs, groups = _case(rng, b=2, h=7, w=9, c_in=6, c_out=19,
+                                                     use_mask=True, groups=2)
+    upstream = rng.normal(size=offsets.shape[:3] + (19,))
+    np.savez(tmp_path / "case.npz", x=x, offsets=offsets, kernel=kernel, mask=mask,
+             upstream=upstream)
+    with _kernels.pure_tf():
+        expected = _gradients(x, offsets, kernel, mask, kwargs, groups, upstream.astype(np.float32))
+    script = textwrap.dedent(f"""
+        import numpy as np, tensorflow as tf
+        from kerasdet.ops import deform_conv2d
+        case = np.load({str(tmp_path / "case.npz")!r})
+        t = [tf.constant(case[k], tf.float32) for k in ("x", "offsets", "kernel", "mask")]
+        with tf.GradientTape() as tape:
+            tape.watch(t)
+            out = deform_conv2d(t[0], t[1], t[2], mask=t[3], deformable_groups={groups},
+                                **{kwargs!r})
+            loss = tf.reduce_sum(out * case["upstream"].astype(np.float32))
+        np.savez({str(tmp_path / "out.npz")!r}, out=out.numpy(),
+                 *[g.numpy() for g in tape.gradient(loss, t)])
+    """)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", KERASDET_CPU_GEMM=gemm,
+               KERASDET_REQUIRE_KERNELS="1")  # no silent fallback in the subprocess
+    subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=300)
+    got = np.load(tmp_path / "out.npz")
+    reference = reference_deform_conv2d(x, offsets, kernel, mask, groups=groups, **kwargs)
+    np.testing.assert_allclose(got["out"], reference, rtol=1e-5, atol=1e-5)
+    for i, name in enumerate(("inputs", "offsets", "kernel", "mask")):
+        np.testing.assert_allclose(got[f"arr_{i}"], expected[i], rtol=1e-4, atol=1e-4,
+                                   err_msg=name)

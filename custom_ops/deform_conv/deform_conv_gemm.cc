@@ -12,7 +12,9 @@
 #include "deform_conv/deform_conv_gemm.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -27,7 +29,7 @@ namespace deform_conv {
 namespace {
 
 // Micro-tiles: AVX-512 12 x 32 (24 zmm accumulators), AVX2 and portable 6 x 16 (12 ymm).
-constexpr int64_t kKc = 256;  // depth block: a kMr x kKc + kKc x kNr pair stays in L1/L2
+constexpr int64_t kKc = 512;  // depth block: a kMr x kKc + kKc x kNr pair stays in L1/L2
 constexpr int64_t kMc = 96;   // rows per work unit (multiple of every kMr)
 
 // op(a)[i, p] and op(b)[p, j] readers for the packing routines.
@@ -46,6 +48,19 @@ template <int kMr>
 void PackA(const View& a, int64_t i0, int64_t mc, int64_t p0, int64_t kc, float* out) {
   for (int64_t ir = 0; ir < mc; ir += kMr) {
     const int rows = static_cast<int>(std::min<int64_t>(kMr, mc - ir));
+    if (!a.trans) {
+      // Row-major a: walk each row contiguously (writes stay inside this L1-sized panel).
+      for (int r = 0; r < kMr; ++r) {
+        if (r < rows) {
+          const float* src = a.data + (i0 + ir + r) * a.ld + p0;
+          for (int64_t p = 0; p < kc; ++p) out[p * kMr + r] = src[p];
+        } else {
+          for (int64_t p = 0; p < kc; ++p) out[p * kMr + r] = 0.f;
+        }
+      }
+      out += kc * kMr;
+      continue;
+    }
     for (int64_t p = 0; p < kc; ++p) {
       int r = 0;
       for (; r < rows; ++r) out[r] = a.at(i0 + ir + r, p0 + p);
@@ -76,7 +91,8 @@ void PackB(const View& b, int64_t p0, int64_t kc, int64_t n, float* out) {
 // tile[6 x 16] = packed a panel x packed b panel (portable; the compiler vectorizes the j loop).
 constexpr int kYmmMr = 6, kYmmNr = 16;
 
-void MicroKernelPortable(int64_t kc, const float* a, const float* b, float* tile) {
+void MicroKernelPortable(int64_t kc, const float* a, const float* b, float* out, int64_t ldo,
+                         bool add) {
   float acc[kYmmMr][kYmmNr] = {};
   for (int64_t p = 0; p < kc; ++p, a += kYmmMr, b += kYmmNr) {
     for (int r = 0; r < kYmmMr; ++r) {
@@ -84,12 +100,16 @@ void MicroKernelPortable(int64_t kc, const float* a, const float* b, float* tile
       for (int j = 0; j < kYmmNr; ++j) acc[r][j] += ar * b[j];
     }
   }
-  std::memcpy(tile, acc, sizeof(acc));
+  for (int r = 0; r < kYmmMr; ++r) {
+    float* dst = out + r * ldo;
+    for (int j = 0; j < kYmmNr; ++j) dst[j] = add ? dst[j] + acc[r][j] : acc[r][j];
+  }
 }
 
 #if KD_HAVE_X86
 __attribute__((target("avx2,fma"))) void MicroKernelAvx2(int64_t kc, const float* a,
-                                                         const float* b, float* tile) {
+                                                         const float* b, float* out, int64_t ldo,
+                                                         bool add) {
   __m256 c00 = _mm256_setzero_ps(), c01 = _mm256_setzero_ps();
   __m256 c10 = _mm256_setzero_ps(), c11 = _mm256_setzero_ps();
   __m256 c20 = _mm256_setzero_ps(), c21 = _mm256_setzero_ps();
@@ -111,12 +131,15 @@ __attribute__((target("avx2,fma"))) void MicroKernelAvx2(int64_t kc, const float
     ar = _mm256_broadcast_ss(a + 5);
     c50 = _mm256_fmadd_ps(ar, b0, c50); c51 = _mm256_fmadd_ps(ar, b1, c51);
   }
-  _mm256_storeu_ps(tile + 0 * kYmmNr, c00); _mm256_storeu_ps(tile + 0 * kYmmNr + 8, c01);
-  _mm256_storeu_ps(tile + 1 * kYmmNr, c10); _mm256_storeu_ps(tile + 1 * kYmmNr + 8, c11);
-  _mm256_storeu_ps(tile + 2 * kYmmNr, c20); _mm256_storeu_ps(tile + 2 * kYmmNr + 8, c21);
-  _mm256_storeu_ps(tile + 3 * kYmmNr, c30); _mm256_storeu_ps(tile + 3 * kYmmNr + 8, c31);
-  _mm256_storeu_ps(tile + 4 * kYmmNr, c40); _mm256_storeu_ps(tile + 4 * kYmmNr + 8, c41);
-  _mm256_storeu_ps(tile + 5 * kYmmNr, c50); _mm256_storeu_ps(tile + 5 * kYmmNr + 8, c51);
+#define KD_STORE8(r, col, v)                                                         \
+  {                                                                                  \
+    float* dst = out + (r) * ldo + (col);                                            \
+    _mm256_storeu_ps(dst, add ? _mm256_add_ps(_mm256_loadu_ps(dst), v) : v);         \
+  }
+  KD_STORE8(0, 0, c00) KD_STORE8(0, 8, c01) KD_STORE8(1, 0, c10) KD_STORE8(1, 8, c11)
+  KD_STORE8(2, 0, c20) KD_STORE8(2, 8, c21) KD_STORE8(3, 0, c30) KD_STORE8(3, 8, c31)
+  KD_STORE8(4, 0, c40) KD_STORE8(4, 8, c41) KD_STORE8(5, 0, c50) KD_STORE8(5, 8, c51)
+#undef KD_STORE8
 }
 
 #define KD_ROW(r)                                                       \
@@ -124,13 +147,18 @@ __attribute__((target("avx2,fma"))) void MicroKernelAvx2(int64_t kc, const float
   c##r##0 = _mm512_fmadd_ps(ar, b0, c##r##0);                          \
   c##r##1 = _mm512_fmadd_ps(ar, b1, c##r##1);
 #define KD_DECL(r) __m512 c##r##0 = _mm512_setzero_ps(), c##r##1 = _mm512_setzero_ps();
-#define KD_STORE(r)                                  \
-  _mm512_storeu_ps(tile + (r) * 32, c##r##0);        \
-  _mm512_storeu_ps(tile + (r) * 32 + 16, c##r##1);
+#define KD_STORE(r)                                                                 \
+  {                                                                                 \
+    float* dst = out + (r) * ldo;                                                   \
+    _mm512_storeu_ps(dst, add ? _mm512_add_ps(_mm512_loadu_ps(dst), c##r##0) : c##r##0);       \
+    _mm512_storeu_ps(dst + 16,                                                      \
+                     add ? _mm512_add_ps(_mm512_loadu_ps(dst + 16), c##r##1) : c##r##1);       \
+  }
 
 // 12 x 32 tile: 24 accumulators + 2 b registers + 1 broadcast of the 32 zmm registers.
 __attribute__((target("avx512f"))) void MicroKernelAvx512(int64_t kc, const float* a,
-                                                         const float* b, float* tile) {
+                                                         const float* b, float* out, int64_t ldo,
+                                                         bool add) {
   KD_DECL(0) KD_DECL(1) KD_DECL(2) KD_DECL(3) KD_DECL(4) KD_DECL(5)
   KD_DECL(6) KD_DECL(7) KD_DECL(8) KD_DECL(9) KD_DECL(10) KD_DECL(11)
   for (int64_t p = 0; p < kc; ++p, a += 12, b += 32) {
@@ -157,7 +185,8 @@ bool CpuHasAvx2Fma() {
 }
 #endif
 
-using MicroKernel = void (*)(int64_t, const float*, const float*, float*);
+// kernel(kc, packed a, packed b, out, ldo, add): out[kMr x kNr] (+)= a x b, rows ldo apart.
+using MicroKernel = void (*)(int64_t, const float*, const float*, float*, int64_t, bool);
 
 template <int kMr, int kNr>
 void BlockedSgemm(MicroKernel kernel, bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
@@ -186,14 +215,15 @@ void BlockedSgemm(MicroKernel kernel, bool trans_a, bool trans_b, int64_t m, int
           const float* bp = packed_b.data() + jp * kc * kNr;
           for (int64_t ir = 0; ir < mc; ir += kMr) {
             const int rows = static_cast<int>(std::min<int64_t>(kMr, mc - ir));
-            kernel(kc, packed_a.data() + ir * kc, bp, tile);
+            float* dst = c + (i0 + ir) * n + j0;
+            if (rows == kMr && cols == kNr) {  // full tile: straight into c
+              kernel(kc, packed_a.data() + ir * kc, bp, dst, n, add);
+              continue;
+            }
+            kernel(kc, packed_a.data() + ir * kc, bp, tile, kNr, false);
             for (int r = 0; r < rows; ++r) {
-              float* dst = c + (i0 + ir + r) * n + j0;
-              const float* src = tile + r * kNr;
-              if (add) {
-                for (int j = 0; j < cols; ++j) dst[j] += src[j];
-              } else {
-                for (int j = 0; j < cols; ++j) dst[j] = src[j];
+              for (int j = 0; j < cols; ++j) {
+                dst[r * n + j] = add ? dst[r * n + j] + tile[r * kNr + j] : tile[r * kNr + j];
               }
             }
           }
@@ -201,6 +231,23 @@ void BlockedSgemm(MicroKernel kernel, bool trans_a, bool trans_b, int64_t m, int
       }
     });
   }
+}
+
+// 2 = AVX-512, 1 = AVX2 + FMA, 0 = portable: the best the CPU has, lowered (never raised) by
+// KERASDET_CPU_GEMM=avx2|portable so the tests can cover every kernel on one machine.
+int MicroKernelLevel() {
+  static const int level = [] {
+    int best = 0;
+#if KD_HAVE_X86
+    best = CpuHasAvx512() ? 2 : CpuHasAvx2Fma() ? 1 : 0;
+#endif
+    const char* env = std::getenv("KERASDET_CPU_GEMM");
+    const std::string want = env ? env : "";
+    if (want == "portable") return 0;
+    if (want == "avx2") return std::min(best, 1);
+    return best;
+  }();
+  return level;
 }
 
 }  // namespace
@@ -213,12 +260,13 @@ void Sgemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const fl
     return;
   }
 #if KD_HAVE_X86
-  if (CpuHasAvx512()) {
+  const int level = MicroKernelLevel();
+  if (level == 2) {
     BlockedSgemm<12, 32>(MicroKernelAvx512, trans_a, trans_b, m, n, k, a, b, c, accumulate,
                          parallel_for);
     return;
   }
-  if (CpuHasAvx2Fma()) {
+  if (level == 1) {
     BlockedSgemm<6, 16>(MicroKernelAvx2, trans_a, trans_b, m, n, k, a, b, c, accumulate,
                         parallel_for);
     return;

@@ -8,8 +8,8 @@
 // under kMaxColumnFloats.
 //
 // CPU matrix products use the packed AVX-512 / AVX2 SGEMM of deform_conv_gemm.cc (see there why
-// not Eigen); they and the sampling loops are sharded over the op's CPU worker threads. The input-gradient scatter is sharded over channel
-// blocks, so no two threads write the same address and no atomics or per-thread copies are needed.
+// not Eigen). They and the sampling loops are sharded over the op's CPU worker threads; each
+// thread scatters its input gradient into its own copy, summed at the end (no atomics).
 #include <algorithm>
 #include <functional>
 #include <vector>
@@ -41,8 +41,6 @@ using tensorflow::errors::InvalidArgument;
 
 // Largest column buffer (floats) before the batch is split into chunks: 64 MiB.
 constexpr int64_t kMaxColumnFloats = int64_t{1} << 24;
-// Channels per work unit of the input-gradient scatter (a 64-byte cache line of floats).
-constexpr int64_t kChannelBlock = 16;
 
 // ------------------------------------------------------------------------------------------ CPU
 // The sampling loops are compiled for AVX-512, AVX2+FMA and baseline x86-64 and picked at load
@@ -82,11 +80,13 @@ KD_CPU_CLONES void Im2ColRange(const Geometry& geo, const float* input, const fl
   }
 }
 
-// d(loss)/d(offset) and d(loss)/d(mask) of rows [row0 + begin, row0 + end) from grad_columns.
-KD_CPU_CLONES void CoordinateGradRange(const Geometry& geo, const float* input,
-                                       const float* offset, const float* mask,
-                                       const float* grad_columns, int64_t row0, int64_t begin,
-                                       int64_t end, float* grad_offset, float* grad_mask) {
+// For rows [row0 + begin, row0 + end), from grad_columns: d(loss)/d(offset), d(loss)/d(mask), and
+// the input gradient added into grad_images (the gradient of image `first_image` onward). One pass
+// computes each bilinear tap once and reads each corner once for both.
+KD_CPU_CLONES void BackwardRange(const Geometry& geo, const float* input, const float* offset,
+                                 const float* mask, const float* grad_columns, int64_t row0,
+                                 int64_t begin, int64_t end, int64_t first_image,
+                                 float* grad_images, float* grad_offset, float* grad_mask) {
   const int C = geo.channels, cg = geo.group_channels(), K = geo.taps();
   const int64_t P = geo.positions(), image = int64_t{geo.height} * geo.width * C;
   // The channel sums run in kLanes independent partial sums: without -ffast-math the compiler
@@ -95,15 +95,17 @@ KD_CPU_CLONES void CoordinateGradRange(const Geometry& geo, const float* input,
   for (int64_t r = begin; r < end; ++r) {
     const int64_t row = row0 + r;
     const float* img = input + (row / P) * image;
+    float* gimg = grad_images + (row / P - first_image) * image;
     const float* gcol = grad_columns + r * K * C;
     for (int g = 0; g < geo.groups; ++g) {
       for (int t = 0; t < K; ++t) {
         float m;
         const BilinearTap tap = sample_tap(geo, offset, mask, row, g, t, &m);
-        const float* a = img + (int64_t{tap.y0} * geo.width + tap.x0) * C + g * cg;
-        const float* b = img + (int64_t{tap.y0} * geo.width + tap.x1) * C + g * cg;
-        const float* c = img + (int64_t{tap.y1} * geo.width + tap.x0) * C + g * cg;
-        const float* d = img + (int64_t{tap.y1} * geo.width + tap.x1) * C + g * cg;
+        const int64_t at[4] = {(int64_t{tap.y0} * geo.width + tap.x0) * C + g * cg,
+                               (int64_t{tap.y0} * geo.width + tap.x1) * C + g * cg,
+                               (int64_t{tap.y1} * geo.width + tap.x0) * C + g * cg,
+                               (int64_t{tap.y1} * geo.width + tap.x1) * C + g * cg};
+        const float *a = img + at[0], *b = img + at[1], *c = img + at[2], *d = img + at[3];
         const float* gc = gcol + t * C + g * cg;
         float sv[kLanes] = {}, sy[kLanes] = {}, sx[kLanes] = {};
         int ch = 0;
@@ -132,40 +134,15 @@ KD_CPU_CLONES void CoordinateGradRange(const Geometry& geo, const float* input,
         grad_offset[row * 2 * geo.groups * K + 2 * k] = m * dy;
         grad_offset[row * 2 * geo.groups * K + 2 * k + 1] = m * dx;
         if (geo.has_mask) grad_mask[row * geo.groups * K + k] = value;
-      }
-    }
-  }
-}
 
-// Adds grad_columns of rows [row0, row0 + rows) into grad_input, channels [c_begin, c_end) only.
-KD_CPU_CLONES void ScatterChannels(const Geometry& geo, const float* offset, const float* mask,
-                                   const float* grad_columns, int64_t row0, int64_t rows,
-                                   int c_begin, int c_end, float* grad_input) {
-  const int C = geo.channels, cg = geo.group_channels(), K = geo.taps();
-  const int64_t P = geo.positions(), image = int64_t{geo.height} * geo.width * C;
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t row = row0 + r;
-    float* gimg = grad_input + (row / P) * image;
-    const float* gcol = grad_columns + r * K * C;
-    for (int g = 0; g < geo.groups; ++g) {
-      const int lo = std::max(g * cg, c_begin), hi = std::min((g + 1) * cg, c_end);
-      if (lo >= hi) continue;
-      for (int t = 0; t < K; ++t) {
-        float m;
-        const BilinearTap tap = sample_tap(geo, offset, mask, row, g, t, &m);
         const float w[4] = {m * tap.w00, m * tap.w01, m * tap.w10, m * tap.w11};
-        const int64_t at[4] = {(int64_t{tap.y0} * geo.width + tap.x0) * C,
-                               (int64_t{tap.y0} * geo.width + tap.x1) * C,
-                               (int64_t{tap.y1} * geo.width + tap.x0) * C,
-                               (int64_t{tap.y1} * geo.width + tap.x1) * C};
-        const float* src = gcol + t * C;
         for (int corner = 0; corner < 4; ++corner) {
           // A corner outside the map has weight 0 and a clamped index: skip it, so that an
           // infinite upstream gradient cannot leak a NaN into an unrelated pixel.
           if (w[corner] == 0.f) continue;
           float* dst = gimg + at[corner];
           const float wc = w[corner];
-          for (int ch = lo; ch < hi; ++ch) dst[ch] += wc * src[ch];
+          for (int j = 0; j < cg; ++j) dst[j] += wc * gc[j];
         }
       }
     }
@@ -201,19 +178,41 @@ struct CpuBackend {
                                       const float* input, const float* offset, const float* mask,
                                       const float* grad_columns, int64_t row0, int64_t rows,
                                       float* grad_input, float* grad_offset, float* grad_mask) {
-    // Rows are disjoint in grad_offset / grad_mask: shard over rows.
-    Shard(ctx, rows, 24 * geo.col_width(), [&](int64_t begin, int64_t end) {
-      CoordinateGradRange(geo, input, offset, mask, grad_columns, row0, begin, end, grad_offset,
-                          grad_mask);
+    // Rows are split into one part per worker thread. Part 0 adds into grad_input; the others
+    // into zeroed private copies of this chunk's input gradient that are summed in afterwards,
+    // because parts may sample the same pixels. (A channel-sharded scatter needs no copies, but
+    // in a perf profile of the benchmark shape it and its separate offset pass cost ~4x this one
+    // pass: it walks every tap once per channel block.)
+    const int64_t P = geo.positions(), image = int64_t{geo.height} * geo.width * geo.channels;
+    const int64_t first_image = row0 / P, images = (row0 + rows - 1) / P - first_image + 1;
+    const int64_t chunk_floats = images * image;
+    const int threads = ctx->device()->tensorflow_cpu_worker_threads()->num_threads;
+    const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(threads, rows));
+    Tensor copies;
+    float* extra = nullptr;
+    if (parts > 1) {
+      if (!ctx->allocate_temp(tensorflow::DT_FLOAT, TensorShape({parts - 1, chunk_floats}), &copies)
+               .ok())
+        return false;
+      extra = copies.flat<float>().data();
+      std::fill(extra, extra + (parts - 1) * chunk_floats, 0.f);
+    }
+    float* own = grad_input + first_image * image;
+    Shard(ctx, parts, rows / parts * 40 * geo.col_width(), [&](int64_t begin, int64_t end) {
+      for (int64_t part = begin; part < end; ++part) {
+        float* target = part == 0 ? own : extra + (part - 1) * chunk_floats;
+        BackwardRange(geo, input, offset, mask, grad_columns, row0, rows * part / parts,
+                      rows * (part + 1) / parts, first_image, target, grad_offset, grad_mask);
+      }
     });
-    // Input gradient: sharded over channel blocks, so every thread owns the addresses it adds to.
-    const int C = geo.channels;
-    const int64_t blocks = (C + kChannelBlock - 1) / kChannelBlock;
-    Shard(ctx, blocks, rows * geo.taps() * kChannelBlock * 10, [&](int64_t begin, int64_t end) {
-      ScatterChannels(geo, offset, mask, grad_columns, row0, rows,
-                      static_cast<int>(begin * kChannelBlock),
-                      static_cast<int>(std::min<int64_t>(C, end * kChannelBlock)), grad_input);
-    });
+    if (parts > 1) {
+      Shard(ctx, chunk_floats, 2 * parts, [&](int64_t begin, int64_t end) {
+        for (int64_t part = 1; part < parts; ++part) {
+          const float* src = extra + (part - 1) * chunk_floats;
+          for (int64_t i = begin; i < end; ++i) own[i] += src[i];
+        }
+      });
+    }
     return true;
   }
 
