@@ -255,6 +255,9 @@ def test_training_without_masks_is_a_clear_error():
     del batch["masks"]
     with pytest.raises(ValueError, match="masks"):
         model.compute_detection_losses(batch, training=True)
+    batch["masks"] = tf.zeros([2, 2, 32, 32], tf.uint8)  # not on the 64 x 64 image canvas
+    with pytest.raises(ValueError, match="canvas"):
+        model.compute_detection_losses(batch, training=True)
 
 
 def test_predict_on_mixed_sizes_and_empty_images():
@@ -331,8 +334,11 @@ def test_saved_model_carries_the_pasted_masks(tmp_path):
     np.testing.assert_array_equal(out["masks"].numpy(), reference["masks"].numpy())
 
 
-def test_config_round_trip_rebuilds_the_same_model():
-    model = MaskRCNN(3, **tiny_mask_settings(mask_num_convs=2, mask_threshold=0.4))
+def test_config_and_keras_file_round_trips(tmp_path):
+    import keras
+
+    model = MaskRCNN(3, **tiny_mask_settings(mask_num_convs=2, mask_threshold=0.4,
+                                             score_threshold=0.0))
     model.build()
     config = model.get_config()
     clone = MaskRCNN.from_config(config)
@@ -340,6 +346,15 @@ def test_config_round_trip_rebuilds_the_same_model():
     assert clone.get_config() == config
     assert clone.count_params() == model.count_params()
     assert clone.mask_head.num_convs == 2 and clone.mask_threshold == 0.4
+
+    path = str(tmp_path / "mask_rcnn.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    images = np.random.default_rng(6).uniform(0, 255, [1, 64, 64, 3]).astype(np.float32)
+    before, after = model(images), loaded(images)
+    assert isinstance(loaded, MaskRCNN)
+    np.testing.assert_allclose(after["scores"], before["scores"], atol=1e-6)
+    np.testing.assert_array_equal(after["masks"], before["masks"])
 
 
 def test_bad_arguments_are_rejected():

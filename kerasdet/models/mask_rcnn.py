@@ -94,11 +94,18 @@ class MaskRCNN(FasterRCNN):
         if masks is None:
             raise ValueError("MaskRCNN needs instance masks in the batch: `masks` [B, N, H, W] "
                              "(build_dataset(..., with_masks=True)).")
-        boxes = batch["bounding_boxes"]["boxes"]
+        masks = tf.convert_to_tensor(masks)
+        boxes = tf.convert_to_tensor(batch["bounding_boxes"]["boxes"])
         if masks.shape.rank != 4 or (masks.shape[1] is not None and boxes.shape[1] is not None
                                      and masks.shape[1] != boxes.shape[1]):
             raise ValueError(f"batch `masks` must be [B, N, H, W] with the N of `bounding_boxes` "
                              f"{boxes.shape}, got {masks.shape}.")
+        images = tf.convert_to_tensor(batch["images"])
+        if None not in (masks.shape[2], masks.shape[3], images.shape[1], images.shape[2]) \
+                and tuple(masks.shape[2:4]) != tuple(images.shape[1:3]):
+            raise ValueError(f"batch `masks` {masks.shape} must be on the image canvas "
+                             f"{images.shape[1:3]} (the pipeline resizes and pads them with the "
+                             f"images).")
         return masks
 
     # -- Detector interface ---------------------------------------------------------------------
