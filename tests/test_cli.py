@@ -185,3 +185,16 @@ def test_data_spec_errors_name_the_missing_piece(setup, tmp_path):
         data = parse_data_spec(f"coco:{root}/val/annotations/instances_val.json:{root}/val/images")
     assert len(data.train) == len(data.val) == 4
     assert data.class_names == ["circle", "square", "triangle"]
+
+
+def test_keras_file_is_accepted_as_model(setup, tmp_path):
+    model = training.resolve_model(setup["config"], weights=None)
+    path = str(tmp_path / "tiny.keras")
+    model.save(path)
+    # A fresh interpreter, where no detector module was imported yet, must still read it.
+    code = ("import sys; from kerasdet.zoo import training; "
+            "m = training.resolve_model(sys.argv[1]); print(type(m).__name__, m.num_classes)")
+    proc = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True,
+                          timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split()[-2:] == ["FasterRCNN", "3"]

@@ -96,6 +96,20 @@ def make_pipeline(dataset, input_settings, batch_size, training, seed=0, with_ma
                          with_masks=with_masks)
 
 
+def _register_model_classes():
+    """Imports every detector module that exists, so that their Keras-serializable classes are
+    registered before a .keras file naming them is read (kerasdet.models imports none itself)."""
+    import importlib
+
+    from kerasdet.zoo.registry import entries
+
+    for module_name in sorted({e.class_path.partition(":")[0] for e in entries().values()}):
+        try:
+            importlib.import_module(module_name)
+        except ImportError:
+            pass  # an entry whose model is not written yet
+
+
 def resolve_model(spec, weights="default", num_classes=None):
     """A model from a zoo entry name, a .keras file or a JSON config {"class", "arguments", "input"}."""
     from kerasdet import zoo
@@ -106,8 +120,7 @@ def resolve_model(spec, weights="default", num_classes=None):
     if spec.endswith(".keras"):
         if not os.path.isfile(spec):
             raise FileNotFoundError(f"model file {spec!r} does not exist")
-        import kerasdet.models  # noqa: F401 - registers the serializable classes
-
+        _register_model_classes()
         return keras.saving.load_model(spec)
     if spec.endswith(".json"):
         import importlib
