@@ -5,9 +5,9 @@ Stage t is trained on the boxes regressed by stage t - 1, labeled with its own (
 threshold u_t: ``y^t = g_y if IoU(b^t, g) >= u_t else 0``. Following Detectron2's CascadeROIHeads,
 later stages do NOT resample: every RoI of the first stage's sample (ground truth included) is
 regressed and relabeled, so the quality distribution the stage sees is the one the cascade
-produces. The ground-truth boxes are appended again at every stage (as Cai's Detectron code does by
-merging the ground truth into each stage's RoIs), which guarantees each stage some perfect
-positives even while the previous regressor is still poor.
+produces. By default the ground-truth boxes are also appended again at every stage (Detectron2 only
+carries the first stage's, regressed; MMDetection re-adds them at every stage's sampler), which
+gives each stage some perfect positives even while the previous regressor is still poor.
 """
 import tensorflow as tf
 

@@ -3,9 +3,10 @@ and integral-loss baselines as modes of the same parts.
 
 mode="cascade": T = 3 stages, each its own 2fc head and class-agnostic predictor, trained at IoU
     0.5 / 0.6 / 0.7 with box-coder weights (10,10,5,5) / (20,20,10,10) / (30,30,15,15). Stage 1 is
-    trained on the usual RoI sample (512 per image, 25 % foreground, ground truth added); stage t > 1
-    on stage t - 1's regressed boxes (gradient stopped), relabeled at u_t with the ground truth
-    appended again and no resampling (Detectron2's CascadeROIHeads; see kerasdet.heads.cascade).
+    trained on the usual RoI sample (512 per image, 25 % foreground, ground truth added); stage
+    t > 1 on stage t - 1's regressed boxes (gradient stopped), relabeled at u_t with the ground
+    truth appended again and no resampling (Detectron2's CascadeROIHeads; see
+    kerasdet.heads.cascade).
     Each stage's pooled features pass through a gradient-scaling identity (x 1/T) so the trunk gets
     the mean of the stages' gradients (Detectron2). Test: proposals -> stage 1 -> stage 2 -> stage
     3; the score is the mean of the three classifiers' probabilities, all evaluated on the last
