@@ -4,9 +4,11 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = (
-    "backbones", "data", "evaluation", "heads", "layers", "losses", "models", "necks", "ops",
-    "visualize", "zoo",
+    "backbones", "data", "evaluation", "export", "heads", "layers", "losses", "models", "necks",
+    "ops", "visualize", "zoo",
 )
+# Top-level shortcuts: name -> (module, attribute).
+_SHORTCUTS = {"export_saved_model": ("kerasdet.export", "export_saved_model")}
 
 
 def __getattr__(name):
@@ -14,8 +16,11 @@ def __getattr__(name):
     # the evaluation code does not pay for building the kernels' Python side.
     if name in _SUBMODULES:
         return importlib.import_module(f"kerasdet.{name}")
+    if name in _SHORTCUTS:
+        module, attribute = _SHORTCUTS[name]
+        return getattr(importlib.import_module(module), attribute)
     raise AttributeError(f"module 'kerasdet' has no attribute {name!r}")
 
 
 def __dir__():
-    return sorted(list(globals()) + list(_SUBMODULES))
+    return sorted(list(globals()) + list(_SUBMODULES) + list(_SHORTCUTS))

@@ -25,3 +25,14 @@ def test_keras_runs_on_tensorflow():
     import keras
 
     assert keras.backend.backend() == "tensorflow"
+
+
+def test_top_level_shortcuts_and_model_classes():
+    from kerasdet.export import export_saved_model
+    from kerasdet.models.faster_rcnn import FasterRCNN
+
+    assert kerasdet.export_saved_model is export_saved_model
+    assert kerasdet.models.FasterRCNN is FasterRCNN
+    assert "MaskRCNN" in dir(kerasdet.models)
+    with pytest.raises(AttributeError):
+        kerasdet.models.NoSuchDetector  # noqa: B018
