@@ -420,6 +420,23 @@ def test_config_round_trip_rebuilds_the_same_model(mode, with_masks):
     assert clone.loss_names == model.loss_names
 
 
+def test_keras_file_round_trip_gives_the_same_detections(tmp_path):
+    import keras
+
+    model = tiny_cascade(score_threshold=0.0, rpn_pre_nms_top_k_test=100,
+                         rpn_post_nms_top_k_test=50)
+    model.build((1, 64, 64, 3))
+    path = str(tmp_path / "cascade.keras")
+    model.save(path)
+    clone = keras.saving.load_model(path)
+    assert isinstance(clone, CascadeRCNN) and clone.get_config() == model.get_config()
+    images = np.random.default_rng(9).uniform(0, 255, [1, 64, 64, 3]).astype(np.float32)
+    a, b = model(images), clone(images)  # eager: no graphs to trace
+    assert int(a["num_detections"][0]) > 0
+    for key in ("boxes", "scores", "classes", "num_detections"):
+        np.testing.assert_allclose(b[key].numpy(), a[key].numpy(), atol=1e-5, err_msg=key)
+
+
 def test_parameter_count_is_faster_rcnn_plus_two_stage_heads():
     # Cascade = a class-agnostic FPN Faster R-CNN + (T - 1) more 2fc heads and predictors.
     settings = tiny_fpn_settings()
