@@ -122,3 +122,33 @@ def test_library_is_the_built_one_for_this_tensorflow():
     info_path = status["path"].rsplit("/", 1)[0] + "/_kerasdet_ops.json"
     with open(info_path) as f:
         assert json.load(f)["tensorflow"] == tf.__version__
+
+
+@pytest.mark.skipif(_kernels.library() is None, reason="compiled kernels not built")
+def test_gpu_library_loads_on_cpu_only_tensorflow():
+    """The CUDA build is a superset of the CPU library: on a machine without a GPU it must still
+    load and run its CPU kernels (checked in a fresh process: one process can load only one of
+    the two libraries)."""
+    import os
+    import subprocess
+    import sys
+
+    lib_dir = os.path.dirname(_kernels.status()["path"])
+    gpu_lib = os.path.join(lib_dir, "_kerasdet_ops_gpu.so")
+    if not os.path.exists(gpu_lib):
+        pytest.skip("GPU library not built (no nvcc)")
+    script = (
+        "import numpy as np, tensorflow as tf\n"
+        f"lib = tf.load_op_library({gpu_lib!r})\n"
+        "f = tf.constant(np.arange(2 * 5 * 6 * 3, dtype=np.float32).reshape(2, 5, 6, 3))\n"
+        "out = lib.keras_det_ro_i_align(features=f, boxes=[[0., 0., 4., 3.]], box_indices=[1],\n"
+        "                               pooled_height=2, pooled_width=2, sampling_ratio=1)\n"
+        "print(float(tf.reduce_sum(out)))\n")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    want = roi.roi_align(tf.reshape(tf.range(180, dtype=tf.float32), [2, 5, 6, 3]),
+                         [[0.0, 0.0, 4.0, 3.0]], [1], 2, sampling_ratio=1)
+    assert float(result.stdout.strip().splitlines()[-1]) == pytest.approx(
+        float(tf.reduce_sum(want)), rel=1e-5)

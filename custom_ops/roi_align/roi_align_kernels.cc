@@ -46,21 +46,71 @@ inline void BinShift(const RoIAlignParams& p, const RoIAlignGeometry& g, const f
   }
 }
 
-template <bool PS>
-void ForwardBins(const RoIAlignParams& p, const float* features, const float* boxes,
+// Where the channels read for one bin live. Position-sensitive features [B, H, W, C] put the C_out
+// channels of a bin 49 floats apart (one cache line each); the PS kernels first transpose them into
+// bin planes [B, ph * pw, H, W, C_out] so that every bilinear corner is one contiguous run, as for
+// the plain ops (the transpose is one pass over the map; the strided reads were the bottleneck).
+struct Layout {
+  int64_t image;  // elements per batch image
+  int64_t plane;  // elements between the planes of consecutive bins (0: one shared plane)
+  int64_t row;    // elements per feature row
+  int64_t pixel;  // elements per pixel
+};
+
+Layout NhwcLayout(const RoIAlignParams& p) {
+  const int64_t row = static_cast<int64_t>(p.width) * p.channels;
+  return {p.height * row, 0, row, p.channels};
+}
+
+Layout PlanarLayout(const RoIAlignParams& p) {
+  const int64_t plane = static_cast<int64_t>(p.height) * p.width * p.out_channels;
+  return {plane * p.pooled_h * p.pooled_w, plane,
+          static_cast<int64_t>(p.width) * p.out_channels, p.out_channels};
+}
+
+// planar[b, q, y, x, c] = nhwc[b, y, x, c * bins + q] for the pixels [begin, end) (b * H * W + yx).
+void ToPlanar(const RoIAlignParams& p, const float* nhwc, float* planar, int64_t begin,
+              int64_t end) {
+  const int bins = p.pooled_h * p.pooled_w;
+  const int64_t hw = static_cast<int64_t>(p.height) * p.width;
+  for (int64_t pix = begin; pix < end; ++pix) {
+    const int64_t b = pix / hw, yx = pix % hw;
+    const float* src = nhwc + pix * p.channels;
+    for (int q = 0; q < bins; ++q) {
+      float* dst = planar + ((b * bins + q) * hw + yx) * p.out_channels;
+      for (int c = 0; c < p.out_channels; ++c) dst[c] = src[c * bins + q];
+    }
+  }
+}
+
+void FromPlanar(const RoIAlignParams& p, const float* planar, float* nhwc, int64_t begin,
+                int64_t end) {
+  const int bins = p.pooled_h * p.pooled_w;
+  const int64_t hw = static_cast<int64_t>(p.height) * p.width;
+  for (int64_t pix = begin; pix < end; ++pix) {
+    const int64_t b = pix / hw, yx = pix % hw;
+    float* dst = nhwc + pix * p.channels;
+    for (int q = 0; q < bins; ++q) {
+      const float* src = planar + ((b * bins + q) * hw + yx) * p.out_channels;
+      for (int c = 0; c < p.out_channels; ++c) dst[c * bins + q] = src[c];
+    }
+  }
+}
+
+void ForwardBins(const RoIAlignParams& p, const Layout& L, const float* features, const float* boxes,
                  const int* box_indices, const float* offsets, float* output, int64_t begin,
                  int64_t end) {
   const int bins = p.pooled_h * p.pooled_w;
   const int groups = NumGroups(p);
   const int cpg = p.out_channels / groups;
-  const int cs = PS ? bins : 1;  // input-channel stride between consecutive output channels
-  const int64_t row = static_cast<int64_t>(p.width) * p.channels;
-  const int64_t image = p.height * row;
+  constexpr int cs = 1;  // both layouts keep an output channel group contiguous
+  const int64_t row = L.row;
+  const int64_t image = L.image;
   for (int64_t u = begin; u < end; ++u) {
     const int r = static_cast<int>(u / bins);
     const int i = static_cast<int>((u % bins) / p.pooled_w), j = static_cast<int>(u % p.pooled_w);
     const RoIAlignGeometry g = roi_align_geometry(boxes + 4 * r, p);
-    const float* img = features + box_indices[r] * image + (PS ? i * p.pooled_w + j : 0);
+    const float* img = features + box_indices[r] * image + L.plane * (i * p.pooled_w + j);
     float* out = output + u * p.out_channels;
     std::fill(out, out + p.out_channels, 0.f);
     for (int grp = 0; grp < groups; ++grp) {
@@ -74,10 +124,10 @@ void ForwardBins(const RoIAlignParams& p, const float* features, const float* bo
           const float x = sample_x(g, j, ix) + dx;
           const BilinearTap t = roi_align_tap(y, x, p.height, p.width);
           if (TapIsEmpty(t)) continue;
-          const float* p00 = ig + t.y0 * row + static_cast<int64_t>(t.x0) * p.channels;
-          const float* p01 = ig + t.y0 * row + static_cast<int64_t>(t.x1) * p.channels;
-          const float* p10 = ig + t.y1 * row + static_cast<int64_t>(t.x0) * p.channels;
-          const float* p11 = ig + t.y1 * row + static_cast<int64_t>(t.x1) * p.channels;
+          const float* p00 = ig + t.y0 * row + static_cast<int64_t>(t.x0) * L.pixel;
+          const float* p01 = ig + t.y0 * row + static_cast<int64_t>(t.x1) * L.pixel;
+          const float* p10 = ig + t.y1 * row + static_cast<int64_t>(t.x0) * L.pixel;
+          const float* p11 = ig + t.y1 * row + static_cast<int64_t>(t.x1) * L.pixel;
           for (int c = 0; c < cpg; ++c) {
             og[c] += t.w00 * p00[c * cs] + t.w01 * p01[c * cs] + t.w10 * p10[c * cs] +
                      t.w11 * p11[c * cs];
@@ -90,17 +140,15 @@ void ForwardBins(const RoIAlignParams& p, const float* features, const float* bo
 }
 
 // Feature gradient for the channel blocks [begin, end) (block = channels of one offset group).
-template <bool PS>
-void BackwardFeatures(const RoIAlignParams& p, const float* grad, const float* boxes,
+void BackwardFeatures(const RoIAlignParams& p, const Layout& L, const float* grad, const float* boxes,
                       const int* box_indices, const float* offsets, float* grad_features,
                       int block, int64_t begin, int64_t end) {
-  const int bins = p.pooled_h * p.pooled_w;
   const int groups = NumGroups(p);
   const int cpg = p.out_channels / groups;
   const int blocks_per_group = (cpg + block - 1) / block;
-  const int cs = PS ? bins : 1;
-  const int64_t row = static_cast<int64_t>(p.width) * p.channels;
-  const int64_t image = p.height * row;
+  constexpr int cs = 1;
+  const int64_t row = L.row;
+  const int64_t image = L.image;
   for (int64_t unit = begin; unit < end; ++unit) {
     const int grp = static_cast<int>(unit / blocks_per_group);
     const int c0 = grp * cpg + static_cast<int>(unit % blocks_per_group) * block;
@@ -112,7 +160,7 @@ void BackwardFeatures(const RoIAlignParams& p, const float* grad, const float* b
         for (int j = 0; j < p.pooled_w; ++j) {
           const int64_t u = (static_cast<int64_t>(r) * p.pooled_h + i) * p.pooled_w + j;
           const float* gb = grad + u * p.out_channels;
-          float* img = grad_features + box_indices[r] * image + (PS ? i * p.pooled_w + j : 0);
+          float* img = grad_features + box_indices[r] * image + L.plane * (i * p.pooled_w + j);
           float dy, dx;
           BinShift(p, g, offsets, u, grp, &dy, &dx);
           for (int iy = 0; iy < g.grid_h; ++iy) {
@@ -123,10 +171,10 @@ void BackwardFeatures(const RoIAlignParams& p, const float* grad, const float* b
               if (TapIsEmpty(t)) continue;
               const float w00 = t.w00 * g.inv_count, w01 = t.w01 * g.inv_count;
               const float w10 = t.w10 * g.inv_count, w11 = t.w11 * g.inv_count;
-              float* p00 = img + t.y0 * row + static_cast<int64_t>(t.x0) * p.channels;
-              float* p01 = img + t.y0 * row + static_cast<int64_t>(t.x1) * p.channels;
-              float* p10 = img + t.y1 * row + static_cast<int64_t>(t.x0) * p.channels;
-              float* p11 = img + t.y1 * row + static_cast<int64_t>(t.x1) * p.channels;
+              float* p00 = img + t.y0 * row + static_cast<int64_t>(t.x0) * L.pixel;
+              float* p01 = img + t.y0 * row + static_cast<int64_t>(t.x1) * L.pixel;
+              float* p10 = img + t.y1 * row + static_cast<int64_t>(t.x0) * L.pixel;
+              float* p11 = img + t.y1 * row + static_cast<int64_t>(t.x1) * L.pixel;
               for (int c = c0; c < c1; ++c) {
                 const float gv = gb[c];
                 p00[c * cs] += w00 * gv;
@@ -143,23 +191,22 @@ void BackwardFeatures(const RoIAlignParams& p, const float* grad, const float* b
 }
 
 // Offset gradient of the (bin, group) units [begin, end): d loss / d offsets[r, i, j, 2g : 2g + 2].
-template <bool PS>
-void BackwardOffsets(const RoIAlignParams& p, const float* grad, const float* features,
+void BackwardOffsets(const RoIAlignParams& p, const Layout& L, const float* grad, const float* features,
                      const float* boxes, const int* box_indices, const float* offsets,
                      float* grad_offsets, int64_t begin, int64_t end) {
   const int bins = p.pooled_h * p.pooled_w;
   const int groups = NumGroups(p);
   const int cpg = p.out_channels / groups;
-  const int cs = PS ? bins : 1;
-  const int64_t row = static_cast<int64_t>(p.width) * p.channels;
-  const int64_t image = p.height * row;
+  constexpr int cs = 1;
+  const int64_t row = L.row;
+  const int64_t image = L.image;
   for (int64_t unit = begin; unit < end; ++unit) {
     const int64_t u = unit / groups;
     const int grp = static_cast<int>(unit % groups);
     const int r = static_cast<int>(u / bins);
     const int i = static_cast<int>((u % bins) / p.pooled_w), j = static_cast<int>(u % p.pooled_w);
     const RoIAlignGeometry g = roi_align_geometry(boxes + 4 * r, p);
-    const float* img = features + box_indices[r] * image + (PS ? i * p.pooled_w + j : 0) +
+    const float* img = features + box_indices[r] * image + L.plane * (i * p.pooled_w + j) +
                        static_cast<int64_t>(grp) * cpg * cs;
     const float* gb = grad + u * p.out_channels + grp * cpg;
     float dy, dx;
@@ -171,10 +218,10 @@ void BackwardOffsets(const RoIAlignParams& p, const float* grad, const float* fe
         const float x = sample_x(g, j, ix) + dx;
         const BilinearTap t = roi_align_tap(y, x, p.height, p.width);
         if (TapIsEmpty(t)) continue;
-        const float* p00 = img + t.y0 * row + static_cast<int64_t>(t.x0) * p.channels;
-        const float* p01 = img + t.y0 * row + static_cast<int64_t>(t.x1) * p.channels;
-        const float* p10 = img + t.y1 * row + static_cast<int64_t>(t.x0) * p.channels;
-        const float* p11 = img + t.y1 * row + static_cast<int64_t>(t.x1) * p.channels;
+        const float* p00 = img + t.y0 * row + static_cast<int64_t>(t.x0) * L.pixel;
+        const float* p01 = img + t.y0 * row + static_cast<int64_t>(t.x1) * L.pixel;
+        const float* p10 = img + t.y1 * row + static_cast<int64_t>(t.x0) * L.pixel;
+        const float* p11 = img + t.y1 * row + static_cast<int64_t>(t.x1) * L.pixel;
         float gy = 0.f, gx = 0.f;
         for (int c = 0; c < cpg; ++c) {
           const float v00 = p00[c * cs], v01 = p01[c * cs], v10 = p10[c * cs], v11 = p11[c * cs];
@@ -312,10 +359,21 @@ class RoIAlignFamilyOp : public RoIAlignFamilyBase<PS, Deform> {
     }
     int threads;
     auto* workers = this->Workers(ctx, &threads);
+    Layout layout = NhwcLayout(p);
+    Tensor planar;
+    if (PS) {
+      OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DT_FLOAT,
+                                             TensorShape({features.NumElements()}), &planar));
+      float* dst = planar.flat<float>().data();
+      tensorflow::Shard(threads, workers, features.NumElements() / p.channels, 2 * p.channels,
+                        [&](int64_t begin, int64_t end) { ToPlanar(p, f, dst, begin, end); });
+      f = dst;
+      layout = PlanarLayout(p);
+    }
     const int64_t units = static_cast<int64_t>(p.num_rois) * p.pooled_h * p.pooled_w;
     tensorflow::Shard(threads, workers, units, /*cost_per_unit=*/40 * p.out_channels,
                       [&](int64_t begin, int64_t end) {
-                        ForwardBins<PS>(p, f, b, bi, off, out, begin, end);
+                        ForwardBins(p, layout, f, b, bi, off, out, begin, end);
                       });
   }
 };
@@ -403,18 +461,46 @@ class RoIAlignFamilyGradOp : public RoIAlignFamilyBase<PS, Deform> {
 
     const int groups = NumGroups(p);
     const int cpg = p.out_channels / groups;
-    // Blocks small enough to give every thread work, large enough to amortize the tap maths.
-    int block = std::max(1, std::min(32, cpg / std::max(1, 2 * threads)));
+    // One block of channels per thread: every block walks all RoIs and scatters into the whole
+    // gradient map, so fewer, wider blocks mean fewer passes over memory and fewer tap
+    // computations than many narrow blocks.
+    const int block = std::max(1, (cpg + threads - 1) / std::max(1, threads));
     const int64_t units = static_cast<int64_t>(groups) * ((cpg + block - 1) / block);
     const int64_t cost = static_cast<int64_t>(p.num_rois) * p.pooled_h * p.pooled_w * 40 * block;
+    Layout layout = NhwcLayout(p);
+    const int64_t pixels = grad_features->NumElements() / p.channels;
+    float* target = gf;  // the gradient in the kernels' layout
+    Tensor planar_grad, planar_features;
+    if (PS) {  // accumulate in bin planes (see Layout), transpose back at the end
+      layout = PlanarLayout(p);
+      OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DT_FLOAT,
+                                             TensorShape({grad_features->NumElements()}),
+                                             &planar_grad));
+      target = planar_grad.flat<float>().data();
+      std::memset(target, 0, grad_features->NumElements() * sizeof(float));
+    }
     tensorflow::Shard(threads, workers, units, cost, [&](int64_t begin, int64_t end) {
-      BackwardFeatures<PS>(p, g, b, bi, off, gf, block, begin, end);
+      BackwardFeatures(p, layout, g, b, bi, off, target, block, begin, end);
     });
+    if (PS) {
+      tensorflow::Shard(threads, workers, pixels, 2 * p.channels, [&](int64_t begin, int64_t end) {
+        FromPlanar(p, target, gf, begin, end);
+      });
+    }
     if (Deform) {
       const float* f = features->flat<float>().data();
+      if (PS) {
+        OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DT_FLOAT,
+                                               TensorShape({features->NumElements()}),
+                                               &planar_features));
+        float* dst = planar_features.flat<float>().data();
+        tensorflow::Shard(threads, workers, pixels, 2 * p.channels,
+                          [&](int64_t begin, int64_t end) { ToPlanar(p, f, dst, begin, end); });
+        f = dst;
+      }
       const int64_t bin_units = static_cast<int64_t>(p.num_rois) * p.pooled_h * p.pooled_w * groups;
       tensorflow::Shard(threads, workers, bin_units, 80 * cpg, [&](int64_t begin, int64_t end) {
-        BackwardOffsets<PS>(p, g, f, b, bi, off, goff, begin, end);
+        BackwardOffsets(p, layout, g, f, b, bi, off, goff, begin, end);
       });
     }
   }

@@ -168,7 +168,8 @@ class RoIPoolFamilyBase : public OpKernel {
   template <typename Fn>
   void ShardChannels(OpKernelContext* ctx, const RoIPoolParams& p, Fn fn) {
     auto* w = ctx->device()->tensorflow_cpu_worker_threads();
-    const int block = std::max(1, std::min(32, p.out_channels / std::max(1, 2 * w->num_threads)));
+    // One block of channels per thread: each block walks every RoI (see roi_align_kernels.cc).
+    const int block = std::max(1, (p.out_channels + w->num_threads - 1) / std::max(1, w->num_threads));
     const int64_t units = (p.out_channels + block - 1) / block;
     const int64_t cost = static_cast<int64_t>(p.num_rois) * p.pooled_h * p.pooled_w * 20 * block;
     tensorflow::Shard(w->num_threads, w->workers, units, cost, [&](int64_t begin, int64_t end) {

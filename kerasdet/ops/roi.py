@@ -314,7 +314,7 @@ def _bilinear_pool_tf(op, features, boxes, box_indices, offsets, ph, pw, spatial
     box_indices, boxes = _checked_fallback_inputs(op, features, boxes, box_indices, ph, pw,
                                                   position_sensitive)
     shape = tf.shape(features)
-    batch, height, width, channels = shape[0], shape[1], shape[2], shape[3]
+    height, width = shape[1], shape[2]
     groups = 1 if offsets is None else offsets.shape[-1] // 2
     rows, planes = _planes(features, groups, ph, pw, position_sensitive)
     cpg = tf.shape(rows)[-1]
@@ -386,7 +386,6 @@ def _bilinear_pool_tf(op, features, boxes, box_indices, offsets, ph, pw, spatial
              + corner(y1i, x0, wy1[..., :, None] * wx0[..., None, :])
              + corner(y1i, x1i, wy1[..., :, None] * wx1[..., None, :]))
     out = total * inv_count[:, None, None, None, None]
-    del batch, channels
     return tf.reshape(out, [num_rois, ph, pw, groups * cpg])
 
 
@@ -421,7 +420,11 @@ def _integer_bin_pool_tf(op, features, boxes, box_indices, ph, pw, spatial_scale
 
     h0, h1 = bins(boxes[:, 1], boxes[:, 3], ph, height)
     w0, w1 = bins(boxes[:, 0], boxes[:, 2], pw, width)
-    # One window as large as the largest bin; pixels past a bin's end are masked out.
+    if position_sensitive:
+        return _box_average_tf(rows, planes, height, width, box_indices, h0, h1, w0, w1, ph, pw)
+    # Max pooling: one window as large as the largest bin; pixels past a bin's end are masked out.
+    # (Memory grows with R * ph * pw * largest bin area * C: fine for tests and serving batches,
+    # heavy for hundreds of very large RoIs, where the compiled kernel is the tool.)
     max_h = tf.reduce_max(tf.concat([tf.reshape(h1 - h0, [-1]), [0]], 0))
     max_w = tf.reduce_max(tf.concat([tf.reshape(w1 - w0, [-1]), [0]], 0))
     yy = h0[:, :, None] + tf.range(max_h)[None, None, :]  # [R, ph, Ky]
@@ -439,17 +442,37 @@ def _integer_bin_pool_tf(op, features, boxes, box_indices, ph, pw, spatial_scale
     index = (((b * planes + plane) * height + yy[:, :, None, :, None]) * width
              + xx[:, None, :, None, :])  # [R, ph, pw, Ky, Kx]
     valid = y_ok[:, :, None, :, None] & x_ok[:, None, :, None, :]
-    values = tf.gather(rows, index)  # [R, ph, pw, Ky, Kx, C_out]
-    valid_c = valid[..., None]
-    if position_sensitive:
-        total = tf.reduce_sum(tf.where(valid_c, values, 0.0), axis=[3, 4])
-        count = tf.reduce_sum(tf.cast(valid, tf.float32), axis=[3, 4])
-        out = tf.math.divide_no_nan(total, count[..., None])
-    else:
-        best = tf.reduce_max(tf.where(valid_c, values, float("-inf")), axis=[3, 4])
-        empty = tf.logical_not(tf.reduce_any(valid, axis=[3, 4]))[..., None]
-        out = tf.where(empty, 0.0, best)
+    values = tf.gather(rows, index)  # [R, ph, pw, Ky, Kx, C]
+    best = tf.reduce_max(tf.where(valid[..., None], values, float("-inf")), axis=[3, 4])
+    empty = tf.logical_not(tf.reduce_any(valid, axis=[3, 4]))[..., None]
+    out = tf.where(empty, 0.0, best)
     return tf.reshape(out, [num_rois, ph, pw, tf.shape(rows)[-1]])
+
+
+def _box_average_tf(rows, planes, height, width, box_indices, h0, h1, w0, w1, ph, pw):
+    """Average over the integer bins [h0, h1) x [w0, w1) of every bin's plane, from a summed-area
+    table: four gathers per bin whatever its size (memory independent of the RoI sizes). The
+    table is accumulated in float64 so that differences of large prefix sums stay exact to well
+    below float32 resolution."""
+    c_out = tf.shape(rows)[-1]
+    x = tf.cast(tf.reshape(rows, [-1, height, width, c_out]), tf.float64)  # [B * P, H, W, C']
+    table = tf.cumsum(tf.cumsum(x, axis=1), axis=2)
+    table = tf.pad(table, [[0, 0], [1, 0], [1, 0], [0, 0]])  # S[y, x] = sum of [0, y) x [0, x)
+    table = tf.reshape(table, [-1, c_out])
+    b = box_indices[:, None, None]
+    if planes > 1:
+        plane = (tf.range(ph)[:, None] * pw + tf.range(pw)[None, :])[None]
+    else:
+        plane = tf.zeros([1, 1, 1], tf.int32)
+    base = (b * planes + plane) * (height + 1)  # [R, ph, pw]
+
+    def corner(yy, xx):  # yy [R, ph], xx [R, pw]
+        return tf.gather(table, (base + yy[:, :, None]) * (width + 1) + xx[:, None, :])
+
+    total = corner(h1, w1) - corner(h0, w1) - corner(h1, w0) + corner(h0, w0)
+    count = tf.cast(tf.maximum(h1 - h0, 0)[:, :, None] * tf.maximum(w1 - w0, 0)[:, None, :],
+                    tf.float64)
+    return tf.cast(tf.math.divide_no_nan(total, count[..., None]), tf.float32)
 
 
 # ----------------------------------------------------------------------------------------------
