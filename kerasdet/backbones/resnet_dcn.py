@@ -9,7 +9,7 @@ Registered names (import-time registration through `kerasdet.backbones.register`
       of the stage has dilation 2 — so C5 has the stride of C4. `deformable_stages` works here
       too (the DCN R-FCN model uses (5,): deformable dilated res5).
   "tiny_dcn": the test-sized trunk of kerasdet.backbones.tiny with deformable 3x3 convs in chosen
-      levels and optionally a dilated C5 at stride 16 (`dilated_c5=True`), for fast tests of the
+      levels and optionally dilated last levels (`output_stride` 16 or 8), for fast tests of the
       deformable and R-FCN models.
 
 Layer names are those of kerasdet.backbones.resnet (e.g. ``layer4_0_conv2``), so
@@ -158,18 +158,20 @@ def resnet101_dilated(**kwargs):
 @keras.saving.register_keras_serializable(package="kerasdet")
 class TinyDCNBackbone(Backbone):
     """The tiny test backbone (conv 3x3/2 stem, one conv 3x3 + ReLU per level C2..C5) with
-    deformable convs in `deformable_stages` and optionally a dilated C5.
+    deformable convs in `deformable_stages` and optionally dilated last levels.
 
     Args:
         channels: 5 channel counts (stem, C2, C3, C4, C5).
         deformable_stages: levels in 3..5 whose conv is a `DeformConv2D`.
         modulated: DCN v2 instead of v1.
-        dilated_c5: C5 with stride 1 and dilation 2 (stride 16, R-FCN style) instead of stride 2.
+        output_stride: 32 (plain), 16 (C5 with stride 1 and dilation 2: R-FCN's dilated res5 at
+            toy size) or 8 (C4 dilated 2 and C5 dilated 4, all at stride 8: finer maps for the
+            small objects of the synthetic test set).
         input_shape, input_normalization: as `TinyBackbone` (None = inputs scaled by 1/255).
     """
 
     def __init__(self, channels=(8, 16, 32, 48, 64), deformable_stages=(4, 5), modulated=False,
-                 dilated_c5=False, input_shape=(None, None, 3), input_normalization=None,
+                 output_stride=32, input_shape=(None, None, 3), input_normalization=None,
                  name=None, **kwargs):
         channels = tuple(int(c) for c in channels)
         if len(channels) != 5 or min(channels) < 1:
@@ -178,16 +180,21 @@ class TinyDCNBackbone(Backbone):
         if any(k not in (3, 4, 5) for k in deformable_stages):
             raise ValueError(f"TinyDCNBackbone: `deformable_stages` must be levels in 3..5, "
                              f"got {deformable_stages}")
+        if output_stride not in (8, 16, 32):
+            raise ValueError(f"TinyDCNBackbone: `output_stride` must be 8, 16 or 32, "
+                             f"got {output_stride!r}")
         input_shape = check_input_shape(input_shape, "TinyDCNBackbone")
         inputs = keras.Input(shape=input_shape, name="images")
         norm = normalization_layer(input_normalization)
         x = norm(inputs) if norm is not None else keras.layers.Rescaling(1.0 / 255.0,
                                                                          name="rescale")(inputs)
         outputs, strides = {}, {}
-        stride = 1
+        stride, dilation = 1, 1
         for i, (filters, level) in enumerate(zip(channels, ("stem", "C2", "C3", "C4", "C5"))):
-            dilated = dilated_c5 and level == "C5"
-            step, dilation = (1, 2) if dilated else (2, 1)
+            # Past the output stride, levels keep the resolution and dilate instead (R-FCN / DeepLab).
+            step = 2 if stride < output_stride else 1
+            if step == 1:
+                dilation *= 2
             stride *= step
             lname = level.lower()
             if i >= 2 and i + 1 in deformable_stages:
@@ -205,13 +212,13 @@ class TinyDCNBackbone(Backbone):
         self.channels = channels
         self.deformable_stages = deformable_stages
         self.modulated = bool(modulated)
-        self.dilated_c5 = bool(dilated_c5)
+        self.output_stride = int(output_stride)
         self._input_shape_arg = input_shape
         self.input_normalization = input_normalization
 
     def get_config(self):
         return {"channels": list(self.channels), "deformable_stages": list(self.deformable_stages),
-                "modulated": self.modulated, "dilated_c5": self.dilated_c5,
+                "modulated": self.modulated, "output_stride": self.output_stride,
                 "input_shape": list(self._input_shape_arg),
                 "input_normalization": self.input_normalization, "name": self.name}
 

@@ -14,14 +14,24 @@ import tensorflow as tf
 
 from kerasdet.layers.roi_layers import DeformPSRoIPool, PSRoIAlign, PSRoIPool
 
-__all__ = ["PSRoIHead", "average_vote", "PS_POOLINGS"]
+__all__ = ["PSRoIHead", "average_vote", "PS_POOLINGS", "VOTINGS"]
 
 PS_POOLINGS = ("ps_roi_pool", "ps_roi_align", "deform_ps_roi_pool")
+VOTINGS = ("mean", "sum")
 
 
-def average_vote(pooled):
-    """R-FCN average voting: [..., k, k, C] pooled bins -> [..., C], the mean over the bins."""
-    return tf.reduce_mean(pooled, axis=[-3, -2])
+def average_vote(pooled, voting="mean"):
+    """R-FCN voting: [..., k, k, C] pooled bins -> [..., C].
+
+    "mean" is the averaging of the paper's text and of the reference implementation (an average
+    pooling over the k x k bins); "sum" is the paper's eq. (2), r_c = sum_ij r_c(i, j). They differ
+    by the factor k^2, which scales the logits and the gradient reaching each score map.
+    """
+    if voting == "mean":
+        return tf.reduce_mean(pooled, axis=[-3, -2])
+    if voting == "sum":
+        return tf.reduce_sum(pooled, axis=[-3, -2])
+    raise ValueError(f"average_vote: `voting` must be one of {VOTINGS}, got {voting!r}")
 
 
 def _check_rois(rois):
@@ -46,6 +56,7 @@ class PSRoIHead(keras.layers.Layer):
         gamma: offset scale of the deformable pooling (0.1 in the paper).
         score_init_std: std of the normal initializer of the two sibling convs (0.01 as in the
             reference implementation).
+        voting: "mean" (default, average voting) or "sum" (the paper's eq. 2); see `average_vote`.
 
     Call: head(feature [B, H, W, C_in], rois [B, R, 4]) -> (class logits [B, R, C + 1],
     box deltas [B, R, 1, 4]).
@@ -53,7 +64,7 @@ class PSRoIHead(keras.layers.Layer):
 
     def __init__(self, num_classes, pool_size=7, stride=16, head_channels=1024,
                  pooling="ps_roi_pool", sampling_ratio=0, gamma=0.1, score_init_std=0.01,
-                 **kwargs):
+                 voting="mean", **kwargs):
         super().__init__(**kwargs)
         if int(num_classes) < 1:
             raise ValueError(f"PSRoIHead: `num_classes` must be >= 1, got {num_classes!r}")
@@ -63,6 +74,9 @@ class PSRoIHead(keras.layers.Layer):
             raise ValueError(f"PSRoIHead: `stride` must be >= 1, got {stride!r}")
         if pooling not in PS_POOLINGS:
             raise ValueError(f"PSRoIHead: `pooling` must be one of {PS_POOLINGS}, got {pooling!r}")
+        if voting not in VOTINGS:
+            raise ValueError(f"PSRoIHead: `voting` must be one of {VOTINGS}, got {voting!r}")
+        self.voting = voting
         self.num_classes = int(num_classes)
         self.pool_size = int(pool_size)
         self.stride = int(stride)
@@ -117,8 +131,8 @@ class PSRoIHead(keras.layers.Layer):
         _check_rois(rois)
         cls_maps, box_maps = self.score_maps(features)
         rois = tf.cast(rois, tf.float32)
-        logits = average_vote(self.cls_pool(cls_maps, rois))
-        deltas = average_vote(self.box_pool(box_maps, rois))
+        logits = average_vote(self.cls_pool(cls_maps, rois), self.voting)
+        deltas = average_vote(self.box_pool(box_maps, rois), self.voting)
         return logits, deltas[:, :, tf.newaxis, :]
 
     def compute_output_shape(self, features_shape, rois_shape):
@@ -130,5 +144,5 @@ class PSRoIHead(keras.layers.Layer):
         config.update(num_classes=self.num_classes, pool_size=self.pool_size, stride=self.stride,
                       head_channels=self.head_channels, pooling=self.pooling,
                       sampling_ratio=self.sampling_ratio, gamma=self.gamma,
-                      score_init_std=self.score_init_std)
+                      score_init_std=self.score_init_std, voting=self.voting)
         return config
