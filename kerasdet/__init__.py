@@ -8,7 +8,8 @@ _SUBMODULES = (
     "ops", "visualize", "zoo",
 )
 # Top-level shortcuts: name -> (module, attribute).
-_SHORTCUTS = {"export_saved_model": ("kerasdet.export", "export_saved_model")}
+_SHORTCUTS = {"export_saved_model": ("kerasdet.export", "export_saved_model"),
+              "load_model": ("kerasdet.models", "load_model")}
 
 
 def __getattr__(name):

@@ -15,13 +15,28 @@ _CLASSES = {
     "DeformableFasterRCNN": "kerasdet.models.deformable",
 }
 
-__all__ = sorted(_CLASSES)
+__all__ = sorted(_CLASSES) + ["import_all", "load_model"]
 
 
 def __getattr__(name):
     if name in _CLASSES:
         return getattr(importlib.import_module(_CLASSES[name]), name)
     raise AttributeError(f"module 'kerasdet.models' has no attribute {name!r}")
+
+
+def import_all():
+    """Imports every detector module, registering its Keras serializable classes (what
+    keras.saving.load_model needs to rebuild a detector from a .keras file)."""
+    for module in set(_CLASSES.values()):
+        importlib.import_module(module)
+
+
+def load_model(path, **kwargs):
+    """keras.saving.load_model for a .keras file holding any kerasdet detector."""
+    import keras
+
+    import_all()
+    return keras.saving.load_model(path, **kwargs)
 
 
 def __dir__():
