@@ -13,7 +13,8 @@ import tensorflow as tf
 from kerasdet.layers import DeformConv2D
 from kerasdet.ops import _kernels, deform_conv2d, deform_conv2d_output_size
 
-HAVE_KERNELS = _kernels.library() is not None
+# False when the library is missing or KERASDET_PURE_TF=1 forces the fallbacks.
+HAVE_KERNELS = _kernels.use_kernels()
 needs_kernels = pytest.mark.skipif(not HAVE_KERNELS, reason="compiled kerasdet kernels not built")
 
 
