@@ -483,3 +483,22 @@ def test_kernel_with_each_cpu_gemm_path(gemm, tmp_path):
     for i, name in enumerate(("inputs", "offsets", "kernel", "mask")):
         np.testing.assert_allclose(got[f"arr_{i}"], expected[i], rtol=1e-4, atol=1e-4,
                                    err_msg=name)
+
+
+@needs_kernels
+def test_kernel_processes_large_batches_in_chunks():
+    """4 images of 64 x 64 x 128 exceed the kernel's column buffer (2^24 floats): chunks of 3 + 1."""
+    rng = np.random.default_rng(15)
+    x, offsets, kernel, mask, kwargs, groups = _case(rng, b=4, h=64, w=64, c_in=128, c_out=3,
+                                                     use_mask=True, groups=2)
+    x, offsets, kernel, mask = (a.astype(np.float32) for a in (x, offsets, kernel, mask))
+    upstream = rng.normal(size=offsets.shape[:3] + (3,)).astype(np.float32)
+    got = _gradients(x, offsets, kernel, mask, kwargs, groups, upstream)
+    out = _run(x, offsets, kernel, mask, kwargs, groups)
+    with _kernels.pure_tf():
+        expected = _gradients(x, offsets, kernel, mask, kwargs, groups, upstream)
+        expected_out = _run(x, offsets, kernel, mask, kwargs, groups)
+    np.testing.assert_allclose(out, expected_out, rtol=1e-4, atol=1e-4)
+    for name, g, e in zip(("inputs", "offsets", "kernel", "mask"), got, expected):
+        np.testing.assert_allclose(g, e, rtol=1e-4, atol=2e-3 if name == "kernel" else 1e-4,
+                                   err_msg=name)
