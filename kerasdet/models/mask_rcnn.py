@@ -12,12 +12,8 @@ import keras
 import tensorflow as tf
 
 from kerasdet import losses as kd_losses
-from kerasdet.heads.box_outputs import box_head_losses, decode_detections
 from kerasdet.heads.mask_head import MaskHead, mask_targets, paste_masks, select_class_masks
 from kerasdet.heads.roi_extractor import RoIExtractor
-from kerasdet.heads.roi_sampler import sample_rois
-from kerasdet.heads.rpn import rpn_losses, rpn_targets
-from kerasdet.models.base import batch_image_shapes, ground_truth
 from kerasdet.models.faster_rcnn import FasterRCNN
 
 __all__ = ["MaskRCNN"]
@@ -108,34 +104,11 @@ class MaskRCNN(FasterRCNN):
                              f"images).")
         return masks
 
-    # -- Detector interface ---------------------------------------------------------------------
-    def compute_detection_losses(self, batch, training):
-        # The body follows FasterRCNN.compute_detection_losses; it is repeated because the mask
-        # loss needs its intermediate RoI features and sample, which the parent does not return.
-        gt_masks = self._gt_masks(batch)
-        images = tf.cast(batch["images"], self.compute_dtype)
-        image_shapes = batch_image_shapes(batch, images)
-        gt_boxes, gt_labels = ground_truth(batch)
-        rpn_features, roi_features = self.features(images, training=training)
-        logits, deltas, anchors = self.rpn(rpn_features)
-        s = self.rpn_settings
-        labels, targets = rpn_targets(
-            tf.concat(anchors, 0), gt_boxes, gt_labels, image_shapes,
-            positive_iou=s["positive_iou"], negative_iou=s["negative_iou"],
-            num_samples=s["batch_size"], positive_fraction=s["positive_fraction"],
-            seed=self.sampling_seed)
-        losses = rpn_losses(tf.concat(logits, 1), tf.concat(deltas, 1), labels, targets)
-        proposals, _, valid = self.proposals(logits, deltas, anchors, image_shapes, training)
-        r = self.roi_settings
-        sampled = sample_rois(proposals, valid, gt_boxes, gt_labels, num_samples=r["batch_size"],
-                              positive_fraction=r["positive_fraction"],
-                              foreground_iou=r["foreground_iou"],
-                              background_iou_low=r["background_iou_low"],
-                              seed=self.sampling_seed)
-        cls_logits, box_deltas = self.box_branch(roi_features, sampled["rois"], training=training)
-        losses["roi_cls"], losses["roi_box"] = box_head_losses(
-            cls_logits, box_deltas, sampled, weights=self.box_weights)
-        losses["mask"] = self.mask_loss(roi_features, sampled, gt_masks)
+    # -- FasterRCNN hooks extended with the mask branch ------------------------------------------
+    def second_stage_losses(self, context, training):
+        gt_masks = self._gt_masks(context["batch"])
+        losses = super().second_stage_losses(context, training)
+        losses["mask"] = self.mask_loss(context["roi_features"], context["sampled"], gt_masks)
         return losses
 
     def mask_loss(self, roi_features, sampled, gt_masks):
@@ -151,16 +124,9 @@ class MaskRCNN(FasterRCNN):
                                    weights=tf.cast(foreground, tf.float32))
 
     def detect(self, images, image_shapes, training=False):
-        # Box part as FasterRCNN.detect (repeated: the mask branch needs its RoI features).
-        rpn_features, roi_features = self.features(images, training=training)
-        logits, deltas, anchors = self.rpn(rpn_features)
-        proposals, _, valid = self.proposals(logits, deltas, anchors, image_shapes, False)
-        cls_logits, box_deltas = self.box_branch(roi_features, proposals, training=training)
-        outputs = decode_detections(
-            tf.nn.softmax(tf.cast(cls_logits, tf.float32)), tf.cast(box_deltas, tf.float32),
-            proposals, valid, image_shapes, weights=self.box_weights,
-            score_threshold=self.score_threshold, nms_iou=self.nms_iou,
-            max_detections=self.max_detections)
+        roi_features, proposals, valid = self.first_stage_inference(images, image_shapes,
+                                                                    training)
+        outputs = self.detect_boxes(roi_features, proposals, valid, image_shapes, training)
         outputs["masks"] = self.detection_masks(roi_features, outputs, tf.shape(images)[1:3])
         return outputs
 
