@@ -127,8 +127,12 @@ class BoxPredictor(keras.layers.Layer):
         """features [B, R, D] -> logits [B, R, K + 1], deltas [B, R, K or 1, 4]."""
         logits = self.cls(features)
         deltas = self.box(features)
-        shape = tf.concat([tf.shape(features)[:-1], [-1, 4]], axis=0)
-        return logits, tf.reshape(deltas, shape)
+        boxes_per_roi = 1 if self.class_agnostic else self.num_classes
+        shape = tf.concat([tf.shape(features)[:-1], [boxes_per_roi, 4]], axis=0)
+        deltas = tf.reshape(deltas, shape)
+        # A static box axis lets callers branch on class-agnostic vs per-class inside graphs.
+        deltas.set_shape(features.shape[:-1].concatenate([boxes_per_roi, 4]))
+        return logits, deltas
 
     def get_config(self):
         config = super().get_config()
