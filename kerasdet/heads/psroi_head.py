@@ -56,7 +56,8 @@ class PSRoIHead(keras.layers.Layer):
         gamma: offset scale of the deformable pooling (0.1 in the paper).
         score_init_std: std of the normal initializer of the two sibling convs (0.01 as in the
             reference implementation).
-        voting: "mean" (default, average voting) or "sum" (the paper's eq. 2); see `average_vote`.
+        voting: class-score voting, "mean" (default, average voting) or "sum" (the paper's
+            eq. 2); see `average_vote`. The box deltas are always averaged (paper section 2).
 
     Call: head(feature [B, H, W, C_in], rois [B, R, 4]) -> (class logits [B, R, C + 1],
     box deltas [B, R, 1, 4]).
@@ -132,7 +133,8 @@ class PSRoIHead(keras.layers.Layer):
         cls_maps, box_maps = self.score_maps(features)
         rois = tf.cast(rois, tf.float32)
         logits = average_vote(self.cls_pool(cls_maps, rois), self.voting)
-        deltas = average_vote(self.box_pool(box_maps, rois), self.voting)
+        # The paper aggregates the 4 k^2 box bins "by average voting" whatever the class voting.
+        deltas = average_vote(self.box_pool(box_maps, rois), "mean")
         return logits, deltas[:, :, tf.newaxis, :]
 
     def compute_output_shape(self, features_shape, rois_shape):
