@@ -210,3 +210,23 @@ def test_bad_configurations_are_refused_with_the_argument_named():
         RFCN(3, backbone="tiny", feature_level="C5")  # tiny's C5 is at stride 32, C4 at 16
     with pytest.raises(ValueError, match="ps_pooling"):
         RFCN(3, backbone="tiny", ps_pooling="roi_align")
+
+
+def test_keras_file_round_trip_keeps_every_weight(tmp_path):
+    import keras
+
+    model = RFCN(3, **tiny_rfcn_settings(ps_pooling="deform_ps_roi_pool"))
+    model.build()
+    path = str(tmp_path / "rfcn.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    import json
+
+    # The file stores JSON, so tuples in the config come back as lists.
+    assert isinstance(loaded, RFCN)
+    assert loaded.get_config() == json.loads(json.dumps(model.get_config()))
+    want = {v.path: np.asarray(v) for v in model.weights}
+    got = {v.path: np.asarray(v) for v in loaded.weights}
+    assert sorted(got) == sorted(want)
+    for key, value in want.items():
+        np.testing.assert_array_equal(got[key], value)
