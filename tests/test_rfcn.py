@@ -230,3 +230,19 @@ def test_keras_file_round_trip_keeps_every_weight(tmp_path):
     assert sorted(got) == sorted(want)
     for key, value in want.items():
         np.testing.assert_array_equal(got[key], value)
+
+
+def test_resnet101_rfcn_parameter_count_matches_the_paper_architecture():
+    # torchvision resnet101 without fc: 42,500,160 parameters (BN statistics are buffers there);
+    # RPN on res4 (1024 ch): 3x3 conv to 512 + objectness (9) + boxes (36); R-FCN head: 1x1 conv
+    # 2048 -> 1024, k^2 (C + 1) score maps and 4 k^2 box maps, k = 7, C = 20 (VOC).
+    k, classes = 7, 20
+    rpn = (9 * 1024 * 512 + 512) + (512 * 9 + 9) + (512 * 36 + 36)
+    head = (2048 * 1024 + 1024) + (1024 + 1) * k * k * (classes + 1) + (1024 + 1) * 4 * k * k
+    expected = 42_500_160 + rpn + head
+    model = RFCN(classes, backbone_config={"freeze_at": 0})
+    model.build((1, 64, 64, 3))
+    bn_stats = sum(int(np.prod(v.shape)) for v in model.weights
+                   if "moving_mean" in v.path or "moving_variance" in v.path)
+    assert model.count_params() - bn_stats == expected
+    assert model.backbone.strides["C5"] == 16
