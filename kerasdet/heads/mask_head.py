@@ -9,7 +9,7 @@ centre is (c + 0.5, r + 0.5).
 import keras
 import tensorflow as tf
 
-__all__ = ["MaskHead", "mask_targets", "paste_masks", "select_class_masks"]
+__all__ = ["detection_masks", "MaskHead", "mask_targets", "paste_masks", "select_class_masks"]
 
 
 def _he_normal_fan_out():
@@ -214,3 +214,19 @@ def paste_masks(masks, boxes, image_size):
     inside_y = (centers_y >= boxes[..., 1:2]) & (centers_y < boxes[..., 3:4])  # [B, K, H]
     inside = inside_y[..., :, tf.newaxis] & inside_x[..., tf.newaxis, :]
     return tf.where(inside, pasted, 0.0)
+
+
+def detection_masks(mask_logits, detections, canvas_size, threshold=0.5, paste=True):
+    """Test-time masks of the final detections (Mask R-CNN section 3): each detection's class
+    channel of `mask_logits` [B, K, M, M, C], sigmoid, then either the M x M probabilities or,
+    with `paste`, masks pasted into the [H, W] canvas and binarized at `threshold` (uint8 0/1).
+    Slots beyond num_detections are zero."""
+    boxes = tf.stop_gradient(detections["boxes"])
+    probs = tf.sigmoid(select_class_masks(mask_logits, detections["classes"]))
+    slots = tf.range(tf.shape(boxes)[1])[tf.newaxis, :]
+    filled = (slots < detections["num_detections"][:, tf.newaxis]) & (detections["classes"] >= 0)
+    if not paste:
+        return tf.where(filled[..., tf.newaxis, tf.newaxis], probs, 0.0)
+    pasted = paste_masks(probs, boxes, canvas_size)
+    binary = (pasted >= threshold) & filled[..., tf.newaxis, tf.newaxis]
+    return tf.cast(binary, tf.uint8)

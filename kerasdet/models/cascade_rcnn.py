@@ -29,11 +29,9 @@ from kerasdet.heads.box_head import BoxPredictor, TwoFCHead
 from kerasdet.heads.box_outputs import box_head_losses, decode_detections
 from kerasdet.heads.cascade import (CASCADE_BOX_WEIGHTS, CASCADE_IOUS, mean_class_probabilities,
                                     refine_boxes, relabel_rois, scale_gradient)
-from kerasdet.heads.mask_head import MaskHead, mask_targets, paste_masks, select_class_masks
+from kerasdet.heads.mask_head import MaskHead, mask_targets
+from kerasdet.heads.mask_head import detection_masks as masks_of_detections
 from kerasdet.heads.roi_extractor import RoIExtractor
-from kerasdet.heads.roi_sampler import sample_rois
-from kerasdet.heads.rpn import rpn_losses, rpn_targets
-from kerasdet.models.base import batch_image_shapes, ground_truth
 from kerasdet.models.faster_rcnn import FasterRCNN
 
 __all__ = ["CascadeRCNN"]
@@ -214,35 +212,18 @@ class CascadeRCNN(FasterRCNN):
             _class_agnostic(deltas)
 
     # -- Detector interface ---------------------------------------------------------------------
-    def compute_detection_losses(self, batch, training):
-        images = tf.cast(batch["images"], self.compute_dtype)
-        image_shapes = batch_image_shapes(batch, images)
-        gt_boxes, gt_labels = ground_truth(batch)
-        rpn_features, roi_features = self.features(images, training=training)
-        logits, deltas, anchors = self.rpn(rpn_features)
-        s = self.rpn_settings
-        labels, targets = rpn_targets(
-            tf.concat(anchors, 0), gt_boxes, gt_labels, image_shapes,
-            positive_iou=s["positive_iou"], negative_iou=s["negative_iou"],
-            num_samples=s["batch_size"], positive_fraction=s["positive_fraction"],
-            seed=self.sampling_seed)
-        losses = rpn_losses(tf.concat(logits, 1), tf.concat(deltas, 1), labels, targets)
-        proposals, _, valid = self.proposals(logits, deltas, anchors, image_shapes, training)
-        r = self.roi_settings
-        sampled = sample_rois(proposals, valid, gt_boxes, gt_labels, num_samples=r["batch_size"],
-                              positive_fraction=r["positive_fraction"],
-                              foreground_iou=self.stage_ious[0],
-                              background_iou_low=r["background_iou_low"],
-                              seed=self.sampling_seed)
+    def second_stage_losses(self, context, training):
+        # FasterRCNN.first_stage gives the RPN losses and proposals; the cascade replaces the box
+        # branch that follows.
+        sampled = self.sample_training_rois(context, foreground_iou=self.stage_ious[0])
+        args = (context["roi_features"], sampled, context["gt_boxes"], context["gt_labels"])
         if self.mode == "integral":
-            stage_losses, last_targets = self.integral_losses(roi_features, sampled, gt_boxes,
-                                                               gt_labels)
+            losses, last_targets = self.integral_losses(*args)
         else:
-            stage_losses, last_targets = self.cascade_losses(roi_features, sampled, gt_boxes,
-                                                              gt_labels, image_shapes)
-        losses.update(stage_losses)
+            losses, last_targets = self.cascade_losses(*args, context["image_shapes"])
         if self.with_masks:
-            losses["mask"] = self.mask_loss(roi_features, last_targets, _batch_masks(batch))
+            losses["mask"] = self.mask_loss(context["roi_features"], last_targets,
+                                            _batch_masks(context["batch"]))
         return losses
 
     def stage_targets(self, roi_features, sampled, gt_boxes, gt_labels, image_shapes):
@@ -318,20 +299,10 @@ class CascadeRCNN(FasterRCNN):
                                    weights=tf.cast(labels > 0, tf.float32))
 
     def detection_masks(self, roi_features, detections, canvas_size):
-        """Masks of the final detections (class channel, sigmoid; pasted into the canvas and
-        binarized when paste_masks), zeros in empty slots — Mask R-CNN's test-time output."""
-        boxes = tf.stop_gradient(detections["boxes"])
-        probs = tf.sigmoid(select_class_masks(self.mask_logits(roi_features, boxes),
-                                              detections["classes"]))
-        slots = tf.range(tf.shape(boxes)[1])[tf.newaxis, :]
-        filled = (slots < detections["num_detections"][:, tf.newaxis]) \
-            & (detections["classes"] >= 0)
-        if not self.paste_masks:
-            return tf.where(filled[..., tf.newaxis, tf.newaxis], probs, 0.0)
-        pasted = paste_masks(probs, boxes, canvas_size)
-        binary = (pasted >= self.mask_settings["mask_threshold"]) \
-            & filled[..., tf.newaxis, tf.newaxis]
-        return tf.cast(binary, tf.uint8)
+        """Masks of the final detections (see kerasdet.heads.mask_head.detection_masks)."""
+        logits = self.mask_logits(roi_features, tf.stop_gradient(detections["boxes"]))
+        return masks_of_detections(logits, detections, canvas_size,
+                                   self.mask_settings["mask_threshold"], self.paste_masks)
 
     def refine(self, roi_features, proposals, image_shapes):
         """Test-time cascade on [B, P, 4] proposals.
@@ -358,9 +329,8 @@ class CascadeRCNN(FasterRCNN):
         return probs, outputs[-1][1], rois, self.stage_weights(last)
 
     def detect(self, images, image_shapes, training=False):
-        rpn_features, roi_features = self.features(images, training=training)
-        logits, deltas, anchors = self.rpn(rpn_features)
-        proposals, _, valid = self.proposals(logits, deltas, anchors, image_shapes, False)
+        roi_features, proposals, valid = self.first_stage_inference(images, image_shapes,
+                                                                    training)
         probs, box_deltas, rois, weights = self.refine(roi_features, proposals, image_shapes)
         outputs = decode_detections(
             probs, tf.cast(box_deltas, tf.float32), rois, valid, image_shapes, weights=weights,

@@ -12,7 +12,7 @@ import keras
 import tensorflow as tf
 
 from kerasdet import losses as kd_losses
-from kerasdet.heads.mask_head import MaskHead, mask_targets, paste_masks, select_class_masks
+from kerasdet.heads.mask_head import MaskHead, detection_masks, mask_targets
 from kerasdet.heads.roi_extractor import RoIExtractor
 from kerasdet.models.faster_rcnn import FasterRCNN
 
@@ -131,19 +131,10 @@ class MaskRCNN(FasterRCNN):
         return outputs
 
     def detection_masks(self, roi_features, detections, canvas_size):
-        """Masks of the final detections: class channel, sigmoid, and (paste_masks=True) pasted
-        into the [H, W] canvas and binarized; zeros in slots beyond num_detections."""
-        boxes = tf.stop_gradient(detections["boxes"])
-        probs = tf.sigmoid(select_class_masks(self.mask_logits(roi_features, boxes),
-                                              detections["classes"]))
-        slots = tf.range(tf.shape(boxes)[1])[tf.newaxis, :]
-        filled = (slots < detections["num_detections"][:, tf.newaxis]) \
-            & (detections["classes"] >= 0)
-        if not self.paste_masks:
-            return tf.where(filled[..., tf.newaxis, tf.newaxis], probs, 0.0)
-        pasted = paste_masks(probs, boxes, canvas_size)
-        binary = (pasted >= self.mask_threshold) & filled[..., tf.newaxis, tf.newaxis]
-        return tf.cast(binary, tf.uint8)
+        """Masks of the final detections (see kerasdet.heads.mask_head.detection_masks)."""
+        logits = self.mask_logits(roi_features, tf.stop_gradient(detections["boxes"]))
+        return detection_masks(logits, detections, canvas_size, self.mask_threshold,
+                               self.paste_masks)
 
     def get_config(self):
         config = super().get_config()
