@@ -472,3 +472,22 @@ def test_inside_tf_function_with_dynamic_shapes(impl):
                                ref_align_family(features, boxes, bi, 2, 2, 0.5, 0, True),
                                atol=1e-5)
     assert [o.shape[-1] for o in outs] == [8, 8, 2, 2, 8, 2]
+
+
+@pytest.mark.parametrize("op", ["ps_roi_pool", "roi_pool", "roi_align", "ps_roi_align"])
+def test_fallback_in_a_graph_equals_the_eager_fallback_at_exact_bin_boundaries(op):
+    # Inside tf.function TensorFlow rewrites x / 7 as x * (1 / 7), one ulp off: 10 * (1 / 7) * 7
+    # ceils to 11 instead of 10, and 14 / 7 ceils to 3 samples instead of 2. RoI sizes that are
+    # multiples of the bin count hit exactly those cases.
+    rng = np.random.default_rng(0)
+    features = tf.constant(rng.normal(size=(2, 16, 16, 196)).astype(np.float32))
+    starts = rng.integers(0, 40, (64, 2)).astype(np.float32)
+    sides = rng.integers(1, 9, (64, 2)).astype(np.float32) * 7.0 - 1.0
+    boxes = tf.constant(np.concatenate([starts, starts + sides], 1))
+    indices = tf.constant(rng.integers(0, 2, 64).astype(np.int32))
+    fn = getattr(roi, op)
+    with _kernels.pure_tf():
+        eager = fn(features, boxes, indices, 7, spatial_scale=1 / 8).numpy()
+        graph = tf.function(lambda f, b, i: fn(f, b, i, 7, spatial_scale=1 / 8))(
+            features, boxes, indices).numpy()
+    np.testing.assert_allclose(graph, eager, atol=1e-5)

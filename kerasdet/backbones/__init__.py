@@ -34,3 +34,5 @@ __all__ = [
     "get", "list", "list_names", "overfeat_accurate", "overfeat_fast", "register", "resnet50", "resnet101",
     "resnet_c4", "vgg16", "vgg16_reduced", "vgg16_refinedet", "load_torchvision_weights", "torchvision_key_to_keras",
 ]
+# Importing the module registers the deformable (DCN) and dilated ResNets.
+from kerasdet.backbones import resnet_dcn  # noqa: E402,F401

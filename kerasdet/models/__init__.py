@@ -13,6 +13,7 @@ _CLASSES = {
     "CascadeRCNN": "kerasdet.models.cascade_rcnn",
     "RFCN": "kerasdet.models.rfcn",
     "DeformableFasterRCNN": "kerasdet.models.deformable",
+    "deformable_rfcn": "kerasdet.models.deformable",
 }
 
 __all__ = sorted(_CLASSES) + ["import_all", "load_model"]

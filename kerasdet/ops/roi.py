@@ -328,7 +328,7 @@ def _bilinear_pool_tf(op, features, boxes, box_indices, offsets, ph, pw, spatial
     roi_w, roi_h = x2 - x1, y2 - y1
     if not aligned:
         roi_w, roi_h = tf.maximum(roi_w, 1.0), tf.maximum(roi_h, 1.0)
-    bin_h, bin_w = roi_h / ph, roi_w / pw
+    bin_h, bin_w = _divide(roi_h, ph), _divide(roi_w, pw)
     if sampling_ratio > 0:
         grid_h = tf.fill([num_rois], sampling_ratio)
         grid_w = grid_h
@@ -389,6 +389,17 @@ def _bilinear_pool_tf(op, features, boxes, box_indices, offsets, ph, pw, spatial
     return tf.reshape(out, [num_rois, ph, pw, groups * cpg])
 
 
+def _divide(numerator, count):
+    """float32 numerator / Python int `count`, rounded exactly as the kernels' C++ division.
+
+    Inside a graph, TensorFlow's optimizer turns a division by a constant into a multiplication by
+    its reciprocal, which can be one ulp off (14 * (1 / 7) = 2.0000002); the ceil / floor of bin
+    edges and adaptive sample counts then jump by a whole pixel or sample. Dividing in float64 and
+    rounding to float32 gives the correctly rounded quotient either way.
+    """
+    return tf.cast(tf.cast(numerator, tf.float64) / float(count), tf.float32)
+
+
 def _round_half_away(v):
     # Same rounding as the kernels (C's round): tf.round would round half to even.
     return tf.sign(v) * tf.floor(tf.abs(v) + 0.5)
@@ -408,7 +419,7 @@ def _integer_bin_pool_tf(op, features, boxes, box_indices, ph, pw, spatial_scale
         start = _round_half_away(lo * spatial_scale)
         end = _round_half_away(hi * spatial_scale)
         length = tf.maximum(end - start + 1.0, 1.0)
-        bin_size = length / parts
+        bin_size = _divide(length, parts)
         k = tf.cast(tf.range(parts), tf.float32)
         first = tf.floor(k[None, :] * bin_size[:, None]) + start[:, None]
         last = tf.math.ceil((k[None, :] + 1.0) * bin_size[:, None]) + start[:, None]
