@@ -18,6 +18,10 @@ import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+if "--torchvision" in sys.argv:
+    # torch must load before TensorFlow: the other order crashes in one process (measured here).
+    import torch  # noqa: F401
+    import torchvision  # noqa: F401
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
 import numpy as np  # noqa: E402
@@ -38,8 +42,11 @@ MODELS = {
                       FPN_TINY, "maskrcnn_resnet50_fpn"),
     "cascade_rcnn_fpn": ("kerasdet.models.cascade_rcnn", "CascadeRCNN",
                          dict(backbone="resnet50"), FPN_TINY, None),
-    "rfcn": ("kerasdet.models.rfcn", "RFCN", dict(backbone="resnet50"), dict(backbone="tiny"),
-             None),
+    "rfcn": ("kerasdet.models.rfcn", "RFCN", dict(backbone="resnet101_dilated"),
+             dict(FPN_TINY, fpn=True, feature_level="P2", ps_pooling="ps_roi_align"), None),
+    "deformable_faster_rcnn_fpn": ("kerasdet.models.deformable", "DeformableFasterRCNN",
+                                   dict(backbone="resnet50_dcn"),
+                                   dict(FPN_TINY, backbone="tiny_dcn"), None),
 }
 
 

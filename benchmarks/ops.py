@@ -12,7 +12,12 @@ busy machine. Sizes follow issue 3 (Faster R-CNN / R-FCN / DCN settings on a ~60
   deform_roi_pool    same as roi_align; deform_ps_roi_pool same as ps_roi_align
   deform_conv2d      1 x 50 x 76 x 256 -> 256, 3x3, padding 1 (kerasdet.ops.deform_conv2d)
 
+With --torchvision (torch and torchvision installed), torchvision.ops' CPU implementation of the
+same op on the same data is timed in the same run (its NCHW layout; the inputs are transposed once,
+outside the timing), giving `speedup_vs_torchvision_*` = torchvision time / kerasdet kernel time.
+
 Usage: python benchmarks/ops.py [--repeats 5] [--warmup 2] [--ops roi_align,ps_roi_pool] [--quick]
+                                [--torchvision]
 """
 import argparse
 import json
@@ -22,6 +27,10 @@ import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+if "--torchvision" in sys.argv:
+    # torch must load before TensorFlow: the other order crashes in one process (measured here).
+    import torch  # noqa: F401
+    import torchvision.ops  # noqa: F401
 
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -122,6 +131,61 @@ def _functions(fn, differentiable):
     return forward, forward_backward
 
 
+def _torchvision_functions(name, arrays):
+    """(forward, forward_backward) closures running torchvision.ops' version, or None."""
+    import torch
+    import torchvision.ops as tvo
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    if name == "deform_conv2d":
+        x = torch.tensor(arrays["inputs"]).permute(0, 3, 1, 2).contiguous().requires_grad_()
+        # kerasdet stores (dy, dx) per tap, torchvision (dy, dx) too: same channel order.
+        off = torch.tensor(arrays["offsets"]).permute(0, 3, 1, 2).contiguous().requires_grad_()
+        weight = torch.tensor(arrays["kernel"]).permute(3, 2, 0, 1).contiguous().requires_grad_()
+        leaves = [x, off, weight]
+
+        def run():
+            return tvo.deform_conv2d(x, off, weight, padding=1)
+    else:
+        ops = {"roi_align": lambda f, r: tvo.roi_align(f, r, 7, 0.125, 2, aligned=True),
+               "roi_pool": lambda f, r: tvo.roi_pool(f, r, 7, 1 / 16),
+               "ps_roi_align": lambda f, r: tvo.ps_roi_align(f, r, 7, 1 / 16, 2),
+               "ps_roi_pool": lambda f, r: tvo.ps_roi_pool(f, r, 7, 1 / 16)}
+        if name not in ops:
+            return None
+        feats = torch.tensor(arrays["features"]).permute(0, 3, 1, 2).contiguous().requires_grad_()
+        rois = torch.cat([torch.tensor(arrays["box_indices"], dtype=torch.float32)[:, None],
+                          torch.tensor(arrays["boxes"])], 1)
+        leaves = [feats]
+
+        def run():
+            return ops[name](feats, rois)
+
+    def forward():
+        with torch.no_grad():
+            return run().sum().item()
+
+    def forward_backward():
+        for leaf in leaves:
+            leaf.grad = None
+        out = run()
+        (out * out).sum().backward()
+        return sum(float(leaf.grad.sum()) for leaf in leaves)
+
+    return forward, forward_backward
+
+
+def _times_ms_plain(fn, repeats, warmup):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return round(1000 * statistics.median(times), 2), round(1000 * min(times), 2)
+
+
 def _times_ms(fn, tensors, repeats, warmup):
     """(median, min) wall time in ms; the min shows what a quiet machine would see."""
     for _ in range(warmup):
@@ -141,6 +205,8 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--ops", default="", help="comma-separated subset of the ops")
     parser.add_argument("--quick", action="store_true", help="small sizes (smoke test)")
+    parser.add_argument("--torchvision", action="store_true",
+                        help="also time torchvision.ops on the same data (needs torch)")
     args = parser.parse_args(argv)
 
     report = {
@@ -176,6 +242,19 @@ def main(argv=None):
             row["speedup_forward"] = round(row["fallback_forward_ms"] / row["kernel_forward_ms"], 2)
             row["speedup_forward_backward"] = round(
                 row["fallback_forward_backward_ms"] / row["kernel_forward_backward_ms"], 2)
+        if args.torchvision:
+            functions = _torchvision_functions(name, arrays)
+            if functions is not None:
+                row["torchvision_forward_ms"], _ = _times_ms_plain(functions[0], args.repeats,
+                                                                   args.warmup)
+                row["torchvision_forward_backward_ms"], _ = _times_ms_plain(
+                    functions[1], args.repeats, args.warmup)
+                if "kernel_forward_ms" in row:
+                    row["speedup_vs_torchvision_forward"] = round(
+                        row["torchvision_forward_ms"] / row["kernel_forward_ms"], 2)
+                    row["speedup_vs_torchvision_forward_backward"] = round(
+                        row["torchvision_forward_backward_ms"] / row["kernel_forward_backward_ms"],
+                        2)
         report["results"].append(row)
         print(json.dumps(row), file=sys.stderr, flush=True)  # progress
     json.dump(report, sys.stdout, indent=2)
