@@ -206,3 +206,19 @@ def test_dcn_resnet_registration_builds_deformable_stages():
     assert net.deformable_stages == (5,) and net.deformable_version == 2
     assert type(net.get_layer("layer4_0_conv2")).__name__ == "DeformConv2D"
     assert type(net.get_layer("layer3_0_conv2")).__name__ == "Conv2D"
+
+
+def test_deformable_rfcn_learns_the_synthetic_shapes(synthetic_data):
+    # R-FCN's learning configuration (tests/test_rfcn.py explains the FPN P2 maps and summed
+    # votes) with deformable PS-RoI pooling and a deformable C5 in the tiny trunk.
+    from test_rfcn import tiny_rfcn_fpn_settings
+
+    settings = tiny_rfcn_fpn_settings()
+    settings.update(backbone="tiny_dcn", ps_pooling="deform_ps_roi_pool")
+    model = deformable_rfcn(3, **settings)
+    history, results, seconds = fit_and_evaluate(model, synthetic_data, epochs=10)
+    losses = history["loss"]
+    print(f"Deformable R-FCN tiny: mAP@0.5 {results['voc']['mAP']:.3f} after {seconds:.0f}s, "
+          f"loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    assert losses[-1] < 0.6 * losses[0]
+    assert results["voc"]["mAP"] >= 0.5
