@@ -43,7 +43,8 @@ MODELS = {
     "cascade_rcnn_fpn": ("kerasdet.models.cascade_rcnn", "CascadeRCNN",
                          dict(backbone="resnet50"), FPN_TINY, None),
     "rfcn": ("kerasdet.models.rfcn", "RFCN", dict(backbone="resnet101_dilated"),
-             dict(FPN_TINY, fpn=True, feature_level="P2", ps_pooling="ps_roi_align"), None),
+             {**{k: v for k, v in FPN_TINY.items() if k != "fc_dim"}, "fpn": True,
+              "feature_level": "P2", "ps_pooling": "ps_roi_align"}, None),
     "deformable_faster_rcnn_fpn": ("kerasdet.models.deformable", "DeformableFasterRCNN",
                                    dict(backbone="resnet50_dcn"),
                                    dict(FPN_TINY, backbone="tiny_dcn"), None),
@@ -79,6 +80,10 @@ def keras_train_step(cls, kwargs, repeats):
     batch = {"images": rng.uniform(0, 255, (4, 128, 128, 3)).astype(np.float32),
              "bounding_boxes": {"boxes": boxes, "labels": np.array([[0, 1]] * 4, np.int32)},
              "image_info": np.array([[128, 128, 1, 1, 128, 128]] * 4, np.float32)}
+    masks = np.zeros([4, 2, 128, 128], np.uint8)  # the boxes filled, for the mask models
+    for i, (x1, y1, x2, y2) in enumerate(boxes[0].astype(int)):
+        masks[:, i, y1:y2, x1:x2] = 1
+    batch["masks"] = masks
     return median_seconds(lambda: model.train_on_batch(batch), repeats)
 
 
