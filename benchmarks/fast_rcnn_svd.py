@@ -36,9 +36,8 @@ def add_proposals(batch):
 
 
 def head_ms(model, rois, repeats=20):
-    pooled = tf.random.uniform([1, rois, model.roi_output_size, model.roi_output_size,
-                                model.box_head.fcs[0].kernel.shape[0]
-                                // model.roi_output_size ** 2])
+    channels = model.backbone.output[model.feature].shape[-1]
+    pooled = tf.random.uniform([1, rois, model.roi_output_size, model.roi_output_size, channels])
     run = tf.function(lambda x: model.box_predictor(model.box_head(x)))
     run(pooled)
     times = []
