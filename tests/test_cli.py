@@ -76,6 +76,7 @@ def test_train_command_writes_checkpoints_logs_and_metrics(setup, tmp_path, caps
     assert {"epoch_001.weights.h5", "epoch_002.weights.h5", "last_good.weights.h5"} <= \
         set(os.listdir(out / "checkpoints"))
     assert (out / "model.weights.h5").is_file() and (out / "history.csv").is_file()
+    assert any((out / "logs").rglob("events.out.tfevents*")), "no TensorBoard event files"
     assert len((out / "history.csv").read_text().strip().splitlines()) == 3  # header + 2 epochs
     assert "VOC mAP@0.5" in capsys.readouterr().out
 
