@@ -8,6 +8,7 @@ from kerasdet.heads.cascade import (CASCADE_BOX_WEIGHTS, CASCADE_IOUS, mean_clas
                                     refine_boxes, relabel_rois, scale_gradient)
 from kerasdet.models.cascade_rcnn import CascadeRCNN
 from kerasdet.models.faster_rcnn import FasterRCNN
+from detector_checks import check_predict_on_mixed_sizes, check_train_step_without_objects
 from learning import fit_and_evaluate, tiny_fpn_settings
 
 
@@ -382,28 +383,12 @@ def test_each_mode_trains_on_a_batch_and_predicts(mode):
 
 
 def test_predict_on_mixed_sizes_and_empty_images():
-    model = tiny_cascade()
-    images = np.zeros([2, 96, 160, 3], np.float32)
-    images[1, :64, :100] = np.random.default_rng(7).uniform(0, 255, [64, 100, 3])
-    out = model.predict_on_batch({"images": images,
-                                  "image_info": np.array([[96, 160, 1, 1, 96, 160],
-                                                          [64, 100, 1, 1, 64, 100]], np.float32)})
-    assert out["boxes"].shape == (2, 100, 4) and out["classes"].dtype == np.int32
-    n = out["num_detections"]
-    for b, (h, w) in enumerate([(96, 160), (64, 100)]):
-        boxes = out["boxes"][b, : n[b]]
-        assert np.all(boxes[:, [0, 2]] <= w + 1e-3) and np.all(boxes[:, [1, 3]] <= h + 1e-3)
+    check_predict_on_mixed_sizes(tiny_cascade())
 
 
 def test_train_step_handles_a_batch_without_objects():
-    model = tiny_cascade()
-    model.compile(optimizer="sgd")
-    batch = {"images": tf.random.uniform([2, 64, 64, 3], 0, 255),
-             "bounding_boxes": {"boxes": tf.zeros([2, 0, 4]), "labels": tf.zeros([2, 0], tf.int32)}}
-    logs = model.train_on_batch(batch, return_dict=True)
-    assert all(np.isfinite(v) for v in logs.values())
-    for name in ("rpn_box", "stage1_box", "stage2_box", "stage3_box"):
-        assert logs[name] == 0.0
+    check_train_step_without_objects(
+        tiny_cascade(), box_losses=("rpn_box", "stage1_box", "stage2_box", "stage3_box"))
 
 
 @pytest.mark.parametrize("mode, with_masks", [("cascade", True), ("iterative", False),

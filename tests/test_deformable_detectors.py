@@ -10,6 +10,7 @@ from kerasdet.backbones.resnet_dcn import DilatedResNet, TinyDCNBackbone
 from kerasdet.models.deformable import DeformableFasterRCNN, deformable_rfcn
 from kerasdet.models.faster_rcnn import FasterRCNN
 from kerasdet.models.rfcn import RFCN
+from detector_checks import check_predict_on_mixed_sizes, check_train_step_without_objects
 from learning import fit_and_evaluate, tiny_fpn_settings
 
 _OFFSET_PARTS = ("offset_fc", "offset_conv")
@@ -109,17 +110,8 @@ def test_deformable_faster_rcnn_learns_the_synthetic_shapes(synthetic_data):
 
 def test_predict_on_mixed_sizes_and_train_on_an_empty_batch():
     model = DeformableFasterRCNN(3, **dict(tiny_fpn_settings(), **_tiny_dcn((5,))))
-    images, info = _images()
-    out = _predict(model, images, info)
-    for b, (h, w) in enumerate([(96, 128), (80, 100)]):
-        boxes = out["boxes"][b, : out["num_detections"][b]]
-        assert np.all(boxes[:, [0, 2]] <= w + 1e-3) and np.all(boxes[:, [1, 3]] <= h + 1e-3)
-    model.compile(optimizer="sgd")
-    batch = {"images": tf.random.uniform([2, 64, 64, 3], 0, 255),
-             "bounding_boxes": {"boxes": tf.zeros([2, 0, 4]), "labels": tf.zeros([2, 0], tf.int32)}}
-    logs = model.train_on_batch(batch, return_dict=True)
-    assert all(np.isfinite(v) for v in logs.values())
-    assert logs["roi_box"] == 0.0 and logs["rpn_box"] == 0.0
+    check_predict_on_mixed_sizes(model)
+    check_train_step_without_objects(model)
 
 
 @pytest.mark.parametrize("factory", ["faster", "rfcn"])

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from kerasdet.models.faster_rcnn import FasterRCNN
+from detector_checks import check_predict_on_mixed_sizes, check_train_step_without_objects
 from learning import fit_and_evaluate, tiny_fpn_settings
 
 
@@ -17,27 +17,11 @@ def test_faster_rcnn_fpn_learns_the_synthetic_shapes(synthetic_data):
 
 
 def test_predict_on_mixed_sizes_and_empty_images():
-    model = FasterRCNN(3, **tiny_fpn_settings())
-    images = np.zeros([2, 96, 160, 3], np.float32)
-    out = model.predict_on_batch({"images": images,
-                                  "image_info": np.array([[96, 160, 1, 1, 96, 160],
-                                                          [64, 100, 1, 1, 64, 100]], np.float32)})
-    assert out["boxes"].shape == (2, 100, 4) and out["classes"].dtype == np.int32
-    n = out["num_detections"]
-    # Boxes stay inside each image's own valid region, never the padded canvas.
-    for b, (h, w) in enumerate([(96, 160), (64, 100)]):
-        boxes = out["boxes"][b, : n[b]]
-        assert np.all(boxes[:, [0, 2]] <= w + 1e-3) and np.all(boxes[:, [1, 3]] <= h + 1e-3)
+    check_predict_on_mixed_sizes(FasterRCNN(3, **tiny_fpn_settings()))
 
 
 def test_train_step_handles_a_batch_without_objects():
-    model = FasterRCNN(3, **tiny_fpn_settings())
-    model.compile(optimizer="sgd")
-    batch = {"images": tf.random.uniform([2, 64, 64, 3], 0, 255),
-             "bounding_boxes": {"boxes": tf.zeros([2, 0, 4]), "labels": tf.zeros([2, 0], tf.int32)}}
-    logs = model.train_on_batch(batch, return_dict=True)
-    assert all(np.isfinite(v) for v in logs.values())
-    assert logs["roi_box"] == 0.0 and logs["rpn_box"] == 0.0
+    check_train_step_without_objects(FasterRCNN(3, **tiny_fpn_settings()))
 
 
 def test_c4_model_with_res5_head_runs():
