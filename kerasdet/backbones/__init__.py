@@ -9,6 +9,7 @@ from kerasdet.backbones.base import Backbone, ImageNormalization
 from kerasdet.backbones.registry import get, list_names, register
 from kerasdet.backbones.resnet import (ResNet, ResNetConv5Head, load_torchvision_weights, resnet50, resnet101,
                                       resnet_c4, torchvision_key_to_keras)
+from kerasdet.backbones.mobilenet_v2 import MobileNetV2, mobilenet_v2
 from kerasdet.backbones.overfeat import OverFeat, overfeat_accurate, overfeat_fast
 from kerasdet.backbones.tiny import TinyBackbone
 from kerasdet.backbones.vgg import VGG16, vgg16, vgg16_reduced, vgg16_refinedet
@@ -25,6 +26,7 @@ register("vgg16_refinedet", vgg16_refinedet)
 register("zf", ZF5)
 register("overfeat_fast", overfeat_fast)
 register("overfeat_accurate", overfeat_accurate)
+register("mobilenet_v2", mobilenet_v2)
 
 # `list` is the public name the project asked for; inside this package use `list_names`.
 list = list_names  # noqa: A001
@@ -33,6 +35,7 @@ __all__ = [
     "Backbone", "ImageNormalization", "OverFeat", "ResNet", "ResNetConv5Head", "TinyBackbone", "VGG16", "ZF5",
     "get", "list", "list_names", "overfeat_accurate", "overfeat_fast", "register", "resnet50", "resnet101",
     "resnet_c4", "vgg16", "vgg16_reduced", "vgg16_refinedet", "load_torchvision_weights", "torchvision_key_to_keras",
+    "MobileNetV2", "mobilenet_v2",
 ]
 # Importing the module registers the deformable (DCN) and dilated ResNets.
 from kerasdet.backbones import resnet_dcn  # noqa: E402,F401
