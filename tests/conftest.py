@@ -29,3 +29,54 @@ def synthetic_data(tmp_path_factory):
     train = make_dataset(str(root / "train"), 256, seed=1, image_size=(128, 128))
     val = make_dataset(str(root / "val"), 64, seed=2, image_size=(128, 128), split="val")
     return train, val
+
+
+# -- torchvision references ----------------------------------------------------------------------
+# torchvision segfaults when imported into a process that has already loaded TensorFlow (measured
+# with torch 2.14.1 / torchvision 0.29.1), so the reference side of every parity test runs in its own
+# interpreter: tests/torch_refs/<script>.py OUT_DIR [ARGS] builds the torchvision model, writes its
+# state dict (.pth), inputs and outputs (.npz) to OUT_DIR; the test converts and compares in-process.
+TORCH_REFS = os.path.join(os.path.dirname(__file__), "torch_refs")
+_torch_state = {}
+
+
+def _torchvision_status():
+    if "status" not in _torch_state:
+        import subprocess
+        import sys
+
+        probe = subprocess.run([sys.executable, "-c", "import torch, torchvision; print(torch.__version__, "
+                                "torchvision.__version__)"], capture_output=True, text=True, timeout=600)
+        _torch_state["status"] = (probe.returncode == 0, (probe.stdout or probe.stderr).strip()[-300:])
+    return _torch_state["status"]
+
+
+@pytest.fixture(scope="session")
+def torch_reference(tmp_path_factory):
+    """run(script, *args) -> output folder of tests/torch_refs/<script>.py, cached per session.
+
+    Skips (naming the reason) when torch / torchvision cannot be imported, i.e. where the test
+    extra's torch could not be installed; `make test` installs them, so there they always run.
+    """
+    import subprocess
+    import sys
+
+    available, detail = _torchvision_status()
+    if not available:
+        pytest.skip(f"torch/torchvision not importable, parity test skipped: {detail}")
+    cache = {}
+
+    def run(script, *args):
+        key = (script,) + tuple(str(a) for a in args)
+        if key not in cache:
+            out = tmp_path_factory.mktemp(f"torchref_{script}")
+            env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+            done = subprocess.run([sys.executable, os.path.join(TORCH_REFS, f"{script}.py"), str(out), *key[1:]],
+                                  capture_output=True, text=True, timeout=1200, env=env)
+            if done.returncode != 0:
+                raise RuntimeError(f"torch reference {script} {list(key[1:])} failed "
+                                   f"(exit {done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+            cache[key] = out
+        return cache[key]
+
+    return run

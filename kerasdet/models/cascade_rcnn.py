@@ -176,7 +176,7 @@ class CascadeRCNN(FasterRCNN):
         if self.with_masks:
             self.mask_roi_extractor = RoIExtractor(
                 int(mask_pool_size), strides=self.roi_extractor.strides, method="roi_align",
-                sampling_ratio=int(mask_sampling_ratio), name="mask_roi_extractor")
+                sampling_ratio=int(mask_sampling_ratio), aligned=self.roi_aligned, name="mask_roi_extractor")
             self.mask_head = MaskHead(num_classes, channels=int(mask_channels),
                                       num_convs=int(mask_num_convs), name="mask_head")
 

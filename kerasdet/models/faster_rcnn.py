@@ -37,8 +37,12 @@ class FasterRCNN(Detector):
             14x14 pooled RoIs, then average pooling: the C4 model of the paper's ResNet variant).
         anchor_sizes / anchor_ratios / anchor_strides: per level; defaults are the papers' (FPN:
             32..512 on strides 4..64; C4: 128/256/512 at stride 16 — Detectron adds 32 and 64).
+        anchor_offset / anchor_rounding: anchor centres at (cell + offset) * stride and whole-pixel
+            rounding of the cell anchors; (0.0, True) reproduces torchvision's anchors, which its
+            checkpoints need (kerasdet.converters sets them).
         rpn_*: training and test settings of the RPN (section 3.1.3 / FPN section 5.1).
-        roi_*: RoI sampling (Fast R-CNN section 2.3) and pooling settings.
+        roi_*: RoI sampling (Fast R-CNN section 2.3) and pooling settings; roi_aligned is
+            RoIAlign's half-pixel shift (True as Detectron2; torchvision's checkpoints use False).
         box_weights: box-coder weights of the second stage.
         class_agnostic: one box per RoI instead of one per class.
         score_threshold / nms_iou / max_detections: test-time post-processing.
@@ -49,14 +53,14 @@ class FasterRCNN(Detector):
     def __init__(self, num_classes, backbone="resnet50", backbone_config=None, fpn=True,
                  fpn_channels=256, box_head="2fc", fc_dim=1024,
                  anchor_sizes=None, anchor_ratios=(0.5, 1.0, 2.0), anchor_strides=None,
-                 rpn_channels=None, rpn_positive_iou=0.7, rpn_negative_iou=0.3,
+                 anchor_offset=0.5, anchor_rounding=False, rpn_channels=None, rpn_positive_iou=0.7, rpn_negative_iou=0.3,
                  rpn_batch_size=256, rpn_positive_fraction=0.5,
                  rpn_pre_nms_top_k_train=2000, rpn_post_nms_top_k_train=1000,
                  rpn_pre_nms_top_k_test=1000, rpn_post_nms_top_k_test=1000,
                  rpn_nms_iou=0.7, rpn_min_size=0.0,
                  roi_batch_size=512, roi_positive_fraction=0.25, roi_foreground_iou=0.5,
                  roi_background_iou_low=0.0, roi_pooling="roi_align", roi_output_size=None,
-                 roi_sampling_ratio=0, box_weights=(10.0, 10.0, 5.0, 5.0), class_agnostic=False,
+                 roi_sampling_ratio=0, roi_aligned=True, box_weights=(10.0, 10.0, 5.0, 5.0), class_agnostic=False,
                  score_threshold=0.05, nms_iou=0.5, max_detections=100, seed=None, **kwargs):
         super().__init__(num_classes, **kwargs)
         self.backbone_name = backbone
@@ -78,8 +82,11 @@ class FasterRCNN(Detector):
             self.anchor_strides = tuple(anchor_strides or (16,))
             self.anchor_sizes = tuple(tuple(s) for s in (anchor_sizes or ((128, 256, 512),)))
         self.anchor_ratios = tuple(anchor_ratios)
+        self.anchor_offset = float(anchor_offset)
+        self.anchor_rounding = bool(anchor_rounding)
         self.anchor_generator = ops.AnchorGenerator(self.anchor_strides, self.anchor_sizes,
-                                                    self.anchor_ratios)
+                                                    self.anchor_ratios, offset=self.anchor_offset,
+                                                    rounded=self.anchor_rounding)
 
         self.rpn_settings = dict(
             positive_iou=rpn_positive_iou, negative_iou=rpn_negative_iou,
@@ -115,8 +122,10 @@ class FasterRCNN(Detector):
         self.roi_pooling = roi_pooling
         self.roi_output_size = int(roi_output_size or (14 if box_head == "res5" else 7))
         self.roi_sampling_ratio = int(roi_sampling_ratio)
+        self.roi_aligned = bool(roi_aligned)
         self.roi_extractor = RoIExtractor(self.roi_output_size, strides=pool_strides,
                                           method=roi_pooling, sampling_ratio=roi_sampling_ratio,
+                                          aligned=self.roi_aligned,
                                           name="roi_extractor")
         if box_head == "res5":
             self.box_head = kd_backbones.ResNetConv5Head(
@@ -239,7 +248,8 @@ class FasterRCNN(Detector):
             backbone=self.backbone_name, backbone_config=self.backbone_config, fpn=self.use_fpn,
             fpn_channels=self.fpn_channels, box_head=self.box_head_kind, fc_dim=self.fc_dim,
             anchor_sizes=[list(x) for x in self.anchor_sizes], anchor_ratios=list(self.anchor_ratios),
-            anchor_strides=list(self.anchor_strides), rpn_channels=self.rpn_channels,
+            anchor_strides=list(self.anchor_strides), anchor_offset=self.anchor_offset,
+            anchor_rounding=self.anchor_rounding, rpn_channels=self.rpn_channels,
             rpn_positive_iou=s["positive_iou"], rpn_negative_iou=s["negative_iou"],
             rpn_batch_size=s["batch_size"], rpn_positive_fraction=s["positive_fraction"],
             rpn_pre_nms_top_k_train=s["pre_nms_top_k_train"],
@@ -250,7 +260,7 @@ class FasterRCNN(Detector):
             roi_positive_fraction=r["positive_fraction"], roi_foreground_iou=r["foreground_iou"],
             roi_background_iou_low=r["background_iou_low"], roi_pooling=self.roi_pooling,
             roi_output_size=self.roi_output_size, roi_sampling_ratio=self.roi_sampling_ratio,
-            box_weights=list(self.box_weights), class_agnostic=self.class_agnostic,
+            roi_aligned=self.roi_aligned, box_weights=list(self.box_weights), class_agnostic=self.class_agnostic,
             score_threshold=self.score_threshold, nms_iou=self.nms_iou,
             max_detections=self.max_detections, seed=self.seed)
         return config

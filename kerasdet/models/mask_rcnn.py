@@ -63,7 +63,7 @@ class MaskRCNN(FasterRCNN):
             raise ValueError(f"`mask_threshold` must be in (0, 1), got {mask_threshold!r}.")
         self.mask_roi_extractor = RoIExtractor(
             self.mask_pool_size, strides=self.roi_extractor.strides, method="roi_align",
-            sampling_ratio=self.mask_sampling_ratio, name="mask_roi_extractor")
+            sampling_ratio=self.mask_sampling_ratio, aligned=self.roi_aligned, name="mask_roi_extractor")
         self.mask_head = MaskHead(num_classes, channels=self.mask_channels,
                                   num_convs=self.mask_num_convs, name="mask_head")
         # The sampler puts positives first and takes at most this many per image, so the mask

@@ -33,8 +33,11 @@ def _positive_floats(values, name):
     return values
 
 
-def cell_anchors(sizes, aspect_ratios):
+def cell_anchors(sizes, aspect_ratios, rounded=False):
     """The A = len(aspect_ratios) * len(sizes) anchors of one location, centered at (0, 0).
+
+    ``rounded`` rounds the corners to whole pixels (half to even), as the original Caffe code and
+    torchvision do; their checkpoints were trained with those anchors.
 
     Returns:
         float32 [A, 4] (x1, y1, x2, y2), aspect-ratio-major then size (see module docstring).
@@ -47,10 +50,11 @@ def cell_anchors(sizes, aspect_ratios):
             half_w = size / math.sqrt(ratio) / 2.0
             half_h = size * math.sqrt(ratio) / 2.0
             rows.append((-half_w, -half_h, half_w, half_h))
-    return tf.constant(rows, tf.float32)
+    cell = tf.constant(rows, tf.float32)
+    return tf.round(cell) if rounded else cell
 
 
-def generate_anchors(feature_size, stride, sizes, aspect_ratios):
+def generate_anchors(feature_size, stride, sizes, aspect_ratios, offset=0.5, rounded=False):
     """Anchors of one pyramid level.
 
     Args:
@@ -59,17 +63,20 @@ def generate_anchors(feature_size, stride, sizes, aspect_ratios):
         stride: the level's stride in input pixels.
         sizes: anchor sizes (sqrt of the area) in input pixels.
         aspect_ratios: h / w ratios.
+        offset: cell centres at (x + offset) * stride; torchvision's detectors use 0 (anchors on
+            the cells' top-left corners), and their checkpoints need it.
+        rounded: round the cell anchors to whole pixels (see `cell_anchors`).
 
     Returns:
         float32 [H * W * A, 4], A = len(sizes) * len(aspect_ratios), ordered as described in the
-        module docstring; centers at ((x + 0.5) * stride, (y + 0.5) * stride).
+        module docstring; centers at ((x + offset) * stride, (y + offset) * stride).
     """
     stride = _positive_floats([stride], "stride")[0]
-    cell = cell_anchors(sizes, aspect_ratios)
+    cell = cell_anchors(sizes, aspect_ratios, rounded)
     feature_size = tf.cast(feature_size, tf.int32)
     height, width = feature_size[0], feature_size[1]
-    centers_x = (tf.range(width, dtype=tf.float32) + 0.5) * stride
-    centers_y = (tf.range(height, dtype=tf.float32) + 0.5) * stride
+    centers_x = (tf.range(width, dtype=tf.float32) + offset) * stride
+    centers_y = (tf.range(height, dtype=tf.float32) + offset) * stride
     grid_y, grid_x = tf.meshgrid(centers_y, centers_x, indexing="ij")  # [H, W]
     centers = tf.stack([grid_x, grid_y, grid_x, grid_y], axis=-1)  # [H, W, 4]
     anchors = centers[:, :, tf.newaxis, :] + cell[tf.newaxis, tf.newaxis, :, :]  # [H, W, A, 4]
@@ -84,9 +91,13 @@ class AnchorGenerator:
         strides: one stride per level.
         sizes: one tuple of sizes per level.
         aspect_ratios: one tuple of h / w ratios shared by all levels, or one tuple per level.
+        offset / rounded: anchor-centre offset in cells and whole-pixel rounding (see
+            `generate_anchors`); (0.5, False) by default, (0.0, True) for torchvision checkpoints.
     """
 
-    def __init__(self, strides, sizes, aspect_ratios=(0.5, 1.0, 2.0)):
+    def __init__(self, strides, sizes, aspect_ratios=(0.5, 1.0, 2.0), offset=0.5, rounded=False):
+        self.offset = float(offset)
+        self.rounded = bool(rounded)
         self.strides = _positive_floats(strides, "strides")
         num_levels = len(self.strides)
         sizes = list(sizes)
@@ -122,7 +133,7 @@ class AnchorGenerator:
             raise ValueError(
                 f"`feature_sizes` needs {self.num_levels} (H, W) entries, got {len(feature_sizes)}."
             )
-        return [generate_anchors(fs, st, sz, ar) for fs, st, sz, ar in
+        return [generate_anchors(fs, st, sz, ar, self.offset, self.rounded) for fs, st, sz, ar in
                 zip(feature_sizes, self.strides, self.sizes, self.aspect_ratios)]
 
     def feature_sizes_for_image(self, image_size):
@@ -137,7 +148,8 @@ class AnchorGenerator:
 
     def get_config(self):
         return {"strides": list(self.strides), "sizes": [list(s) for s in self.sizes],
-                "aspect_ratios": [list(r) for r in self.aspect_ratios]}
+                "aspect_ratios": [list(r) for r in self.aspect_ratios], "offset": self.offset,
+                "rounded": self.rounded}
 
     @classmethod
     def from_config(cls, config):
