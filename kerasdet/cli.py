@@ -62,6 +62,9 @@ def build_parser():
     train.add_argument("--warmup-steps", type=int, default=None)
     train.add_argument("--decay-epochs", type=float, nargs="*", default=None)
     train.add_argument("--resume", action="store_true", help="continue a stopped run in --out")
+    train.add_argument("--no-pretrained", action="store_true",
+                       help="start from a random backbone even when the zoo entry names a pretrained one "
+                            "(by default such entries start from it, and training stops if it is unavailable)")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -110,6 +113,19 @@ def _run_zoo(args):
     return 0
 
 
+def _pretrained_choice(args):
+    """--no-pretrained -> False; a zoo entry naming a pretrained backbone -> True (required);
+    anything else -> None (nothing to load)."""
+    if args.no_pretrained:
+        return False
+    if args.weights is None and not os.path.splitext(args.model)[1]:
+        from kerasdet import zoo
+
+        if zoo.registry.get_entry(args.model).pretrained_backbone:
+            return True
+    return None
+
+
 def _run_train(args):
     import keras
 
@@ -119,7 +135,13 @@ def _run_train(args):
     keras.utils.set_random_seed(args.seed)
     data = parse_data_spec(args.data, args.train_split, args.val_split)
     num_classes = args.num_classes or len(data.class_names)
-    model = training.resolve_model(args.model, weights=args.weights, num_classes=num_classes)
+    pretrained = _pretrained_choice(args)
+    model = training.resolve_model(args.model, weights=args.weights, num_classes=num_classes,
+                                   pretrained_backbone=pretrained)
+    backbone_weights = getattr(model, "kerasdet_backbone_weights", None)
+    if args.weights is None:
+        print(f"backbone: {backbone_weights or 'random initialization'}"
+              + (" (--no-pretrained)" if args.no_pretrained and backbone_weights is None else ""), flush=True)
     recipe_source = {}
     if not os.path.splitext(args.model)[1]:
         from kerasdet import zoo
@@ -135,6 +157,7 @@ def _run_train(args):
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "run.json"), "w", encoding="utf-8") as handle:
         json.dump({"argv": sys.argv, "model": args.model, "data": args.data, "recipe": dict(recipe),
+                   "weights": args.weights, "backbone_weights": backbone_weights,
                    "input": settings, "class_names": data.class_names}, handle, indent=2)
     steps = args.steps_per_epoch
     if steps is not None:

@@ -84,7 +84,7 @@ def build(name, num_classes=None, **overrides):
     return model
 
 
-def load(name, weights="default", num_classes=None, **overrides):
+def load(name, weights="default", num_classes=None, pretrained_backbone=None, **overrides):
     """Builds a zoo model, ready for predict and fit.
 
     Args:
@@ -94,18 +94,31 @@ def load(name, weights="default", num_classes=None, **overrides):
         .weights.h5 file.
       num_classes: another number of classes than the entry's. With default weights, every layer
         whose shape still fits is loaded and the class-dependent output layers stay random.
+      pretrained_backbone: for entries without trained detector weights that name a pretrained
+        backbone (zoo/backbones.json): None (default) loads it when ``weights="default"`` and it
+        is available offline, warning otherwise; True requires it (BackboneWeightsUnavailable
+        says how to get it); False never loads it.
       overrides: further constructor arguments (e.g. score_threshold=0.3).
+
+    The model's ``kerasdet_backbone_weights`` tells which backbone weights it started from (None
+    for random).
     """
     entry = get_entry(name)
     model = build(name, num_classes=num_classes, **overrides)
+    model.kerasdet_backbone_weights = None
+    if weights is None and not pretrained_backbone:
+        return model
+    if weights in ("default", None) and not entry.has_weights:
+        started = _start_from_pretrained_backbone(model, entry, weights, pretrained_backbone)
+        if weights is None:
+            return model
+        warnings.warn(f"zoo entry {name!r} has no trained detector weights yet: "
+                      + (f"backbone from {started}, the rest random" if started else "the model has random weights")
+                      + " (see kerasdet.zoo.info(name)['status'])", RandomWeightsWarning, stacklevel=2)
+        return model
     if weights is None:
         return model
     if weights == "default":
-        if not entry.has_weights:
-            warnings.warn(f"zoo entry {name!r} has no trained weights yet: the model has random "
-                          "weights (see kerasdet.zoo.info(name)['status'])", RandomWeightsWarning,
-                          stacklevel=2)
-            return model
         path = resolve_weights_file(entry.weights["url"], entry.weights["sha256"],
                                     entry.weights.get("file"), base_dir=os.path.dirname(entry.source_file))
         if num_classes is not None and int(num_classes) != int(entry.arguments.get("num_classes", -1)):
@@ -113,6 +126,27 @@ def load(name, weights="default", num_classes=None, **overrides):
         return load_verified_weights(model, path)
     path = os.fspath(weights)
     return load_verified_weights(model, path)
+
+
+def _start_from_pretrained_backbone(model, entry, weights, pretrained_backbone):
+    """Loads the entry's pretrained backbone into ``model.backbone`` as the caller asked; returns its
+    name, or None when none was loaded."""
+    from kerasdet.zoo import pretrained
+
+    if pretrained_backbone is False or not entry.pretrained_backbone:
+        if pretrained_backbone is True:
+            raise ValueError(f"zoo entry {entry.name!r} names no pretrained backbone")
+        return None
+    name = entry.pretrained_backbone
+    if pretrained_backbone is None:
+        available, reason = pretrained.availability(name)
+        if not available:
+            warnings.warn(f"{reason} -- {entry.name!r} starts from a random backbone", RandomWeightsWarning,
+                          stacklevel=3)
+            return None
+    pretrained.load_backbone_weights(model.backbone, name)
+    model.kerasdet_backbone_weights = name
+    return name
 
 
 def _load_matching(model, path):

@@ -40,6 +40,7 @@ class ZooEntry:
     recipe: dict
     notes: str
     source_file: str
+    pretrained_backbone: str | None = None  # a zoo/backbones.json entry the backbone starts from
 
     @property
     def has_weights(self):
@@ -57,8 +58,12 @@ class ZooEntry:
             self.model_class()
         except (ImportError, AttributeError) as error:
             return f"not implemented yet ({self.class_path} is not available: {error})"
-        return "trained weights" if self.has_weights else \
-            "random weights (no trained weights published for this entry)"
+        if self.has_weights:
+            return "trained weights"
+        if self.pretrained_backbone:
+            return (f"backbone pretrained ({self.pretrained_backbone}), detection layers random (no trained "
+                    "detector weights published for this entry)")
+        return "random weights (no trained weights published for this entry)"
 
 
 def zoo_dir():
@@ -96,7 +101,8 @@ def _parse_file(path):
             name=name, family=family, class_path=spec["class"], arguments=dict(spec["arguments"]),
             dataset=spec["dataset"], class_names=spec["class_names"], input=dict(spec["input"]),
             weights=weights, metrics=dict(spec.get("metrics") or {}), command=spec.get("command"),
-            recipe=dict(spec.get("recipe") or {}), notes=spec.get("notes", ""), source_file=path)
+            recipe=dict(spec.get("recipe") or {}), notes=spec.get("notes", ""), source_file=path,
+            pretrained_backbone=spec.get("pretrained_backbone"))
     return parsed
 
 

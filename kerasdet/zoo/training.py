@@ -110,8 +110,10 @@ def _register_model_classes():
             pass  # an entry whose model is not written yet
 
 
-def resolve_model(spec, weights="default", num_classes=None):
-    """A model from a zoo entry name, a .keras file or a JSON config {"class", "arguments", "input"}."""
+def resolve_model(spec, weights="default", num_classes=None, pretrained_backbone=None):
+    """A model from a zoo entry name, a .keras file or a JSON config {"class", "arguments", "input"}.
+
+    ``pretrained_backbone`` applies to zoo entries (see `kerasdet.zoo.load`)."""
     from kerasdet import zoo
 
     if isinstance(spec, keras.Model):
@@ -139,7 +141,7 @@ def resolve_model(spec, weights="default", num_classes=None):
         if weights not in (None, "default"):
             zoo.load_verified_weights(model, weights)
         return model
-    return zoo.load(spec, weights=weights, num_classes=num_classes)
+    return zoo.load(spec, weights=weights, num_classes=num_classes, pretrained_backbone=pretrained_backbone)
 
 
 class StopOnNaN(keras.callbacks.Callback):
