@@ -177,3 +177,16 @@ def test_unsupported_layouts_are_refused():
 def test_missing_checkpoint_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nothing.pth"):
         converters.read_torch_checkpoint(tmp_path / "nothing.pth")
+
+
+@pytest.mark.parametrize("depth", [50])
+def test_resnet_checkpoint_matches_torchvision(torch_reference, depth):
+    out = torch_reference("resnet", depth)
+    ref = dict(np.load(out / "outputs.npz"))
+    model = converters.convert_resnet(str(out / "model.pth"), depth=depth, input_normalization=None)
+    outputs = model(ref["image"], training=False)
+    for name in ("C2", "C3", "C4", "C5", "logits"):
+        diff = _report(f"resnet{depth} {name} max abs diff", np.abs(outputs[name].numpy() - ref[name]).max())
+        assert diff <= 1e-4
+    # Without the top, the checkpoint's fc.* keys are ignored rather than reported as unexpected.
+    converters.convert_resnet(str(out / "model.pth"), depth=depth, include_top=False)
