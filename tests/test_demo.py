@@ -21,3 +21,20 @@ def test_demo_with_shipped_weights_writes_metrics_savedmodel_and_picture(tmp_pat
     picture = np.asarray(Image.open(out / "detections.png"))
     # Two rows of (ground truth | detections), each image enlarged 3x from 128 px.
     assert picture.shape[1] > 2 * 3 * 128 and picture.shape[0] > 2 * 3 * 128
+
+
+def test_demo_picks_the_pretrained_backbone_only_when_available(monkeypatch):
+    from types import SimpleNamespace
+
+    from kerasdet import demo
+    from kerasdet.zoo import pretrained
+
+    args = SimpleNamespace(use_shipped_weights=False, no_pretrained=False)
+    monkeypatch.setattr(pretrained, "availability", lambda name: (True, ""))
+    name, note = demo._choose_entry(args)
+    assert name == demo.PRETRAINED_ENTRY and "ImageNet" in note
+    monkeypatch.setattr(pretrained, "availability", lambda name: (False, "package not installed"))
+    name, note = demo._choose_entry(args)
+    assert name == demo.ENTRY and "package not installed" in note
+    name, note = demo._choose_entry(SimpleNamespace(use_shipped_weights=False, no_pretrained=True))
+    assert name == demo.ENTRY and "--no-pretrained" in note
