@@ -286,6 +286,40 @@ def test_kernel_equals_fallback_forward_and_backward(name):
         assert np.abs(kg).max() > 0
 
 
+@pytest.mark.skipif(not KERNELS, reason="compiled kernels not built")
+@pytest.mark.parametrize("name", ["ps_roi_align", "deform_ps_roi_pool"])
+def test_position_sensitive_kernels_equal_fallback_at_7x7_with_wide_groups(name):
+    # Large enough for the CPU kernels to split bins and pixels over the worker threads, and with
+    # more than 64 channels per offset group (the offset-gradient channel chunk).
+    rng = np.random.default_rng(11)
+    groups, cpg = 2, 70
+    features = rng.normal(size=(2, 9, 11, 49 * groups * cpg)).astype(np.float32)
+    xy = rng.uniform(-10, 150, size=(40, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(0, 120, size=(40, 2))], 1).astype(np.float32)
+    bi = rng.integers(0, 2, size=40).astype(np.int32)
+    offsets = rng.normal(size=(40, 7, 7, 2 * groups)).astype(np.float32)
+    upstream = rng.normal(size=(40, 7, 7, groups * cpg)).astype(np.float32)
+    results = {}
+    for impl in IMPLS:
+        f, o = tf.constant(features), tf.constant(offsets)
+        with implementation(impl), tf.GradientTape() as tape:
+            tape.watch([f, o])
+            if name == "ps_roi_align":
+                out = roi.ps_roi_align(f, boxes, bi, 7, 1 / 16, 2)
+            else:
+                out = roi.deform_ps_roi_pool(f, boxes, bi, o, 7, 1 / 16, 2, gamma=0.1)
+            loss = tf.reduce_sum(out * upstream)
+        gf, go = tape.gradient(loss, [f, o])
+        results[impl] = (out.numpy(), tf.convert_to_tensor(gf).numpy(),
+                         None if go is None else tf.convert_to_tensor(go).numpy())
+    (ko, kf, kg), (fo, ff, fg) = results["kernel"], results["fallback"]
+    np.testing.assert_allclose(ko, fo, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(kf, ff, atol=1e-4, rtol=1e-4)
+    if kg is not None:
+        np.testing.assert_allclose(kg, fg, atol=1e-3, rtol=1e-4)
+        assert np.abs(kg).max() > 0
+
+
 # ------------------------------------------------------------------------------------------------
 # gradient checks (numerical vs analytic) on small problems
 # ------------------------------------------------------------------------------------------------
