@@ -1,4 +1,4 @@
-"""The `kerasdet` command: train | evaluate | predict | export | zoo.
+"""The `kerasdet` command: train | evaluate | predict | export | zoo | convert.
 
     kerasdet zoo list
     kerasdet zoo info faster_rcnn_r50_fpn
@@ -9,6 +9,7 @@
     kerasdet evaluate faster_rcnn_tiny_fpn_synthetic --data synthetic:data --out runs/eval
     kerasdet predict faster_rcnn_tiny_fpn_synthetic a.png b.png --out predictions
     kerasdet export faster_rcnn_tiny_fpn_synthetic export/tiny
+    kerasdet convert maskrcnn_resnet50_fpn_coco.pth --arch maskrcnn_resnet50_fpn --out mrcnn.weights.h5
 
 MODEL is a zoo entry name, a JSON config {"class", "arguments", "input"} or a .keras file.
 The same commands are scripts in train/ (train.py, evaluate.py, predict.py, export.py).
@@ -85,7 +86,48 @@ def build_parser():
     export.add_argument("--image-size", type=int, nargs=2, default=None, metavar=("H", "W"))
     export.add_argument("--not-portable", action="store_true",
                         help="keep kerasdet's compiled kernels in the graph")
+
+    convert = sub.add_parser("convert", help="convert a torchvision checkpoint (.pth) into .weights.h5")
+    convert.add_argument("checkpoint", help="a torchvision-format state dict (.pth); reading it needs torch")
+    convert.add_argument("--arch", required=True, choices=_CONVERTIBLE,
+                         help="the torchvision architecture of the checkpoint")
+    convert.add_argument("--out", required=True, help="output .weights.h5 file")
+    convert.add_argument("--num-classes", type=int, default=None,
+                         help="detectors: another class count (with --skip-mismatch the class layers stay random)")
+    convert.add_argument("--skip-mismatch", action="store_true",
+                         help="leave weights whose shape differs at their initialization instead of failing")
     return parser
+
+
+# torchvision architecture -> (zoo entry using its layout, or None for backbones)
+_CONVERTIBLE = {"fasterrcnn_resnet50_fpn": "faster_rcnn_r50_fpn_torchvision",
+                "maskrcnn_resnet50_fpn": "mask_rcnn_r50_fpn_torchvision",
+                "resnet50": None, "resnet101": None, "mobilenet_v2": None}
+
+
+def _run_convert(args):
+    from kerasdet import converters
+
+    if args.arch in ("resnet50", "resnet101"):
+        model = converters.convert_resnet(args.checkpoint, depth=int(args.arch[6:]), include_top=True,
+                                          skip_mismatch=args.skip_mismatch)
+        usage = f"kerasdet.backbones.get({args.arch!r}, include_top=True).load_weights(...)"
+    elif args.arch == "mobilenet_v2":
+        from kerasdet.converters.mobilenet_v2 import convert_mobilenet_v2
+
+        model = convert_mobilenet_v2(args.checkpoint, include_top=True)
+        usage = "kerasdet.backbones.get('mobilenet_v2', include_top=True).load_weights(...)"
+    else:
+        model = converters.convert_detector(args.checkpoint, args.arch, num_classes=args.num_classes,
+                                            skip_mismatch=args.skip_mismatch)
+        entry = _CONVERTIBLE[args.arch]
+        usage = f"kerasdet.zoo.load({entry!r}, weights={args.out!r}"
+        usage += f", num_classes={args.num_classes})" if args.num_classes else ")"
+    digest = converters.save_converted(model, args.out)
+    print(f"wrote {os.path.abspath(args.out)}\nsha256 {digest}\nuse it with: {usage}")
+    print("zoo entry \"weights\": " + json.dumps({"url": "<where you publish it>", "file": os.path.basename(args.out),
+                                                 "sha256": digest, "size_bytes": os.path.getsize(args.out)}))
+    return 0
 
 
 def _class_names_of(model_spec):
@@ -208,7 +250,7 @@ def _run_export(args):
 
 
 _COMMANDS = {"zoo": _run_zoo, "train": _run_train, "evaluate": _run_evaluate,
-             "predict": _run_predict, "export": _run_export}
+             "predict": _run_predict, "export": _run_export, "convert": _run_convert}
 
 
 def main(argv=None):
@@ -218,7 +260,7 @@ def main(argv=None):
 
     try:
         return _COMMANDS[args.command](args)
-    except (UnknownModelError, WeightsError, FileNotFoundError, ValueError) as error:
+    except (UnknownModelError, WeightsError, FileNotFoundError, ValueError, ImportError) as error:
         print(f"kerasdet {args.command}: error: {error}", file=sys.stderr)
         return 2
 

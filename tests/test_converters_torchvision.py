@@ -190,3 +190,36 @@ def test_resnet_checkpoint_matches_torchvision(torch_reference, depth):
         assert diff <= 1e-4
     # Without the top, the checkpoint's fc.* keys are ignored rather than reported as unexpected.
     converters.convert_resnet(str(out / "model.pth"), depth=depth, include_top=False)
+
+
+@pytest.mark.parametrize("arch,entry", [("fasterrcnn_resnet50_fpn", "faster_rcnn_r50_fpn_torchvision"),
+                                        ("maskrcnn_resnet50_fpn", "mask_rcnn_r50_fpn_torchvision")])
+def test_zoo_entries_use_the_converter_configuration(arch, entry):
+    import json
+
+    from kerasdet import zoo
+
+    info = zoo.info(entry)
+    assert info["arguments"] == json.loads(json.dumps(tv.detector_config(arch)))
+    assert len(info["class_names"]) == 90 and info["class_names"][0] == "person"
+    assert info["class_names"][11] == "N/A" and info["class_names"][12] == "stop sign"  # COCO ids 12, 13
+
+
+def test_cli_convert_writes_weights_the_zoo_entry_loads(torch_reference, tmp_path, capsys):
+    from kerasdet import cli, zoo
+
+    out = torch_reference("detectors", "fasterrcnn_resnet50_fpn")
+    target = tmp_path / "frcnn.weights.h5"
+    assert cli.main(["convert", str(out / "model.pth"), "--arch", "fasterrcnn_resnet50_fpn",
+                     "--out", str(target)]) == 0
+    printed = capsys.readouterr().out
+    digest = zoo.sha256_of(target)
+    assert f"sha256 {digest}" in printed and "faster_rcnn_r50_fpn_torchvision" in printed
+    model = zoo.load("faster_rcnn_r50_fpn_torchvision", weights=str(target))
+    reference, _ = _converted_model(torch_reference, "fasterrcnn_resnet50_fpn")
+    np.testing.assert_array_equal(model.box_predictor.box.kernel.numpy(), reference.box_predictor.box.kernel.numpy())
+    np.testing.assert_array_equal(model.backbone.get_layer("layer3_5_bn2").moving_variance.numpy(),
+                                  reference.backbone.get_layer("layer3_5_bn2").moving_variance.numpy())
+    # A checkpoint for another architecture is refused with the offending keys named.
+    assert cli.main(["convert", str(out / "model.pth"), "--arch", "resnet50", "--out", str(tmp_path / "r.weights.h5")]) == 2
+    assert "unexpected keys" in capsys.readouterr().err

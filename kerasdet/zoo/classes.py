@@ -15,12 +15,31 @@ COCO_CLASSES = (
 )
 
 
+# COCO category ids 1..90 leave ten ids unused; torchvision's COCO detectors keep one output per id
+# (label = category id), so their 90 classes include these placeholders.
+_COCO_UNUSED_IDS = (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)
+
+
+def _coco_category_names():
+    names, used = [], iter(COCO_CLASSES)
+    for category_id in range(1, 91):
+        names.append("N/A" if category_id in _COCO_UNUSED_IDS else next(used))
+    return tuple(names)
+
+
+# Class k (0-based) is COCO category id k + 1: the classes of checkpoints converted from torchvision.
+COCO_CATEGORY_NAMES = _coco_category_names()
+
+
 def named_classes(spec):
-    """Resolves a zoo file's ``class_names``: "coco", "voc", "synthetic:K" or an explicit list."""
+    """Resolves a zoo file's ``class_names``: "coco", "coco_ids" (the 90 category ids, see
+    COCO_CATEGORY_NAMES), "voc", "synthetic:K" or an explicit list."""
     if isinstance(spec, (list, tuple)):
         return tuple(str(name) for name in spec)
     if spec == "coco":
         return COCO_CLASSES
+    if spec == "coco_ids":
+        return COCO_CATEGORY_NAMES
     if spec == "voc":
         from kerasdet.data.voc import VOC_CLASSES
 
@@ -29,4 +48,4 @@ def named_classes(spec):
         from kerasdet.data.synthetic import SHAPES
 
         return tuple(SHAPES[:int(spec.split(":", 1)[1])])
-    raise ValueError(f"class_names must be 'coco', 'voc', 'synthetic:K' or a list, got {spec!r}")
+    raise ValueError(f"class_names must be 'coco', 'coco_ids', 'voc', 'synthetic:K' or a list, got {spec!r}")
