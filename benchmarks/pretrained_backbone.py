@@ -148,6 +148,17 @@ def run(label, entry_name, pretrained, overrides, data, seconds, seed, recipe_ep
     return result
 
 
+def _compare(a, b, ratios=True):
+    """Differences (and ratios) of two runs' metrics, and their step ratio."""
+    out = {}
+    for metric in ("voc_map50", "coco_ap"):
+        out[f"{metric}_difference"] = round(a[metric] - b[metric], 4)
+        if ratios:
+            out[f"{metric}_ratio"] = _ratio(a[metric], b[metric])
+    out["steps_ratio"] = _ratio(a["steps"], b["steps"])
+    return out
+
+
 def _ratio(a, b):
     return round(a / b, 3) if b else None
 
@@ -195,31 +206,10 @@ def main(argv=None):
         "data": "synthetic shapes, 3 classes, 128x128: 256 train (seed 1), 64 held-out (seed 2)",
         "pretrained_available": available, "runs": list(results.values()),
     }
-    if "pretrained" in results and "random" in results:
-        p, r = results["pretrained"], results["random"]
-        report["pretrained_vs_random"] = {
-            "voc_map50_difference": round(p["voc_map50"] - r["voc_map50"], 4),
-            "voc_map50_ratio": _ratio(p["voc_map50"], r["voc_map50"]),
-            "coco_ap_difference": round(p["coco_ap"] - r["coco_ap"], 4),
-            "coco_ap_ratio": _ratio(p["coco_ap"], r["coco_ap"]),
-            "steps_ratio": _ratio(p["steps"], r["steps"]),
-        }
-    if "pretrained" in results and "random_trainable" in results:
-        p, r = results["pretrained"], results["random_trainable"]
-        report["pretrained_vs_random_trainable"] = {
-            "voc_map50_difference": round(p["voc_map50"] - r["voc_map50"], 4),
-            "voc_map50_ratio": _ratio(p["voc_map50"], r["voc_map50"]),
-            "coco_ap_difference": round(p["coco_ap"] - r["coco_ap"], 4),
-            "coco_ap_ratio": _ratio(p["coco_ap"], r["coco_ap"]),
-            "steps_ratio": _ratio(p["steps"], r["steps"]),
-        }
-    if "pretrained" in results and "tiny" in results:
-        p, t = results["pretrained"], results["tiny"]
-        report["pretrained_vs_tiny"] = {
-            "voc_map50_difference": round(p["voc_map50"] - t["voc_map50"], 4),
-            "coco_ap_difference": round(p["coco_ap"] - t["coco_ap"], 4),
-            "steps_ratio": _ratio(p["steps"], t["steps"]),
-        }
+    for other in ("random", "random_trainable", "tiny"):
+        if "pretrained" in results and other in results:
+            report[f"pretrained_vs_{other}"] = _compare(results["pretrained"], results[other],
+                                                        ratios=other != "tiny")
     print(json.dumps(report, indent=2))
     return 0
 

@@ -108,6 +108,14 @@ class Backbone(keras.Model):
         super().__init__(inputs=inputs, outputs=outputs, **kwargs)
         self.strides = {k: int(v) for k, v in strides.items()}
 
+    def freeze_stages(self, stage_of_layer, freeze_at):
+        """Makes every layer whose stage (``stage_of_layer(name)``, None = no stage) is below
+        ``freeze_at`` non-trainable: Detectron's freeze_at convention."""
+        for layer in self.layers:
+            stage = stage_of_layer(layer.name)
+            if stage is not None and stage < freeze_at:
+                layer.trainable = False
+
     @property
     def feature_names(self):
         """The names of the output feature maps, shallowest first."""

@@ -204,10 +204,7 @@ class MobileNetV2(Backbone):
         self.num_classes = int(num_classes)
         self._input_shape_arg = input_shape
         self.input_normalization = input_normalization
-        for layer in self.layers:
-            stage = _stage_of_layer(layer.name)
-            if stage is not None and stage < freeze_at:
-                layer.trainable = False
+        self.freeze_stages(_stage_of_layer, freeze_at)
 
     def get_config(self):
         return {

@@ -209,10 +209,7 @@ class ResNet(Backbone):
         self.deformable_stages = deformable_stages
         self.deformable_version = int(deformable_version)
         self.extra_res6 = bool(extra_res6)
-        for layer in self.layers:
-            stage = _stage_of_layer(layer.name)
-            if stage is not None and stage < freeze_at:
-                layer.trainable = False
+        self.freeze_stages(_stage_of_layer, freeze_at)
 
     def get_config(self):
         return {

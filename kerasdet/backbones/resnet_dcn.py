@@ -132,10 +132,7 @@ class DilatedResNet(Backbone):
         self.input_normalization = input_normalization
         self.deformable_stages = deformable_stages
         self.modulated = bool(modulated)
-        for layer in self.layers:
-            stage = _stage_of_layer(layer.name)
-            if stage is not None and stage < freeze_at:
-                layer.trainable = False
+        self.freeze_stages(_stage_of_layer, freeze_at)
 
     def get_config(self):
         return {"depth": self.depth, "frozen_bn": self.frozen_bn, "freeze_at": self.freeze_at,
