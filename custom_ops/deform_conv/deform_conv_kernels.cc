@@ -43,11 +43,13 @@ using tensorflow::errors::InvalidArgument;
 constexpr int64_t kMaxColumnFloats = int64_t{1} << 24;
 
 // ------------------------------------------------------------------------------------------ CPU
-// The sampling loops are compiled for AVX-512, AVX2+FMA and baseline x86-64 and picked at load
-// time (GCC function multi-versioning): the library itself is built with TensorFlow's portable
-// flags, which alone would leave these channel loops at 128-bit SSE.
+// The sampling loops are compiled for AVX-512, AVX2 and baseline x86-64 and picked at load time
+// (GCC function multi-versioning): the library itself is built with TensorFlow's portable flags,
+// which alone would leave these channel loops at 128-bit SSE. The clones are named by instruction
+// set, not "arch=skylake-avx512" / "arch=haswell": an arch= clone is chosen only on that very
+// Intel CPU model (__builtin_cpu_is), so AVX-512 AMD CPUs (Zen 4) ran the SSE copy.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define KD_CPU_CLONES __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
+#define KD_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define KD_CPU_CLONES
 #endif

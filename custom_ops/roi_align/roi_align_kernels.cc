@@ -185,11 +185,11 @@ __attribute__((always_inline)) inline void BackwardOffsetsUnit(const RoIAlignPar
   go[1] = sum_y * g.inv_count * p.gamma * g.roi_h;
 }
 
-// The loops below run in a copy for AVX-512, one for AVX2 + FMA and a baseline one, picked at load
-// time (GCC function multi-versioning): TensorFlow's portable compile flags alone would leave the
-// channel loops at 128-bit SSE.
+// The loops below run in a copy for AVX-512, one for AVX2 and a baseline one, picked at load time
+// by instruction set (GCC function multi-versioning; see deform_conv_kernels.cc for why not arch=
+// names): TensorFlow's portable compile flags alone would leave the channel loops at 128-bit SSE.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define KD_CPU_CLONES __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
+#define KD_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define KD_CPU_CLONES
 #endif
