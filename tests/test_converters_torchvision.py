@@ -73,8 +73,8 @@ def test_detector_stages_match_torchvision(torch_reference, arch):
     theirs = np.concatenate([ref["det_labels"][:, None], ref["det_scores"][:, None], ref["det_boxes"]], axis=1)
     diff = _report(f"{arch} detections (label, score, box) max abs diff, as sets", _set_distance(ours, theirs))
     assert diff <= 1e-3
-    order_ok = _report(f"{arch} detections in the same order", float(
-        np.abs(ours[:, :2] - theirs[:, :2]).max() <= 1e-5))
+    # Reported, not asserted: only ties could reorder them.
+    _report(f"{arch} detections in the same order", float(np.abs(ours[:, :2] - theirs[:, :2]).max() <= 1e-5))
     if "det_mask_logits" in ref:
         logits = model.mask_logits(roi_features, detections["boxes"])  # [1, M, 28, 28, K]
         classes = detections["classes"][0, :count].numpy()

@@ -258,22 +258,14 @@ OPS = {
 }
 
 
-@pytest.mark.skipif(not KERNELS, reason="compiled kernels not built")
-@pytest.mark.parametrize("name", sorted(OPS))
-def test_kernel_equals_fallback_forward_and_backward(name):
-    channels, fn = OPS[name]
-    features, boxes, bi = _random_problem(channels)
-    offsets = np.random.default_rng(4).normal(size=(len(boxes), 3, 2, 2)).astype(np.float32)
-    upstream = None
+def _assert_kernel_equals_fallback(fn, features, boxes, bi, offsets, upstream, deformable):
+    """Output, feature gradient and (deformable ops) offset gradient of kernel and fallback agree."""
     results = {}
     for impl in IMPLS:
-        f = tf.constant(features)
-        o = tf.constant(offsets)
+        f, o = tf.constant(features), tf.constant(offsets)
         with implementation(impl), tf.GradientTape() as tape:
             tape.watch([f, o])
             out = fn(f, boxes, bi, o)
-            if upstream is None:
-                upstream = np.random.default_rng(5).normal(size=out.shape).astype(np.float32)
             loss = tf.reduce_sum(out * upstream)
         gf, go = tape.gradient(loss, [f, o])
         results[impl] = (out.numpy(), tf.convert_to_tensor(gf).numpy(),
@@ -281,9 +273,20 @@ def test_kernel_equals_fallback_forward_and_backward(name):
     (ko, kf, kg), (fo, ff, fg) = results["kernel"], results["fallback"]
     np.testing.assert_allclose(ko, fo, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(kf, ff, atol=1e-4, rtol=1e-4)
-    if name.startswith("deform"):
+    if deformable:
         np.testing.assert_allclose(kg, fg, atol=1e-3, rtol=1e-4)
         assert np.abs(kg).max() > 0
+
+
+@pytest.mark.skipif(not KERNELS, reason="compiled kernels not built")
+@pytest.mark.parametrize("name", sorted(OPS))
+def test_kernel_equals_fallback_forward_and_backward(name):
+    channels, fn = OPS[name]
+    features, boxes, bi = _random_problem(channels)
+    offsets = np.random.default_rng(4).normal(size=(len(boxes), 3, 2, 2)).astype(np.float32)
+    out_channels = channels // 6 if name.startswith(("ps_", "deform_ps_")) else channels
+    upstream = np.random.default_rng(5).normal(size=(len(boxes), 3, 2, out_channels)).astype(np.float32)
+    _assert_kernel_equals_fallback(fn, features, boxes, bi, offsets, upstream, name.startswith("deform"))
 
 
 @pytest.mark.skipif(not KERNELS, reason="compiled kernels not built")
@@ -299,25 +302,11 @@ def test_position_sensitive_kernels_equal_fallback_at_7x7_with_wide_groups(name)
     bi = rng.integers(0, 2, size=40).astype(np.int32)
     offsets = rng.normal(size=(40, 7, 7, 2 * groups)).astype(np.float32)
     upstream = rng.normal(size=(40, 7, 7, groups * cpg)).astype(np.float32)
-    results = {}
-    for impl in IMPLS:
-        f, o = tf.constant(features), tf.constant(offsets)
-        with implementation(impl), tf.GradientTape() as tape:
-            tape.watch([f, o])
-            if name == "ps_roi_align":
-                out = roi.ps_roi_align(f, boxes, bi, 7, 1 / 16, 2)
-            else:
-                out = roi.deform_ps_roi_pool(f, boxes, bi, o, 7, 1 / 16, 2, gamma=0.1)
-            loss = tf.reduce_sum(out * upstream)
-        gf, go = tape.gradient(loss, [f, o])
-        results[impl] = (out.numpy(), tf.convert_to_tensor(gf).numpy(),
-                         None if go is None else tf.convert_to_tensor(go).numpy())
-    (ko, kf, kg), (fo, ff, fg) = results["kernel"], results["fallback"]
-    np.testing.assert_allclose(ko, fo, atol=1e-5, rtol=1e-5)
-    np.testing.assert_allclose(kf, ff, atol=1e-4, rtol=1e-4)
-    if kg is not None:
-        np.testing.assert_allclose(kg, fg, atol=1e-3, rtol=1e-4)
-        assert np.abs(kg).max() > 0
+    if name == "ps_roi_align":
+        fn = lambda f, b, i, o: roi.ps_roi_align(f, b, i, 7, 1 / 16, 2)  # noqa: E731
+    else:
+        fn = lambda f, b, i, o: roi.deform_ps_roi_pool(f, b, i, o, 7, 1 / 16, 2, gamma=0.1)  # noqa: E731
+    _assert_kernel_equals_fallback(fn, features, boxes, bi, offsets, upstream, name == "deform_ps_roi_pool")
 
 
 # ------------------------------------------------------------------------------------------------

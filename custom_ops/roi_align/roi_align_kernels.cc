@@ -122,6 +122,18 @@ __attribute__((always_inline)) inline void BackwardFeaturesUnit(const RoIAlignPa
   }
 }
 
+// One output unit (RoI r, bin (i, j)) of every offset group, averaged over its samples; shared by
+// the NHWC and the bin-major (PS) forward loops, which differ only in how they find `img`.
+__attribute__((always_inline)) inline void PoolUnit(const RoIAlignParams& p, const Layout& L, const float* img,
+                                                    const RoIAlignGeometry& g, int i, int j, int64_t u,
+                                                    const float* offsets, int groups, int cpg, float* out) {
+  std::fill(out, out + p.out_channels, 0.f);
+  for (int grp = 0; grp < groups; ++grp) {
+    ForwardUnit(p, L, img, g, i, j, u, offsets, grp, cpg, out + grp * cpg);
+  }
+  for (int c = 0; c < p.out_channels; ++c) out[c] *= g.inv_count;
+}
+
 // d loss / d offsets[r, i, j, 2 grp : 2 grp + 2] of bin u (gb = its grad row); with Scatter, also
 // the feature gradient of the group's channels into `gimg` (one tap computation for both).
 // The upstream gradient of a channel is the same for every sample of the bin, so the samples'
@@ -207,12 +219,7 @@ KD_CPU_CLONES void ForwardBins(const RoIAlignParams& p, const float* features, c
     const int i = static_cast<int>((u % bins) / p.pooled_w), j = static_cast<int>(u % p.pooled_w);
     const RoIAlignGeometry g = roi_align_geometry(boxes + 4 * r, p);
     const float* img = features + box_indices[r] * L.image;
-    float* out = output + u * p.out_channels;
-    std::fill(out, out + p.out_channels, 0.f);
-    for (int grp = 0; grp < groups; ++grp) {
-      ForwardUnit(p, L, img, g, i, j, u, offsets, grp, cpg, out + grp * cpg);
-    }
-    for (int c = 0; c < p.out_channels; ++c) out[c] *= g.inv_count;
+    PoolUnit(p, L, img, g, i, j, u, offsets, groups, cpg, output + u * p.out_channels);
   }
 }
 
@@ -318,12 +325,7 @@ KD_CPU_CLONES void PSForward(const RoIAlignParams& p, const float* t, const floa
     const RoIAlignGeometry g = roi_align_geometry(boxes + 4 * r, p);
     const int64_t u = static_cast<int64_t>(r) * bins + q;
     const float* img = t + box_indices[r] * L.image + q * p.out_channels;
-    float* out = output + u * p.out_channels;
-    std::fill(out, out + p.out_channels, 0.f);
-    for (int grp = 0; grp < groups; ++grp) {
-      ForwardUnit(p, L, img, g, i, j, u, offsets, grp, cpg, out + grp * cpg);
-    }
-    for (int c = 0; c < p.out_channels; ++c) out[c] *= g.inv_count;
+    PoolUnit(p, L, img, g, i, j, u, offsets, groups, cpg, output + u * p.out_channels);
   }
 }
 

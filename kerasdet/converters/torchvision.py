@@ -192,8 +192,8 @@ def build_detector(arch, num_classes=None, input_size=(64, 64), **overrides):
     """The kerasdet model of torchvision's ``arch``, built (weights created), not yet loaded."""
     import importlib
 
-    module, _, cls = ARCHITECTURES[arch][0].partition(":") if arch in ARCHITECTURES else (None, None, None)
-    config = detector_config(arch, num_classes)
+    config = detector_config(arch, num_classes)  # raises for an unknown arch
+    module, _, cls = ARCHITECTURES[arch][0].partition(":")
     config.update(overrides)
     model = getattr(importlib.import_module(module), cls)(**config)
     model.build((1, input_size[0], input_size[1], 3))

@@ -106,17 +106,15 @@ def load(name, weights="default", num_classes=None, pretrained_backbone=None, **
     entry = get_entry(name)
     model = build(name, num_classes=num_classes, **overrides)
     model.kerasdet_backbone_weights = None
-    if weights is None and not pretrained_backbone:
+    if weights is None:
+        if pretrained_backbone:
+            _start_from_pretrained_backbone(model, entry, pretrained_backbone)
         return model
-    if weights in ("default", None) and not entry.has_weights:
-        started = _start_from_pretrained_backbone(model, entry, weights, pretrained_backbone)
-        if weights is None:
-            return model
+    if weights == "default" and not entry.has_weights:
+        started = _start_from_pretrained_backbone(model, entry, pretrained_backbone)
         warnings.warn(f"zoo entry {name!r} has no trained detector weights yet: "
                       + (f"backbone from {started}, the rest random" if started else "the model has random weights")
                       + " (see kerasdet.zoo.info(name)['status'])", RandomWeightsWarning, stacklevel=2)
-        return model
-    if weights is None:
         return model
     if weights == "default":
         path = resolve_weights_file(entry.weights["url"], entry.weights["sha256"],
@@ -128,7 +126,7 @@ def load(name, weights="default", num_classes=None, pretrained_backbone=None, **
     return load_verified_weights(model, path)
 
 
-def _start_from_pretrained_backbone(model, entry, weights, pretrained_backbone):
+def _start_from_pretrained_backbone(model, entry, pretrained_backbone):
     """Loads the entry's pretrained backbone into ``model.backbone`` as the caller asked; returns its
     name, or None when none was loaded."""
     from kerasdet.zoo import pretrained
