@@ -17,6 +17,23 @@ from kerasdet.data.records import (BadInputError, BadInputReport, DetectionDatas
                                    check_on_bad, resolve_image_path, sanitize_boxes)
 
 
+class CocoDetectionDataset(DetectionDataset):
+    """A DetectionDataset that remembers the annotation file it was read from.
+
+    Evaluation scores against that file with pycocotools (its image ids, sizes, areas and crowd
+    flags), not against the records, which the reader has clipped and filtered.
+    """
+
+    def __init__(self, *args, annotation_file: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.annotation_file = os.path.abspath(os.fspath(annotation_file))
+
+    def subset(self, indices) -> "CocoDetectionDataset":
+        return CocoDetectionDataset([self.records[i] for i in indices], self.class_names, self.root,
+                                    self.category_ids, self.report,
+                                    annotation_file=self.annotation_file)
+
+
 def _load_json(path: str) -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"COCO annotation file not found: {path}")
@@ -52,7 +69,8 @@ def load_coco(annotation_file: str, image_root: str, *, on_bad: str = "error",
         skip_empty: drop images without (valid) objects; by default they are kept as negatives.
 
     Returns:
-        DetectionDataset with ``category_ids`` (label -> COCO category id).
+        CocoDetectionDataset with ``category_ids`` (label -> COCO category id) and
+        ``annotation_file`` (absolute path).
     """
     check_on_bad(on_bad)
     data = _load_json(annotation_file)
@@ -103,7 +121,8 @@ def load_coco(annotation_file: str, image_root: str, *, on_bad: str = "error",
             continue
         records.append(record)
     report.warn()
-    return DetectionDataset(records, class_names, image_root, category_ids, report)
+    return CocoDetectionDataset(records, class_names, image_root, category_ids, report,
+                                annotation_file=annotation_file)
 
 
 def _record(image_id, rel, width, height, anns, label_of, where, on_bad, report, load_masks):

@@ -6,8 +6,11 @@ Three ways in:
   ``kerasdet.evaluation._inputs``); the ground-truth COCO object is built in memory (iscrowd, areas,
   binary masks as RLE).
 - ``coco_evaluate(detections, coco_gt=annotation_json_or_COCO, category_ids=...)``: ground truth
-  from an existing COCO annotation file; each detection dict names its ``image_id`` (or pass
-  ``image_ids``) and class ids map to COCO category ids through ``category_ids``.
+  from an existing COCO annotation file, restricted to the images of ``detections`` (one dict per
+  evaluated image, empty for an image without detections); each detection dict names its
+  ``image_id`` (or pass ``image_ids``) and class ids map to COCO category ids through
+  ``category_ids``. The file's own areas and crowd flags decide the area ranges and crowd matches,
+  so the numbers are the published definitions when detections are in the file's (original) pixels.
 - ``coco_evaluate_json(results_json, coco_gt)``: a standard COCO results file.
 
 All return ``{iou_type: {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs",
@@ -159,14 +162,26 @@ def coco_ground_truth(ground_truths, class_ids=None, class_names=None, image_ids
     return coco, category_ids
 
 
+def _image_id(value, index):
+    # COCO image ids are ints; VOC's are file stems. pycocotools handles both as long as one set of
+    # ids has one type (COCOeval sorts them).
+    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+        return int(value)
+    if isinstance(value, str):
+        return value
+    raise TypeError(f"image_ids[{index}] must be an int or a str, got {value!r}")
+
+
 def _image_id_list(image_ids, n, what):
     if image_ids is None:
         return list(range(1, n + 1))
-    image_ids = [int(i) for i in image_ids]
+    image_ids = [_image_id(value, i) for i, value in enumerate(image_ids)]
     if len(image_ids) != n:
         raise ValueError(f"image_ids has {len(image_ids)} entries but {what} has {n} images")
     if len(set(image_ids)) != n:
         raise ValueError("image_ids must be unique")
+    if len({type(i) for i in image_ids}) > 1:
+        raise TypeError("image_ids must be all ints or all strs, not a mix")
     return image_ids
 
 
@@ -215,12 +230,16 @@ def save_coco_results(detections, path, image_ids=None, category_ids=None, iou_t
                       mask_threshold=0.5):
     """Write ``coco_results(...)`` to a JSON file; returns the number of entries written."""
     results = coco_results(detections, image_ids, category_ids, iou_types, mask_threshold)
+    _write_json(results, path)
+    return len(results)
+
+
+def _write_json(results, path):
     directory = os.path.dirname(os.fspath(path))
     if directory:
         os.makedirs(directory, exist_ok=True)
     with open(path, "w") as f:
         json.dump(results, f)
-    return len(results)
 
 
 def _check_iou_types(iou_types):
@@ -235,17 +254,30 @@ def _check_iou_types(iou_types):
     return iou_types
 
 
+# The last annotation file read, keyed by (path, mtime, size): the evaluation callback scores the
+# same validation file every epoch, and COCO val2017's takes about a second to index. COCOeval only
+# adds idempotent entries to the ground truth (ignore flags, RLE of polygons), so reuse is safe.
+_GT_CACHE = {}
+
+
 def _load_coco_gt(coco_gt, verbose):
     if isinstance(coco_gt, COCO):
         return coco_gt
     path = os.fspath(coco_gt)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"COCO annotation file not found: {path}")
+    stat = os.stat(path)
+    key = (os.path.realpath(path), stat.st_mtime_ns, stat.st_size)
+    if key in _GT_CACHE:
+        return _GT_CACHE[key]
     with _quiet(verbose):
         try:
-            return COCO(path)
+            coco = COCO(path)
         except (ValueError, KeyError, TypeError) as err:
             raise ValueError(f"cannot read COCO annotations from {path}: {err}") from err
+    _GT_CACHE.clear()
+    _GT_CACHE[key] = coco
+    return coco
 
 
 def _results_for(results, iou_type, coco_gt, where):
@@ -286,11 +318,14 @@ def _empty_results(coco_gt):
     return dt
 
 
-def _run_cocoeval(coco_gt, results, iou_type, class_keys, verbose, where):
+def _run_cocoeval(coco_gt, results, iou_type, class_keys, verbose, where, image_ids=None):
     picked = _results_for(results, iou_type, coco_gt, where)
     with _quiet(verbose):
         coco_dt = coco_gt.loadRes(picked) if picked else _empty_results(coco_gt)
         evaluator = COCOeval(coco_gt, coco_dt, iou_type)
+        if image_ids is not None:
+            # Only the evaluated images: the others' objects are not missed detections.
+            evaluator.params.imgIds = sorted(image_ids)
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
@@ -309,7 +344,8 @@ def _run_cocoeval(coco_gt, results, iou_type, class_keys, verbose, where):
 
 
 def coco_evaluate(detections, ground_truths=None, iou_types=("bbox",), class_names=None,
-                  coco_gt=None, category_ids=None, image_ids=None, mask_threshold=0.5, verbose=False):
+                  coco_gt=None, category_ids=None, image_ids=None, mask_threshold=0.5, verbose=False,
+                  results_file=None):
     """COCO AP / AR for boxes ("bbox") and / or masks ("segm") through pycocotools.
 
     Args:
@@ -324,9 +360,12 @@ def coco_evaluate(detections, ground_truths=None, iou_types=("bbox",), class_nam
       coco_gt: a COCO object or the path of a COCO instances JSON, instead of ``ground_truths``.
       category_ids: dict class id -> COCO category id. With ``coco_gt`` the default maps class i to
         the i-th smallest category id (the usual contiguous labelling).
-      image_ids: COCO image ids, one per detection dict (else each dict's ``image_id``).
+      image_ids: COCO image ids, one per detection dict (else each dict's ``image_id``, else
+        1..N); ints, or strs such as VOC file stems. With ``coco_gt`` only these images are scored.
       mask_threshold: masks are binarized with ``mask >= mask_threshold``.
       verbose: let pycocotools print its summary.
+      results_file: optional path; the COCO results list given to pycocotools' ``loadRes`` is
+        written there as JSON (the format of the COCO evaluation server).
 
     Returns:
       {iou_type: {metric name: float, "per_class_AP": {class: AP}}}.
@@ -351,15 +390,30 @@ def coco_evaluate(detections, ground_truths=None, iou_types=("bbox",), class_nam
         coco, category_ids = coco_ground_truth(ground_truths, class_ids, class_names, image_ids,
                                                mask_threshold, verbose)
         image_ids = [img["id"] for img in coco.dataset["images"]]
-        if "segm" in iou_types:
-            _check_mask_sizes(checked, coco, image_ids)
     else:
         coco = _load_coco_gt(coco_gt, verbose)
         if category_ids is None:
             category_ids = {i: cat for i, cat in enumerate(sorted(coco.getCatIds()))}
+        image_ids = _detection_image_ids(checked, image_ids, coco)
+    if "segm" in iou_types:
+        _check_mask_sizes(checked, coco, image_ids)
     results = coco_results(checked, image_ids, category_ids, iou_types, mask_threshold)
+    if results_file is not None:
+        _write_json(results, results_file)
     class_keys = _class_keys(coco, category_ids, class_names)
-    return {t: _run_cocoeval(coco, results, t, class_keys, verbose, "detections") for t in iou_types}
+    return {t: _run_cocoeval(coco, results, t, class_keys, verbose, "detections", image_ids)
+            for t in iou_types}
+
+
+def _detection_image_ids(detections, image_ids, coco):
+    """The ids of the images ``detections`` describe, checked against the ground truth's."""
+    if image_ids is None and detections and all("image_id" in d for d in detections):
+        image_ids = [d["image_id"] for d in detections]
+    image_ids = _image_id_list(image_ids, len(detections), "detections")
+    unknown = [i for i in image_ids if i not in coco.imgs]
+    if unknown:
+        raise ValueError(f"detections name image ids not in the ground truth: {unknown[:10]}")
+    return image_ids
 
 
 def _check_mask_sizes(detections, coco, image_ids):
@@ -384,13 +438,14 @@ def _class_keys(coco, category_ids, class_names):
 
 
 def coco_evaluate_json(results, coco_gt, iou_types=("bbox",), class_names=None, category_ids=None,
-                       verbose=False):
+                       verbose=False, image_ids=None):
     """Evaluate a COCO results file (or an already loaded results list) against ``coco_gt``.
 
     ``coco_gt`` is a COCO object (e.g. from ``coco_ground_truth``) or an annotation JSON path.
     ``class_names`` / ``category_ids`` only choose the keys of ``per_class_AP``. Entries carrying
-    both ``bbox`` and ``segmentation`` serve both iou types. Returns the same dict as
-    ``coco_evaluate``.
+    both ``bbox`` and ``segmentation`` serve both iou types. ``image_ids``: score only these images
+    (default: every image of ``coco_gt``; a results file does not list images without detections).
+    Returns the same dict as ``coco_evaluate``.
     """
     iou_types = _check_iou_types(iou_types)
     coco = _load_coco_gt(coco_gt, verbose)
@@ -410,4 +465,7 @@ def coco_evaluate_json(results, coco_gt, iou_types=("bbox",), class_names=None, 
     if category_ids is None and class_names is not None:
         category_ids = {i: cat for i, cat in enumerate(sorted(coco.getCatIds()))}
     class_keys = _class_keys(coco, category_ids, class_names)
-    return {t: _run_cocoeval(coco, list(results), t, class_keys, verbose, where) for t in iou_types}
+    if image_ids is not None:
+        image_ids = _image_id_list(image_ids, len(image_ids), "image_ids")
+    return {t: _run_cocoeval(coco, list(results), t, class_keys, verbose, where, image_ids)
+            for t in iou_types}
