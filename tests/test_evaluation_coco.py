@@ -216,3 +216,23 @@ def test_errors():
     wrong = [{"boxes": [[0, 0, 1, 1]], "scores": [1.0], "classes": [0], "masks": np.ones((1, 5, 5))}]
     with pytest.raises(ValueError, match="masks must be image-sized"):
         coco_evaluate(wrong, masks_gts, iou_types="segm")
+
+
+def test_string_image_ids_and_restriction_to_the_evaluated_images(tmp_path):
+    # VOC records are named by file stems: they serve as COCO image ids as they are.
+    dets, gts = _perfect_case()
+    by_int = coco_evaluate(dets, gts)["bbox"]
+    by_stem = coco_evaluate(dets, gts, image_ids=["000005", "000007", "000009"])["bbox"]
+    names = ("AP", "APs", "APm", "APl", "AR100")
+    assert [by_stem[n] for n in names] == [by_int[n] for n in names]
+    with pytest.raises(TypeError, match="all ints or all strs"):
+        coco_evaluate(dets, gts, image_ids=[1, "2", 3])
+    # Against an annotation file, only the images given are scored: the objects of the others are
+    # not missed detections (here: perfect detections of image 1 alone give AP 1).
+    coco, _ = coco_ground_truth(gts)
+    path = tmp_path / "instances.json"
+    path.write_text(json.dumps(coco.dataset))
+    alone = coco_evaluate(dets[:1], coco_gt=path, image_ids=[1])["bbox"]
+    assert alone["AP"] == pytest.approx(1.0) and np.isnan(alone["APl"])
+    with pytest.raises(ValueError, match=r"image ids not in the ground truth: \[42\]"):
+        coco_evaluate(dets[:1], coco_gt=path, image_ids=[42])

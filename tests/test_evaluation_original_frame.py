@@ -2,6 +2,7 @@
 scored by evaluate_model and by pycocotools' own loadRes on a results JSON written by the test."""
 import json
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -12,7 +13,8 @@ from pycocotools.cocoeval import COCOeval
 
 from kerasdet.data.coco import load_coco
 from kerasdet.data.pipeline import build_dataset
-from kerasdet.evaluation import COCO_METRIC_NAMES, coco_evaluate, evaluate_model, voc_evaluate
+from kerasdet.evaluation import (COCO_METRIC_NAMES, EvaluationCallback, coco_evaluate, evaluate_model,
+                                 voc_evaluate)
 
 # (height, width) of the three images: the pipeline letterboxes them into 64 x 64, i.e. scales of
 # 0.32, 0.267 and 0.427, so none of the objects below keeps its COCO size range in network pixels.
@@ -261,3 +263,18 @@ def test_records_must_match_the_batches(coco_set):
         evaluate_model(None, no_index, records=records, predict_fn=lambda m, b: stub(m, dict(
             b, image_index=tf.range(tf.shape(b["images"])[0]))))
     assert shuffled.annotation_file == records.annotation_file
+
+
+def test_callback_scores_against_the_records(coco_set, tmp_path):
+    ann_path, records, dataset = coco_set
+    detections = _detections()
+    callback = EvaluationCallback(dataset, records=records, predict_fn=_stub(detections, records),
+                                  print_table=False)
+    callback.set_model(keras.Sequential())
+    logs = {}
+    callback.on_epoch_end(0, logs)
+    reference_path = tmp_path / "reference.json"
+    reference_path.write_text(json.dumps(_reference_results(detections)))
+    expected = _pycocotools(ann_path, str(reference_path), "bbox", SIZES)
+    assert [logs[f"val_coco_{n.lower()}"] for n in ("AP", "AP50", "AP75", "APs", "APm", "APl")] == \
+        expected[:6].tolist()

@@ -18,9 +18,10 @@ All return ``{iou_type: {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10
 ground truth in that area range / class) the value is NaN. No detections at all gives AP 0.
 pycocotools' prints are silenced unless ``verbose``.
 
-Coordinates: detections and ground truths must be in the same frame (e.g. both in network-input
-pixels, or both in original-image pixels): the area ranges of APs/APm/APl (32^2, 96^2) refer to
-that frame. The VOC ``difficult`` flag has no COCO counterpart and is not used here.
+Coordinates: detections and ground truths must be in the same frame, and the area ranges of
+APs/APm/APl (32^2, 96^2) refer to that frame: the published numbers are in original-image pixels,
+which is what ``evaluate_model`` passes. The VOC ``difficult`` flag has no COCO counterpart and is
+not used here.
 """
 import contextlib
 import copy
