@@ -47,7 +47,8 @@ def scale_gradient(x, scale):
     return _identity(x)
 
 
-def relabel_rois(rois, roi_valid, gt_boxes, gt_labels, iou_threshold, add_ground_truth=True):
+def relabel_rois(rois, roi_valid, gt_boxes, gt_labels, iou_threshold, add_ground_truth=True,
+                 gt_crowd=None, crowd_ioa_threshold=ops.CROWD_IOA_THRESHOLD):
     """Labels every RoI of a cascade stage at that stage's IoU threshold, without sampling.
 
     Args:
@@ -56,6 +57,10 @@ def relabel_rois(rois, roi_valid, gt_boxes, gt_labels, iou_threshold, add_ground
         iou_threshold: u_t; a RoI with best IoU >= u_t is foreground, below it background
             (background has no lower bound, as in Detectron2).
         add_ground_truth: append the ground-truth boxes to the RoIs (R' = R + N).
+        gt_crowd: optional bool [B, N], the batch's ``iscrowd`` (the rule of
+            kerasdet.ops.matching): crowd boxes are not matched against and their appended rows
+            are invalid; a RoI that is not foreground with more than `crowd_ioa_threshold` of
+            its area inside a crowd box gets label -1 (no loss) instead of background.
 
     Returns a dict shaped like `sample_rois`' output: rois [B, R', 4], labels int32 [B, R']
     (class + 1 for foreground, 0 for background, -1 for invalid RoIs), matched_boxes [B, R', 4],
@@ -68,14 +73,17 @@ def relabel_rois(rois, roi_valid, gt_boxes, gt_labels, iou_threshold, add_ground
         raise ValueError(f"`rois` must have shape [B, R, 4], got {rois.shape}.")
     gt_boxes = tf.cast(gt_boxes, tf.float32)
     gt_labels = tf.cast(gt_labels, tf.int32)
-    gt_valid = gt_labels >= 0
+    gt_valid, crowd_valid = ops.split_crowd(gt_labels, gt_crowd)
     roi_valid = tf.cast(roi_valid, tf.bool)
     if add_ground_truth:
         rois = tf.concat([rois, gt_boxes], axis=1)
         roi_valid = tf.concat([roi_valid, gt_valid], axis=1)
     iou = ops.box_iou(rois, gt_boxes)  # [B, R', N]
+    on_crowd = None
+    if gt_crowd is not None:
+        on_crowd = ops.crowd_ignore_mask(rois, gt_boxes, crowd_valid, crowd_ioa_threshold)
     matched, match_labels = ops.match_boxes(iou, iou_threshold, gt_valid=gt_valid,
-                                            anchor_valid=roi_valid)
+                                            anchor_valid=roi_valid, ignore=on_crowd)
     class_ids = ops.gather_by_match(gt_labels, matched) + 1
     labels = tf.where(match_labels == ops.POSITIVE, class_ids,
                       tf.where(match_labels == ops.NEGATIVE, 0, -1))

@@ -13,12 +13,18 @@ __all__ = ["sample_rois"]
 
 def sample_rois(proposals, proposal_valid, gt_boxes, gt_labels, num_samples=512,
                 positive_fraction=0.25, foreground_iou=0.5, background_iou_low=0.0,
-                add_ground_truth=True, seed=None):
+                add_ground_truth=True, seed=None, gt_crowd=None,
+                crowd_ioa_threshold=ops.CROWD_IOA_THRESHOLD):
     """Matches proposals to ground truth and samples a fixed number of RoIs per image.
 
     Args:
         proposals: [B, P, 4]; proposal_valid: bool [B, P] (padding is never sampled).
         gt_boxes: [B, N, 4]; gt_labels: int32 [B, N], 0-based classes, -1 for padding.
+        gt_crowd: optional bool [B, N], the batch's ``iscrowd`` (the rule of
+            kerasdet.ops.matching): crowd boxes are neither matched against nor appended as
+            RoIs (their appended rows are invalid, so the output shapes do not depend on the
+            flags), and a proposal that is not foreground with more than `crowd_ioa_threshold` of
+            its area inside a crowd box is never sampled as background.
 
     Returns a dict:
         rois [B, S, 4]; labels int32 [B, S]: class + 1 for foreground, 0 for background, -1 for
@@ -27,14 +33,17 @@ def sample_rois(proposals, proposal_valid, gt_boxes, gt_labels, num_samples=512,
         iou [B, S] (the RoI's best IoU, for Cascade R-CNN statistics and the integral loss).
     """
     gt_labels = tf.cast(gt_labels, tf.int32)
-    gt_valid = gt_labels >= 0
+    gt_valid, crowd_valid = ops.split_crowd(gt_labels, gt_crowd)
     if add_ground_truth:
         proposals = tf.concat([proposals, gt_boxes], axis=1)
         proposal_valid = tf.concat([proposal_valid, gt_valid], axis=1)
     iou = ops.box_iou(proposals, gt_boxes)  # [B, P', N]
+    on_crowd = None
+    if gt_crowd is not None:
+        on_crowd = ops.crowd_ignore_mask(proposals, gt_boxes, crowd_valid, crowd_ioa_threshold)
     matched, candidate = ops.match_boxes(
         iou, foreground_iou, foreground_iou, background_iou_low, gt_valid=gt_valid,
-        anchor_valid=proposal_valid)
+        anchor_valid=proposal_valid, ignore=on_crowd)
     best_iou = tf.reduce_max(tf.where(gt_valid[:, tf.newaxis, :], iou, 0.0), axis=-1)
     foreground = candidate == 1
     indices, valid = ops.sample_balanced_indices(candidate, num_samples, positive_fraction,

@@ -61,7 +61,8 @@ class RPNHead(keras.layers.Layer):
 
 def rpn_targets(anchors, gt_boxes, gt_labels, image_shapes, positive_iou=0.7, negative_iou=0.3,
                 num_samples=256, positive_fraction=0.5, allow_low_quality=True,
-                ignore_cross_boundary=False, weights=(1.0, 1.0, 1.0, 1.0), seed=None):
+                ignore_cross_boundary=False, weights=(1.0, 1.0, 1.0, 1.0), seed=None,
+                gt_crowd=None, crowd_ioa_threshold=ops.CROWD_IOA_THRESHOLD):
     """Anchor labels and regression targets for the RPN loss (Faster R-CNN section 3.1.2).
 
     Args:
@@ -71,6 +72,10 @@ def rpn_targets(anchors, gt_boxes, gt_labels, image_shapes, positive_iou=0.7, ne
         ignore_cross_boundary: the paper ignores anchors that cross the image border in training;
             Detectron and torchvision keep them. Off by default, as in those.
         seed: a keras.random.SeedGenerator owned by the model, so each step samples afresh.
+        gt_crowd: optional bool [B, N], the batch's ``iscrowd``. Crowd boxes are not matched
+            against; an anchor that is not positive and has more than `crowd_ioa_threshold` of
+            its area inside a crowd box is ignored, never sampled as a negative (the rule of
+            kerasdet.ops.matching).
 
     Returns:
         labels int32 [B, A]: 1 positive, 0 negative (both sampled), -1 not used in the loss;
@@ -80,9 +85,13 @@ def rpn_targets(anchors, gt_boxes, gt_labels, image_shapes, positive_iou=0.7, ne
     anchor_valid = None
     if ignore_cross_boundary:
         anchor_valid = ops.anchors_inside_image_mask(anchors, image_shapes)
+    gt_valid, crowd_valid = ops.split_crowd(gt_labels, gt_crowd)
+    on_crowd = None
+    if gt_crowd is not None:
+        on_crowd = ops.crowd_ignore_mask(anchors, gt_boxes, crowd_valid, crowd_ioa_threshold)
     matched, labels = ops.match_boxes(
         iou, positive_iou, negative_iou, 0.0, allow_low_quality_matches=allow_low_quality,
-        gt_valid=gt_labels >= 0, anchor_valid=anchor_valid)
+        gt_valid=gt_valid, anchor_valid=anchor_valid, ignore=on_crowd)
     sampled = ops.sample_balanced(labels, num_samples, positive_fraction, seed=seed)
     labels = tf.where(sampled, labels, -1)
     matched_boxes = ops.gather_by_match(gt_boxes, matched)

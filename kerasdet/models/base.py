@@ -9,7 +9,7 @@ on a tf.data pipeline, evaluate() and predict() work as for any Keras model.
 import keras
 import tensorflow as tf
 
-__all__ = ["Detector", "batch_image_shapes", "ground_truth"]
+__all__ = ["Detector", "batch_image_shapes", "ground_truth", "ground_truth_crowd"]
 
 
 def batch_image_shapes(batch, images):
@@ -34,6 +34,16 @@ def ground_truth(batch):
     boxes = tf.concat([boxes, tf.zeros([batch_size, 1, 4], boxes.dtype)], axis=1)
     labels = tf.concat([labels, -tf.ones([batch_size, 1], labels.dtype)], axis=1)
     return boxes, labels
+
+
+def ground_truth_crowd(batch):
+    """bool [B, N + 1], aligned with `ground_truth`: the batch's COCO ``iscrowd`` flags (crowd
+    regions are ignored by the samplers, see kerasdet.ops.matching), all False when the batch has
+    none, so data sets without crowd flags train as before."""
+    labels = batch["bounding_boxes"]["labels"]
+    crowd = batch["bounding_boxes"].get("iscrowd")
+    crowd = tf.zeros(tf.shape(labels), tf.bool) if crowd is None else tf.cast(crowd, tf.bool)
+    return tf.concat([crowd, tf.zeros([tf.shape(crowd)[0], 1], tf.bool)], axis=1)
 
 
 class Detector(keras.Model):

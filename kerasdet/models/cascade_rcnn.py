@@ -217,16 +217,19 @@ class CascadeRCNN(FasterRCNN):
         # branch that follows.
         sampled = self.sample_training_rois(context, foreground_iou=self.stage_ious[0])
         args = (context["roi_features"], sampled, context["gt_boxes"], context["gt_labels"])
+        crowd = context.get("gt_crowd")
         if self.mode == "integral":
-            losses, last_targets = self.integral_losses(*args)
+            losses, last_targets = self.integral_losses(*args, gt_crowd=crowd)
         else:
-            losses, last_targets = self.cascade_losses(*args, context["image_shapes"])
+            losses, last_targets = self.cascade_losses(*args, context["image_shapes"],
+                                                       gt_crowd=crowd)
         if self.with_masks:
             losses["mask"] = self.mask_loss(context["roi_features"], last_targets,
                                             _batch_masks(context["batch"]))
         return losses
 
-    def stage_targets(self, roi_features, sampled, gt_boxes, gt_labels, image_shapes):
+    def stage_targets(self, roi_features, sampled, gt_boxes, gt_labels, image_shapes,
+                      gt_crowd=None):
         """Runs the training cascade: a list with, per stage, (targets dict, logits, deltas);
         stage t's targets are stage t - 1's refined boxes relabeled at u_t."""
         num = self.num_stages if self.mode == "cascade" else 1
@@ -239,16 +242,19 @@ class CascadeRCNN(FasterRCNN):
                                                self.stage_weights(t - 1))
                 targets = relabel_rois(boxes, (prev_targets["labels"] >= 0) & nonempty,
                                        gt_boxes, gt_labels, self.stage_ious[t],
-                                       add_ground_truth=self.stage_add_ground_truth)
+                                       add_ground_truth=self.stage_add_ground_truth,
+                                       gt_crowd=gt_crowd)
             logits, deltas = self.stage_head(self.pool(roi_features, targets["rois"]), t)
             outputs.append((targets, logits, deltas))
         return outputs
 
-    def cascade_losses(self, roi_features, sampled, gt_boxes, gt_labels, image_shapes):
+    def cascade_losses(self, roi_features, sampled, gt_boxes, gt_labels, image_shapes,
+                       gt_crowd=None):
         """Per-stage (weighted) losses of the cascade / iterative modes, and the last stage's
         labeled RoIs (for the mask branch)."""
         losses = {}
-        stages = self.stage_targets(roi_features, sampled, gt_boxes, gt_labels, image_shapes)
+        stages = self.stage_targets(roi_features, sampled, gt_boxes, gt_labels, image_shapes,
+                                    gt_crowd)
         for t, (targets, logits, deltas) in enumerate(stages):
             cls, box = box_head_losses(logits, deltas, targets, weights=self.stage_weights(t))
             weight = self.stage_loss_weights[t]
@@ -256,7 +262,7 @@ class CascadeRCNN(FasterRCNN):
             losses[f"stage{t + 1}_box"] = weight * box
         return losses, stages[-1][0]
 
-    def integral_losses(self, roi_features, sampled, gt_boxes, gt_labels):
+    def integral_losses(self, roi_features, sampled, gt_boxes, gt_labels, gt_crowd=None):
         """The integral loss: each classifier on the sampled RoIs labeled at its threshold, the
         regressor at the first; returns the losses and the RoIs labeled at the last threshold."""
         losses = {}
@@ -266,7 +272,8 @@ class CascadeRCNN(FasterRCNN):
                 targets = sampled
             else:  # the same RoIs, labeled at the higher threshold
                 targets = relabel_rois(sampled["rois"], sampled["labels"] >= 0, gt_boxes,
-                                       gt_labels, self.stage_ious[t], add_ground_truth=False)
+                                       gt_labels, self.stage_ious[t], add_ground_truth=False,
+                                       gt_crowd=gt_crowd)
             cls, box = box_head_losses(logits, deltas, targets, weights=self.stage_weights(0))
             losses[f"stage{t + 1}_cls"] = self.stage_loss_weights[t] * cls
             if t == 0:

@@ -18,7 +18,7 @@ from kerasdet.heads.box_head import BoxPredictor, TwoFCHead, truncated_svd_compr
 from kerasdet.heads.box_outputs import box_head_losses, decode_detections
 from kerasdet.heads.roi_extractor import RoIExtractor
 from kerasdet.heads.roi_sampler import sample_rois
-from kerasdet.models.base import Detector, batch_image_shapes, ground_truth
+from kerasdet.models.base import Detector, batch_image_shapes, ground_truth, ground_truth_crowd
 
 __all__ = ["FastRCNN", "jittered_proposals"]
 
@@ -117,7 +117,7 @@ class FastRCNN(Detector):
                               positive_fraction=self.roi_positive_fraction,
                               foreground_iou=self.roi_foreground_iou,
                               background_iou_low=self.roi_background_iou_low,
-                              seed=self.sampling_seed)
+                              seed=self.sampling_seed, gt_crowd=ground_truth_crowd(batch))
         logits, deltas = self._head(images, sampled["rois"], training)
         cls, box = box_head_losses(logits, deltas, sampled, weights=self.box_weights)
         return {"roi_cls": cls, "roi_box": box}

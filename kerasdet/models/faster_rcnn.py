@@ -15,7 +15,7 @@ from kerasdet.heads.box_outputs import box_head_losses, decode_detections
 from kerasdet.heads.roi_extractor import RoIExtractor
 from kerasdet.heads.roi_sampler import sample_rois
 from kerasdet.heads.rpn import RPNHead, generate_proposals, rpn_losses, rpn_targets
-from kerasdet.models.base import Detector, batch_image_shapes, ground_truth
+from kerasdet.models.base import Detector, batch_image_shapes, ground_truth, ground_truth_crowd
 from kerasdet.necks.fpn import FPN
 
 __all__ = ["FasterRCNN"]
@@ -175,11 +175,13 @@ class FasterRCNN(Detector):
     # -- the two halves of a two-stage detector, shared by its subclasses ------------------------
     def first_stage(self, batch, training):
         """Everything up to the proposals in training: returns a context dict with `batch`,
-        `images`, `image_shapes`, `gt_boxes`, `gt_labels` (padded, label -1), `roi_features`,
+        `images`, `image_shapes`, `gt_boxes`, `gt_labels` (padded, label -1), `gt_crowd` (the
+        ``iscrowd`` flags the samplers ignore regions by), `roi_features`,
         `proposals`, `proposal_valid`, and `losses` holding the RPN losses."""
         images = tf.cast(batch["images"], self.compute_dtype)
         image_shapes = batch_image_shapes(batch, images)
         gt_boxes, gt_labels = ground_truth(batch)
+        gt_crowd = ground_truth_crowd(batch)
         rpn_features, roi_features = self.features(images, training=training)
         logits, deltas, anchors = self.rpn(rpn_features)
         s = self.rpn_settings
@@ -187,12 +189,12 @@ class FasterRCNN(Detector):
             tf.concat(anchors, 0), gt_boxes, gt_labels, image_shapes,
             positive_iou=s["positive_iou"], negative_iou=s["negative_iou"],
             num_samples=s["batch_size"], positive_fraction=s["positive_fraction"],
-            seed=self.sampling_seed)
+            seed=self.sampling_seed, gt_crowd=gt_crowd)
         losses = rpn_losses(tf.concat(logits, 1), tf.concat(deltas, 1), labels, targets)
         proposals, _, valid = self.proposals(logits, deltas, anchors, image_shapes, training)
         return dict(batch=batch, images=images, image_shapes=image_shapes, gt_boxes=gt_boxes,
-                    gt_labels=gt_labels, roi_features=roi_features, proposals=proposals,
-                    proposal_valid=valid, losses=losses)
+                    gt_labels=gt_labels, gt_crowd=gt_crowd, roi_features=roi_features,
+                    proposals=proposals, proposal_valid=valid, losses=losses)
 
     def sample_training_rois(self, context, foreground_iou=None):
         """The second stage's training RoIs (sample_rois on the context's proposals)."""
@@ -201,7 +203,8 @@ class FasterRCNN(Detector):
                            context["gt_labels"], num_samples=r["batch_size"],
                            positive_fraction=r["positive_fraction"],
                            foreground_iou=foreground_iou or r["foreground_iou"],
-                           background_iou_low=r["background_iou_low"], seed=self.sampling_seed)
+                           background_iou_low=r["background_iou_low"], seed=self.sampling_seed,
+                           gt_crowd=context.get("gt_crowd"))
 
     def second_stage_losses(self, context, training):
         """Losses of everything after the proposals; subclasses extend or replace this."""

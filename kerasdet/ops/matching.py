@@ -20,13 +20,18 @@ __all__ = [
     "POSITIVE",
     "NEGATIVE",
     "IGNORE",
+    "CROWD_IOA_THRESHOLD",
     "match_boxes",
+    "split_crowd",
+    "crowd_ignore_mask",
     "Matcher",
     "gather_by_match",
     "assign_class_targets",
 ]
 
 POSITIVE, NEGATIVE, IGNORE = 1, 0, -1
+#: Share of an anchor's / RoI's area inside a crowd region above which it is ignored (Detectron).
+CROWD_IOA_THRESHOLD = 0.7
 
 
 def _check_mask(mask, name, expected_shape):
@@ -39,7 +44,7 @@ def _check_mask(mask, name, expected_shape):
 
 
 def match_boxes(iou, positive_threshold, negative_threshold=None, negative_lower_bound=0.0,
-                allow_low_quality_matches=False, gt_valid=None, anchor_valid=None):
+                allow_low_quality_matches=False, gt_valid=None, anchor_valid=None, ignore=None):
     """Matches each anchor to its highest-IoU valid ground truth and labels it.
 
     With ``max_iou`` the anchor's best IoU over valid ground truth:
@@ -68,6 +73,8 @@ def match_boxes(iou, positive_threshold, negative_threshold=None, negative_lower
         gt_valid: optional bool [..., M]; False marks padded ground truth (label -1 rows).
         anchor_valid: optional bool [..., N]; False anchors (e.g. crossing the image border, or
             padded proposals) get label -1 and take no part in the low-quality rule.
+        ignore: optional bool [..., N]; True anchors that are not positive get label -1 instead
+            of 0 (crowd regions: `crowd_ignore_mask`). A positive stays positive.
 
     Returns:
         (matched_gt_indices int32 [..., N], labels int32 [..., N]). The index is the anchor's
@@ -114,10 +121,56 @@ def match_boxes(iou, positive_threshold, negative_threshold=None, negative_lower
         is_best = (candidates == best_per_gt) & (best_per_gt > 0.0) & gt_valid[..., tf.newaxis, :]
         positive = positive | tf.reduce_any(is_best, axis=-1)
 
+    if ignore is not None:
+        negative = negative & ~_check_mask(ignore, "ignore", iou.shape[:-1])
     labels = tf.where(positive, POSITIVE, tf.where(negative, NEGATIVE, IGNORE))
     if anchor_valid is not None:
         labels = tf.where(anchor_valid, labels, IGNORE)
     return matched, tf.cast(labels, tf.int32)
+
+
+def split_crowd(gt_labels, gt_crowd=None):
+    """(gt_valid, crowd_valid) bool [..., M]: the ground truth anchors are matched against, and the
+    crowd regions that only make anchors ignored. Padding (label -1) is in neither.
+
+    Args:
+        gt_labels: int [..., M], -1 for padding.
+        gt_crowd: optional bool [..., M] (the batch's ``iscrowd``); None means no crowd region.
+    """
+    present = tf.convert_to_tensor(gt_labels) >= 0
+    if gt_crowd is None:
+        return present, tf.zeros_like(present)
+    gt_crowd = _check_mask(gt_crowd, "gt_crowd", present.shape)
+    return present & ~gt_crowd, present & gt_crowd
+
+
+def _intersection_over_own_area(boxes, regions):
+    """[..., N, M]: area of ``boxes[n] & regions[m]`` divided by the area of ``boxes[n]``
+    (0 for an empty box)."""
+    a = tf.expand_dims(tf.cast(boxes, tf.float32), -2)  # [..., N, 1, 4]
+    b = tf.expand_dims(tf.cast(regions, tf.float32), -3)  # [..., 1, M, 4]
+    inter_w = tf.maximum(tf.minimum(a[..., 2], b[..., 2]) - tf.maximum(a[..., 0], b[..., 0]), 0.0)
+    inter_h = tf.maximum(tf.minimum(a[..., 3], b[..., 3]) - tf.maximum(a[..., 1], b[..., 1]), 0.0)
+    area = tf.maximum(a[..., 2] - a[..., 0], 0.0) * tf.maximum(a[..., 3] - a[..., 1], 0.0)
+    return tf.math.divide_no_nan(inter_w * inter_h, area)
+
+
+def crowd_ignore_mask(boxes, crowd_boxes, crowd_valid, threshold=CROWD_IOA_THRESHOLD):
+    """bool [..., N]: True for the boxes (anchors, RoIs) more than `threshold` of whose area lies
+    inside one valid crowd region — the ``ignore`` of `match_boxes` (see the module docstring for
+    why the candidate's own area and not IoU).
+
+    Args:
+        boxes: [..., N, 4] anchors or RoIs; leading dimensions broadcast against `crowd_boxes`'
+            ([N, 4] anchors with [B, M, 4] crowd boxes give [B, N]).
+        crowd_boxes: [..., M, 4]; crowd_valid: bool [..., M] (from `split_crowd`).
+        threshold: the strict lower bound on the covered share of the box's area.
+    """
+    if not 0.0 <= float(threshold) < 1.0:
+        raise ValueError(f"`threshold` must be in [0, 1), got {threshold!r}.")
+    ioa = _intersection_over_own_area(boxes, crowd_boxes)
+    inside = (ioa > threshold) & tf.cast(crowd_valid, tf.bool)[..., tf.newaxis, :]
+    return tf.reduce_any(inside, axis=-1)
 
 
 def gather_by_match(gt_values, matched_gt_indices, fill_value=0):
@@ -179,11 +232,11 @@ class Matcher:
         self.negative_lower_bound = float(negative_lower_bound)
         self.allow_low_quality_matches = bool(allow_low_quality_matches)
 
-    def __call__(self, iou, gt_valid=None, anchor_valid=None):
+    def __call__(self, iou, gt_valid=None, anchor_valid=None, ignore=None):
         """(matched_gt_indices, labels) as in `match_boxes`."""
         return match_boxes(iou, self.positive_threshold, self.negative_threshold,
                            self.negative_lower_bound, self.allow_low_quality_matches,
-                           gt_valid=gt_valid, anchor_valid=anchor_valid)
+                           gt_valid=gt_valid, anchor_valid=anchor_valid, ignore=ignore)
 
     def get_config(self):
         return {"positive_threshold": self.positive_threshold,
