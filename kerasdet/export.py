@@ -12,9 +12,10 @@ The SavedModel follows the TF Object Detection API serving convention:
     detection_masks    float32 [B, K, M, M] (mask models only) per-box mask probabilities in box
                        coordinates, as the TF OD API returns them (clients paste them into the image)
 
-Pre-processing is inside the graph: cast to float, resize keeping the aspect ratio to the model's
-input size (the zoo entry's rule: fixed `image_size`, or shorter side `min_size` capped by
-`max_size`), zero-pad to a fixed canvas; then the model's own decoding and NMS.
+Pre-processing is inside the graph: cast to float, resize by the model's own rule
+(`kerasdet.data.resize.ResizeRule` from its ``input_settings``: the rule of training, evaluation and
+predict), pad to a fixed canvas (the model fills the padding with its normalization mean); then the
+model's own decoding and NMS.
 """
 import contextlib
 import os
@@ -26,63 +27,34 @@ __all__ = ["export_saved_model", "serving_input_settings"]
 
 
 def serving_input_settings(model, image_size=None):
-    """{"image_size"} or {"min_size", "max_size"} plus "stride" that the exported graph resizes to.
+    """The resize rule (`kerasdet.data.resize.ResizeRule`) the exported graph applies.
 
-    An explicit ``image_size`` (int or (H, W)) wins; else the zoo entry's settings recorded on the
-    model by kerasdet.zoo.load.
+    An explicit ``image_size`` (int or (H, W)) wins (letterbox into it); else the model's own
+    ``input_settings`` (part of its config; zoo.load and the drivers set them).
     """
+    from kerasdet.data.resize import ResizeRule
+
     if image_size is not None:
         if isinstance(image_size, int):
             image_size = (image_size, image_size)
         if len(image_size) != 2 or min(image_size) < 1:
             raise ValueError(f"image_size must be an int or (height, width) > 0, got {image_size!r}")
-        return {"image_size": [int(image_size[0]), int(image_size[1])], "stride": 1}
-    settings = getattr(model, "kerasdet_input", None)
+        return ResizeRule(image_size=(int(image_size[0]), int(image_size[1])))
+    settings = getattr(model, "input_settings", None)
     if not settings:
         raise ValueError("export_saved_model: the model carries no input settings (it was not made "
-                         "by kerasdet.zoo.load); pass image_size=(height, width)")
-    settings = dict(settings)
-    if not settings.get("image_size") and not settings.get("max_size"):
+                         "by kerasdet.zoo.load or a kerasdet run); pass image_size=(height, width)")
+    rule = ResizeRule.from_settings(settings)
+    if rule.image_size is None and rule.max_size is None:
         raise ValueError(f"export_saved_model: input settings {settings} need image_size or max_size "
                          "to fix the exported canvas; pass image_size=(height, width)")
-    return settings
+    return rule
 
 
-def _canvas_and_scale_fn(settings):
-    """(canvas (H, W), fn(height, width) -> scale) for the settings' resize rule."""
-    stride = int(settings.get("stride", 1) or 1)
-
-    def round_up(value):
-        return -(-int(value) // stride) * stride
-
-    if settings.get("image_size"):
-        target_h, target_w = (float(v) for v in settings["image_size"])
-
-        def scale_of(height, width):
-            return tf.minimum(target_h / height, target_w / width)
-
-        return (round_up(target_h), round_up(target_w)), scale_of
-    min_size = settings["min_size"]
-    min_size = float(max(min_size) if isinstance(min_size, (list, tuple)) else min_size)
-    max_size = float(settings["max_size"])
-
-    def scale_of(height, width):
-        return tf.minimum(min_size / tf.minimum(height, width), max_size / tf.maximum(height, width))
-
-    return (round_up(max_size), round_up(max_size)), scale_of
-
-
-def _resize_one(image, canvas, scale_of):
-    """float32 [H, W, 3] -> (padded canvas image, image_info [6]) as the data pipeline builds them."""
-    shape = tf.cast(tf.shape(image)[:2], tf.float32)
-    height, width = shape[0], shape[1]
-    scale = scale_of(height, width)
-    new_h = tf.clip_by_value(tf.round(height * scale), 1.0, float(canvas[0]))
-    new_w = tf.clip_by_value(tf.round(width * scale), 1.0, float(canvas[1]))
-    resized = tf.image.resize(image, tf.cast(tf.stack([new_h, new_w]), tf.int32), method="bilinear")
-    padded = tf.image.pad_to_bounding_box(resized, 0, 0, canvas[0], canvas[1])
-    info = tf.stack([height, width, new_h / height, new_w / width, new_h, new_w])
-    return padded, info
+def _prepare_one(image, rule, canvas):
+    """float32 [h, w, 3] -> (image zero-padded to the fixed canvas, image_info [6])."""
+    resized, info = rule.resize(image)
+    return tf.image.pad_to_bounding_box(resized, 0, 0, canvas[0], canvas[1]), info
 
 
 def _to_od_api(outputs, image_info):
@@ -128,8 +100,8 @@ def export_saved_model(model, export_dir, portable=True, image_size=None, verbos
     export_dir = os.fspath(export_dir)
     if os.path.isdir(export_dir) and os.listdir(export_dir):
         raise FileExistsError(f"export_dir {export_dir!r} exists and is not empty")
-    settings = serving_input_settings(model, image_size)
-    canvas, scale_of = _canvas_and_scale_fn(settings)
+    rule = serving_input_settings(model, image_size)
+    canvas = rule.max_canvas()
     if not model.built:
         model.build((1, canvas[0], canvas[1], 3))
 
@@ -140,7 +112,7 @@ def export_saved_model(model, export_dir, portable=True, image_size=None, verbos
     def serve_images(images):
         images = tf.cast(images, tf.float32)
         padded, info = tf.map_fn(
-            lambda image: _resize_one(image, canvas, scale_of), images,
+            lambda image: _prepare_one(image, rule, canvas), images,
             fn_output_signature=(tf.TensorSpec([canvas[0], canvas[1], 3], tf.float32),
                                  tf.TensorSpec([6], tf.float32)))
         return detect(padded, info)
@@ -148,7 +120,7 @@ def export_saved_model(model, export_dir, portable=True, image_size=None, verbos
     def serve_bytes(encoded_images):
         def decode(data):
             image = tf.io.decode_image(data, channels=3, expand_animations=False)
-            return _resize_one(tf.cast(image, tf.float32), canvas, scale_of)
+            return _prepare_one(tf.cast(image, tf.float32), rule, canvas)
 
         padded, info = tf.map_fn(
             decode, encoded_images,

@@ -38,6 +38,7 @@ from kerasdet.data.decode import decode_image_bytes, decode_image_file_python
 from kerasdet.data.images import is_tiff
 from kerasdet.data.masks import masks_for_record
 from kerasdet.data.records import DetectionDataset
+from kerasdet.data.resize import ResizeRule, image_info, round_up
 
 AUTOTUNE = tf.data.AUTOTUNE
 # The map functions hold no tensor-dependent Python control flow (tf.cond is explicit), so AutoGraph
@@ -133,20 +134,11 @@ def resize_scale(height, width, min_size=None, max_size=None, image_size=None,
                  keep_aspect_ratio=True):
     """Target (resized height, resized width) for an image of ``height`` x ``width`` (float tensors).
 
-    Exactly one of ``min_size`` (with optional ``max_size``) and ``image_size`` is used; see the module
-    docstring. Sizes are rounded to whole pixels; the box scale is resized / original per axis.
+    Kept for callers of the older API: the rule itself is `kerasdet.data.resize.ResizeRule`.
     """
-    if image_size is not None:
-        target_h, target_w = float(image_size[0]), float(image_size[1])
-        if not keep_aspect_ratio:
-            return tf.constant(target_h), tf.constant(target_w)
-        scale = tf.minimum(target_h / height, target_w / width)
-        return (tf.clip_by_value(tf.round(height * scale), 1.0, target_h),
-                tf.clip_by_value(tf.round(width * scale), 1.0, target_w))
-    scale = tf.cast(min_size, tf.float32) / tf.minimum(height, width)
-    if max_size is not None:
-        scale = tf.minimum(scale, float(max_size) / tf.maximum(height, width))
-    return tf.maximum(tf.round(height * scale), 1.0), tf.maximum(tf.round(width * scale), 1.0)
+    rule = ResizeRule(min_size=min_size, max_size=max_size, image_size=image_size,
+                      keep_aspect_ratio=keep_aspect_ratio)
+    return rule.target_size(height, width)
 
 
 def resize_sample(sample: dict, new_h, new_w) -> dict:
@@ -161,7 +153,7 @@ def resize_sample(sample: dict, new_h, new_w) -> dict:
     if "masks" in sample:
         masks = tf.image.resize(sample["masks"][..., None], size, method="nearest")
         out["masks"] = tf.cast(masks[..., 0], tf.uint8)
-    out["image_info"] = tf.stack([h, w, scale_y, scale_x, new_h, new_w])
+    out["image_info"] = image_info(h, w, new_h, new_w)
     return out
 
 
@@ -174,10 +166,6 @@ def _crop_to_canvas(sample: dict, canvas, seed) -> dict:
     out = aug.crop(sample, window, center_rule=False)
     out["image_info"] = tf.concat([sample["image_info"][:4], tf.stack([ch, cw])], axis=0)
     return out
-
-
-def _round_up(x, stride):
-    return ((x + stride - 1) // stride) * stride
 
 
 def pad_sample(sample: dict, height, width, max_boxes: int) -> dict:
@@ -207,7 +195,8 @@ def build_dataset(dataset, batch_size: int, training: bool = False, *, image_siz
                   augment="default", scale_jitter=None, shuffle=None, seed=None, max_boxes=None,
                   with_masks: bool = False, drop_remainder: bool = False, fixed_size=None,
                   mean_rgb=aug.MEAN_RGB, decoder: str = "tf",
-                  repeat: bool = False, prefetch: bool = True) -> tf.data.Dataset:
+                  repeat: bool = False, prefetch: bool = True, min_size_test=None,
+                  size_rounding: str = "round", input_settings=None) -> tf.data.Dataset:
     """Build the batched tf.data.Dataset of DESIGN.md's batch dict (layout in the module docstring).
 
     Args:
@@ -217,7 +206,11 @@ def build_dataset(dataset, batch_size: int, training: bool = False, *, image_siz
         training: enables shuffling and augmentation defaults.
         image_size: (H, W) or int: fixed-size mode (letterbox, or stretch with keep_aspect_ratio=False).
         min_size, max_size: shorter-side mode; ``min_size`` may be a tuple for multi-scale training.
+        min_size_test: the shorter side outside training (default: the largest ``min_size``).
+        size_rounding: "round" (default) or "floor" (torchvision) for the resized size.
         stride: pad each image's height and width up to a multiple of it (32 for FPN).
+        input_settings: instead of the resize arguments above, a model's ``input_settings`` dict or
+            a `kerasdet.data.resize.ResizeRule` (the rule predict and export use too).
         augment: "default" (= "flip" when training, nothing otherwise), None, "none", "flip", "ssd", a
             list of steps from kerasdet.data.augment.AUGMENTATIONS, or callables f(sample, seed).
             Augmentation runs only when ``training``.
@@ -244,12 +237,17 @@ def build_dataset(dataset, batch_size: int, training: bool = False, *, image_siz
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if (image_size is None) == (min_size is None):
-        raise ValueError("give exactly one resize mode: image_size=(H, W), or min_size (+ max_size)")
-    if isinstance(image_size, int):
-        image_size = (image_size, image_size)
-    if stride < 1:
-        raise ValueError(f"stride must be >= 1, got {stride}")
+    if input_settings is not None:
+        if image_size is not None or min_size is not None:
+            raise ValueError("give input_settings or the resize arguments (image_size / min_size), not both")
+        rule = ResizeRule.from_settings(input_settings)
+    else:
+        if (image_size is None) == (min_size is None):
+            raise ValueError("give exactly one resize mode: image_size=(H, W), or min_size (+ max_size)")
+        rule = ResizeRule(min_size=min_size, max_size=max_size, min_size_test=min_size_test,
+                          image_size=image_size, keep_aspect_ratio=keep_aspect_ratio, stride=stride,
+                          size_rounding=size_rounding)
+    image_size, stride = rule.image_size, rule.stride
     shuffle = training if shuffle is None else shuffle
     steps = aug.resolve_augment(("flip" if training else None) if augment == "default" else augment)
     if not training:
@@ -259,11 +257,6 @@ def build_dataset(dataset, batch_size: int, training: bool = False, *, image_siz
         jitter = (float(scale_jitter[0]), float(scale_jitter[1]))
         if not 0 < jitter[0] <= jitter[1]:
             raise ValueError(f"scale_jitter must be (low, high) with 0 < low <= high, got {scale_jitter}")
-    sizes = None
-    if min_size is not None:
-        sizes = tuple(int(s) for s in (min_size if isinstance(min_size, (tuple, list)) else [min_size]))
-        if not sizes or min(sizes) < 1:
-            raise ValueError(f"min_size must be a positive int or tuple of them, got {min_size!r}")
 
     if isinstance(dataset, DetectionDataset):
         if with_masks and not dataset.has_masks:
@@ -294,17 +287,7 @@ def build_dataset(dataset, batch_size: int, training: bool = False, *, image_siz
         if steps:
             sample = aug.apply_augmentations(sample, steps, element_seed, mean_rgb)
         h, w = aug._image_hw(sample)
-        if sizes is not None:
-            if training and len(sizes) > 1:
-                pick = tf.random.stateless_uniform([], aug._sub_seed(element_seed, 1), 0, len(sizes),
-                                                   tf.int32)
-                short = tf.gather(tf.constant(sizes, tf.float32), pick)
-            else:
-                short = float(max(sizes))
-            new_h, new_w = resize_scale(h, w, min_size=short, max_size=max_size)
-        else:
-            new_h, new_w = resize_scale(h, w, image_size=image_size,
-                                        keep_aspect_ratio=keep_aspect_ratio)
+        new_h, new_w = rule.target_size(h, w, training=training, seed=aug._sub_seed(element_seed, 1))
         if jitter is not None:
             factor = tf.random.stateless_uniform([], aug._sub_seed(element_seed, 2), jitter[0],
                                                  jitter[1])
@@ -315,12 +298,8 @@ def build_dataset(dataset, batch_size: int, training: bool = False, *, image_siz
             sample = _crop_to_canvas(sample, image_size, aug._sub_seed(element_seed, 3))
         sample = aug.clip_and_drop_empty(sample)
         shape = tf.shape(sample["image"])
-        if image_size is not None:
-            target = tf.constant(image_size, tf.int32)
-        else:
-            target = shape[:2]
-        target = _round_up(target, stride)
-        return pad_sample(sample, target[0], target[1], max_boxes)
+        canvas_h, canvas_w = rule.canvas_size(shape[0], shape[1])
+        return pad_sample(sample, canvas_h, canvas_w, max_boxes)
 
     seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
     ds = tf.data.Dataset.zip(samples, seeds)
@@ -347,7 +326,7 @@ def build_dataset(dataset, batch_size: int, training: bool = False, *, image_siz
         "image_info": 0.0, "image_index": -1,
     }
     if fixed_size is not None:
-        fh, fw = (_round_up(int(v), stride) for v in fixed_size)
+        fh, fw = (round_up(int(v), stride) for v in fixed_size)
         padded_shapes["image"] = [fh, fw, 3]
     if with_masks:
         padded_shapes["masks"] = [max_boxes, padded_shapes["image"][0], padded_shapes["image"][1]]

@@ -6,6 +6,8 @@ A detector subclasses `Detector` and implements two methods on padded dense tens
 `Detector` turns them into Keras' train_step / test_step / predict_step, so that compile(), fit()
 on a tf.data pipeline, evaluate() and predict() work as for any Keras model.
 """
+import json
+
 import keras
 import tensorflow as tf
 
@@ -53,11 +55,13 @@ class Detector(keras.Model):
     # The batch entries predict uses; predict / predict_on_batch also take a plain image tensor.
     predict_input_keys = ("images", "image_info")
 
-    def __init__(self, num_classes, **kwargs):
+    def __init__(self, num_classes, class_names=None, input_settings=None, **kwargs):
         super().__init__(**kwargs)
         if int(num_classes) < 1:
             raise ValueError(f"`num_classes` must be >= 1, got {num_classes!r}.")
         self.num_classes = int(num_classes)
+        self.class_names = class_names
+        self.input_settings = input_settings
         self._trackers = {name: keras.metrics.Mean(name=name)
                           for name in ("loss",) + tuple(self.loss_names)}
 
@@ -106,9 +110,43 @@ class Detector(keras.Model):
             data = data[0]
         return data
 
+    # -- input images ---------------------------------------------------------------------------
+    def padding_value(self):
+        """RGB 0..255 colour that the backbone's input normalization maps to 0, or None.
+
+        torchvision and Detectron2 pad the *normalized* image with zeros; filling kerasdet's padding
+        with this colour gives their backbones exactly the input they were trained on.
+        """
+        from kerasdet.backbones.base import ImageNormalization
+
+        for layer in getattr(getattr(self, "backbone", None), "layers", ()):
+            if isinstance(layer, ImageNormalization):
+                return tuple(reversed(layer.mean)) if layer.bgr else tuple(layer.mean)
+        return None
+
+    def fill_padding(self, images, image_shapes):
+        """Sets the pixels outside each image's valid [0, h) x [0, w) region to ``padding_value``."""
+        value = self.padding_value()
+        if value is None or not any(value):
+            return images
+        valid_hw = tf.cast(tf.round(image_shapes), tf.int32)
+        rows = tf.range(tf.shape(images)[1])[None, :, None] < valid_hw[:, 0, None, None]
+        cols = tf.range(tf.shape(images)[2])[None, None, :] < valid_hw[:, 1, None, None]
+        valid = tf.logical_and(rows, cols)[..., None]
+        return tf.where(valid, images, tf.constant(value, images.dtype))
+
+    def input_images(self, inputs):
+        """The images of a batch dict (or an image tensor) in the compute dtype, padding filled."""
+        images = tf.cast(inputs["images"] if isinstance(inputs, dict) else inputs, self.compute_dtype)
+        if isinstance(inputs, dict) and "image_info" in inputs:
+            images = self.fill_padding(images, batch_image_shapes(inputs, images))
+        return images
+
+    def _with_input_images(self, batch):
+        return dict(batch, images=self.input_images(batch)) if isinstance(batch, dict) else batch
+
     def call(self, inputs, training=False):
-        images = inputs["images"] if isinstance(inputs, dict) else inputs
-        images = tf.cast(images, self.compute_dtype)
+        images = self.input_images(inputs)
         return self.detect(images, batch_image_shapes(inputs, images), training=training)
 
     def _total(self, losses):
@@ -124,7 +162,7 @@ class Detector(keras.Model):
         return {name: tracker.result() for name, tracker in self._trackers.items()}
 
     def train_step(self, data):
-        batch = self._unpack(data)
+        batch = self._with_input_images(self._unpack(data))
         with tf.GradientTape() as tape:
             losses = self.compute_detection_losses(batch, training=True)
             total = self._total(losses)
@@ -136,7 +174,7 @@ class Detector(keras.Model):
         return self._log(losses, total)
 
     def test_step(self, data):
-        batch = self._unpack(data)
+        batch = self._with_input_images(self._unpack(data))
         losses = self.compute_detection_losses(batch, training=False)
         return self._log(losses, self._total(losses))
 
@@ -144,5 +182,48 @@ class Detector(keras.Model):
         batch = self._unpack(data)
         return self(batch, training=False)
 
+    # -- what the model remembers about its data (part of the config, so .keras files keep it) ----
+    @property
+    def class_names(self):
+        """Names of classes 0..K-1 (tuple of str), or None when the model was built without them."""
+        return self._class_names
+
+    @class_names.setter
+    def class_names(self, names):
+        if names is not None:
+            names = tuple(str(name) for name in names)
+            if len(names) != self.num_classes:
+                raise ValueError(f"class_names has {len(names)} names {list(names)} but the model has "
+                                 f"num_classes={self.num_classes}")
+        self._class_names = names
+
+    @property
+    def input_settings(self):
+        """The resize rule the model was trained with (see kerasdet.data.resize.ResizeRule), or None."""
+        return None if self._input_settings is None else json.loads(self._input_settings)
+
+    @input_settings.setter
+    def input_settings(self, settings):
+        if settings is not None:
+            from kerasdet.data.resize import ResizeRule
+
+            # Kept as JSON text: Keras would wrap a dict attribute in a tracked container.
+            settings = json.dumps(ResizeRule.from_settings(settings).to_settings(), sort_keys=True)
+        self._input_settings = settings
+
+    @property
+    def kerasdet_input(self):
+        """Older name of ``input_settings``."""
+        return self.input_settings
+
+    @kerasdet_input.setter
+    def kerasdet_input(self, settings):
+        self.input_settings = settings
+
     def get_config(self):
-        return {"num_classes": self.num_classes, "name": self.name}
+        config = {"num_classes": self.num_classes, "name": self.name}
+        if self.class_names is not None:
+            config["class_names"] = list(self.class_names)
+        if self.input_settings is not None:
+            config["input_settings"] = dict(self.input_settings)
+        return config

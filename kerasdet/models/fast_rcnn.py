@@ -91,8 +91,7 @@ class FastRCNN(Detector):
         return self.box_predictor(self.box_head(pooled))
 
     def call(self, inputs, training=False):
-        images = tf.cast(inputs["images"] if isinstance(inputs, dict) else inputs,
-                         self.compute_dtype)
+        images = self.input_images(inputs)
         proposals, valid = _proposals_of(inputs)
         image_shapes = batch_image_shapes(inputs, images)
         logits, deltas = self._head(images, proposals, training)

@@ -78,8 +78,13 @@ def build(name, num_classes=None, **overrides):
     model = cls(**arguments)
     input_size = entry.input.get("image_size")
     model.build((1, *(input_size or (64, 64)), 3))
-    # Not part of the saved config: the exporter and the drivers read it for the entry's input size.
-    model.kerasdet_input = dict(entry.input)
+    # Part of the model's config from here on: export, predict and evaluation resize by this rule.
+    model.input_settings = dict(entry.input)
+    from kerasdet.zoo.classes import named_classes
+
+    names = named_classes(entry.class_names)
+    if len(names) == model.num_classes:  # another class count (num_classes=...) has no names yet
+        model.class_names = names
     model.kerasdet_entry = name
     return model
 

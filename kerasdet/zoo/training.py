@@ -82,18 +82,11 @@ def make_optimizer(recipe, steps_per_epoch):
 
 
 def make_pipeline(dataset, input_settings, batch_size, training, seed=0, with_masks=False):
-    """The tf.data pipeline of a data set at a model's input settings."""
+    """The tf.data pipeline of a data set at a model's input settings (its ResizeRule)."""
     from kerasdet.data.pipeline import build_dataset
 
-    settings = dict(input_settings or {})
-    stride = int(settings.get("stride", 1))
-    if settings.get("image_size"):
-        return build_dataset(dataset, batch_size, training=training,
-                             image_size=tuple(settings["image_size"]), stride=stride, seed=seed,
-                             with_masks=with_masks)
-    return build_dataset(dataset, batch_size, training=training, min_size=settings["min_size"],
-                         max_size=settings.get("max_size"), stride=stride, seed=seed,
-                         with_masks=with_masks)
+    return build_dataset(dataset, batch_size, training=training, input_settings=input_settings,
+                         seed=seed, with_masks=with_masks)
 
 
 def _register_model_classes():
@@ -301,24 +294,25 @@ def predict_images(model, image_paths, out_dir, class_names=None, score_threshol
     from kerasdet.data.images import read_image
     from kerasdet.visualize import draw_detections, save_png
 
-    settings = input_settings or getattr(model, "kerasdet_input", None) or {}
+    from kerasdet.data.resize import ResizeRule, boxes_to_original
+
+    settings = input_settings or getattr(model, "input_settings", None)
+    if not settings:
+        raise ValueError("the model carries no input settings (it was not made by kerasdet.zoo.load or "
+                         "a kerasdet run): pass input_settings={'min_size': ..., 'max_size': ...}")
+    rule = ResizeRule.from_settings(settings)
+    if class_names is None:
+        class_names = getattr(model, "class_names", None)
     os.makedirs(out_dir, exist_ok=True)
     records = []
     for path in image_paths:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"image {path!r} does not exist")
         image = read_image(path)
-        height, width = image.shape[:2]
-        scale = _input_scale(height, width, settings)
-        new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
-        resized = tf.image.resize(tf.cast(image[None], tf.float32), (new_h, new_w))
-        stride = int(settings.get("stride", 1))
-        pad_h, pad_w = -new_h % stride, -new_w % stride
-        canvas = tf.pad(resized, [[0, 0], [0, pad_h], [0, pad_w], [0, 0]])
-        info = tf.constant([[height, width, new_h / height, new_w / width, new_h, new_w]], tf.float32)
-        out = model.predict_on_batch({"images": canvas, "image_info": info})
+        canvas, info = rule.prepare(tf.constant(image))
+        out = model.predict_on_batch({"images": canvas[None], "image_info": info[None]})
         n = int(np.asarray(out["num_detections"])[0])
-        boxes = np.asarray(out["boxes"])[0, :n] / np.array([new_w / width, new_h / height] * 2)
+        boxes = boxes_to_original(np.asarray(out["boxes"])[0, :n], info.numpy())
         scores = np.asarray(out["scores"])[0, :n]
         classes = np.asarray(out["classes"])[0, :n]
         keep = scores >= score_threshold
@@ -335,18 +329,3 @@ def predict_images(model, image_paths, out_dir, class_names=None, score_threshol
     with open(os.path.join(out_dir, "detections.json"), "w", encoding="utf-8") as handle:
         json.dump(records, handle, indent=2)
     return records
-
-
-def _input_scale(height, width, settings):
-    """Scale that fits the image to the model's input (same rule as the data pipeline)."""
-    if settings.get("image_size"):
-        target_h, target_w = settings["image_size"]
-        return min(target_h / height, target_w / width)
-    if settings.get("min_size"):
-        min_size = settings["min_size"]
-        min_size = min_size[0] if isinstance(min_size, (list, tuple)) else min_size
-        scale = min_size / min(height, width)
-        if settings.get("max_size"):
-            scale = min(scale, settings["max_size"] / max(height, width))
-        return scale
-    return 1.0
