@@ -209,7 +209,8 @@ def _run_train(args):
     if run["stopped_on_nan"]:
         print(run["message"], file=sys.stderr)
         return 3
-    training.evaluate_detector(model, val_ds, data.class_names, args.out)
+    training.evaluate_detector(model, val_ds, data.class_names, args.out, records=data.val,
+                               split=args.val_split)
     print(f"results in {os.path.abspath(args.out)} (metrics.json, model.weights.h5, checkpoints/)")
     return 0
 
@@ -222,7 +223,8 @@ def _run_evaluate(args):
     model = training.resolve_model(args.model, weights=args.weights, num_classes=args.num_classes)
     settings = getattr(model, "kerasdet_input", None) or {"min_size": 800, "max_size": 1333}
     val_ds = training.make_pipeline(data.val, settings, args.batch_size or 8, False)
-    training.evaluate_detector(model, val_ds, data.class_names, args.out)
+    training.evaluate_detector(model, val_ds, data.class_names, args.out, records=data.val,
+                               split=args.val_split)
     return 0
 
 

@@ -143,7 +143,7 @@ def main(argv=None):
             return 3
 
     _step("3/4 evaluation on the held-out images")
-    summary = training.evaluate_detector(model, val_ds, data.class_names, run_dir)
+    summary = training.evaluate_detector(model, val_ds, data.class_names, run_dir, records=data.val)
 
     _step("4/4 SavedModel export (builtin TF ops only) and inference from PNG bytes")
     export_dir = os.path.join(out, "saved_model")

@@ -43,7 +43,7 @@ def main(argv=None):
     if run["stopped_on_nan"]:
         raise SystemExit(run["message"])
     summary = training.evaluate_detector(model, val_ds, data.class_names,
-                                         os.path.join(args.work, "run"))
+                                         os.path.join(args.work, "run"), records=data.val)
 
     zoo_folder = os.path.dirname(entry.source_file)
     file_name = f"{args.entry}.weights.h5"

@@ -21,6 +21,7 @@ import numpy as np
 
 from kerasdet.data.masks import masks_for_record
 from kerasdet.data.records import DetectionDataset
+from kerasdet.data.resize import boxes_to_original
 from kerasdet.evaluation.coco import coco_evaluate, encode_masks, save_coco_results
 from kerasdet.evaluation.masks import paste_masks
 from kerasdet.evaluation.table import format_metrics_table
@@ -171,13 +172,6 @@ def _image_frames(batch, count, records):
     if len(indices) != count:
         raise ValueError(f"image_index must be [{count}], got {len(indices)} entries")
     return canvas, info, indices
-
-
-def boxes_to_original(boxes, info):
-    # Stand-in for kerasdet.data.resize.boxes_to_original until that module lands: network-input
-    # pixels -> original pixels (x / scale x, y / scale y), clipped to the original image.
-    scale = np.array([info[3], info[2], info[3], info[2]], np.float64)
-    return np.clip(np.asarray(boxes, np.float64) / scale, 0.0, [info[1], info[0], info[1], info[0]])
 
 
 def _encode(masks, threshold):

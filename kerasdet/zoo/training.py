@@ -271,17 +271,27 @@ def _jsonable(value):
     return value
 
 
-def evaluate_detector(model, val_ds, class_names=None, out_dir=None, with_masks=False, quiet=False):
-    """VOC mAP@0.5 and COCO AP on a dataset; prints the table, writes OUT/metrics.json."""
+def evaluate_detector(model, val_ds, class_names=None, out_dir=None, with_masks=False, quiet=False,
+                      records=None, split="val"):
+    """VOC mAP@0.5 and COCO AP on a dataset, scored in the original images' pixels; prints the
+    table, writes OUT/metrics.json and OUT/detections_<split>.json (COCO results format).
+
+    ``records``: the DetectionDataset ``val_ds`` was built from; its ground truth (and, for COCO, its
+    annotation file) is what the detections are scored against.
+    """
     from kerasdet.evaluation import evaluate_model, format_metrics_table
 
-    results = evaluate_model(model, val_ds, metrics=("voc", "coco"), class_names=class_names)
+    detections_file = None
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        detections_file = os.path.join(out_dir, f"detections_{split}.json")
+    results = evaluate_model(model, val_ds, metrics=("voc", "coco"), class_names=class_names,
+                             records=records, detections_file=detections_file)
     summary = metrics_summary(results)
     if not quiet:
         print(format_metrics_table(results, class_names))
         print(f"VOC mAP@0.5 {summary['voc_map50']:.4f}   COCO AP {summary['coco_ap']:.4f}")
     if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "metrics.json"), "w", encoding="utf-8") as handle:
             json.dump(_jsonable({**summary, "results": results}), handle, indent=2, sort_keys=True)
     return summary
