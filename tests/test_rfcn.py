@@ -51,27 +51,30 @@ def test_rfcn_learns_the_synthetic_shapes(synthetic_data):
 
 # -- the position-sensitive head against a numpy reference ----------------------------------------
 
-def _round_half_away(v):
-    return np.sign(v) * np.floor(np.abs(v) + 0.5)
+def _rfcn_bins(lo, hi, k, scale, size):
+    """R-FCN's pixel bins along one axis (its Caffe PSROIPooling layer, kerasdet.ops.ps_roi_pool's
+    default): corners rounded in image pixels, then scaled, inclusive end; float32 steps."""
+    f32 = np.float32
+    start = f32(np.sign(lo) * np.floor(abs(float(lo)) + 0.5)) * f32(scale)
+    end = f32(np.sign(hi) * np.floor(abs(float(hi)) + 0.5) + 1.0) * f32(scale)
+    size_bin = f32(max(f32(end - start), f32(0.1)) / f32(k))
+    return [(int(np.clip(np.floor(f32(f32(i) * size_bin) + start), 0, size)),
+             int(np.clip(np.ceil(f32(f32(i + 1) * size_bin) + start), 0, size))) for i in range(k)]
 
 
 def numpy_ps_roi_pool_vote(maps, box, k, out_channels, spatial_scale):
     """R-FCN eq. (1)-(2) from the paper's definition: bin (i, j) of class c averages the pixels of
-    map (c * k + i) * k + j inside the bin (integer bins, kerasdet.ops.ps_roi_pool's rounding),
-    then the score of c is the mean of its k * k bins."""
+    map (c * k + i) * k + j inside the bin (integer bins, R-FCN's rounding), then the score of c
+    is the mean of its k * k bins."""
     height, width, _ = maps.shape
-    x1, y1, x2, y2 = _round_half_away(np.asarray(box, np.float64) * spatial_scale)
-    roi_w, roi_h = max(x2 - x1 + 1, 1.0), max(y2 - y1 + 1, 1.0)
-    bw, bh = roi_w / k, roi_h / k
+    x1, y1, x2, y2 = np.asarray(box, np.float32)
+    rows = _rfcn_bins(y1, y2, k, spatial_scale, height)
+    cols = _rfcn_bins(x1, x2, k, spatial_scale, width)
     scores = np.zeros(out_channels)
     for c in range(out_channels):
         total = 0.0
-        for i in range(k):
-            y_lo = int(np.clip(np.floor(i * bh) + y1, 0, height))
-            y_hi = int(np.clip(np.ceil((i + 1) * bh) + y1, 0, height))
-            for j in range(k):
-                x_lo = int(np.clip(np.floor(j * bw) + x1, 0, width))
-                x_hi = int(np.clip(np.ceil((j + 1) * bw) + x1, 0, width))
+        for i, (y_lo, y_hi) in enumerate(rows):
+            for j, (x_lo, x_hi) in enumerate(cols):
                 region = maps[y_lo:y_hi, x_lo:x_hi, (c * k + i) * k + j]
                 total += region.mean() if region.size else 0.0
         scores[c] = total / (k * k)

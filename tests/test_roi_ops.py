@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from kerasdet.layers.roi_layers import PSRoIPool
 from kerasdet.ops import _kernels, roi
 
 KERNELS = _kernels.library() is not None
@@ -105,14 +106,55 @@ def ref_integer_bins(lo, hi, scale, parts, size):
     return out
 
 
-def ref_roi_pool(features, boxes, box_indices, ph, pw, scale, position_sensitive=False):
+def c_round(v):
+    """C's round() of a float32 value, half away from zero (|v| + 0.5 is exact in float64)."""
+    v = float(np.float32(v))
+    return math.copysign(math.floor(abs(v) + 0.5), v)
+
+
+def ref_rfcn_bins(lo, hi, scale, parts, size):
+    """R-FCN's bins along one axis (Caffe's psroi_pooling_layer.cu), float32 step by step: corners
+    rounded in image pixels, then scaled; inclusive end; at least 0.1 wide; clipped to [0, size]."""
+    f32 = np.float32
+    start = f32(c_round(lo)) * f32(scale)
+    end = f32(c_round(hi) + 1.0) * f32(scale)
+    size_bin = f32(max(f32(end - start), f32(0.1)) / f32(parts))
+    out = []
+    for k in range(parts):
+        first = math.floor(f32(f32(k) * size_bin) + start)
+        last = math.ceil(f32(f32(k + 1) * size_bin) + start)
+        out.append((min(max(first, 0), size), min(max(last, 0), size)))
+    return out
+
+
+def ref_torchvision_bins(lo, hi, scale, parts, size):
+    """torchvision.ops.ps_roi_pool's bins along one axis (its CPU kernel): corners scaled then
+    rounded; no inclusive end; at least 1 pixel; clipped to [0, size - 1] as its forward pass is."""
+    f32 = np.float32
+    start = int(c_round(f32(lo) * f32(scale)))
+    end = int(c_round(f32(hi) * f32(scale)))
+    size_bin = f32(f32(max(end - start, 1)) / f32(parts))
+    out = []
+    for k in range(parts):
+        first = math.floor(f32(k) * size_bin) + start
+        last = math.ceil(f32(k + 1) * size_bin) + start
+        out.append((min(max(first, 0), size - 1), min(max(last, 0), size - 1)))
+    return out
+
+
+REF_BINS = {"fast_rcnn": ref_integer_bins, "rfcn": ref_rfcn_bins,
+            "torchvision": ref_torchvision_bins}
+
+
+def ref_roi_pool(features, boxes, box_indices, ph, pw, scale, position_sensitive=False,
+                 rule="fast_rcnn"):
     c = features.shape[-1]
     c_out = c // (ph * pw) if position_sensitive else c
     out = np.zeros((len(boxes), ph, pw, c_out))
     h, w = features.shape[1:3]
     for r, (x1, y1, x2, y2) in enumerate(boxes):
-        rows = ref_integer_bins(y1, y2, scale, ph, h)
-        cols = ref_integer_bins(x1, x2, scale, pw, w)
+        rows = REF_BINS[rule](y1, y2, scale, ph, h)
+        cols = REF_BINS[rule](x1, x2, scale, pw, w)
         for i, (h0, h1) in enumerate(rows):
             for j, (w0, w1) in enumerate(cols):
                 if h1 <= h0 or w1 <= w0:
@@ -122,6 +164,25 @@ def ref_roi_pool(features, boxes, box_indices, ph, pw, scale, position_sensitive
                     window = features[box_indices[r], h0:h1, w0:w1, ch].astype(np.float64)
                     out[r, i, j, co] = window.mean() if position_sensitive else window.max()
     return out
+
+
+def ref_ps_roi_pool_grad(shape, boxes, box_indices, ph, pw, scale, rule, upstream):
+    """d(sum(upstream * ps_roi_pool))/d(features): each bin's upstream value spread evenly over the
+    pixels of its bin in its channel group."""
+    grad = np.zeros(shape)
+    c_out = shape[-1] // (ph * pw)
+    for r, (x1, y1, x2, y2) in enumerate(boxes):
+        rows = REF_BINS[rule](y1, y2, scale, ph, shape[1])
+        cols = REF_BINS[rule](x1, x2, scale, pw, shape[2])
+        for i, (h0, h1) in enumerate(rows):
+            for j, (w0, w1) in enumerate(cols):
+                if h1 <= h0 or w1 <= w0:
+                    continue
+                for co in range(c_out):
+                    ch = (co * ph + i) * pw + j
+                    grad[box_indices[r], h0:h1, w0:w1, ch] += upstream[r, i, j, co] / (
+                        (h1 - h0) * (w1 - w0))
+    return grad
 
 
 # ------------------------------------------------------------------------------------------------
@@ -172,15 +233,119 @@ def test_roi_pool_matches_reference(impl, size, scale):
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
+# Corners on whole and half pixels (rounding ties before and after scaling), the largest float32
+# below 0.5 (where floor(v + 0.5) and C's round disagree), and boxes ending on the last row and
+# column: the cases where the bin rules part.
+PS_TIE_BOXES = np.array([
+    [3.0, 5.0, 17.0, 13.0],
+    [-3.0, -1.0, 1.0, 3.0],
+    [0.5, 1.5, 20.5, 16.5],
+    [0.49999997, 0.49999997, 4.5, 6.5],
+    [19.0, 15.0, 21.0, 17.0],
+    [0.99, 0.99, 21.01, 17.01],
+    [-2.5, -4.5, 2.5, 4.5],
+], np.float32)
+
+
+def ps_inputs(channels):
+    features, boxes, bi = make_inputs(channels=channels)
+    boxes = np.concatenate([boxes, PS_TIE_BOXES])
+    bi = np.concatenate([bi, np.arange(len(PS_TIE_BOXES)) % 2]).astype(np.int32)
+    return features, boxes, bi
+
+
+PS_POOL_CASES = [((2, 2), 0.5), ((3, 2), 1.0), ((2, 3), 0.25)]
+
+
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("size,scale", [((2, 2), 0.5), ((3, 2), 1.0)])
-def test_ps_roi_pool_matches_reference(impl, size, scale):
-    features, boxes, bi = make_inputs(channels=2 * size[0] * size[1])
+@pytest.mark.parametrize("rule", [None, "rfcn", "torchvision"])
+@pytest.mark.parametrize("size,scale", PS_POOL_CASES)
+def test_ps_roi_pool_matches_reference(impl, rule, size, scale):
+    # rule None: the default, which is R-FCN's.
+    features, boxes, bi = ps_inputs(channels=2 * size[0] * size[1])
+    kwargs = {} if rule is None else {"bin_rule": rule}
     with implementation(impl):
-        got = roi.ps_roi_pool(features, boxes, bi, size, scale).numpy()
-    want = ref_roi_pool(features, boxes, bi, *size, scale, position_sensitive=True)
+        got = roi.ps_roi_pool(features, boxes, bi, size, scale, **kwargs).numpy()
+    want = ref_roi_pool(features, boxes, bi, *size, scale, position_sensitive=True,
+                        rule=rule or "rfcn")
     assert got.shape == (len(boxes), size[0], size[1], 2)
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("size,scale", PS_POOL_CASES)
+def test_ps_roi_pool_test_boxes_tell_the_bin_rules_apart(size, scale):
+    # The references differ on these inputs, so the tests above can tell a rule from another.
+    features, boxes, bi = ps_inputs(channels=2 * size[0] * size[1])
+    refs = {rule: ref_roi_pool(features, boxes, bi, *size, scale, position_sensitive=True,
+                               rule=rule) for rule in REF_BINS}
+    for a, b in (("rfcn", "torchvision"), ("rfcn", "fast_rcnn"), ("torchvision", "fast_rcnn")):
+        assert np.abs(refs[a] - refs[b]).max() > 0.1, (a, b)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("rule", ["rfcn", "torchvision"])
+def test_ps_roi_pool_gradient_matches_reference(impl, rule):
+    features, boxes, bi = ps_inputs(channels=2 * 6)
+    upstream = np.random.default_rng(8).normal(size=(len(boxes), 3, 2, 2)).astype(np.float32)
+    f = tf.constant(features)
+    with implementation(impl), tf.GradientTape() as tape:
+        tape.watch(f)
+        loss = tf.reduce_sum(roi.ps_roi_pool(f, boxes, bi, (3, 2), 0.5, bin_rule=rule) * upstream)
+    got = tf.convert_to_tensor(tape.gradient(loss, f)).numpy()
+    want = ref_ps_roi_pool_grad(features.shape, boxes, bi, 3, 2, 0.5, rule, upstream)
+    assert np.abs(want).max() > 0
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_torchvision_bin_rule_matches_torchvision(torch_reference):
+    """bin_rule="torchvision" against torchvision.ops.ps_roi_pool itself (run in a subprocess,
+    tests/torch_refs/ps_roi_pool.py), and the numpy reference against it too."""
+    cases = np.load(torch_reference("ps_roi_pool") / "cases.npz")
+    names = sorted({key.split("/")[0] for key in cases.files})
+    assert len(names) == 5
+    for name in names:
+        case = {key.split("/")[1]: cases[key] for key in cases.files if key.startswith(name + "/")}
+        size, scale = tuple(int(v) for v in case["output_size"]), float(case["spatial_scale"])
+        want = case["output"]
+        assert np.abs(want).max() > 0
+        ref = ref_roi_pool(case["features"], case["boxes"], case["box_indices"], *size, scale,
+                           position_sensitive=True, rule="torchvision")
+        np.testing.assert_allclose(ref, want, atol=1e-5, rtol=1e-5, err_msg=name)
+        for impl in IMPLS:
+            if impl == "kernel" and not KERNELS:
+                continue
+            f = tf.constant(case["features"])
+            with implementation(impl), tf.GradientTape() as tape:
+                tape.watch(f)
+                out = roi.ps_roi_pool(f, case["boxes"], case["box_indices"], size, scale,
+                                      bin_rule="torchvision")
+                loss = tf.reduce_sum(out * case["upstream"])
+            np.testing.assert_allclose(out.numpy(), want, atol=1e-5, rtol=1e-5,
+                                       err_msg=f"{name} {impl}")
+            if name == "interior_gradient":  # see tests/torch_refs/ps_roi_pool.py
+                grad = tf.convert_to_tensor(tape.gradient(loss, f)).numpy()
+                np.testing.assert_allclose(grad, case["grad_features"], atol=1e-5, rtol=1e-5,
+                                           err_msg=f"{name} {impl}")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bad_bin_rule_names_the_argument(impl):
+    features, boxes, bi = ps_inputs(channels=8)
+    with implementation(impl), pytest.raises(ValueError, match="bin_rule"):
+        roi.ps_roi_pool(features, boxes, bi, 2, 0.5, bin_rule="caffe")
+    with pytest.raises(ValueError, match="bin_rule"):
+        PSRoIPool(2, 0.5, bin_rule="fast_rcnn")
+
+
+def test_ps_roi_pool_layer_passes_its_bin_rule_and_keeps_it_in_its_config():
+    features, boxes, bi = ps_inputs(channels=8)
+    for rule in ("rfcn", "torchvision"):
+        layer = PSRoIPool.from_config(PSRoIPool(2, 0.5, bin_rule=rule).get_config())
+        assert layer.bin_rule == rule
+        np.testing.assert_allclose(layer(features, boxes, bi).numpy(),
+                                   ref_roi_pool(features, boxes, bi, 2, 2, 0.5, True, rule),
+                                   atol=1e-5, rtol=1e-5)
+    assert PSRoIPool(2).bin_rule == "rfcn"
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -250,6 +415,8 @@ def _random_problem(channels, rois=24, seed=3):
 OPS = {
     "roi_pool": (8, lambda f, b, i, o: roi.roi_pool(f, b, i, (3, 2), 0.25)),
     "ps_roi_pool": (12, lambda f, b, i, o: roi.ps_roi_pool(f, b, i, (3, 2), 0.25)),
+    "ps_roi_pool_torchvision": (12, lambda f, b, i, o: roi.ps_roi_pool(
+        f, b, i, (3, 2), 0.25, bin_rule="torchvision")),
     "roi_align": (8, lambda f, b, i, o: roi.roi_align(f, b, i, (3, 2), 0.25, 0, True)),
     "roi_align_legacy": (8, lambda f, b, i, o: roi.roi_align(f, b, i, (3, 2), 0.25, 2, False)),
     "ps_roi_align": (12, lambda f, b, i, o: roi.ps_roi_align(f, b, i, (3, 2), 0.25, 2)),
@@ -326,6 +493,8 @@ def _traced(fn, *shapes):
 GRAD_CASES = {
     "roi_pool": (3, lambda f: roi.roi_pool(f, BOXES, BI, 2, 0.5)),
     "ps_roi_pool": (8, lambda f: roi.ps_roi_pool(f, BOXES, BI, 2, 0.5)),
+    "ps_roi_pool_torchvision": (8, lambda f: roi.ps_roi_pool(f, BOXES, BI, 2, 0.5,
+                                                             bin_rule="torchvision")),
     "roi_align": (3, lambda f: roi.roi_align(f, BOXES, BI, 2, 0.5, 2, True)),
     "ps_roi_align": (8, lambda f: roi.ps_roi_align(f, BOXES, BI, 2, 0.5, 0)),
 }
@@ -497,20 +666,52 @@ def test_inside_tf_function_with_dynamic_shapes(impl):
     assert [o.shape[-1] for o in outs] == [8, 8, 2, 2, 8, 2]
 
 
-@pytest.mark.parametrize("op", ["ps_roi_pool", "roi_pool", "roi_align", "ps_roi_align"])
-def test_fallback_in_a_graph_equals_the_eager_fallback_at_exact_bin_boundaries(op):
-    # Inside tf.function TensorFlow rewrites x / 7 as x * (1 / 7), one ulp off: 10 * (1 / 7) * 7
-    # ceils to 11 instead of 10, and 14 / 7 ceils to 3 samples instead of 2. RoI sizes that are
-    # multiples of the bin count hit exactly those cases.
+def _boundary_problem():
+    """RoIs whose sides are multiples of 7 feature pixels at stride 8, 7x7 bins."""
     rng = np.random.default_rng(0)
     features = tf.constant(rng.normal(size=(2, 16, 16, 196)).astype(np.float32))
     starts = rng.integers(0, 40, (64, 2)).astype(np.float32)
     sides = rng.integers(1, 9, (64, 2)).astype(np.float32) * 7.0 - 1.0
     boxes = tf.constant(np.concatenate([starts, starts + sides], 1))
     indices = tf.constant(rng.integers(0, 2, 64).astype(np.int32))
-    fn = getattr(roi, op)
+    return features, boxes, indices
+
+
+def _ps_roi_pool_torchvision(*args, **kwargs):
+    return roi.ps_roi_pool(*args, bin_rule="torchvision", **kwargs)
+
+
+BOUNDARY_OPS = {"ps_roi_pool": roi.ps_roi_pool, "ps_roi_pool_torchvision": _ps_roi_pool_torchvision,
+                "roi_pool": roi.roi_pool, "roi_align": roi.roi_align,
+                "ps_roi_align": roi.ps_roi_align}
+
+
+@pytest.mark.parametrize("op", sorted(BOUNDARY_OPS))
+def test_fallback_in_a_graph_equals_the_eager_fallback_at_exact_bin_boundaries(op):
+    # Inside tf.function TensorFlow rewrites x / 7 as x * (1 / 7), one ulp off: 10 * (1 / 7) * 7
+    # ceils to 11 instead of 10, and 14 / 7 ceils to 3 samples instead of 2. RoI sizes that are
+    # multiples of the bin count hit exactly those cases.
+    features, boxes, indices = _boundary_problem()
+    fn = BOUNDARY_OPS[op]
     with _kernels.pure_tf():
         eager = fn(features, boxes, indices, 7, spatial_scale=1 / 8).numpy()
         graph = tf.function(lambda f, b, i: fn(f, b, i, 7, spatial_scale=1 / 8))(
             features, boxes, indices).numpy()
     np.testing.assert_allclose(graph, eager, atol=1e-5)
+
+
+@pytest.mark.skipif(not KERNELS, reason="compiled kernels not built")
+@pytest.mark.parametrize("rule", ["rfcn", "torchvision"])
+@pytest.mark.parametrize("scale", [1 / 8, 1 / 16, 0.3])
+def test_ps_roi_pool_kernel_equals_fallback_and_reference_at_exact_bin_boundaries(rule, scale):
+    # Bin edges start + k * size that land on (or one rounding away from) an integer: kernel,
+    # graph fallback and the step-by-step float32 reference must take the same pixel.
+    features, boxes, indices = _boundary_problem()
+    features = features[..., :98]
+    want = ref_roi_pool(features.numpy(), boxes.numpy(), indices.numpy(), 7, 7, scale,
+                        position_sensitive=True, rule=rule)
+    for impl in IMPLS:
+        with implementation(impl):
+            got = tf.function(lambda f, b, i: roi.ps_roi_pool(f, b, i, 7, scale, bin_rule=rule))(
+                features, boxes, indices).numpy()
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5, err_msg=impl)

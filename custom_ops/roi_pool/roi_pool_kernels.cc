@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cfloat>
 #include <cstring>
+#include <string>
 
 #include "common/roi_inputs.h"
 #include "roi_pool/roi_pool_core.h"
@@ -134,6 +135,13 @@ class RoIPoolFamilyBase : public OpKernel {
   explicit RoIPoolFamilyBase(OpKernelConstruction* ctx) : OpKernel(ctx) {
     ReadPooledSize(ctx, &pooled_h_, &pooled_w_);
     OP_REQUIRES_OK(ctx, ctx->GetAttr("spatial_scale", &spatial_scale_));
+    bin_rule_ = kFastRCNN;
+    if (PS) {
+      // The op registration restricts the attr to these two values.
+      std::string rule;
+      OP_REQUIRES_OK(ctx, ctx->GetAttr("bin_rule", &rule));
+      bin_rule_ = rule == "torchvision" ? kTorchvision : kRFCN;
+    }
   }
 
  protected:
@@ -149,6 +157,7 @@ class RoIPoolFamilyBase : public OpKernel {
     p->pooled_w = pooled_w_;
     p->spatial_scale = spatial_scale_;
     p->position_sensitive = PS;
+    p->bin_rule = bin_rule_;
     p->out_channels = p->channels;
     if (PS) {
       const int bins = pooled_h_ * pooled_w_;
@@ -213,6 +222,7 @@ class RoIPoolFamilyBase : public OpKernel {
 
   int pooled_h_, pooled_w_;
   float spatial_scale_;
+  int bin_rule_;  // a BinRule
 };
 
 // Status of a CUDA launcher's return code.

@@ -63,8 +63,10 @@ REGISTER_OP("KerasDet>PSRoIPool")
     .Attr("pooled_height: int")
     .Attr("pooled_width: int")
     .Attr("spatial_scale: float = 1.0")
+    .Attr("bin_rule: {'rfcn', 'torchvision'} = 'rfcn'")
     .SetShapeFn(kerasdet::PSRoIPoolShape)
-    .Doc("R-FCN position-sensitive RoI pooling (average voting), NHWC.");
+    .Doc("R-FCN position-sensitive RoI pooling (average voting), NHWC. bin_rule: the pixel "
+         "bins of R-FCN's Caffe layer (rfcn) or of torchvision.ops.ps_roi_pool (torchvision).");
 
 REGISTER_OP("KerasDet>PSRoIPoolGrad")
     .Input("grad: float")
@@ -75,4 +77,5 @@ REGISTER_OP("KerasDet>PSRoIPoolGrad")
     .Attr("pooled_height: int")
     .Attr("pooled_width: int")
     .Attr("spatial_scale: float = 1.0")
+    .Attr("bin_rule: {'rfcn', 'torchvision'} = 'rfcn'")
     .SetShapeFn(kerasdet::GradFromShapeTensor);

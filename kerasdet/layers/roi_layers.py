@@ -77,12 +77,26 @@ class RoIPool(_RoIPoolingLayer):
 
 @keras.saving.register_keras_serializable(package="kerasdet")
 class PSRoIPool(_RoIPoolingLayer):
-    """R-FCN position-sensitive RoI pooling with average voting (``kerasdet.ops.ps_roi_pool``)."""
+    """R-FCN position-sensitive RoI pooling with average voting (``kerasdet.ops.ps_roi_pool``).
+
+    ``bin_rule``: "rfcn" (R-FCN's reference pixel bins, the default) or "torchvision"
+    (torchvision.ops.ps_roi_pool's, for weights trained with it).
+    """
 
     position_sensitive = True
 
+    def __init__(self, output_size, spatial_scale=1.0, bin_rule="rfcn", **kwargs):
+        super().__init__(output_size, spatial_scale, **kwargs)
+        self.bin_rule = roi.check_ps_bin_rule(type(self).__name__, bin_rule)
+
     def _pool(self, features, boxes, box_indices):
-        return roi.ps_roi_pool(features, boxes, box_indices, self.output_size, self.spatial_scale)
+        return roi.ps_roi_pool(features, boxes, box_indices, self.output_size, self.spatial_scale,
+                               bin_rule=self.bin_rule)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(bin_rule=self.bin_rule)
+        return config
 
 
 @keras.saving.register_keras_serializable(package="kerasdet")

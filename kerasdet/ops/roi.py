@@ -20,8 +20,20 @@ Definitions (the compiled kernels and the fallbacks implement exactly these):
     max(x2 - x1 + 1, 1) pixels wide (inclusive end); bin j spans columns
     [floor(j * bw) + x1, ceil((j + 1) * bw) + x1) clipped to the map, bw = width / pw; the bin's
     maximum, or 0 for an empty bin. The gradient goes to the arg-max pixel.
-  * ps_roi_pool (R-FCN): the bins of roi_pool, averaged (average voting) over the bin's pixels of
-    the bin's channel group; an empty bin gives 0.
+  * ps_roi_pool: the average (average voting) over bin (i, j)'s pixels of the bin's channel group;
+    an empty bin gives 0. Two bin rules, in float32 with every product and sum rounded on its own:
+    - bin_rule="rfcn" (default; R-FCN's Caffe layer psroi_pooling_layer.cu): the corners are
+      rounded half away from zero in image pixels, then scaled, the end one image pixel further
+      (inclusive end): x1' = round(x1) * scale, x2' = (round(x2) + 1) * scale; the RoI is
+      w = max(x2' - x1', 0.1) feature pixels wide and bin j spans columns
+      [floor(x1' + j * bw), ceil(x1' + (j + 1) * bw)) clipped to [0, W], bw = w / pw.
+    - bin_rule="torchvision" (torchvision.ops.ps_roi_pool): x1' = round(x1 * scale),
+      x2' = round(x2 * scale) (half away from zero), w = max(x2' - x1', 1) (no inclusive end); bin j
+      spans [floor(j * bw) + x1', ceil((j + 1) * bw) + x1') clipped to [0, W - 1], as torchvision's
+      forward pass clips (its last row and column never count; its backward pass clips to W, so
+      its gradient differs from the derivative of its output on bins that reach them; ours is the
+      derivative).
+    Rows the same with y, h, ph and H.
   * roi_align (Mask R-CNN, Detectron2 ROIAlign): corners scaled, minus 0.5 when aligned; unaligned
     RoIs are at least 1x1; bin (i, j) of size (h / ph, w / pw) holds grid_h x grid_w samples at
     the centers of a regular sub-grid, grid = sampling_ratio, or ceil(bin size) when
@@ -132,6 +144,16 @@ def _checked_fallback_inputs(op, features, boxes, box_indices, ph, pw, position_
         return tf.identity(box_indices), boxes
 
 
+PS_BIN_RULES = ("rfcn", "torchvision")
+
+
+def check_ps_bin_rule(op, bin_rule):
+    """`bin_rule` of ps_roi_pool, checked (the error names the argument)."""
+    if bin_rule not in PS_BIN_RULES:
+        raise ValueError(f"{op}: `bin_rule` must be one of {PS_BIN_RULES}, got {bin_rule!r}")
+    return bin_rule
+
+
 def _kernel(name):
     return getattr(_kernels.library(), name)
 
@@ -157,20 +179,26 @@ def roi_pool(features, boxes, box_indices, output_size, spatial_scale=1.0):
     return tf.cast(out, dtype)
 
 
-def ps_roi_pool(features, boxes, box_indices, output_size, spatial_scale=1.0):
+def ps_roi_pool(features, boxes, box_indices, output_size, spatial_scale=1.0, bin_rule="rfcn"):
     """R-FCN position-sensitive RoI pooling with average voting.
+
+    Args:
+      bin_rule: "rfcn" (R-FCN's reference layer, the default) or "torchvision"
+        (torchvision.ops.ps_roi_pool's pixel bins); see the module docstring.
+      Others as in the module docstring.
 
     Returns [R, ph, pw, C / (ph * pw)] in the dtype of ``features``.
     """
+    bin_rule = check_ps_bin_rule("ps_roi_pool", bin_rule)
     features, boxes, box_indices, _, ph, pw, dtype = _prepare(
         "ps_roi_pool", features, boxes, box_indices, output_size, True)
     if _kernels.use_kernels():
         out = _kernel("kerasdet_ps_roi_pool")(
             features=features, boxes=boxes, box_indices=box_indices, pooled_height=ph,
-            pooled_width=pw, spatial_scale=float(spatial_scale))
+            pooled_width=pw, spatial_scale=float(spatial_scale), bin_rule=bin_rule)
     else:
         out = _integer_bin_pool_tf("ps_roi_pool", features, boxes, box_indices, ph, pw,
-                                   float(spatial_scale), position_sensitive=True)
+                                   float(spatial_scale), position_sensitive=True, rule=bin_rule)
     return tf.cast(out, dtype)
 
 
@@ -405,9 +433,56 @@ def _round_half_away(v):
     return tf.sign(v) * tf.floor(tf.abs(v) + 0.5)
 
 
+def _c_round(v):
+    """C's roundf, exactly: half away from zero. Unlike floor(|v| + 0.5) this stays right where
+    |v| + 0.5 rounds up in float32 (v = 0.49999997 gives 0, as roundf does)."""
+    whole = tf.sign(v) * tf.floor(tf.abs(v))
+    # The fractional part v - whole is exact in float32, so the tie test is exact.
+    return whole + tf.sign(v) * tf.cast(tf.abs(v - whole) >= 0.5, v.dtype)
+
+
+def _fast_rcnn_bins(lo, hi, parts, size, spatial_scale):
+    """roi_pool's float bin edges [R, parts] (see the module docstring), not yet clipped."""
+    start = _round_half_away(lo * spatial_scale)
+    end = _round_half_away(hi * spatial_scale)
+    bin_size = _divide(tf.maximum(end - start + 1.0, 1.0), parts)
+    k = tf.cast(tf.range(parts), tf.float32)
+    first = tf.floor(k[None, :] * bin_size[:, None]) + start[:, None]
+    last = tf.math.ceil((k[None, :] + 1.0) * bin_size[:, None]) + start[:, None]
+    return first, last, tf.cast(size, tf.float32)
+
+
+def _rfcn_bins(lo, hi, parts, size, spatial_scale):
+    """R-FCN's float bin edges (Caffe's PSROIPooling): corners rounded in image pixels, then
+    scaled, inclusive end, RoI at least 0.1 feature pixels."""
+    start = _c_round(lo) * spatial_scale
+    end = (_c_round(hi) + 1.0) * spatial_scale
+    bin_size = _divide(tf.maximum(end - start, 0.1), parts)
+    k = tf.cast(tf.range(parts), tf.float32)
+    first = tf.floor(k[None, :] * bin_size[:, None] + start[:, None])
+    last = tf.math.ceil((k[None, :] + 1.0) * bin_size[:, None] + start[:, None])
+    return first, last, tf.cast(size, tf.float32)
+
+
+def _torchvision_bins(lo, hi, parts, size, spatial_scale):
+    """torchvision.ops.ps_roi_pool's float bin edges: no inclusive end, RoI at least 1 pixel, and
+    clipped one pixel short of the map's end like torchvision's forward pass."""
+    start = _c_round(lo * spatial_scale)
+    end = _c_round(hi * spatial_scale)
+    bin_size = _divide(tf.maximum(end - start, 1.0), parts)
+    k = tf.cast(tf.range(parts), tf.float32)
+    first = tf.floor(k[None, :] * bin_size[:, None]) + start[:, None]
+    last = tf.math.ceil((k[None, :] + 1.0) * bin_size[:, None]) + start[:, None]
+    return first, last, tf.cast(tf.maximum(size - 1, 0), tf.float32)
+
+
+_BIN_RULES = {"fast_rcnn": _fast_rcnn_bins, "rfcn": _rfcn_bins, "torchvision": _torchvision_bins}
+
+
 def _integer_bin_pool_tf(op, features, boxes, box_indices, ph, pw, spatial_scale,
-                         position_sensitive):
-    """RoIPool (max) / PSRoIPool (average) over integer pixel bins with builtin ops only."""
+                         position_sensitive, rule="fast_rcnn"):
+    """RoIPool (max) / PSRoIPool (average) over integer pixel bins with builtin ops only; `rule`
+    names the bin rule: "fast_rcnn" (roi_pool), "rfcn" or "torchvision" (ps_roi_pool)."""
     box_indices, boxes = _checked_fallback_inputs(op, features, boxes, box_indices, ph, pw,
                                                   position_sensitive)
     shape = tf.shape(features)
@@ -416,15 +491,8 @@ def _integer_bin_pool_tf(op, features, boxes, box_indices, ph, pw, spatial_scale
     num_rois = tf.shape(boxes)[0]
 
     def bins(lo, hi, parts, size):
-        start = _round_half_away(lo * spatial_scale)
-        end = _round_half_away(hi * spatial_scale)
-        length = tf.maximum(end - start + 1.0, 1.0)
-        bin_size = _divide(length, parts)
-        k = tf.cast(tf.range(parts), tf.float32)
-        first = tf.floor(k[None, :] * bin_size[:, None]) + start[:, None]
-        last = tf.math.ceil((k[None, :] + 1.0) * bin_size[:, None]) + start[:, None]
+        first, last, limit = _BIN_RULES[rule](lo, hi, parts, size, spatial_scale)
         # Clip in float before the cast so that huge coordinates cannot overflow int32.
-        limit = tf.cast(size, tf.float32)
         first = tf.cast(tf.clip_by_value(first, 0.0, limit), tf.int32)
         last = tf.cast(tf.clip_by_value(last, 0.0, limit), tf.int32)
         return first, last  # [R, parts]
@@ -508,7 +576,8 @@ def _register_gradients():
         gf = _kernel("kerasdet_ps_roi_pool_grad")(
             grad=grad, boxes=op.inputs[1], box_indices=op.inputs[2],
             features_shape=tf.shape(op.inputs[0]),
-            **_attrs(op, ("pooled_height", "pooled_width", "spatial_scale")))
+            **_attrs(op, ("pooled_height", "pooled_width", "spatial_scale")),
+            bin_rule=op.get_attr("bin_rule").decode())
         return [gf, None, None]
 
     def roi_align_grad(op, grad):
