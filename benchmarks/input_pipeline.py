@@ -1,8 +1,11 @@
 """Input-pipeline throughput (decode + augment + resize + batch) on a generated synthetic data set.
 
 Prints one JSON object: per setting, the steady-state images/s of a repeating pipeline over
-``--epochs`` x ``--num-images`` images, and the iterator start-up time (first batch of a fresh
-iterator) that a finite data set pays at every epoch.
+``--epochs`` x ``--num-images`` images, the iterator start-up time (first batch of a fresh
+iterator) that a finite data set pays at every epoch, and the bytes per image of a batch. A
+``memory`` entry gives the batch bytes per image with instance masks at ``--memory-image-size``
+(800 x 1333 by default, padded to stride 32) with ``--memory-objects`` object slots, next to what
+image-sized uint8 masks of the same slots would take.
 
     python benchmarks/input_pipeline.py --num-images 256 --batch-size 8 --epochs 2
 """
@@ -31,6 +34,16 @@ SETTINGS = {
 }
 
 
+def batch_bytes_per_image(batch):
+    """Bytes of all tensors of one batch divided by its images, and of its `masks` alone."""
+    import tensorflow as tf
+
+    images = int(batch["images"].shape[0])
+    total = sum(t.numpy().nbytes for t in tf.nest.flatten(batch))
+    masks = batch["masks"].numpy().nbytes if "masks" in batch else 0
+    return total // images, masks // images
+
+
 def measure(make, num_images, batch_size, epochs):
     """Steady-state images/s of a repeating pipeline, and the start-up cost of a finite one.
 
@@ -39,8 +52,9 @@ def measure(make, num_images, batch_size, epochs):
     """
     finite = make(repeat=False)
     start = time.perf_counter()
-    next(iter(finite))
+    first = next(iter(finite))
     startup = time.perf_counter() - start
+    per_image, _ = batch_bytes_per_image(first)
     batches = max(1, epochs * num_images // batch_size)
     iterator = iter(make(repeat=True))
     next(iterator)  # warm-up: tracing already done, buffers filling
@@ -48,7 +62,28 @@ def measure(make, num_images, batch_size, epochs):
     images = sum(int(next(iterator)["images"].shape[0]) for _ in range(batches))
     elapsed = time.perf_counter() - start
     return {"images_per_second": round(images / elapsed, 1),
-            "iterator_startup_seconds": round(startup, 2), "timed_images": images}
+            "iterator_startup_seconds": round(startup, 2), "timed_images": images,
+            "batch_bytes_per_image": per_image}
+
+
+def measure_memory(workdir, image_size, objects, seed):
+    """Batch bytes per image with instance masks on large images with many object slots."""
+    from kerasdet.data.pipeline import build_dataset
+    from kerasdet.data.synthetic import make_dataset
+
+    dataset = make_dataset(os.path.join(workdir, "large"), 2, seed=seed, image_size=image_size,
+                           object_size=(16, 96), max_objects=objects)
+    ds = build_dataset(dataset, 2, training=True, min_size=min(image_size),
+                       max_size=max(image_size), stride=32, with_masks=True, max_boxes=objects,
+                       seed=seed)
+    batch = next(iter(ds))
+    per_image, masks = batch_bytes_per_image(batch)
+    _, height, width, _ = batch["images"].shape
+    return {"canvas": [int(height), int(width)], "object_slots": objects,
+            "objects_in_images": [r.num_objects for r in dataset.records],
+            "mask_grid": list(batch["masks"].shape[2:]), "mask_dtype": batch["masks"].dtype.name,
+            "batch_bytes_per_image": per_image, "mask_bytes_per_image": masks,
+            "image_sized_uint8_mask_bytes_per_image": objects * int(height) * int(width)}
 
 
 def main(argv=None):
@@ -61,6 +96,10 @@ def main(argv=None):
     parser.add_argument("--settings", nargs="*", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default=None, help="where to write the data (default: a temp dir)")
+    parser.add_argument("--memory-image-size", type=int, nargs=2, default=(800, 1333),
+                        metavar=("H", "W"), help="image size of the mask memory figure")
+    parser.add_argument("--memory-objects", type=int, default=100,
+                        help="object slots (max_boxes) of the mask memory figure")
     args = parser.parse_args(argv)
 
     import tensorflow as tf
@@ -85,13 +124,14 @@ def main(argv=None):
                                  seed=args.seed, max_boxes=8, repeat=repeat, **kwargs)
 
         results[name] = measure(make, args.num_images, args.batch_size, args.epochs)
+    memory = measure_memory(workdir, tuple(args.memory_image_size), args.memory_objects, args.seed)
     print(json.dumps({
         "benchmark": "input_pipeline",
         "num_images": args.num_images, "image_size": list(args.image_size),
         "batch_size": args.batch_size, "epochs": args.epochs,
         "generate_seconds": round(generate_seconds, 2),
         "cpu_count": os.cpu_count(), "tensorflow": tf.__version__, "python": platform.python_version(),
-        "results": results,
+        "results": results, "memory": memory,
     }, indent=2))
 
 

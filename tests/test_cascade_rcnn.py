@@ -465,7 +465,11 @@ def one_object_masks():
     masks[0, 0, 8:38, 6:28] = 1
     masks[1, 0, 14:48, 12:56] = 1
     masks[1, 1, 3:19, 32:58] = 1
-    return masks
+    # The pipeline's layout: each mask as a grid over its box.
+    from kerasdet.data.mask_grids import crop_masks_to_boxes
+
+    boxes = one_object_batch()["bounding_boxes"]["boxes"]
+    return np.stack([crop_masks_to_boxes(m, b, 28).numpy() for m, b in zip(masks, boxes)])
 
 
 def test_mask_loss_uses_the_last_stage_foreground_rois():
@@ -474,7 +478,8 @@ def test_mask_loss_uses_the_last_stage_foreground_rois():
     roi_features, sampled, gt_boxes, gt_labels, shapes = _features_and_targets(model, batch)
     _, last = model.cascade_losses(roi_features, sampled, gt_boxes, gt_labels, shapes)
     masks = one_object_masks()
-    loss = model.mask_loss(roi_features, last, masks).numpy()
+    gt_boxes = batch["bounding_boxes"]["boxes"].numpy()
+    loss = model.mask_loss(roi_features, last, masks, gt_boxes).numpy()
     # numpy reference: the first (up to) 6 foreground RoIs of each image at IoU >= 0.7, the
     # sigmoid cross entropy of their class's channel against the matched mask cropped to the RoI.
     from kerasdet.heads.mask_head import mask_targets
@@ -485,8 +490,8 @@ def test_mask_loss_uses_the_last_stage_foreground_rois():
         fg = np.flatnonzero(labels[b] > 0)[:6]
         assert len(fg) > 0
         rois = tf.constant(last["rois"].numpy()[b][fg][None])
-        targets = mask_targets(masks[b:b + 1], rois, last["matched_index"].numpy()[b][fg][None],
-                               28).numpy()[0]
+        targets = mask_targets(masks[b:b + 1], gt_boxes[b:b + 1], rois,
+                               last["matched_index"].numpy()[b][fg][None], 28).numpy()[0]
         features_b = [f[b:b + 1] for f in roi_features]
         logits = model.mask_logits(features_b, rois).numpy()[0]
         for i, r in enumerate(fg):

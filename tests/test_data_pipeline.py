@@ -8,9 +8,10 @@ from PIL import Image
 
 from kerasdet.data import BadInputError, DetectionDataset, DetectionRecord
 from kerasdet.data.images import read_image
-from kerasdet.data.masks import mask_bounding_box
+from kerasdet.data.masks import masks_for_record
 from kerasdet.data.pipeline import build_dataset
 from kerasdet.data.synthetic import make_dataset
+from mask_reference import resample_reference
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +70,8 @@ def test_structure_resize_math_and_padding(mixed, mode_name):
         assert bb["labels"].dtype == np.int32 and bb["difficult"].dtype == bool
         assert bb["boxes"].shape == (B, n, 4) and bb["labels"].shape == (B, n)
         assert bb["iscrowd"].shape == (B, n) and b["image_info"].shape == (B, 6)
-        assert b["masks"].shape == (B, n, H, W) and b["masks"].dtype == np.uint8
+        # Per-object grids of one size whatever the image size (not [B, N, H, W] masks).
+        assert b["masks"].shape == (B, n, 112, 112) and b["masks"].dtype == np.float16
         if mode["kind"] == "short":
             assert H % 32 == 0 and W % 32 == 0
         else:
@@ -90,9 +92,12 @@ def test_structure_resize_math_and_padding(mixed, mode_name):
             original = read_image(mixed.image_file(rec))
             np.testing.assert_allclose(images[i, :nh, :nw], _bilinear_np(original, nh, nw), atol=1e-2)
             assert (images[i, nh:] == 0).all() and (images[i, :, nw:] == 0).all()
-            for j in range(k):  # nearest-resized masks stay on their scaled boxes
-                np.testing.assert_allclose(mask_bounding_box(b["masks"][i, j]), bb["boxes"][i, j],
-                                           atol=max(sx, sy, 1 / sx, 1 / sy) + 0.5)
+            # Each grid is the object's original mask resampled over its (original) box.
+            full = masks_for_record(rec)
+            for j in range(k):
+                expected = resample_reference(full[j], (0, 0, rec.width, rec.height), rec.boxes[j],
+                                              112)
+                np.testing.assert_allclose(b["masks"][i, j], expected, atol=2e-3)
             assert (b["masks"][i, k:] == 0).all()
     assert seen == list(range(len(mixed)))  # no shuffling in evaluation
 
@@ -206,13 +211,21 @@ def test_scale_jitter_letterbox_crops_to_canvas_and_keeps_boxes_on_objects(mixed
                 assert 0 <= box[0] < box[2] <= nw and 0 <= box[1] < box[3] <= nh
                 if min(box[2] - box[0], box[3] - box[1]) < 3:
                     continue  # slivers at the crop edge / tiny objects may miss every pixel centre
-                extent = mask_bounding_box(b["masks"][i, j])
-                assert b["masks"][i, j].any()
-                # The mask lies inside its box (a cropped disk's mask may be smaller than its clipped
-                # box); nearest-neighbour resampling at scales up to ~2.7 moves edges by < 2 px.
-                assert (extent[:2] >= box[:2] - 2).all() and (extent[2:] <= box[2:] + 2).all()
-                assert (extent[2:] - extent[:2] > 0).all()
+                # The grid was re-cropped with its clipped box: it still holds the object.
+                assert b["masks"][i, j].max() >= 0.5
     assert len(valid_sizes) > 3
+
+
+def test_mask_grids_keep_their_size_whatever_the_image_size(mixed):
+    # 24 x 24 grids for small and for upscaled (~10x) images alike: memory is per object, not per
+    # pixel of the canvas.
+    for kwargs in (dict(image_size=(64, 80)), dict(min_size=400, max_size=1000, stride=32)):
+        b = next(iter(build_dataset(mixed, 3, with_masks=True, mask_size=24, **kwargs)))
+        assert b["masks"].shape == (3, mixed.max_objects(), 24, 24)
+        labels = b["bounding_boxes"]["labels"].numpy()
+        assert (b["masks"].numpy().max(axis=(2, 3)) >= 0.5)[labels >= 0].all()
+    with pytest.raises(ValueError, match="mask_size"):
+        build_dataset(mixed, 3, image_size=(64, 80), with_masks=True, mask_size=0)
 
 
 def test_scale_jitter_shorter_side(mixed):

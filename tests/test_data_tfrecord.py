@@ -9,6 +9,7 @@ from kerasdet.data.masks import masks_for_record
 from kerasdet.data.pipeline import build_dataset
 from kerasdet.data.synthetic import make_dataset
 from kerasdet.data.tfrecord import read_tfrecord, write_tfrecord
+from mask_reference import resample_reference
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,7 @@ def _np(sample):
 def test_round_trip_with_masks(coco, tmp_path, num_shards):
     files = write_tfrecord(coco, str(tmp_path / "train.tfrecord"), num_shards=num_shards)
     assert len(files) == num_shards
-    samples = [_np(s) for s in read_tfrecord(files, with_masks=True)]
+    samples = [_np(s) for s in read_tfrecord(files, with_masks=True, mask_size=20)]
     assert sorted(s["image_index"] for s in samples) == list(range(len(coco)))
     for s in samples:
         rec = coco.records[s["image_index"]]
@@ -36,7 +37,12 @@ def test_round_trip_with_masks(coco, tmp_path, num_shards):
         np.testing.assert_array_equal(s["labels"], rec.labels)
         np.testing.assert_array_equal(s["difficult"], rec.difficult)
         np.testing.assert_array_equal(s["iscrowd"], rec.iscrowd)
-        np.testing.assert_array_equal(s["masks"], masks_for_record(rec))
+        # The stored PNGs come back as each object's mask cropped to its box on a 20 x 20 grid.
+        full = masks_for_record(rec)
+        assert s["masks"].shape == (rec.num_objects, 20, 20)
+        for grid, mask, box in zip(s["masks"], full, rec.boxes):
+            np.testing.assert_allclose(grid, resample_reference(mask, (0, 0, rec.width, rec.height),
+                                                                box, 20), atol=2e-3)
         assert s["boxes"].dtype == np.float32 and s["labels"].dtype == np.int32
 
 

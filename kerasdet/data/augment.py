@@ -1,14 +1,17 @@
 """Box-aware augmentation on single samples, in pure TensorFlow (runs inside tf.data.Dataset.map).
 
 A *sample* is a dict: ``image`` float32 [h, w, 3] (RGB, 0..255), ``boxes`` float32 [n, 4] (x1, y1, x2, y2)
-in pixels, ``labels`` int32 [n], ``difficult`` / ``iscrowd`` bool [n], optional ``masks`` uint8 [n, h, w];
-other keys pass through. Every function takes an explicit stateless ``seed`` (int32/int64 [2]) so that
-a seeded pipeline repeats exactly, whatever the parallelism.
+in pixels, ``labels`` int32 [n], ``difficult`` / ``iscrowd`` bool [n], optional ``masks`` [n, M, M]: each
+object's mask as a grid covering its box (kerasdet.data.mask_grids), so geometric steps move a grid
+with its box: a flip mirrors it, expand and resize leave it as it is (its box moves and scales), and
+a crop or clip that cuts a box re-crops the grid to the part kept. Other keys pass through. Every
+function takes an explicit stateless ``seed`` (int32/int64 [2]) so that a seeded pipeline repeats
+exactly, whatever the parallelism.
 
 Why not Keras 3's RandomFlip / RandomCrop / RandomZoom (they do support bounding boxes): measured in
 tf.data with ``seed=1`` and ``num_parallel_calls=2``, RandomFlip gave a different flip sequence in each
-run and each process, so a seeded pipeline would not repeat; they also cannot move instance masks of
-shape [n, h, w] with the boxes, and RandomCrop has no minimum-IoU sampling (SSD's crop needs it).
+run and each process, so a seeded pipeline would not repeat; they also cannot move instance masks
+with the boxes, and RandomCrop has no minimum-IoU sampling (SSD's crop needs it).
 The photometric steps do use TensorFlow's stateless ``tf.image.stateless_random_*`` ops, and the IoU of
 the crop sampler is ``keras.utils.bounding_boxes.compute_iou``.
 
@@ -20,6 +23,8 @@ from __future__ import annotations
 
 import tensorflow as tf
 from keras.utils import bounding_boxes as keras_boxes
+
+from kerasdet.data.mask_grids import recrop_grids
 
 OBJECT_KEYS = ("boxes", "labels", "difficult", "iscrowd", "masks")
 # ImageNet RGB mean, the fill SSD uses for the expand canvas.
@@ -45,18 +50,21 @@ def filter_objects(sample: dict, keep) -> dict:
 
 
 def clip_and_drop_empty(sample: dict, min_size: float = 0.0) -> dict:
-    """Clip boxes to the image; drop those whose clipped width or height is <= ``min_size``."""
+    """Clip boxes to the image (mask grids re-cropped with them); drop those whose clipped width or
+    height is <= ``min_size``."""
     h, w = _image_hw(sample)
     x1, y1, x2, y2 = tf.unstack(sample["boxes"], num=4, axis=-1)
     boxes = tf.stack([tf.clip_by_value(x1, 0.0, w), tf.clip_by_value(y1, 0.0, h),
                       tf.clip_by_value(x2, 0.0, w), tf.clip_by_value(y2, 0.0, h)], axis=-1)
     out = dict(sample, boxes=boxes)
+    if "masks" in sample:
+        out["masks"] = recrop_grids(sample["masks"], sample["boxes"], boxes)
     keep = ((boxes[:, 2] - boxes[:, 0]) > min_size) & ((boxes[:, 3] - boxes[:, 1]) > min_size)
     return filter_objects(out, keep)
 
 
 def horizontal_flip(sample: dict) -> dict:
-    """Mirror image, boxes (x -> w - x) and masks left-right."""
+    """Mirror image, boxes (x -> w - x) and mask grids left-right."""
     _, w = _image_hw(sample)
     x1, y1, x2, y2 = tf.unstack(sample["boxes"], num=4, axis=-1)
     out = dict(sample, image=tf.reverse(sample["image"], axis=[1]),
@@ -110,7 +118,7 @@ def photometric_distort(sample: dict, seed, brightness_delta: float = 32.0,
 def random_expand(sample: dict, seed, max_ratio: float = 4.0, probability: float = 0.5,
                   fill_value=MEAN_RGB) -> dict:
     """SSD's zoom out: place the image at a random spot of a canvas ``ratio`` times larger
-    (ratio ~ U[1, max_ratio]) filled with ``fill_value``; boxes shift with it, masks are zero-padded."""
+    (ratio ~ U[1, max_ratio]) filled with ``fill_value``; boxes shift with it (and their mask grids)."""
     h, w = _image_hw(sample)
 
     def expand():
@@ -125,10 +133,7 @@ def random_expand(sample: dict, seed, max_ratio: float = 4.0, probability: float
         fill = tf.constant(fill_value, tf.float32)
         image = tf.pad(sample["image"] - fill, paddings + [[0, 0]]) + fill
         shift = tf.cast(tf.stack([ox, oy, ox, oy]), tf.float32)
-        out = dict(sample, image=image, boxes=sample["boxes"] + shift)
-        if "masks" in sample:
-            out["masks"] = tf.pad(sample["masks"], [[0, 0]] + paddings)
-        return out
+        return dict(sample, image=image, boxes=sample["boxes"] + shift)
 
     on = tf.random.stateless_uniform([], _sub_seed(seed, 0)) < probability
     return tf.cond(on, expand, lambda: dict(sample))
@@ -137,7 +142,8 @@ def random_expand(sample: dict, seed, max_ratio: float = 4.0, probability: float
 def crop(sample: dict, window, center_rule: bool = True) -> dict:
     """Crop to the integer window (x1, y1, x2, y2); clip boxes to it and drop the ones left empty.
 
-    With ``center_rule`` (SSD) only objects whose box centre lies inside the window are kept."""
+    With ``center_rule`` (SSD) only objects whose box centre lies inside the window are kept. Mask
+    grids of the boxes the window cuts are re-cropped to the part kept (clip_and_drop_empty)."""
     window = tf.cast(window, tf.int32)
     x1, y1, x2, y2 = window[0], window[1], window[2], window[3]
     boxes = sample["boxes"]
@@ -149,8 +155,6 @@ def crop(sample: dict, window, center_rule: bool = True) -> dict:
         inside = tf.ones_like(inside)
     out = dict(sample, image=sample["image"][y1:y2, x1:x2],
                boxes=boxes - tf.stack([wf[0], wf[1], wf[0], wf[1]]))
-    if "masks" in sample:
-        out["masks"] = sample["masks"][:, y1:y2, x1:x2]
     return clip_and_drop_empty(filter_objects(out, inside))
 
 

@@ -1,4 +1,7 @@
-"""Instance masks: COCO polygons and RLE (through pycocotools.mask) to binary arrays and back."""
+"""Instance masks: COCO polygons and RLE (through pycocotools.mask) to binary arrays and back.
+
+NumPy only (no TensorFlow), so evaluation can use it; the pipeline's per-instance grids are in
+kerasdet.data.mask_grids."""
 from __future__ import annotations
 
 import warnings

@@ -10,6 +10,9 @@ Detection API's normalized ones):
     object/bbox       float    [4 n] x1, y1, x2, y2, ...
     object/label, object/difficult, object/iscrowd   int64 [n]
     object/mask       bytes    [n] one PNG per instance (only when written with masks)
+
+The reader decodes each instance's PNG and crops it at once to a grid over its box
+(kerasdet.data.mask_grids), so no image-sized mask stack is ever built.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from PIL import Image
 
 from kerasdet.data.decode import decode_image_bytes
 from kerasdet.data.images import is_tiff, read_image
+from kerasdet.data.mask_grids import DEFAULT_GRID_SIZE, GRID_DTYPE, crop_masks_to_boxes
 from kerasdet.data.masks import masks_for_record
 from kerasdet.data.records import BadInputError, DetectionDataset
 
@@ -123,8 +127,9 @@ _FEATURES = {
 
 
 @tf.autograph.experimental.do_not_convert
-def parse_example(serialized, with_masks: bool = False) -> dict:
-    """Parse one serialized Example into a sample dict (image uint8 [h, w, 3], boxes, labels, ...)."""
+def parse_example(serialized, with_masks: bool = False, mask_size: int = DEFAULT_GRID_SIZE) -> dict:
+    """Parse one serialized Example into a sample dict (image uint8 [h, w, 3], boxes, labels, ...;
+    with masks, ``masks`` [n, mask_size, mask_size] grids over the boxes)."""
     features = dict(_FEATURES)
     if with_masks:
         features["object/mask"] = tf.io.VarLenFeature(tf.string)
@@ -147,31 +152,32 @@ def parse_example(serialized, with_masks: bool = False) -> dict:
         "image_index": tf.cast(ex["image/index"], tf.int32),
     }
     if with_masks:
-        def decode_mask(png):
-            return tf.io.decode_png(png, channels=1)[..., 0]
+        def decode_and_crop(png_and_box):
+            png, box = png_and_box
+            mask = tf.io.decode_png(png, channels=1)[..., 0]
+            return crop_masks_to_boxes(mask[tf.newaxis], box[tf.newaxis], mask_size)[0]
 
         pngs = dense["object/mask"]
         check = tf.debugging.Assert(tf.equal(tf.size(pngs), n),
                                     ["TFRecord has no object/mask per object (written without masks?):",
                                      ex["image/filename"]])
         with tf.control_dependencies([check]):
-            # map_fn cannot stack an empty list of [None, None] masks: images without objects skip it.
-            masks = tf.cond(
-                tf.size(pngs) > 0,
-                lambda: tf.map_fn(decode_mask, pngs,
-                                  fn_output_signature=tf.TensorSpec([None, None], tf.uint8)),
-                lambda: tf.zeros(tf.stack([0, height, width]), tf.uint8))
-            sample["masks"] = tf.reshape(masks, tf.stack([n, height, width]))
+            # One instance at a time: a single image-sized mask exists at once, not n of them.
+            masks = tf.map_fn(decode_and_crop, (pngs, sample["boxes"]),
+                              fn_output_signature=tf.TensorSpec([mask_size, mask_size], GRID_DTYPE))
+            sample["masks"] = tf.ensure_shape(masks, [None, mask_size, mask_size])
     return sample
 
 
 def read_tfrecord(paths, *, with_masks: bool = False, shuffle: bool = False, seed=None,
-                  shuffle_buffer: int = 1024, repeat: bool = False) -> tf.data.Dataset:
+                  shuffle_buffer: int = 1024, repeat: bool = False,
+                  mask_size: int = DEFAULT_GRID_SIZE) -> tf.data.Dataset:
     """Samples (see kerasdet.data.augment) from TFRecord file(s) written by ``write_tfrecord``.
 
     Args:
         paths: a file name or a list of them (missing files raise FileNotFoundError naming them).
-        with_masks: decode ``object/mask`` (error if the files were written without masks).
+        with_masks: decode ``object/mask`` (error if the files were written without masks) into
+            ``mask_size`` x ``mask_size`` grids over the boxes.
         shuffle: shuffle the serialized records with a buffer of ``shuffle_buffer`` (seeded by ``seed``).
         repeat: repeat forever.
     """
@@ -187,5 +193,5 @@ def read_tfrecord(paths, *, with_masks: bool = False, shuffle: bool = False, see
         ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
     if repeat:
         ds = ds.repeat()
-    return ds.map(lambda s: parse_example(s, with_masks), num_parallel_calls=tf.data.AUTOTUNE,
+    return ds.map(lambda s: parse_example(s, with_masks, mask_size), num_parallel_calls=tf.data.AUTOTUNE,
                   deterministic=True)

@@ -29,7 +29,7 @@ from kerasdet.heads.box_head import BoxPredictor, TwoFCHead
 from kerasdet.heads.box_outputs import box_head_losses, decode_detections
 from kerasdet.heads.cascade import (CASCADE_BOX_WEIGHTS, CASCADE_IOUS, mean_class_probabilities,
                                     refine_boxes, relabel_rois, scale_gradient)
-from kerasdet.heads.mask_head import MaskHead, mask_targets
+from kerasdet.heads.mask_head import MaskHead, checked_mask_grids, mask_targets
 from kerasdet.heads.mask_head import detection_masks as masks_of_detections
 from kerasdet.heads.roi_extractor import RoIExtractor
 from kerasdet.models.faster_rcnn import FasterRCNN
@@ -62,18 +62,14 @@ def _class_agnostic(deltas):
 
 
 def _batch_masks(batch):
+    """(grids [B, N, G, G], boxes [B, N, 4]) of the batch (see MaskRCNN._gt_masks)."""
     masks = batch.get("masks")
     if masks is None:
         masks = batch["bounding_boxes"].get("masks")
     if masks is None:
         raise ValueError("CascadeRCNN(with_masks=True) needs instance masks in the batch: `masks` "
-                         "[B, N, H, W] (build_dataset(..., with_masks=True)).")
-    boxes = batch["bounding_boxes"]["boxes"]
-    if masks.shape.rank != 4 or (masks.shape[1] is not None and boxes.shape[1] is not None
-                                 and masks.shape[1] != boxes.shape[1]):
-        raise ValueError(f"batch `masks` must be [B, N, H, W] with the N of `bounding_boxes` "
-                         f"{boxes.shape}, got {masks.shape}.")
-    return masks
+                         "[B, N, G, G] grids over the boxes (build_dataset(..., with_masks=True)).")
+    return checked_mask_grids(masks, batch["bounding_boxes"]["boxes"])
 
 
 @keras.saving.register_keras_serializable(package="kerasdet")
@@ -225,7 +221,7 @@ class CascadeRCNN(FasterRCNN):
                                                        gt_crowd=crowd)
         if self.with_masks:
             losses["mask"] = self.mask_loss(context["roi_features"], last_targets,
-                                            _batch_masks(context["batch"]))
+                                            *_batch_masks(context["batch"]))
         return losses
 
     def stage_targets(self, roi_features, sampled, gt_boxes, gt_labels, image_shapes,
@@ -286,9 +282,10 @@ class CascadeRCNN(FasterRCNN):
         pooled = self.mask_roi_extractor(roi_features, boxes)
         return tf.cast(self.mask_head(pooled), tf.float32)
 
-    def mask_loss(self, roi_features, targets, gt_masks):
+    def mask_loss(self, roi_features, targets, gt_masks, gt_boxes):
         """Mask R-CNN's loss on the foreground RoIs of `targets` (the last stage's labeled RoIs);
-        at most `max_mask_rois` per image, foreground moved to the front first."""
+        at most `max_mask_rois` per image, foreground moved to the front first. `gt_masks`
+        [B, N, G, G] are grids covering `gt_boxes` [B, N, 4]."""
         k = self.mask_settings["max_mask_rois"]
         labels = targets["labels"]
         k = min(k, labels.shape[1]) if labels.shape[1] is not None else k
@@ -299,7 +296,7 @@ class CascadeRCNN(FasterRCNN):
         rois = tf.gather(targets["rois"], order, batch_dims=1)
         matched = tf.gather(targets["matched_index"], order, batch_dims=1)
         mask_size = 2 * self.mask_settings["mask_pool_size"]
-        mask_targets_ = mask_targets(gt_masks, rois, matched, mask_size,
+        mask_targets_ = mask_targets(gt_masks, gt_boxes, rois, matched, mask_size,
                                      threshold=self.mask_settings["mask_threshold"])
         logits = self.mask_logits(roi_features, rois)
         return kd_losses.mask_loss(mask_targets_, logits, tf.maximum(labels - 1, 0),

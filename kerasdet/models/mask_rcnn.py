@@ -12,7 +12,8 @@ import keras
 import tensorflow as tf
 
 from kerasdet import losses as kd_losses
-from kerasdet.heads.mask_head import MaskHead, detection_masks, mask_targets
+from kerasdet.heads.mask_head import (MaskHead, checked_mask_grids, detection_masks,
+                                     mask_targets)
 from kerasdet.heads.roi_extractor import RoIExtractor
 from kerasdet.models.faster_rcnn import FasterRCNN
 
@@ -84,41 +85,33 @@ class MaskRCNN(FasterRCNN):
 
     @staticmethod
     def _gt_masks(batch):
+        """(grids [B, N, G, G], boxes [B, N, 4]): the batch's per-instance mask grids and the
+        ground-truth boxes they cover (kerasdet.data.pipeline's layout)."""
         masks = batch.get("masks") if isinstance(batch, dict) else None
         if masks is None and isinstance(batch, dict):
             masks = batch["bounding_boxes"].get("masks")
         if masks is None:
-            raise ValueError("MaskRCNN needs instance masks in the batch: `masks` [B, N, H, W] "
-                             "(build_dataset(..., with_masks=True)).")
-        masks = tf.convert_to_tensor(masks)
-        boxes = tf.convert_to_tensor(batch["bounding_boxes"]["boxes"])
-        if masks.shape.rank != 4 or (masks.shape[1] is not None and boxes.shape[1] is not None
-                                     and masks.shape[1] != boxes.shape[1]):
-            raise ValueError(f"batch `masks` must be [B, N, H, W] with the N of `bounding_boxes` "
-                             f"{boxes.shape}, got {masks.shape}.")
-        images = tf.convert_to_tensor(batch["images"])
-        if None not in (masks.shape[2], masks.shape[3], images.shape[1], images.shape[2]) \
-                and tuple(masks.shape[2:4]) != tuple(images.shape[1:3]):
-            raise ValueError(f"batch `masks` {masks.shape} must be on the image canvas "
-                             f"{images.shape[1:3]} (the pipeline resizes and pads them with the "
-                             f"images).")
-        return masks
+            raise ValueError("MaskRCNN needs instance masks in the batch: `masks` [B, N, G, G] "
+                             "grids over the boxes (build_dataset(..., with_masks=True)).")
+        return checked_mask_grids(masks, batch["bounding_boxes"]["boxes"])
 
     # -- FasterRCNN hooks extended with the mask branch ------------------------------------------
     def second_stage_losses(self, context, training):
-        gt_masks = self._gt_masks(context["batch"])
+        gt_masks, gt_boxes = self._gt_masks(context["batch"])
         losses = super().second_stage_losses(context, training)
-        losses["mask"] = self.mask_loss(context["roi_features"], context["sampled"], gt_masks)
+        losses["mask"] = self.mask_loss(context["roi_features"], context["sampled"], gt_masks,
+                                        gt_boxes)
         return losses
 
-    def mask_loss(self, roi_features, sampled, gt_masks):
-        """Mask loss on the foreground RoIs of `sampled` (sample_rois output)."""
+    def mask_loss(self, roi_features, sampled, gt_masks, gt_boxes):
+        """Mask loss on the foreground RoIs of `sampled` (sample_rois output); `gt_masks`
+        [B, N, G, G] grids covering `gt_boxes` [B, N, 4]."""
         k = self.max_mask_rois
         rois = sampled["rois"][:, :k]
         fg_labels = sampled["labels"][:, :k]
         foreground = fg_labels > 0
-        targets = mask_targets(gt_masks, rois, sampled["matched_index"][:, :k], self.mask_size,
-                               threshold=self.mask_threshold)
+        targets = mask_targets(gt_masks, gt_boxes, rois, sampled["matched_index"][:, :k],
+                               self.mask_size, threshold=self.mask_threshold)
         logits = self.mask_logits(roi_features, rois)
         return kd_losses.mask_loss(targets, logits, tf.maximum(fg_labels - 1, 0),
                                    weights=tf.cast(foreground, tf.float32))

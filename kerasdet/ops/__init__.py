@@ -1,4 +1,5 @@
-"""Plain functions on tensors: boxes, anchors, matching, sampling, and the custom kernels.
+"""Plain functions on tensors: boxes, anchors, matching, sampling, mask resampling, and the custom
+kernels.
 
 Each module declares its public names in ``__all__``; they are all re-exported here so users write
 ``kerasdet.ops.box_iou`` or ``kerasdet.ops.roi_align``.
@@ -9,3 +10,4 @@ from kerasdet.ops.matching import *  # noqa: F401,F403
 from kerasdet.ops.sampling import *  # noqa: F401,F403
 from kerasdet.ops.roi import *  # noqa: F401,F403
 from kerasdet.ops.deform import *  # noqa: F401,F403
+from kerasdet.ops.masks import *  # noqa: F401,F403
