@@ -15,11 +15,63 @@ MODEL is a zoo entry name, a JSON config {"class", "arguments", "input"} or a .k
 The same commands are scripts in train/ (train.py, evaluate.py, predict.py, export.py).
 """
 import argparse
+import glob
 import json
 import os
+import re
 import sys
 
+# Nothing heavy is imported at module level: TensorFlow reads TF_CPP_MIN_LOG_LEVEL once, when it is
+# first imported, so `main` must set it (after parsing --verbose) before anything imports tensorflow.
+
 __all__ = ["main", "build_parser"]
+
+# TensorFlow's C++ log lines ("I0000 00:00:1796034731.359573    6350 port.cc:153] ...") and the lines
+# that come with them; kerasdet's own warnings and any other output pass.
+_TF_LOG_LINE = re.compile(r"^[IWEF]\d{4} [\d:.]+\s+\d+ [\w./-]+:\d+\] ")
+_TF_LOG_EXTRA = ("WARNING: All log messages before absl::InitializeLog() is called are written to STDERR",
+                 "To enable the following instructions:")
+
+
+def _is_tensorflow_log(line):
+    return bool(_TF_LOG_LINE.match(line)) or line.startswith(_TF_LOG_EXTRA)
+
+
+def _import_tensorflow_quietly():
+    """Imports tensorflow with its C++ start-up logs hidden.
+
+    TF_CPP_MIN_LOG_LEVEL=3 hides the later C++ logs (CPU-feature notice, CUDA probing at the first op),
+    but the oneDNN notice and the CUDA-driver probe are written before absl's logging is set up and
+    ignore it, so the import runs with file descriptor 2 sent to a temporary file; afterwards every
+    line of it that is not a TensorFlow log line is written to stderr again.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    if "tensorflow" in sys.modules:  # inside a process that already has it (tests, notebooks)
+        return
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            import tensorflow  # noqa: F401
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            text = capture.read().decode("utf-8", "replace")
+    kept = [line for line in text.splitlines() if not _is_tensorflow_log(line)]
+    if kept:
+        print("\n".join(kept), file=sys.stderr)
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.ERROR)  # TensorFlow's Python-side notices go through absl
+
+
+def _verbose_requested(args):
+    return getattr(args, "verbose", False) or os.environ.get("KERASDET_VERBOSE", "") not in ("", "0")
 
 
 def _weights_arg(value):
@@ -41,10 +93,32 @@ def _add_data_args(parser, need_train):
         parser.add_argument("--train-split", default="train")
     parser.add_argument("--val-split", default="val")
     parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--classes", default=None, metavar="A,B,C",
+                        help="class names in label order (default: from the data: VOC's 20 or the names "
+                             "found in the annotations, COCO's categories; evaluate: the model's)")
+    parser.add_argument("--classes-file", default=None, metavar="FILE", help="class names, one a line")
+
+
+def _add_verbose_arg(parser, default):
+    parser.add_argument("--verbose", action="store_true", default=default,
+                        help="show TensorFlow's C++ start-up logs (also KERASDET_VERBOSE=1)")
+
+
+def _add_input_args(parser):
+    parser.add_argument("--min-size", type=int, nargs="+", default=None, metavar="S",
+                        help="shorter image side (several: one drawn per image, multi-scale training); "
+                             "replaces the entry's input settings, e.g. for small images")
+    parser.add_argument("--max-size", type=int, default=None, metavar="M", help="longer side at most M")
+    parser.add_argument("--image-size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                        help="fixed input size (letterbox) instead of --min-size / --max-size")
+    parser.add_argument("--anchor-sizes", nargs="+", default=None, metavar="SIZES",
+                        help="'auto' (fitted to the training boxes) or one token per anchor level, sizes of "
+                             "a level joined by commas: '16 32 64 128 256' (FPN), '64,128,256' (C4)")
 
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="kerasdet", description="kerasdet object-detection zoo")
+    _add_verbose_arg(parser, False)
     sub = parser.add_subparsers(dest="command", required=True)
 
     zoo = sub.add_parser("zoo", help="list the zoo or describe an entry")
@@ -57,15 +131,20 @@ def build_parser():
     train.add_argument("--out", required=True, help="run folder (checkpoints, logs, metrics.json)")
     train.add_argument("--epochs", type=int, default=None)
     train.add_argument("--steps-per-epoch", type=int, default=None)
-    train.add_argument("--lr", type=float, default=None, help="base learning rate")
+    train.add_argument("--lr", type=float, default=None,
+                       help="learning rate (default: the recipe's, scaled linearly by --batch-size / the "
+                            "recipe's batch)")
     train.add_argument("--weight-decay", type=float, default=None)
     train.add_argument("--momentum", type=float, default=None)
-    train.add_argument("--warmup-steps", type=int, default=None)
-    train.add_argument("--decay-epochs", type=float, nargs="*", default=None)
+    train.add_argument("--warmup-steps", type=int, default=None,
+                       help="default: the recipe's, at most 10%% of the run's steps")
+    train.add_argument("--decay-epochs", type=float, nargs="*", default=None,
+                       help="default: the recipe's, scaled by --epochs / the recipe's epochs")
     train.add_argument("--resume", action="store_true", help="continue a stopped run in --out")
     train.add_argument("--no-pretrained", action="store_true",
                        help="start from a random backbone even when the zoo entry names a pretrained one "
                             "(by default such entries start from it, and training stops if it is unavailable)")
+    _add_input_args(train)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -76,7 +155,8 @@ def build_parser():
 
     predict = sub.add_parser("predict", help="draw detections on images")
     _add_model_args(predict)
-    predict.add_argument("images", nargs="+")
+    predict.add_argument("images", nargs="+", help="image files, folders of images or glob patterns "
+                                                   "(quote them: 'photos/*.jpg')")
     predict.add_argument("--out", required=True)
     predict.add_argument("--score-threshold", type=float, default=0.3)
 
@@ -96,6 +176,9 @@ def build_parser():
                          help="detectors: another class count (with --skip-mismatch the class layers stay random)")
     convert.add_argument("--skip-mismatch", action="store_true",
                          help="leave weights whose shape differs at their initialization instead of failing")
+    for command in (zoo, train, evaluate, predict, export, convert):
+        # `kerasdet train ... --verbose` as well as `kerasdet --verbose train ...`
+        _add_verbose_arg(command, argparse.SUPPRESS)
     return parser
 
 
@@ -130,24 +213,36 @@ def _run_convert(args):
     return 0
 
 
-def _class_names_of(model_spec):
+def _class_names_of(model, model_spec):
+    """The model's class names; for a model that carries none, its zoo entry's (same count only)."""
+    names = getattr(model, "class_names", None)
+    if names or not _is_zoo_name(model_spec):
+        return list(names) if names else None
     from kerasdet import zoo
 
-    try:
-        return zoo.info(model_spec)["class_names"]
-    except (KeyError, FileNotFoundError):
-        return None
+    names = zoo.info(model_spec)["class_names"]
+    return names if len(names) == model.num_classes else None
+
+
+def _zoo_table(names):
+    """One line per entry: name, VOC mAP@0.5 (when measured), then the whole status text, in
+    columns as wide as their longest cell (the status, last, may run past the terminal)."""
+    from kerasdet import zoo
+
+    rows = [("entry", "voc_map50", "status")]
+    for name in names:
+        entry = zoo.registry.get_entry(name)
+        metric = entry.metrics.get("voc_map50")
+        rows.append((name, "-" if metric is None else f"{metric:.4f}", entry.status()))
+    widths = [max(len(row[i]) for row in rows) for i in range(2)]
+    return "\n".join(f"{row[0]:<{widths[0]}}  {row[1]:>{widths[1]}}  {row[2]}" for row in rows)
 
 
 def _run_zoo(args):
     from kerasdet import zoo
 
     if args.action == "list":
-        for name in zoo.list():
-            entry = zoo.registry.get_entry(name)
-            metric = entry.metrics.get("voc_map50")
-            extra = f"  voc_map50={metric}" if metric is not None else ""
-            print(f"{name:32s} {entry.status()[:60]}{extra}")
+        print(_zoo_table(zoo.list()))
         return 0
     if not args.name:
         raise SystemExit("kerasdet zoo info NAME: give an entry name")
@@ -160,7 +255,7 @@ def _pretrained_choice(args):
     anything else -> None (nothing to load)."""
     if args.no_pretrained:
         return False
-    if args.weights is None and not os.path.splitext(args.model)[1]:
+    if args.weights is None and _is_zoo_name(args.model):
         from kerasdet import zoo
 
         if zoo.registry.get_entry(args.model).pretrained_backbone:
@@ -168,43 +263,226 @@ def _pretrained_choice(args):
     return None
 
 
+def _is_zoo_name(model_spec):
+    return not os.path.splitext(model_spec)[1]
+
+
+def _run_record_of(weights):
+    """run.json of the `kerasdet train` run that wrote the weights file ``weights`` (in the run folder
+    or its checkpoints/), or None."""
+    if not weights or weights == "default":
+        return None
+    folder = os.path.dirname(os.path.abspath(weights))
+    candidates = [os.path.join(folder, "run.json")]
+    if os.path.basename(folder) == "checkpoints":
+        candidates.append(os.path.join(os.path.dirname(folder), "run.json"))
+    for path in candidates:
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as handle:
+                return json.load(handle)
+    return None
+
+
+def _model_for_inference(args):
+    """The model of evaluate / predict / export: the architecture, classes and input settings a
+    training run recorded in run.json next to --weights, when there is one."""
+    from kerasdet.zoo import training
+
+    run = _run_record_of(args.weights)
+    overrides = dict((run or {}).get("model_overrides") or {})
+    names = (run or {}).get("class_names")
+    num_classes = args.num_classes or (len(names) if names else None)
+    model = training.resolve_model(args.model, weights=args.weights, num_classes=num_classes, **overrides)
+    _describe_data_to(model, names, (run or {}).get("input"))
+    return model
+
+
+def _describe_data_to(model, class_names, input_settings):
+    """Gives the model its class names and input settings (part of its config, so a .keras save keeps
+    them). ``kerasdet_input`` is their older name, read by code written before them."""
+    if class_names:
+        model.class_names = tuple(class_names)
+    if input_settings:
+        model.input_settings = dict(input_settings)
+        model.kerasdet_input = model.input_settings
+
+
+def _input_settings(model_spec, args):
+    """The run's input settings: the zoo entry's (or JSON config's) with --min-size, --max-size,
+    --image-size applied."""
+    from kerasdet import zoo
+
+    if _is_zoo_name(model_spec):
+        base = zoo.input_settings(model_spec)
+    elif model_spec.endswith(".json"):
+        with open(model_spec, encoding="utf-8") as handle:
+            base = json.load(handle).get("input") or {}
+    else:
+        base = {}
+    settings = dict(base or {"min_size": 800, "max_size": 1333})
+    if args.image_size and (args.min_size or args.max_size):
+        raise ValueError("give --image-size, or --min-size / --max-size, not both")
+    if args.image_size:
+        for key in ("min_size", "max_size", "min_size_test"):
+            settings.pop(key, None)
+        settings["image_size"] = list(args.image_size)
+    if args.min_size:
+        settings.pop("image_size", None)
+        settings.pop("keep_aspect_ratio", None)
+        settings.pop("min_size_test", None)
+        settings["min_size"] = args.min_size[0] if len(args.min_size) == 1 else list(args.min_size)
+    if args.max_size:
+        if "min_size" not in settings:
+            raise ValueError(f"--max-size applies to --min-size resizing; {model_spec} uses a fixed "
+                             f"image_size {settings.get('image_size')} (give --min-size as well)")
+        settings["max_size"] = args.max_size
+    sizes = [*(args.min_size or ()), *([args.max_size] if args.max_size else ()), *(args.image_size or ())]
+    if any(size < 1 for size in sizes):
+        raise ValueError(f"--min-size / --max-size / --image-size must be positive, got {sizes}")
+    return settings
+
+
+def _describe_input(settings):
+    if settings.get("image_size"):
+        return f"fixed {settings['image_size'][0]}x{settings['image_size'][1]}"
+    text = f"shorter side {settings['min_size']}"
+    return text + (f", longer side <= {settings['max_size']}" if settings.get("max_size") else "")
+
+
+def _check_model_classes(model, data, where):
+    """Aligns the data's labels to the model's classes; a model whose classes differ from the data's
+    is an error naming both lists."""
+    from kerasdet.zoo.data_spec import align_classes
+
+    names = getattr(model, "class_names", None)
+    if names:
+        return align_classes(data, list(names), where, "the model's classes")
+    if model.num_classes != len(data.class_names):
+        raise ValueError(f"{where}: the model has {model.num_classes} classes but the data set has "
+                         f"{len(data.class_names)}: {data.class_names}")
+    return data
+
+
+def _scratch_overrides(args, pretrained):
+    """Constructor overrides for a backbone that starts from random weights, with the sentence that
+    says so; ({}, None) when the backbone starts from trained weights or cannot be rebuilt."""
+    from kerasdet.zoo import training
+
+    starts_random = args.weights is None and pretrained is not True
+    arguments = training.model_arguments(args.model) if starts_random else None
+    if not arguments or "backbone" not in arguments:
+        return {}, None
+    config, how = training.from_scratch_backbone_config(arguments["backbone"], arguments.get("backbone_config"))
+    changed = {"backbone_config": config} if config != dict(arguments.get("backbone_config") or {}) else {}
+    return changed, f"training from scratch: {how}"
+
+
+def _anchor_layout(model):
+    """(sizes per level, ratios per level, RPN positive IoU) of an anchor-based model, or None."""
+    generator = getattr(model, "anchor_generator", None)
+    rpn = getattr(model, "rpn_settings", None)
+    if generator is None or rpn is None:
+        return None
+    return ([list(s) for s in generator.sizes], [list(r) for r in generator.aspect_ratios],
+            float(rpn["positive_iou"]))
+
+
+def _anchor_overrides(args, data, settings, build_probe):
+    """{"anchor_sizes": ...} for --anchor-sizes (explicit, or auto from the training boxes), with a
+    line to print; ({}, None) without the flag."""
+    from kerasdet.zoo import anchor_fit
+
+    if not args.anchor_sizes:
+        return {}, None
+    layout = _anchor_layout(build_probe())
+    if layout is None:
+        raise ValueError(f"--anchor-sizes: {args.model} has no anchors")
+    counts = [len(level) for level in layout[0]]
+    if args.anchor_sizes == ["auto"]:
+        widths, heights = anchor_fit.training_box_sizes(data.train, settings)
+        sizes = anchor_fit.auto_anchor_sizes(widths, heights, counts)
+        lo, hi = (f"{q:.0%}" for q in anchor_fit.AUTO_QUANTILES)
+        line = (f"anchor sizes (auto: log-spaced from the {lo} to the {hi} quantile of the training boxes' "
+                f"sqrt(w*h)): {sizes} (the entry's: {layout[0]})")
+    else:
+        sizes = anchor_fit.parse_anchor_sizes(args.anchor_sizes, len(counts), counts)
+        line = f"anchor sizes: {sizes} (the entry's: {layout[0]})"
+    return {"anchor_sizes": sizes}, line
+
+
+def _print_anchor_fit(model, data, settings):
+    from kerasdet.zoo import anchor_fit
+
+    layout = _anchor_layout(model)
+    if layout is None or data.train is None:
+        return None
+    widths, heights = anchor_fit.training_box_sizes(data.train, settings)
+    fit = anchor_fit.anchor_fit(widths, heights, *layout)
+    print(anchor_fit.format_anchor_fit(fit), flush=True)
+    return fit
+
+
 def _run_train(args):
     import keras
 
     from kerasdet.zoo import training
-    from kerasdet.zoo.data_spec import parse_data_spec
+    from kerasdet.zoo.data_spec import align_classes, parse_data_spec, read_class_names
 
     keras.utils.set_random_seed(args.seed)
-    data = parse_data_spec(args.data, args.train_split, args.val_split)
-    num_classes = args.num_classes or len(data.class_names)
+    data = parse_data_spec(args.data, args.train_split, args.val_split,
+                           class_names=read_class_names(args.classes, args.classes_file))
+    print(f"classes ({len(data.class_names)}, {data.class_source}): {', '.join(data.class_names)}", flush=True)
+    previous = _run_record_of(args.weights)
+    if previous and previous.get("class_names"):
+        align_classes(data, previous["class_names"], f"--weights {args.weights}",
+                      "the classes these weights were trained on")
+    if args.num_classes is not None and args.num_classes != len(data.class_names):
+        raise ValueError(f"--num-classes {args.num_classes}, but the data set has {len(data.class_names)} "
+                         f"classes: {data.class_names}")
+    settings = _input_settings(args.model, args)
+    print(f"input: {_describe_input(settings)}", flush=True)
     pretrained = _pretrained_choice(args)
+    overrides, scratch_note = _scratch_overrides(args, pretrained)
+
+    num_classes = len(data.class_names)
+    # The entry's anchor layout comes from a model built without weights (only with --anchor-sizes).
+    anchors, anchor_note = _anchor_overrides(
+        args, data, settings,
+        lambda: training.resolve_model(args.model, weights=None, num_classes=num_classes, **overrides))
+    overrides.update(anchors)
     model = training.resolve_model(args.model, weights=args.weights, num_classes=num_classes,
-                                   pretrained_backbone=pretrained)
+                                   pretrained_backbone=pretrained, **overrides)
+    _describe_data_to(model, data.class_names, settings)
     backbone_weights = getattr(model, "kerasdet_backbone_weights", None)
     if args.weights is None:
         print(f"backbone: {backbone_weights or 'random initialization'}"
               + (" (--no-pretrained)" if args.no_pretrained and backbone_weights is None else ""), flush=True)
-    recipe_source = {}
-    if not os.path.splitext(args.model)[1]:
-        from kerasdet import zoo
+    if scratch_note:
+        print(scratch_note, flush=True)
+    if anchor_note:
+        print(anchor_note, flush=True)
+    fit = _print_anchor_fit(model, data, settings)
 
-        recipe_source = zoo.info(args.model)["recipe"]
-    recipe = training.TrainingRecipe(
-        recipe_source, epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
+    recipe_source = training_recipe_source(args.model)
+    batch_size = args.batch_size or training.TrainingRecipe(recipe_source)["batch_size"]
+    train_ds = training.make_pipeline(data.train, settings, batch_size, True, seed=args.seed)
+    val_ds = training.make_pipeline(data.val, settings, batch_size, False)
+    steps = args.steps_per_epoch or int(train_ds.cardinality().numpy())
+    recipe = training.adapt_recipe(
+        recipe_source, steps, epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
         weight_decay=args.weight_decay, momentum=args.momentum, warmup_steps=args.warmup_steps,
         decay_epochs=args.decay_epochs)
-    settings = getattr(model, "kerasdet_input", None) or {"min_size": 800, "max_size": 1333}
-    train_ds = training.make_pipeline(data.train, settings, recipe["batch_size"], True, seed=args.seed)
-    val_ds = training.make_pipeline(data.val, settings, recipe["batch_size"], False)
+    print(training.format_recipe(recipe), flush=True)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "run.json"), "w", encoding="utf-8") as handle:
         json.dump({"argv": sys.argv, "model": args.model, "data": args.data, "recipe": dict(recipe),
                    "weights": args.weights, "backbone_weights": backbone_weights,
-                   "input": settings, "class_names": data.class_names}, handle, indent=2)
-    steps = args.steps_per_epoch
-    if steps is not None:
+                   "training_from_scratch": scratch_note, "model_overrides": overrides,
+                   "input": settings, "class_names": list(data.class_names),
+                   "class_source": data.class_source, "anchor_fit": fit}, handle, indent=2)
+    if args.steps_per_epoch is not None:
         train_ds = train_ds.repeat()
-    run = training.train_model(model, train_ds, args.out, recipe, steps_per_epoch=steps,
+    run = training.train_model(model, train_ds, args.out, recipe, steps_per_epoch=args.steps_per_epoch,
                                resume=args.resume, verbose=0 if args.quiet else 1)
     if run["stopped_on_nan"]:
         print(run["message"], file=sys.stderr)
@@ -215,12 +493,24 @@ def _run_train(args):
     return 0
 
 
+def training_recipe_source(model_spec):
+    """The zoo entry's recipe (its batch size is the reference for learning-rate scaling); {} for a
+    JSON config or .keras file (then TrainingRecipe.DEFAULTS)."""
+    if not _is_zoo_name(model_spec):
+        return {}
+    from kerasdet import zoo
+
+    return zoo.info(model_spec)["recipe"]
+
+
 def _run_evaluate(args):
     from kerasdet.zoo import training
-    from kerasdet.zoo.data_spec import parse_data_spec
+    from kerasdet.zoo.data_spec import parse_data_spec, read_class_names
 
-    data = parse_data_spec(args.data, val_split=args.val_split, need_train=False)
-    model = training.resolve_model(args.model, weights=args.weights, num_classes=args.num_classes)
+    model = _model_for_inference(args)
+    data = parse_data_spec(args.data, val_split=args.val_split, need_train=False,
+                           class_names=read_class_names(args.classes, args.classes_file))
+    data = _check_model_classes(model, data, f"kerasdet evaluate {args.model}")
     settings = getattr(model, "kerasdet_input", None) or {"min_size": 800, "max_size": 1333}
     val_ds = training.make_pipeline(data.val, settings, args.batch_size or 8, False)
     training.evaluate_detector(model, val_ds, data.class_names, args.out, records=data.val,
@@ -228,11 +518,46 @@ def _run_evaluate(args):
     return 0
 
 
+# What `kerasdet predict FOLDER` picks up: the formats kerasdet.data.images reads.
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+
+
+def _expand_image_args(items):
+    """Image files from files, folders (their images, not recursive) and glob patterns, in the
+    given order, each file once; anything that names no image is an error naming it."""
+    paths = []
+    for item in items:
+        if os.path.isdir(item):
+            found = sorted(os.path.join(item, name) for name in os.listdir(item)
+                           if name.lower().endswith(_IMAGE_SUFFIXES)
+                           and os.path.isfile(os.path.join(item, name)))
+            if not found:
+                raise FileNotFoundError(f"folder {item!r} holds no image ({', '.join(_IMAGE_SUFFIXES)})")
+        elif os.path.isfile(item):
+            found = [item]
+        elif any(char in item for char in "*?["):
+            found = sorted(p for p in glob.glob(item, recursive=True) if os.path.isfile(p))
+            if not found:
+                raise FileNotFoundError(f"pattern {item!r} matches no file")
+        else:
+            raise FileNotFoundError(f"image {item!r} does not exist")
+        paths.extend(p for p in found if p not in paths)
+    stems = {}
+    for path in paths:  # the PNGs are named by stem: two inputs must not write the same file
+        stem = os.path.splitext(os.path.basename(path))[0]
+        if stem in stems:
+            raise ValueError(f"images {stems[stem]!r} and {path!r} would both be written as {stem}.png; "
+                             "predict them into separate --out folders")
+        stems[stem] = path
+    return paths
+
+
 def _run_predict(args):
     from kerasdet.zoo import training
 
-    model = training.resolve_model(args.model, weights=args.weights, num_classes=args.num_classes)
-    records = training.predict_images(model, args.images, args.out, _class_names_of(args.model),
+    images = _expand_image_args(args.images)
+    model = _model_for_inference(args)
+    records = training.predict_images(model, images, args.out, _class_names_of(model, args.model),
                                       args.score_threshold)
     for record in records:
         print(f"{record['image']}: {len(record['detections'])} detections -> {record['output']}")
@@ -242,9 +567,8 @@ def _run_predict(args):
 
 def _run_export(args):
     from kerasdet.export import export_saved_model
-    from kerasdet.zoo import training
 
-    model = training.resolve_model(args.model, weights=args.weights, num_classes=args.num_classes)
+    model = _model_for_inference(args)
     export_saved_model(model, args.export_dir, portable=not args.not_portable,
                        image_size=args.image_size)
     print(f"SavedModel written to {os.path.abspath(args.export_dir)}")
@@ -258,6 +582,8 @@ _COMMANDS = {"zoo": _run_zoo, "train": _run_train, "evaluate": _run_evaluate,
 def main(argv=None):
     """Entry point of the `kerasdet` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
+    if not _verbose_requested(args):
+        _import_tensorflow_quietly()
     from kerasdet.zoo import UnknownModelError, WeightsError
 
     try:

@@ -199,3 +199,206 @@ def test_keras_file_is_accepted_as_model(setup, tmp_path):
                           timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split()[-2:] == ["FasterRCNN", "3"]
+
+
+# ----------------------------------------------------------------------------- custom data sets
+def _coin_voc(root, count=10, seed=3, name="coin"):
+    """A VOC-format folder with one custom class (synthetic circles renamed), split train / test."""
+    from kerasdet.data.synthetic import make_dataset
+
+    make_dataset(str(root), count, seed=seed, image_size=(64, 64), format="voc", num_classes=1,
+                 split="all", object_size=(12, 28), write_instance_pngs=False)
+    annotations = root / "Annotations"
+    for xml in annotations.iterdir():
+        xml.write_text(xml.read_text().replace("<name>circle</name>", f"<name>{name}</name>"))
+    ids = sorted(p.stem for p in annotations.iterdir())
+    (root / "ImageSets" / "Main" / "train.txt").write_text("\n".join(ids[:-2]) + "\n")
+    (root / "ImageSets" / "Main" / "test.txt").write_text("\n".join(ids[-2:]) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def coin_run(setup, tmp_path_factory):
+    """One `kerasdet train` on the coin set: discovered classes, --min-size / --max-size on a model
+    whose config says image_size, --batch-size without --lr, --anchor-sizes auto."""
+    root = tmp_path_factory.mktemp("coin")
+    voc = _coin_voc(root / "voc")
+    out = root / "run"
+    args = ["train", setup["config"], "--data", f"voc:{voc}", "--train-split", "train", "--val-split", "test",
+            "--out", str(out), "--epochs", "6", "--steps-per-epoch", "1", "--batch-size", "2",
+            "--min-size", "48", "--max-size", "96", "--anchor-sizes", "auto", "--quiet"]
+    import contextlib
+    import io
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = cli.main(args)
+    assert code == 0, printed.getvalue()
+    return {"voc": voc, "out": out, "printed": printed.getvalue(),
+            "run": json.loads((out / "run.json").read_text())}
+
+
+def test_train_takes_class_names_from_the_data_and_saves_them(coin_run):
+    assert "classes (1, found in the annotations): coin" in coin_run["printed"]
+    assert coin_run["run"]["class_names"] == ["coin"]
+
+
+def test_size_overrides_reach_the_run_and_the_model(coin_run, setup):
+    run = coin_run["run"]
+    assert run["input"]["min_size"] == 48 and run["input"]["max_size"] == 96
+    assert "image_size" not in run["input"]
+    assert "input: shorter side 48, longer side <= 96" in coin_run["printed"]
+    model = cli._model_for_inference(cli.build_parser().parse_args(
+        ["evaluate", setup["config"], "--weights", str(coin_run["out"] / "model.weights.h5"), "--data", "x:y"]))
+    assert model.input_settings["min_size"] == 48 and model.input_settings["max_size"] == 96
+    assert tuple(model.class_names) == ("coin",) and model.num_classes == 1
+    assert [list(s) for s in model.anchor_sizes] == run["model_overrides"]["anchor_sizes"]
+
+
+def test_recipe_adapts_to_batch_size_and_epochs(coin_run):
+    recipe = coin_run["run"]["recipe"]
+    # No recipe in a JSON config: kerasdet's defaults (lr 0.02 at batch 8, 12 epochs, decay at 8, 11).
+    assert recipe["learning_rate"] == pytest.approx(0.02 * 2 / 8)
+    assert recipe["decay_epochs"] == [4.0, 5.5]
+    assert recipe["warmup_steps"] == 1  # 10 % of 6 steps, rounded up; the recipe says 100
+    assert "learning rate 0.005 = 0.02 x 2 / 8" in coin_run["printed"]
+    # A zoo entry's 1x recipe (batch 16, 12 epochs, 500 warm-up steps) on 30 images, batch 2, 24 epochs.
+    from kerasdet import zoo
+
+    entry = zoo.info("faster_rcnn_r50_fpn")["recipe"]
+    adapted = training.adapt_recipe(entry, steps_per_epoch=15, epochs=24, batch_size=2)
+    assert adapted["learning_rate"] == pytest.approx(0.0025)
+    assert adapted["decay_epochs"] == [16, 22] and adapted["warmup_steps"] == 36
+    explicit = training.adapt_recipe(entry, 15, batch_size=2, learning_rate=0.01, warmup_steps=400,
+                                     decay_epochs=[3])
+    assert (explicit["learning_rate"], explicit["warmup_steps"], explicit["decay_epochs"]) == (0.01, 400, [3])
+
+
+def test_anchor_fit_table_and_auto_sizes(coin_run):
+    from kerasdet.zoo import anchor_fit
+
+    printed = coin_run["printed"]
+    assert "anchor sizes (auto: log-spaced from the 5% to the 95% quantile" in printed
+    assert "anchor fit:" in printed and "no anchor at IoU >= 0.7" in printed
+    sizes = coin_run["run"]["model_overrides"]["anchor_sizes"]
+    assert len(sizes) == 5 and all(len(level) == 1 for level in sizes)
+    flat = [level[0] for level in sizes]
+    assert flat == sorted(flat) and 8 <= flat[0] and flat[-1] <= 30  # the boxes are 12..28 px at 64 px
+    # A 10x10 box and the FPN default anchors: best is the 32 px square, IoU 100 / 1024.
+    fit = anchor_fit.anchor_fit([10, 64], [10, 64], [[32], [64], [128]], [[0.5, 1, 2]] * 3, 0.7)
+    assert fit["below_positive"] == 1 and fit["smaller_than_smallest"] == 1
+    assert fit["rows"][0]["median_iou"] == pytest.approx(100 / 1024)
+    assert "warning: 50.0 % of the training boxes reach no anchor" in anchor_fit.format_anchor_fit(fit)
+    # Auto sizes keep the model's sizes per level.
+    assert [len(v) for v in anchor_fit.auto_anchor_sizes([10, 20, 40], [10, 20, 40], [3])] == [3]
+    with pytest.raises(ValueError, match="has 5 anchor levels, got 2"):
+        anchor_fit.parse_anchor_sizes(["16", "32"], 5, [1] * 5)
+
+
+def test_evaluate_predict_and_export_use_the_runs_classes(coin_run, setup, tmp_path):
+    weights = str(coin_run["out"] / "model.weights.h5")
+    voc = coin_run["voc"]
+    assert cli.main(["evaluate", setup["config"], "--weights", weights, "--data", f"voc:{voc}",
+                     "--val-split", "test", "--out", str(tmp_path / "eval")]) == 0
+    # predict: a folder and a glob pattern (the same files once each), labels from the run.
+    out = tmp_path / "pred"
+    assert cli.main(["predict", setup["config"], "--weights", weights, str(voc / "JPEGImages"),
+                     str(voc / "JPEGImages" / "00000[0-1].png"), "--out", str(out),
+                     "--score-threshold", "0"]) == 0
+    records = json.loads((out / "detections.json").read_text())
+    assert len(records) == 10 and len({r["image"] for r in records}) == 10
+    assert {d["class_name"] for r in records for d in r["detections"]} == {"coin"}
+    with pytest.raises(FileNotFoundError, match="matches no file"):
+        cli._expand_image_args([str(voc / "*.jpeg")])
+
+
+def test_a_model_whose_classes_differ_from_the_data_is_an_error(coin_run, setup, tmp_path, capsys):
+    other = _coin_voc(tmp_path / "bolts", count=4, seed=5, name="bolt")
+    weights = str(coin_run["out"] / "model.weights.h5")
+    assert cli.main(["evaluate", setup["config"], "--weights", weights, "--data", f"voc:{other}",
+                     "--val-split", "test"]) == 2
+    err = capsys.readouterr().err
+    assert "the model's classes ['coin']" in err and "['bolt']" in err
+    assert cli.main(["train", setup["config"], "--weights", weights, "--data", f"voc:{other}",
+                     "--val-split", "test", "--out", str(tmp_path / "ft")]) == 2
+    err = capsys.readouterr().err
+    assert "['coin']" in err and "['bolt']" in err
+
+
+def test_classes_and_classes_file_fix_names_and_order(coin_run, setup, tmp_path):
+    from kerasdet.zoo.data_spec import parse_data_spec, read_class_names
+
+    voc = coin_run["voc"]
+    given = parse_data_spec(f"voc:{voc}", "train", "test", class_names=read_class_names("washer, coin"))
+    assert given.class_names == ["washer", "coin"] and given.class_source == "given"
+    assert {int(label) for r in given.train.records for label in r.labels} == {1}
+    names_file = tmp_path / "classes.txt"
+    names_file.write_text("# one name a line\ncoin\n\nwasher\n")
+    assert read_class_names(classes_file=str(names_file)) == ["coin", "washer"]
+    with pytest.raises(ValueError, match="repeated class names"):
+        read_class_names("a,b,a")
+    with pytest.raises(ValueError, match=r"unknown class name 'coin'; the class names are \['bolt'\]"):
+        parse_data_spec(f"voc:{voc}", "train", "test", class_names=["bolt"])
+    # COCO: the categories may be put in another order, never replaced.
+    coco = parse_data_spec(setup["spec"], class_names=["triangle", "circle", "square"])
+    default = parse_data_spec(setup["spec"])
+    for a, b in zip(coco.val.records, default.val.records):
+        assert [coco.class_names[i] for i in a.labels] == [default.class_names[i] for i in b.labels]
+    assert coco.val.category_ids == [3, 1, 2]
+    with pytest.raises(ValueError, match=r"\['circle', 'square'\] do not match"):
+        parse_data_spec(setup["spec"], class_names=["circle", "square"])
+
+
+def test_training_from_scratch_makes_every_stage_and_norm_trainable(tmp_path):
+    from kerasdet.layers import FrozenBatchNormalization
+
+    config = tmp_path / "mbv2.json"
+    arguments = {"num_classes": 2, "backbone": "mobilenet_v2", "backbone_config": {"frozen_bn": True, "freeze_at": 2},
+                 "fpn_channels": 16, "fc_dim": 32}
+    config.write_text(json.dumps({"class": "kerasdet.models.faster_rcnn:FasterRCNN", "arguments": arguments,
+                                  "input": {"image_size": [64, 64]}}))
+    args = cli.build_parser().parse_args(["train", str(config), "--data", "x:y", "--out", str(tmp_path)])
+    overrides, note = cli._scratch_overrides(args, cli._pretrained_choice(args))
+    assert note == "training from scratch: every stage trainable, BatchNorm trainable (batch statistics)"
+    model = training.resolve_model(str(config), weights=None, **overrides)
+    layers = model.backbone.layers
+    assert all(layer.trainable for layer in layers)
+    norms = [layer for layer in layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert norms and not any(isinstance(layer, FrozenBatchNormalization) for layer in layers)
+    # With weights to start from, the entry's fine-tuning settings stay.
+    args = cli.build_parser().parse_args(["train", str(config), "--data", "x:y", "--out", str(tmp_path),
+                                          "--weights", "w.weights.h5"])
+    assert cli._scratch_overrides(args, None) == ({}, None)
+
+
+def test_zoo_list_columns_are_aligned_and_status_whole(capsys):
+    from kerasdet import zoo
+
+    assert cli.main(["zoo", "list"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    header, rows = lines[0], lines[1:]
+    column = header.index("status")
+    assert len(rows) == len(zoo.list())
+    for name, row in zip(zoo.list(), rows):
+        assert row.startswith(name + " ") and row[column:] == zoo.registry.get_entry(name).status()
+
+
+def _kerasdet_command():
+    script = os.path.join(os.path.dirname(sys.executable), "kerasdet")
+    return [script] if os.path.isfile(script) else [sys.executable, "-m", "kerasdet.cli"]
+
+
+def test_commands_start_without_tensorflow_logs(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "KERASDET_VERBOSE")}
+    loud = subprocess.run(_kerasdet_command() + ["zoo", "list", "--verbose"], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert loud.returncode == 0, loud.stderr[-2000:]
+    if not any(cli._is_tensorflow_log(line) for line in loud.stderr.splitlines()):
+        pytest.skip("this TensorFlow build prints no start-up logs")
+    quiet = subprocess.run(_kerasdet_command() + ["zoo", "list"], capture_output=True, text=True, timeout=300,
+                           env=env)
+    assert quiet.returncode == 0 and "faster_rcnn_r50_fpn" in quiet.stdout
+    assert quiet.stderr.strip() == "", quiet.stderr
+    # kerasdet's own messages pass the filter.
+    kept = "kerasdet: compiled kernels not found ...\nI0000 00:00:1796034731.359573    6350 port.cc:153] oneDNN"
+    assert [line for line in kept.splitlines() if not cli._is_tensorflow_log(line)] == [kept.splitlines()[0]]

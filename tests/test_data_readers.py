@@ -10,6 +10,7 @@ from PIL import Image
 from kerasdet.data import (BadInputError, BadInputWarning, FatalInputError, load_coco, load_voc,
                            read_image)
 from kerasdet.data.masks import masks_for_record, segmentation_to_mask
+from kerasdet.data.voc import VOC_CLASSES, discover_class_names
 
 
 def _save(path, array, **kw):
@@ -238,7 +239,7 @@ def test_voc_instance_masks(tmp_path):
     instances[5, 4:32] = 255   # VOC's void border counts as background
     _save(str(root / "SegmentationObject" / "000001.png"), instances)
     with pytest.warns(BadInputWarning, match="unknown class"):
-        ds = load_voc(str(root), "train", on_bad="skip", load_masks=True)
+        ds = load_voc(str(root), "train", class_names=VOC_CLASSES, on_bad="skip", load_masks=True)
     masks = masks_for_record(ds.records[0])
     np.testing.assert_array_equal(masks[0], instances == 1)
     np.testing.assert_array_equal(masks[1], instances == 3)
@@ -247,17 +248,41 @@ def test_voc_instance_masks(tmp_path):
 
 def test_voc_bad_inputs(tmp_path):
     root = _voc_tree(tmp_path, _obj("unicorn", (1, 1, 4, 4)) + _obj("dog", (3, 3, 2, 8)))
-    with pytest.raises(BadInputError, match=r"000001.xml \(image 000001\) object 0: unknown class name"):
-        load_voc(str(root), "train")
+    with pytest.raises(BadInputError, match=r"000001.xml \(image 000001\) object 0: unknown class name "
+                                            r"'unicorn'; the class names are \['aeroplane', "):
+        load_voc(str(root), "train", class_names=VOC_CLASSES)
     with pytest.warns(BadInputWarning,
                       match=r"degenerate box dropped \(e.g. .*object 1\).*unknown class skipped"):
-        ds = load_voc(str(root), "train", on_bad="skip")
+        ds = load_voc(str(root), "train", class_names=VOC_CLASSES, on_bad="skip")
     assert ds.records[0].num_objects == 0 and len(ds) == 1
     (root / "Annotations" / "000001.xml").write_text("<annotation><filename>")
     with pytest.raises(BadInputError, match="000001.xml.*malformed XML"):
         load_voc(str(root), "train")
     with pytest.raises(FileNotFoundError, match="val.txt"):
         load_voc(str(root), "val")
+
+
+def test_voc_class_names_come_from_the_data_unless_given(tmp_path):
+    root = _voc_tree(tmp_path, _obj("coin", (1, 1, 10, 5)) + _obj("bolt", (5, 6, 32, 24)))
+    (root / "Annotations" / "000002.xml").write_text(
+        "<annotation><filename>000001.jpg</filename>" + _obj("washer", (2, 2, 9, 9)) + "</annotation>")
+    (root / "ImageSets" / "Main" / "val.txt").write_text("000002\n")
+    # One split alone, and the union over both (what a run uses for its training and validation sets).
+    assert load_voc(str(root), "train").class_names == ["bolt", "coin"]
+    names = discover_class_names(str(root), ["train", "val"])
+    assert names == ["bolt", "coin", "washer"]
+    train, val = (load_voc(str(root), split, class_names=names) for split in ("train", "val"))
+    np.testing.assert_array_equal(train.records[0].labels, [1, 0])
+    np.testing.assert_array_equal(val.records[0].labels, [2])
+    # Names given explicitly fix the order; a name outside them names the file, object and list.
+    np.testing.assert_array_equal(load_voc(str(root), "train", class_names=["coin", "bolt"]).records[0].labels,
+                                  [0, 1])
+    with pytest.raises(BadInputError, match=r"000002.xml \(image 000002\) object 0: unknown class name "
+                                            r"'washer'; the class names are \['coin', 'bolt'\]"):
+        load_voc(str(root), "val", class_names=["coin", "bolt"])
+    # A set using only Pascal VOC names keeps VOC's 20 classes and their ids.
+    voc = _voc_tree(tmp_path / "voc", _obj("dog", (1, 1, 10, 5)))
+    assert discover_class_names(str(voc), "train") == list(VOC_CLASSES)
 
 
 def test_voc_missing_image_error_and_skip(tmp_path):

@@ -34,6 +34,29 @@ def read_split(root: str, split: str) -> list[str]:
         return [line.split()[0] for line in f if line.strip()]
 
 
+def discover_class_names(root: str, splits) -> list[str]:
+    """The class names a VOC-format data set uses, for ``load_voc(class_names=...)``.
+
+    Pascal VOC's 20 names in VOC's order when every ``<name>`` of the splits' annotations is one of
+    them (a VOC subset keeps VOC's label ids), otherwise the sorted union of the names over all the
+    given splits, so that a training and a validation split read with it share one label order.
+    Annotations that are missing or malformed are passed over here; ``load_voc`` reports them.
+    """
+    names = set()
+    for split in ([splits] if isinstance(splits, str) else splits):
+        for image_id in read_split(root, split):
+            xml_path = os.path.join(root, "Annotations", f"{image_id}.xml")
+            try:
+                tree = ET.parse(xml_path).getroot()
+            except (OSError, ET.ParseError):
+                continue
+            names.update((obj.findtext("name") or "").strip() for obj in tree.findall("object"))
+    names.discard("")
+    if names <= set(VOC_CLASSES):
+        return list(VOC_CLASSES)
+    return sorted(names)
+
+
 def _number(node, tag, where):
     child = node.find(tag)
     if child is None or child.text is None:
@@ -44,7 +67,7 @@ def _number(node, tag, where):
         raise BadInputError(f"{where}: <{tag}> is not a number: {child.text!r}") from exc
 
 
-def load_voc(root: str, split: str = "trainval", *, class_names=VOC_CLASSES, on_bad: str = "error",
+def load_voc(root: str, split: str = "trainval", *, class_names=None, on_bad: str = "error",
              check_images: str = "header", keep_difficult: bool = True,
              skip_empty: bool = False, load_masks: bool = False) -> DetectionDataset:
     """Read a Pascal VOC style data set.
@@ -52,7 +75,9 @@ def load_voc(root: str, split: str = "trainval", *, class_names=VOC_CLASSES, on_
     Args:
         root: the VOC year directory (holding Annotations/, JPEGImages/, ImageSets/Main/).
         split: name of the ImageSets/Main split file ("train", "val", "trainval", "test", ...).
-        class_names: names in label order; VOC's 20 classes by default.
+        class_names: names in label order. None (default): ``discover_class_names(root, split)``,
+            i.e. VOC's 20 classes for Pascal VOC, the sorted names found for any other set. Give
+            them explicitly when several splits must share one order.
         on_bad: "error" raises BadInputError naming the XML file and image for a missing, unreadable
             or malformed annotation or image, or an object of a class not in ``class_names``;
             "skip" drops that image (or object) and counts it in ``dataset.report`` (one warning).
@@ -68,7 +93,9 @@ def load_voc(root: str, split: str = "trainval", *, class_names=VOC_CLASSES, on_
             without such a file get ``masks=None``.
     """
     check_on_bad(on_bad)
-    class_names = list(class_names)
+    class_names = discover_class_names(root, split) if class_names is None else list(class_names)
+    if not class_names or len(set(class_names)) != len(class_names):
+        raise ValueError(f"VOC {root} split {split}: class_names must be distinct names, got {class_names}")
     label_of = {name: i for i, name in enumerate(class_names)}
     image_root = os.path.join(root, "JPEGImages")
     report = BadInputReport(f"VOC {root} split {split}")
@@ -129,7 +156,8 @@ def _parse(xml_path, image_id, image_root, label_of, where, on_bad, report, chec
         name = (obj.findtext("name") or "").strip()
         if name not in label_of:
             if on_bad == "error":
-                raise BadInputError(f"{obj_where}: unknown class name {name!r}")
+                raise BadInputError(f"{obj_where}: unknown class name {name!r}; the class names are "
+                                    f"{list(label_of)}")
             report.add("unknown class skipped", obj_where)
             continue
         is_difficult = (obj.findtext("difficult") or "0").strip() not in ("0", "")

@@ -11,7 +11,9 @@ import dataclasses
 import os
 import warnings
 
-__all__ = ["DataSource", "parse_data_spec", "SYNTHETIC_SETTINGS"]
+import numpy as np
+
+__all__ = ["DataSource", "parse_data_spec", "read_class_names", "align_classes", "SYNTHETIC_SETTINGS"]
 
 # The synthetic benchmark of the learning tests: 3 shapes on 128x128 images; validation images come
 # from another seed, so they are held out.
@@ -24,9 +26,55 @@ class DataSource:
     train: object            # DetectionDataset or None
     val: object              # DetectionDataset
     class_names: list
+    class_source: str = ""   # where the names come from, for the start-of-run summary
 
 
-def _synthetic(root, need_train):
+def read_class_names(classes=None, classes_file=None):
+    """The names of --classes "a,b,c" or --classes-file F (one name a line, blank lines and
+    #-comments ignored), or None when neither is given."""
+    if classes is not None and classes_file is not None:
+        raise ValueError("give --classes or --classes-file, not both")
+    if classes is not None:
+        names, where = [n.strip() for n in classes.split(",")], f"--classes {classes!r}"
+    elif classes_file is not None:
+        if not os.path.isfile(classes_file):
+            raise FileNotFoundError(f"--classes-file {classes_file!r} does not exist")
+        with open(classes_file, encoding="utf-8") as handle:
+            names = [line.strip() for line in handle if line.strip() and not line.lstrip().startswith("#")]
+        where = f"--classes-file {classes_file}"
+    else:
+        return None
+    if not names or "" in names:
+        raise ValueError(f"{where}: class names must be non-empty (got {names})")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"{where}: repeated class names {repeated}")
+    return names
+
+
+def _put_in_order(dataset, names, where, what="the class names given"):
+    """Relabels a data set so that its label k is ``names[k]``. A COCO-format set (category ids)
+    needs exactly its own categories; a VOC set may use only some of the names (a validation split
+    without a class)."""
+    if list(dataset.class_names) == list(names):
+        return dataset
+    fits = (sorted(dataset.class_names) == sorted(names) if dataset.category_ids is not None
+            else set(dataset.class_names) <= set(names))
+    if not fits:
+        raise ValueError(f"{where}: {what} {list(names)} do not match the data set's classes "
+                         f"{list(dataset.class_names)}")
+    new_label = np.array([list(names).index(n) for n in dataset.class_names], np.int32)
+    for record in dataset.records:
+        record.labels = new_label[record.labels] if record.num_objects else record.labels
+    if dataset.category_ids is not None:
+        category_of = dict(zip(dataset.class_names, dataset.category_ids))
+        dataset.category_ids = [category_of[n] for n in names]
+        dataset.__dict__.pop("_label_of", None)  # the id -> label lookup is rebuilt on demand
+    dataset.class_names = list(names)
+    return dataset
+
+
+def _synthetic(root, need_train, class_names):
     from kerasdet.data.coco import load_coco
     from kerasdet.data.synthetic import make_dataset
 
@@ -43,25 +91,63 @@ def _synthetic(root, need_train):
         else:
             sets[split] = make_dataset(folder, count, seed=seed, image_size=tuple(s["image_size"]),
                                        num_classes=s["num_classes"], split=split)
-    return DataSource(sets.get("train"), sets["val"], list(sets["val"].class_names))
+    return _coco_source(sets.get("train"), sets["val"], class_names, f"--data synthetic:{root}",
+                        "the synthetic shapes")
 
 
-def parse_data_spec(spec, train_split="train", val_split="val", need_train=True):
-    """Reads the data sets named by ``spec`` (see the module docstring) into a DataSource."""
+def align_classes(data, names, where, what):
+    """Relabels ``data`` (a DataSource) to the label order of ``names`` (e.g. a model's classes);
+    a data set with classes outside them is a ValueError naming both lists."""
+    for dataset in (data.train, data.val):
+        if dataset is not None:
+            _put_in_order(dataset, names, where, what)
+    data.class_names = list(names)
+    return data
+
+
+def _coco_source(train, val, class_names, where, what):
+    if train is not None and list(train.class_names) != list(val.class_names):
+        raise ValueError(f"{where}: the training split's categories {train.class_names} differ from the "
+                         f"validation split's {val.class_names}")
+    if class_names is None:
+        return DataSource(train, val, list(val.class_names), what)
+    for dataset in (train, val):
+        if dataset is not None:
+            _put_in_order(dataset, class_names, where)
+    return DataSource(train, val, list(class_names), "given")
+
+
+def _voc(root, spec, train_split, val_split, need_train, class_names):
+    from kerasdet.data.voc import VOC_CLASSES, discover_class_names, load_voc
+
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"--data {spec}: VOC folder {root!r} does not exist")
+    if class_names is None:
+        # Both splits' names before either set is read: training and validation share one order.
+        splits = [train_split, val_split] if need_train else [val_split]
+        class_names = discover_class_names(root, splits)
+        source = "Pascal VOC's 20" if class_names == list(VOC_CLASSES) else "found in the annotations"
+    else:
+        source = "given"
+    train = load_voc(root, train_split, class_names=class_names) if need_train else None
+    val = load_voc(root, val_split, class_names=class_names)
+    return DataSource(train, val, list(class_names), source)
+
+
+def parse_data_spec(spec, train_split="train", val_split="val", need_train=True, class_names=None):
+    """Reads the data sets named by ``spec`` (see the module docstring) into a DataSource.
+
+    ``class_names`` (e.g. from --classes) fixes the names and their order (label k = name k); by
+    default they come from the data (VOC: `kerasdet.data.voc.discover_class_names` over both
+    splits; COCO: the categories in id order; synthetic: its shapes)."""
     if not isinstance(spec, str) or ":" not in spec:
         raise ValueError(f"--data must look like voc:ROOT, coco:ANN.json:IMAGE_DIR or synthetic:DIR; "
                          f"got {spec!r}")
     kind, rest = spec.split(":", 1)
     if kind == "synthetic":
-        return _synthetic(rest, need_train)
+        return _synthetic(rest, need_train, class_names)
     if kind == "voc":
-        from kerasdet.data.voc import load_voc
-
-        if not os.path.isdir(rest):
-            raise FileNotFoundError(f"--data {spec}: VOC folder {rest!r} does not exist")
-        train = load_voc(rest, train_split) if need_train else None
-        val = load_voc(rest, val_split)
-        return DataSource(train, val, list(val.class_names))
+        return _voc(rest, spec, train_split, val_split, need_train, class_names)
     if kind == "coco":
         from kerasdet.data.coco import load_coco
 
@@ -81,5 +167,5 @@ def parse_data_spec(spec, train_split="train", val_split="val", need_train=True)
                           "validation use the same images", stacklevel=2)
         train = read(train_split) if need_train else None
         val = read(val_split)
-        return DataSource(train, val, list(val.class_names))
+        return _coco_source(train, val, class_names, f"--data {spec}", "the annotation file's categories")
     raise ValueError(f"--data {spec}: unknown kind {kind!r} (use voc, coco or synthetic)")

@@ -17,7 +17,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-__all__ = ["WarmupStepSchedule", "make_optimizer", "make_pipeline", "resolve_model", "train_model",
+__all__ = ["WarmupStepSchedule", "adapt_recipe", "format_recipe", "make_optimizer", "make_pipeline",
+           "resolve_model", "model_arguments", "from_scratch_backbone_config", "train_model",
            "evaluate_detector", "predict_images", "StopOnNaN", "TrainingRecipe"]
 
 
@@ -71,6 +72,67 @@ class TrainingRecipe(dict):
         self.update({k: v for k, v in overrides.items() if v is not None})
 
 
+# A recipe's warm-up (e.g. Detectron's 500 iterations of a 90k-iteration run) is capped at this
+# fraction of a run's steps, so that a short run on a small data set is not all warm-up.
+MAX_WARMUP_FRACTION = 0.1
+
+
+def adapt_recipe(recipe, steps_per_epoch, *, epochs=None, batch_size=None, learning_rate=None,
+                 weight_decay=None, momentum=None, warmup_steps=None, decay_epochs=None):
+    """The effective recipe of a run: a zoo entry's ``recipe`` adapted to the run's flags.
+
+    * Batch size: the recipe's ``batch_size`` is the reference. With another batch the learning
+      rate scales linearly, lr x batch / recipe batch (Goyal et al. 2017, the rule Detectron uses),
+      unless ``learning_rate`` is given.
+    * Epochs: decay epochs of the recipe scale with ``epochs`` / recipe epochs (recipe 12 epochs with
+      decay at [8, 11] -> 24 epochs decay at [16, 22]) unless ``decay_epochs`` is given.
+    * Warm-up: the recipe's steps, at most MAX_WARMUP_FRACTION of the run's steps, unless
+      ``warmup_steps`` is given.
+
+    Returns a TrainingRecipe whose extra keys record the reference values and ``changes`` (what was
+    adapted and why, one line each), for the printout and run.json.
+    """
+    base = TrainingRecipe(recipe)
+    out = TrainingRecipe(recipe, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate,
+                         weight_decay=weight_decay, momentum=momentum, warmup_steps=warmup_steps,
+                         decay_epochs=decay_epochs)
+    changes = []
+    if learning_rate is None and out["batch_size"] != base["batch_size"]:
+        out["learning_rate"] = base["learning_rate"] * out["batch_size"] / base["batch_size"]
+        changes.append(f"learning rate {out['learning_rate']:.6g} = {base['learning_rate']:g} x "
+                       f"{out['batch_size']} / {base['batch_size']} (linear scaling from the recipe's batch)")
+    if decay_epochs is None and out["epochs"] != base["epochs"]:
+        factor = out["epochs"] / base["epochs"]
+        out["decay_epochs"] = [round(e * factor, 4) for e in base["decay_epochs"]]
+        changes.append(f"decay epochs {_numbers(out['decay_epochs'])} = recipe's {_numbers(base['decay_epochs'])}"
+                       f" x {out['epochs']} / {base['epochs']} epochs")
+    total_steps = int(out["epochs"]) * int(steps_per_epoch)
+    cap = max(1, math.ceil(MAX_WARMUP_FRACTION * total_steps))
+    if warmup_steps is None and out["warmup_steps"] > cap:
+        changes.append(f"warm-up {cap} steps (recipe's {out['warmup_steps']}, capped at "
+                       f"{MAX_WARMUP_FRACTION:.0%} of the run's {total_steps} steps)")
+        out["warmup_steps"] = cap
+    out.update(recipe_batch_size=base["batch_size"], recipe_learning_rate=base["learning_rate"],
+               recipe_epochs=base["epochs"], steps_per_epoch=int(steps_per_epoch), total_steps=total_steps,
+               changes=changes)
+    return out
+
+
+def _numbers(values):
+    return "[" + ", ".join(f"{v:.4g}" for v in values) + "]"
+
+
+def format_recipe(recipe):
+    """A few lines describing the effective recipe (as `kerasdet train` prints it)."""
+    lines = [f"recipe: batch {recipe['batch_size']}, learning rate {recipe['learning_rate']:.6g}, "
+             f"{recipe['epochs']} epochs x {recipe.get('steps_per_epoch', '?')} steps, warm-up "
+             f"{recipe['warmup_steps']} steps, x{recipe['decay_factor']:g} at epochs "
+             f"{_numbers(recipe['decay_epochs'])}, SGD momentum {recipe['momentum']:g}, "
+             f"weight decay {recipe['weight_decay']:g}"]
+    lines += [f"  adapted: {change}" for change in recipe.get("changes", ())]
+    return "\n".join(lines)
+
+
 def make_optimizer(recipe, steps_per_epoch):
     """SGD with momentum, decoupled weight decay, warm-up and step decay (epochs -> steps)."""
     schedule = WarmupStepSchedule(
@@ -103,10 +165,42 @@ def _register_model_classes():
             pass  # an entry whose model is not written yet
 
 
-def resolve_model(spec, weights="default", num_classes=None, pretrained_backbone=None):
+def _read_json_config(spec):
+    with open(spec, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def model_arguments(spec):
+    """The constructor arguments a zoo entry name or JSON config builds with (None for a .keras file)."""
+    if isinstance(spec, keras.Model) or os.fspath(spec).endswith(".keras"):
+        return None
+    if os.fspath(spec).endswith(".json"):
+        return dict(_read_json_config(spec)["arguments"])
+    from kerasdet.zoo import registry
+
+    return dict(registry.get_entry(spec).arguments)
+
+
+def from_scratch_backbone_config(backbone, backbone_config=None):
+    """The backbone settings for training a randomly initialised backbone: no frozen stage and
+    trainable normalization. Freezing early stages and BatchNorm statistics is how pretrained
+    ImageNet weights are fine-tuned; on random weights it leaves random layers and an identity
+    "normalization" that never learn. Returns (config, description of what changed)."""
+    config = dict(backbone_config or {})
+    if backbone.startswith(("resnet", "mobilenet")):
+        config.update(frozen_bn=False, freeze_at=0)
+        return config, "every stage trainable, BatchNorm trainable (batch statistics)"
+    if backbone.startswith("vgg"):
+        config.update(freeze_blocks=0)
+        return config, "every block trainable (VGG-16 has no normalization layers)"
+    return config, "every layer trainable (this backbone has no frozen stages or normalization)"
+
+
+def resolve_model(spec, weights="default", num_classes=None, pretrained_backbone=None, **overrides):
     """A model from a zoo entry name, a .keras file or a JSON config {"class", "arguments", "input"}.
 
-    ``pretrained_backbone`` applies to zoo entries (see `kerasdet.zoo.load`)."""
+    ``pretrained_backbone`` applies to zoo entries (see `kerasdet.zoo.load`); ``overrides`` are
+    constructor arguments replacing the entry's or config's (e.g. anchor_sizes, backbone_config)."""
     from kerasdet import zoo
 
     if isinstance(spec, keras.Model):
@@ -115,26 +209,30 @@ def resolve_model(spec, weights="default", num_classes=None, pretrained_backbone
     if spec.endswith(".keras"):
         if not os.path.isfile(spec):
             raise FileNotFoundError(f"model file {spec!r} does not exist")
+        if overrides:
+            raise ValueError(f"{spec}: a .keras model is already built; {sorted(overrides)} cannot change")
         _register_model_classes()
         return keras.saving.load_model(spec)
     if spec.endswith(".json"):
         import importlib
 
-        with open(spec, encoding="utf-8") as handle:
-            config = json.load(handle)
+        config = _read_json_config(spec)
         module_name, _, class_name = config["class"].partition(":")
         cls = getattr(importlib.import_module(module_name), class_name)
         arguments = dict(config["arguments"])
+        arguments.update(overrides)
         if num_classes is not None:
             arguments["num_classes"] = num_classes
         model = cls(**arguments)
-        model.kerasdet_input = dict(config.get("input") or {})
-        size = model.kerasdet_input.get("image_size") or (64, 64)
+        settings = config.get("input") or None
+        model.kerasdet_input = dict(settings) if settings else None
+        size = (settings or {}).get("image_size") or (64, 64)
         model.build((1, *size, 3))
         if weights not in (None, "default"):
             zoo.load_verified_weights(model, weights)
         return model
-    return zoo.load(spec, weights=weights, num_classes=num_classes, pretrained_backbone=pretrained_backbone)
+    return zoo.load(spec, weights=weights, num_classes=num_classes, pretrained_backbone=pretrained_backbone,
+                    **overrides)
 
 
 class StopOnNaN(keras.callbacks.Callback):
