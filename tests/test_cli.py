@@ -295,7 +295,7 @@ def test_anchor_fit_table_and_auto_sizes(coin_run):
         anchor_fit.parse_anchor_sizes(["16", "32"], 5, [1] * 5)
 
 
-def test_evaluate_predict_and_export_use_the_runs_classes(coin_run, setup, tmp_path):
+def test_evaluate_and_predict_use_the_runs_classes_predict_takes_folders_and_globs(coin_run, setup, tmp_path):
     weights = str(coin_run["out"] / "model.weights.h5")
     voc = coin_run["voc"]
     assert cli.main(["evaluate", setup["config"], "--weights", weights, "--data", f"voc:{voc}",
