@@ -149,3 +149,29 @@ def test_preview_draws_a_grid(coins, tmp_path):
     path = sp.save_preview(train, str(tmp_path / "preview.png"), count=4, columns=2, gap=4)
     with Image.open(path) as img:
         assert img.size == (2 * 132, 2 * 132)
+
+
+def test_faster_rcnn_fpn_learns_the_coins(coins):
+    """Tiny FPN Faster R-CNN, model.fit for 180 steps (batch 4, SGD lr 0.01, flips) on the 12 train
+    tiles, then VOC mAP@0.5 on the 8 held-out tiles (27 coins + 14 difficult). This procedure with
+    seeds 0 / 1 / 2 / 3 measured VOC mAP@0.5 0.991 / 0.988 / 0.874 / 0.981 (COCO AP 0.55 / 0.58 /
+    0.48 / 0.61; last / first epoch loss 0.23 / 0.34 / 0.58 / 0.27) in 47-65 s of training on two
+    busy cores. At lr 0.02 seed 2 stalled (VOC 0.0-0.6 after 120-150 steps)."""
+    import keras
+
+    from kerasdet.data.pipeline import build_dataset
+    from kerasdet.evaluation import evaluate_model
+    from kerasdet.models.faster_rcnn import FasterRCNN
+    from learning import tiny_fpn_settings
+
+    _, (train, test) = coins
+    keras.utils.set_random_seed(0)
+    model = FasterRCNN(1, **tiny_fpn_settings())
+    train_ds = build_dataset(train, 4, training=True, image_size=(128, 128), seed=0, repeat=True)
+    model.compile(optimizer=keras.optimizers.SGD(0.01, momentum=0.9, weight_decay=1e-4, clipnorm=10.0))
+    losses = model.fit(train_ds, epochs=6, steps_per_epoch=30, verbose=0).history["loss"]
+    results = evaluate_model(model, build_dataset(test, 8, image_size=(128, 128)))
+    print(f"coins: VOC mAP@0.5 {results['voc']['mAP']:.3f}, COCO AP {results['coco']['bbox']['AP']:.3f}, "
+          f"loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    assert losses[-1] < 0.75 * losses[0]
+    assert results["voc"]["mAP"] >= 0.6
