@@ -91,7 +91,7 @@ def make_data(root):
 
 def run(label, entry_name, pretrained, overrides, data, seconds, seed, recipe_epochs_only=False):
     from kerasdet import zoo
-    from kerasdet.zoo import training
+    from kerasdet import engine as training
 
     entry = zoo.registry.get_entry(entry_name)
     recipe = training.TrainingRecipe(entry.recipe)

@@ -107,8 +107,8 @@ def main(argv=None):
     import kerasdet
     from kerasdet import zoo
     from kerasdet.export import export_saved_model
-    from kerasdet.zoo import training
-    from kerasdet.zoo.data_spec import parse_data_spec
+    from kerasdet import engine
+    from kerasdet.data.data_spec import parse_data_spec
 
     out = os.path.abspath(args.out)
     os.makedirs(out, exist_ok=True)
@@ -119,14 +119,14 @@ def main(argv=None):
     _step("1/4 synthetic data set (coloured shapes, 3 classes, 128x128)")
     data = parse_data_spec("synthetic:" + os.path.join(out, "data"))
     print(f"{len(data.train)} training and {len(data.val)} held-out images in {out}/data")
-    val_ds = training.make_pipeline(data.val, entry.input, 8, False)
+    val_ds = engine.make_pipeline(data.val, entry.input, 8, False)
 
     run_dir = os.path.join(out, "run")
     if args.use_shipped_weights:
         _step(f"2/4 loading the shipped weights of {name} (sha256-verified)")
         model = zoo.load(name)
     else:
-        recipe = training.TrainingRecipe(entry.recipe, epochs=args.epochs)
+        recipe = engine.TrainingRecipe(entry.recipe, epochs=args.epochs)
         _step(f"2/4 training {name}: {recipe['epochs']} epochs, batch "
               f"{recipe['batch_size']}, SGD lr {recipe['learning_rate']} (a few minutes on 2 cores)")
         print(f"backbone: {backbone_note}", flush=True)
@@ -135,15 +135,15 @@ def main(argv=None):
             model = zoo.load(name, weights=None, pretrained_backbone=True)
         else:
             model = zoo.build(name)
-        train_ds = training.make_pipeline(data.train, entry.input, recipe["batch_size"], True,
+        train_ds = engine.make_pipeline(data.train, entry.input, recipe["batch_size"], True,
                                           seed=args.seed)
-        run = training.train_model(model, train_ds, run_dir, recipe, verbose=1)
+        run = engine.train_model(model, train_ds, run_dir, recipe, verbose=1)
         if run["stopped_on_nan"]:
             print(run["message"], file=sys.stderr)
             return 3
 
     _step("3/4 evaluation on the held-out images")
-    summary = training.evaluate_detector(model, val_ds, data.class_names, run_dir, records=data.val)
+    summary = engine.evaluate_detector(model, val_ds, data.class_names, run_dir, records=data.val)
 
     _step("4/4 SavedModel export (builtin TF ops only) and inference from PNG bytes")
     export_dir = os.path.join(out, "saved_model")

@@ -12,7 +12,8 @@ import pytest
 import tensorflow as tf
 
 from kerasdet import cli
-from kerasdet.zoo import training
+from kerasdet import engine
+from kerasdet.engine import runs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {"num_classes": 3, "backbone": "tiny", "fpn_channels": 16, "fc_dim": 32,
@@ -38,15 +39,15 @@ def setup(tmp_path_factory):
 
 
 def _pipelines(setup, batch_size=2):
-    from kerasdet.zoo.data_spec import parse_data_spec
+    from kerasdet.data.data_spec import parse_data_spec
 
     data = parse_data_spec(setup["spec"])
-    train_ds = training.make_pipeline(data.train, {"image_size": [64, 64]}, batch_size, True, seed=0)
+    train_ds = engine.make_pipeline(data.train, {"image_size": [64, 64]}, batch_size, True, seed=0)
     return data, train_ds.repeat()
 
 
 def _recipe(epochs):
-    return training.TrainingRecipe({}, epochs=epochs, batch_size=2, learning_rate=0.005,
+    return engine.TrainingRecipe({}, epochs=epochs, batch_size=2, learning_rate=0.005,
                                    warmup_steps=2, decay_epochs=[epochs])
 
 
@@ -102,16 +103,16 @@ class _Recorder(keras.callbacks.Callback):
 def test_resume_continues_at_epoch_2_from_the_epoch_1_state(setup, tmp_path):
     out = str(tmp_path / "run")
     _, train_ds = _pipelines(setup)
-    model = training.resolve_model(setup["config"], weights=None)
+    model = engine.resolve_model(setup["config"], weights=None)
     with pytest.raises(KeyboardInterrupt):
-        training.train_model(model, train_ds, out, _recipe(3), steps_per_epoch=2,
+        engine.train_model(model, train_ds, out, _recipe(3), steps_per_epoch=2,
                              callbacks=[_Interrupt()], verbose=0)
     assert os.listdir(os.path.join(out, "checkpoints")) != []
-    epoch1 = training.resolve_model(setup["config"], weights=os.path.join(out, "checkpoints",
+    epoch1 = engine.resolve_model(setup["config"], weights=os.path.join(out, "checkpoints",
                                                                           "epoch_001.weights.h5"))
-    fresh = training.resolve_model(setup["config"], weights=None)
+    fresh = engine.resolve_model(setup["config"], weights=None)
     recorder = _Recorder()
-    run = training.train_model(fresh, train_ds, out, _recipe(3), steps_per_epoch=2, resume=True,
+    run = engine.train_model(fresh, train_ds, out, _recipe(3), steps_per_epoch=2, resume=True,
                                callbacks=[recorder], verbose=0)
     assert recorder.epochs == [1, 2]  # 0-based: epochs 2 and 3 run, epoch 1 is not repeated
     assert len(run["history"]["loss"]) == 2
@@ -123,7 +124,7 @@ def test_resume_continues_at_epoch_2_from_the_epoch_1_state(setup, tmp_path):
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(setup, tmp_path, capsys):
     out = str(tmp_path / "run")
     _, train_ds = _pipelines(setup)
-    model = training.resolve_model(setup["config"], weights=None)
+    model = engine.resolve_model(setup["config"], weights=None)
     honest = model.compute_detection_losses
 
     def poisoned(batch, training):
@@ -134,7 +135,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(setup
         return losses
 
     model.compute_detection_losses = poisoned
-    run = training.train_model(model, train_ds, out, _recipe(3), steps_per_epoch=2, verbose=0)
+    run = engine.train_model(model, train_ds, out, _recipe(3), steps_per_epoch=2, verbose=0)
     assert run["stopped_on_nan"]
     assert "step 4 (epoch 2, batch 2)" in run["message"]
     assert "step 4" in capsys.readouterr().err
@@ -173,7 +174,7 @@ def test_train_scripts_share_the_cli():
 
 
 def test_data_spec_errors_name_the_missing_piece(setup, tmp_path):
-    from kerasdet.zoo.data_spec import parse_data_spec
+    from kerasdet.data.data_spec import parse_data_spec
 
     with pytest.raises(FileNotFoundError, match="VOC folder"):
         parse_data_spec(f"voc:{tmp_path / 'nowhere'}")
@@ -189,12 +190,12 @@ def test_data_spec_errors_name_the_missing_piece(setup, tmp_path):
 
 
 def test_keras_file_is_accepted_as_model(setup, tmp_path):
-    model = training.resolve_model(setup["config"], weights=None)
+    model = engine.resolve_model(setup["config"], weights=None)
     path = str(tmp_path / "tiny.keras")
     model.save(path)
     # A fresh interpreter, where no detector module was imported yet, must still read it.
-    code = ("import sys; from kerasdet.zoo import training; "
-            "m = training.resolve_model(sys.argv[1]); print(type(m).__name__, m.num_classes)")
+    code = ("import sys; from kerasdet import engine; "
+            "m = engine.resolve_model(sys.argv[1]); print(type(m).__name__, m.num_classes)")
     proc = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True,
                           timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -248,8 +249,7 @@ def test_size_overrides_reach_the_run_and_the_model(coin_run, setup):
     assert run["input"]["min_size"] == 48 and run["input"]["max_size"] == 96
     assert "image_size" not in run["input"]
     assert "input: shorter side 48, longer side <= 96" in coin_run["printed"]
-    model = cli._model_for_inference(cli.build_parser().parse_args(
-        ["evaluate", setup["config"], "--weights", str(coin_run["out"] / "model.weights.h5"), "--data", "x:y"]))
+    model = runs.model_for_inference(setup["config"], weights=str(coin_run["out"] / "model.weights.h5"))
     assert model.input_settings["min_size"] == 48 and model.input_settings["max_size"] == 96
     assert tuple(model.class_names) == ("coin",) and model.num_classes == 1
     assert [list(s) for s in model.anchor_sizes] == run["model_overrides"]["anchor_sizes"]
@@ -266,16 +266,16 @@ def test_recipe_adapts_to_batch_size_and_epochs(coin_run):
     from kerasdet import zoo
 
     entry = zoo.info("faster_rcnn_r50_fpn")["recipe"]
-    adapted = training.adapt_recipe(entry, steps_per_epoch=15, epochs=24, batch_size=2)
+    adapted = engine.adapt_recipe(entry, steps_per_epoch=15, epochs=24, batch_size=2)
     assert adapted["learning_rate"] == pytest.approx(0.0025)
     assert adapted["decay_epochs"] == [16, 22] and adapted["warmup_steps"] == 36
-    explicit = training.adapt_recipe(entry, 15, batch_size=2, learning_rate=0.01, warmup_steps=400,
+    explicit = engine.adapt_recipe(entry, 15, batch_size=2, learning_rate=0.01, warmup_steps=400,
                                      decay_epochs=[3])
     assert (explicit["learning_rate"], explicit["warmup_steps"], explicit["decay_epochs"]) == (0.01, 400, [3])
 
 
 def test_anchor_fit_table_and_auto_sizes(coin_run):
-    from kerasdet.zoo import anchor_fit
+    from kerasdet.engine import anchor_fit
 
     printed = coin_run["printed"]
     assert "anchor sizes (auto: log-spaced from the 5% to the 95% quantile" in printed
@@ -309,7 +309,7 @@ def test_evaluate_and_predict_use_the_runs_classes_predict_takes_folders_and_glo
     assert len(records) == 10 and len({r["image"] for r in records}) == 10
     assert {d["class_name"] for r in records for d in r["detections"]} == {"coin"}
     with pytest.raises(FileNotFoundError, match="matches no file"):
-        cli._expand_image_args([str(voc / "*.jpeg")])
+        engine.expand_image_paths([str(voc / "*.jpeg")])
 
 
 def test_a_model_whose_classes_differ_from_the_data_is_an_error(coin_run, setup, tmp_path, capsys):
@@ -326,7 +326,7 @@ def test_a_model_whose_classes_differ_from_the_data_is_an_error(coin_run, setup,
 
 
 def test_classes_and_classes_file_fix_names_and_order(coin_run, setup, tmp_path):
-    from kerasdet.zoo.data_spec import parse_data_spec, read_class_names
+    from kerasdet.data.data_spec import parse_data_spec, read_class_names
 
     voc = coin_run["voc"]
     given = parse_data_spec(f"voc:{voc}", "train", "test", class_names=read_class_names("washer, coin"))
@@ -357,18 +357,19 @@ def test_training_from_scratch_makes_every_stage_and_norm_trainable(tmp_path):
                  "fpn_channels": 16, "fc_dim": 32}
     config.write_text(json.dumps({"class": "kerasdet.models.faster_rcnn:FasterRCNN", "arguments": arguments,
                                   "input": {"image_size": [64, 64]}}))
-    args = cli.build_parser().parse_args(["train", str(config), "--data", "x:y", "--out", str(tmp_path)])
-    overrides, note = cli._scratch_overrides(args, cli._pretrained_choice(args))
+    options = cli._training_options(cli.build_parser().parse_args(["train", str(config), "--data", "x:y",
+                                                                   "--out", str(tmp_path)]))
+    overrides, note = runs.scratch_overrides(options, runs.pretrained_choice(options))
     assert note == "training from scratch: every stage trainable, BatchNorm trainable (batch statistics)"
-    model = training.resolve_model(str(config), weights=None, **overrides)
+    model = engine.resolve_model(str(config), weights=None, **overrides)
     layers = model.backbone.layers
     assert all(layer.trainable for layer in layers)
     norms = [layer for layer in layers if isinstance(layer, keras.layers.BatchNormalization)]
     assert norms and not any(isinstance(layer, FrozenBatchNormalization) for layer in layers)
     # With weights to start from, the entry's fine-tuning settings stay.
-    args = cli.build_parser().parse_args(["train", str(config), "--data", "x:y", "--out", str(tmp_path),
-                                          "--weights", "w.weights.h5"])
-    assert cli._scratch_overrides(args, None) == ({}, None)
+    options = cli._training_options(cli.build_parser().parse_args(
+        ["train", str(config), "--data", "x:y", "--out", str(tmp_path), "--weights", "w.weights.h5"]))
+    assert runs.scratch_overrides(options, None) == ({}, None)
 
 
 def test_zoo_list_columns_are_aligned_and_status_whole(capsys):

@@ -5,7 +5,7 @@ import pytest
 
 from kerasdet import zoo
 from kerasdet.zoo import pretrained
-from kerasdet.zoo.training import WarmupStepSchedule
+from kerasdet.engine import WarmupStepSchedule
 
 from learning import fit_and_evaluate
 

@@ -169,7 +169,7 @@ def test_class_names_and_input_settings_survive_keras_save_and_export(tmp_path):
     import keras
 
     from kerasdet.export import export_saved_model
-    from kerasdet.zoo.training import predict_images
+    from kerasdet.engine import predict_images
     from kerasdet.visualize import save_png
 
     settings = {"min_size": 48, "max_size": 80, "stride": 32}

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from kerasdet import zoo
-from kerasdet.zoo import training, weights as store
+from kerasdet import engine, weights_files
+from kerasdet.zoo import weights as store
 
 REQUIRED = ("fast_rcnn_r50", "faster_rcnn_r50_c4", "faster_rcnn_r50_fpn", "faster_rcnn_r101_fpn",
             "rfcn_r101", "mask_rcnn_r50_fpn", "mask_rcnn_r101_fpn", "cascade_rcnn_r50_fpn",
@@ -82,7 +83,8 @@ def test_load_without_weights_warns_and_builds_a_working_model(tmp_path, monkeyp
     monkeypatch.setenv("KERASDET_ZOO_DIR", _write_zoo(str(tmp_path / "zoo"), {"t": _tiny_entry()}))
     with pytest.warns(zoo.RandomWeightsWarning, match="random weights"):
         model = zoo.load("t")
-    assert model.built and model.kerasdet_input == {"image_size": [64, 64]}
+    # The entry's input, as the resize rule states it in full (a fixed size has no stride padding).
+    assert model.built and model.input_settings == {"image_size": [64, 64], "stride": 1}
     out = model.predict_on_batch(np.zeros([1, 64, 64, 3], np.float32))
     assert out["boxes"].shape == (1, 100, 4)
     with warnings.catch_warnings():
@@ -113,7 +115,7 @@ def weights_file(tmp_path):
 
 def test_sha256_of_matches_hashlib_on_the_whole_file(weights_file):
     path, digest, _ = weights_file
-    assert store.sha256_of(path, chunk_size=7) == digest
+    assert weights_files.sha256_of(path, chunk_size=7) == digest
 
 
 def test_local_path_and_file_url_load_after_verification(weights_file, tmp_path):
@@ -123,7 +125,7 @@ def test_local_path_and_file_url_load_after_verification(weights_file, tmp_path)
     fetched = store.resolve_weights_file("file://" + path, digest, "fetched.weights.h5")
     assert fetched.startswith(str(tmp_path / "home" / "weights"))  # copied into the cache
     target = _dense_model(2)
-    store.load_verified_weights(target, fetched, digest)
+    weights_files.load_verified_weights(target, fetched, digest)
     np.testing.assert_array_equal(target.layers[0].kernel.numpy(), kernel)
 
 
@@ -136,8 +138,8 @@ def test_corrupted_file_is_rejected_before_loading(weights_file, monkeypatch):
     target = _dense_model(2)
     calls = []
     monkeypatch.setattr(target, "load_weights", lambda *a, **k: calls.append(a))
-    with pytest.raises(store.WeightsHashError) as caught:
-        store.load_verified_weights(target, path, digest)
+    with pytest.raises(weights_files.WeightsHashError) as caught:
+        weights_files.load_verified_weights(target, path, digest)
     message = str(caught.value)
     assert path in message and digest in message and actual in message
     assert calls == []  # never handed to Keras
@@ -146,16 +148,16 @@ def test_corrupted_file_is_rejected_before_loading(weights_file, monkeypatch):
 def test_wrong_hash_on_download_deletes_the_file(weights_file, tmp_path):
     path, digest, _ = weights_file
     wrong = "0" * 64
-    with pytest.raises(store.WeightsHashError, match=f"expected {wrong}, got {digest}"):
+    with pytest.raises(weights_files.WeightsHashError, match=f"expected {wrong}, got {digest}"):
         store.resolve_weights_file("file://" + path, wrong, "copy.weights.h5")
     assert not os.path.exists(tmp_path / "home" / "weights" / "copy.weights.h5")
 
 
 def test_missing_file_and_offline_errors_say_how_to_place_the_file(tmp_path):
-    with pytest.raises(store.WeightsError, match="KERASDET_WEIGHTS"):
+    with pytest.raises(weights_files.WeightsError, match="KERASDET_WEIGHTS"):
         store.resolve_weights_file(str(tmp_path / "absent.weights.h5"), "0" * 64)
     # Port 9 (discard) on localhost refuses connections: the offline case, without any network.
-    with pytest.raises(store.WeightsError, match="Offline.*KERASDET_WEIGHTS"):
+    with pytest.raises(weights_files.WeightsError, match="Offline.*KERASDET_WEIGHTS"):
         store.resolve_weights_file("http://127.0.0.1:9/model.weights.h5", "0" * 64)
 
 
@@ -163,15 +165,15 @@ def test_kerasdet_weights_override_is_used_and_still_verified(weights_file, monk
     path, digest, _ = weights_file
     monkeypatch.setenv("KERASDET_WEIGHTS", os.path.dirname(path))
     assert store.resolve_weights_file("http://127.0.0.1:9/small.weights.h5", digest) == path
-    with pytest.raises(store.WeightsHashError):
+    with pytest.raises(weights_files.WeightsHashError):
         store.resolve_weights_file("http://127.0.0.1:9/small.weights.h5", "1" * 64)
 
 
 def test_only_keras_weights_files_are_accepted(tmp_path):
-    with pytest.raises(store.WeightsError, match="weights.h5"):
+    with pytest.raises(weights_files.WeightsError, match="weights.h5"):
         store.resolve_weights_file(str(tmp_path / "model.pkl"), "0" * 64)
-    with pytest.raises(store.WeightsError, match="no sha256"):
-        store.verify_sha256(__file__, None)
+    with pytest.raises(weights_files.WeightsError, match="no sha256"):
+        weights_files.verify_sha256(__file__, None)
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -184,14 +186,16 @@ def _schedule_reference(step, lr, boundaries, factor, warmup, warmup_factor):
 
 
 def test_warmup_step_schedule_matches_the_reference():
-    schedule = training.WarmupStepSchedule(0.02, [30, 60], 0.1, warmup_steps=10, warmup_factor=0.001)
+    schedule = engine.WarmupStepSchedule(0.02, [30, 60], 0.1, warmup_steps=10, warmup_factor=0.001)
     for step in (0, 1, 5, 10, 29, 30, 59, 60, 100):
         expected = _schedule_reference(step, 0.02, [30, 60], 0.1, 10, 0.001)
         assert float(schedule(step)) == pytest.approx(expected, rel=1e-6)
-    clone = training.WarmupStepSchedule.from_config(schedule.get_config())
+    clone = engine.WarmupStepSchedule.from_config(schedule.get_config())
     assert float(clone(45)) == pytest.approx(float(schedule(45)))
     with pytest.raises(ValueError, match="increasing"):
-        training.WarmupStepSchedule(0.1, [5, 3])
+        engine.WarmupStepSchedule(0.1, [5, 3])
+    # Saved .keras files name the schedule by this registered name, wherever the class lives.
+    assert keras.saving.get_registered_name(engine.WarmupStepSchedule) == "kerasdet>WarmupStepSchedule"
 
 
 # ----------------------------------------------------------------------------- shipped weights
@@ -210,8 +214,8 @@ def test_shipped_tiny_weights_reach_the_recorded_map(tmp_path):
                        image_size=tuple(spec["image_size"]), num_classes=spec["num_classes"],
                        split="val")
     model = zoo.load("faster_rcnn_tiny_fpn_synthetic")
-    val_ds = training.make_pipeline(val, entry["input"], 8, False)
-    summary = training.evaluate_detector(model, val_ds, val.class_names, quiet=True)
+    val_ds = engine.make_pipeline(val, entry["input"], 8, False)
+    summary = engine.evaluate_detector(model, val_ds, val.class_names, quiet=True)
     print(f"shipped weights: VOC mAP@0.5 {summary['voc_map50']:.4f} (recorded {recorded})")
     assert summary["voc_map50"] == pytest.approx(recorded, abs=0.02)
     assert summary["coco_ap"] == pytest.approx(entry["metrics"]["coco_ap"], abs=0.02)

@@ -11,7 +11,7 @@ import pytest
 
 from kerasdet import zoo
 from kerasdet.zoo import pretrained
-from kerasdet.zoo.weights import WeightsError, WeightsHashError
+from kerasdet.weights_files import WeightsError, WeightsHashError
 
 NAME = "mobilenet_v2_imagenet"
 AVAILABLE, REASON = pretrained.availability(NAME)

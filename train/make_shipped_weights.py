@@ -4,7 +4,7 @@
 
 Writes zoo/weights/<entry>.weights.h5 and records its sha256, the measured metrics on the held-out
 synthetic validation images and this exact command in the entry's zoo file. It runs the same
-code as `kerasdet train` (kerasdet.zoo.training).
+code as `kerasdet train` (kerasdet.engine).
 """
 import argparse
 import json
@@ -24,8 +24,8 @@ def main(argv=None):
     import keras
 
     from kerasdet import zoo
-    from kerasdet.zoo import training
-    from kerasdet.zoo.data_spec import SYNTHETIC_SETTINGS, parse_data_spec
+    from kerasdet import engine
+    from kerasdet.data.data_spec import SYNTHETIC_SETTINGS, parse_data_spec
 
     entry = zoo.registry.get_entry(args.entry)
     if entry.dataset != "synthetic":
@@ -33,16 +33,16 @@ def main(argv=None):
     keras.utils.set_random_seed(args.seed)
     data = parse_data_spec("synthetic:" + os.path.join(args.work, "data"))
     model = zoo.build(args.entry)
-    recipe = training.TrainingRecipe(entry.recipe, epochs=args.epochs)
-    train_ds = training.make_pipeline(data.train, entry.input, recipe["batch_size"], True,
+    recipe = engine.TrainingRecipe(entry.recipe, epochs=args.epochs)
+    train_ds = engine.make_pipeline(data.train, entry.input, recipe["batch_size"], True,
                                       seed=args.seed)
-    val_ds = training.make_pipeline(data.val, entry.input, recipe["batch_size"], False)
+    val_ds = engine.make_pipeline(data.val, entry.input, recipe["batch_size"], False)
     start = time.perf_counter()
-    run = training.train_model(model, train_ds, os.path.join(args.work, "run"), recipe, verbose=2)
+    run = engine.train_model(model, train_ds, os.path.join(args.work, "run"), recipe, verbose=2)
     seconds = time.perf_counter() - start
     if run["stopped_on_nan"]:
         raise SystemExit(run["message"])
-    summary = training.evaluate_detector(model, val_ds, data.class_names,
+    summary = engine.evaluate_detector(model, val_ds, data.class_names,
                                          os.path.join(args.work, "run"), records=data.val)
 
     zoo_folder = os.path.dirname(entry.source_file)

@@ -12,6 +12,8 @@ import os
 
 import numpy as np
 
+from kerasdet.weights_files import sha256_of
+
 __all__ = ["ConversionError", "Target", "read_torch_checkpoint", "assign", "save_converted", "conv_kernel",
            "depthwise_kernel", "dense_kernel", "identity", "transposed_conv_kernel"]
 
@@ -151,8 +153,6 @@ def assign(key_map, state_dict, source="checkpoint", ignore=(), skip_mismatch=Fa
 
 def save_converted(model, path):
     """Saves ``model``'s weights as a `.weights.h5` file and returns its sha256 (for the zoo)."""
-    from kerasdet.zoo.weights import sha256_of
-
     path = os.fspath(path)
     if not path.endswith(".weights.h5"):
         raise ValueError(f"converted weights go to a '.weights.h5' file, got {path!r}")

@@ -11,8 +11,8 @@ import os
 import warnings
 
 from kerasdet.zoo.registry import UnknownModelError, ZooEntry, entries, get_entry, zoo_dir
-from kerasdet.zoo.weights import (WeightsError, WeightsHashError, cache_dir, load_verified_weights,
-                                  resolve_weights_file, sha256_of)
+from kerasdet.weights_files import WeightsError, WeightsHashError, load_verified_weights, sha256_of
+from kerasdet.zoo.weights import cache_dir, resolve_weights_file
 
 __all__ = ["list", "info", "load", "build", "input_settings", "ZooEntry", "UnknownModelError",
            "NotImplementedYetError", "RandomWeightsWarning", "WeightsError", "WeightsHashError",

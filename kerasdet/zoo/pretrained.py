@@ -17,8 +17,9 @@ import importlib.util
 import json
 import os
 
+from kerasdet.weights_files import WeightsError, verify_sha256
 from kerasdet.zoo.registry import zoo_dir
-from kerasdet.zoo.weights import WeightsError, cache_dir, sha256_of, verify_sha256
+from kerasdet.zoo.weights import cache_dir
 
 __all__ = ["BackboneWeightsUnavailable", "backbone_entries", "backbone_weights_file", "load_backbone_weights",
            "availability"]

@@ -1,63 +1,25 @@
-"""The weights store: download (keras.utils.get_file) into a cache, verify sha256, then load.
+"""The weights store: a registry weights file from the cache, a local path or a download
+(keras.utils.get_file), returned only after its sha256 is verified.
 
-Only Keras `.weights.h5` files are accepted (HDF5 arrays; nothing executable, unlike pickles), and
-a file is hashed before anything reads it: a file whose sha256 differs from the registry's is
-never handed to Keras.
+The checks on a file (sha256, the `.weights.h5`-only rule, loading) are in `kerasdet.weights_files`,
+below the converters, which write such files.
 
 Where files live:
   KERASDET_HOME      cache root (default ~/.kerasdet); weights go to KERASDET_HOME/weights/.
   KERASDET_WEIGHTS   a .weights.h5 file, or a folder holding files by their registry name,
                      checked before any download (for machines without internet).
 """
-import hashlib
 import os
 
-__all__ = ["WeightsError", "WeightsHashError", "cache_dir", "sha256_of", "verify_sha256",
-           "resolve_weights_file", "load_verified_weights"]
+from kerasdet.weights_files import WeightsError, WeightsHashError, check_weights_suffix, sha256_of, verify_sha256
 
-_SUFFIX = ".weights.h5"
-
-
-class WeightsError(RuntimeError):
-    """A weights file could not be found, fetched or accepted."""
-
-
-class WeightsHashError(WeightsError):
-    """A weights file's sha256 is not the expected one (the file is not loaded)."""
+__all__ = ["cache_dir", "resolve_weights_file"]
 
 
 def cache_dir():
     """KERASDET_HOME (default ~/.kerasdet), created on demand."""
     home = os.environ.get("KERASDET_HOME") or os.path.join(os.path.expanduser("~"), ".kerasdet")
     return os.path.abspath(home)
-
-
-def sha256_of(path, chunk_size=1 << 20):
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(chunk_size), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def verify_sha256(path, expected):
-    """Raises WeightsHashError naming the file, the expected and the actual hash on a mismatch."""
-    if not expected:
-        raise WeightsError(f"no sha256 recorded for {path}: refusing to load an unverified file")
-    actual = sha256_of(path)
-    if actual != expected.lower():
-        raise WeightsHashError(
-            f"sha256 mismatch for weights file {path}: expected {expected.lower()}, got {actual}. "
-            "The file is corrupted or not the one the registry names; it was not loaded. Delete it "
-            "and fetch it again.")
-    return path
-
-
-def _check_suffix(name, what):
-    if not str(name).endswith(_SUFFIX):
-        raise WeightsError(f"{what} {name!r} is not a Keras '{_SUFFIX}' file; only that format is "
-                           "accepted (no pickles, no full-model files)")
 
 
 def _local_candidates(file_name):
@@ -88,7 +50,7 @@ def resolve_weights_file(url, sha256, file_name=None, base_dir=None):
     before use.
     """
     file_name = file_name or os.path.basename(url.split("?")[0])
-    _check_suffix(file_name, "weights file")
+    check_weights_suffix(file_name)
     for candidate in _local_candidates(file_name):
         if os.path.isfile(candidate):
             return verify_sha256(candidate, sha256)
@@ -126,17 +88,3 @@ def resolve_weights_file(url, sha256, file_name=None, base_dir=None):
             "KERASDET_WEIGHTS to the file (or to a folder holding it).") from error
     return verify_sha256(path, sha256)
 
-
-def load_verified_weights(model, path, sha256=None):
-    """Loads a .weights.h5 file into a built model; verifies ``sha256`` first when given."""
-    _check_suffix(os.path.basename(path), "weights file")
-    if not os.path.isfile(path):
-        raise WeightsError(f"weights file {path} does not exist")
-    if sha256 is not None:
-        verify_sha256(path, sha256)
-    try:
-        model.load_weights(path)
-    except Exception as error:
-        raise WeightsError(f"could not load weights file {path} into {type(model).__name__} "
-                           f"{model.name!r}: {error}") from error
-    return model

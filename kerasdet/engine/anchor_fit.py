@@ -11,13 +11,23 @@ import math
 
 import numpy as np
 
-__all__ = ["training_box_sizes", "best_anchor_iou", "anchor_fit", "format_anchor_fit", "auto_anchor_sizes",
-           "parse_anchor_sizes", "UNREACHABLE_WARNING_FRACTION"]
+__all__ = ["anchor_layout", "training_box_sizes", "best_anchor_iou", "anchor_fit", "format_anchor_fit",
+           "auto_anchor_sizes", "parse_anchor_sizes", "UNREACHABLE_WARNING_FRACTION", "AUTO_QUANTILES"]
 
 # Warn when more than this fraction of the boxes reaches no anchor at the RPN's positive IoU.
 UNREACHABLE_WARNING_FRACTION = 0.10
 # `--anchor-sizes auto` spreads the sizes from this low to this high quantile of sqrt(w * h).
 AUTO_QUANTILES = (0.05, 0.95)
+
+
+def anchor_layout(model):
+    """(sizes per level, ratios per level, RPN positive IoU) of an anchor-based model, or None."""
+    generator = getattr(model, "anchor_generator", None)
+    rpn = getattr(model, "rpn_settings", None)
+    if generator is None or rpn is None:
+        return None
+    return ([list(s) for s in generator.sizes], [list(r) for r in generator.aspect_ratios],
+            float(rpn["positive_iou"]))
 
 
 def training_box_sizes(dataset, input_settings):

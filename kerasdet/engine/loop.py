@@ -1,0 +1,57 @@
+"""The training loop: a data set's pipeline at a model's input settings, and `fit` with the recipe's
+optimizer, checkpoints, resume state and the NaN guard.
+
+A run writes into its output folder OUT:
+    OUT/checkpoints/epoch_NNN.weights.h5, last_good.weights.h5   one per finished epoch
+    OUT/backup/                          keras.callbacks.BackupAndRestore state (for --resume)
+    OUT/logs/                            TensorBoard event files
+    OUT/history.csv                      per-epoch losses
+    OUT/model.weights.h5                 final weights (not written after a NaN loss)
+"""
+import os
+import shutil
+import sys
+
+import keras
+
+from kerasdet.engine.callbacks import EpochCheckpoint, GuardedBackupAndRestore, StopOnNaN, tensorboard_callbacks
+from kerasdet.engine.recipe import make_optimizer
+
+__all__ = ["make_pipeline", "train_model"]
+
+
+def make_pipeline(dataset, input_settings, batch_size, training, seed=0, with_masks=False):
+    """The tf.data pipeline of a data set at a model's input settings (its ResizeRule)."""
+    from kerasdet.data.pipeline import build_dataset
+
+    return build_dataset(dataset, batch_size, training=training, input_settings=input_settings,
+                         seed=seed, with_masks=with_masks)
+
+
+def train_model(model, train_ds, out_dir, recipe, steps_per_epoch=None, val_ds=None, resume=False,
+                callbacks=(), verbose=1):
+    """Compiles ``model`` with the recipe's optimizer and fits it with checkpoints, TensorBoard
+    logs, BackupAndRestore and the NaN guard. Returns {"history", "stopped_on_nan", "message"}."""
+    os.makedirs(out_dir, exist_ok=True)
+    if steps_per_epoch is None:
+        steps_per_epoch = int(train_ds.cardinality().numpy())
+        if steps_per_epoch < 1:
+            raise ValueError("the training dataset has unknown or zero length; pass steps_per_epoch")
+    backup_dir = os.path.join(out_dir, "backup")
+    if not resume and os.path.isdir(backup_dir):
+        shutil.rmtree(backup_dir)
+    if resume and not os.path.isdir(backup_dir):
+        print(f"--resume: no backup in {backup_dir}; starting from epoch 1", file=sys.stderr)
+    checkpoints = os.path.join(out_dir, "checkpoints")
+    guard = StopOnNaN(os.path.join(checkpoints, "last_good.weights.h5"))
+    model.compile(optimizer=make_optimizer(recipe, steps_per_epoch))
+    model.build()
+    all_callbacks = [guard, EpochCheckpoint(checkpoints, guard),
+                     GuardedBackupAndRestore(backup_dir, guard),
+                     keras.callbacks.CSVLogger(os.path.join(out_dir, "history.csv"), append=resume),
+                     *tensorboard_callbacks(os.path.join(out_dir, "logs")), *callbacks]
+    history = model.fit(train_ds, epochs=int(recipe["epochs"]), steps_per_epoch=steps_per_epoch,
+                        validation_data=val_ds, callbacks=all_callbacks, verbose=verbose)
+    if not guard.stopped:
+        model.save_weights(os.path.join(out_dir, "model.weights.h5"))
+    return {"history": history.history, "stopped_on_nan": guard.stopped, "message": guard.message}

@@ -1,0 +1,257 @@
+"""The runs behind `kerasdet train | evaluate | predict | export` (and train/*.py): data and model
+from their names, the run record that later runs read back, and the lines printed on the way.
+
+A training run writes into OUT what `loop.train_model` writes (checkpoints/, logs/, history.csv,
+model.weights.h5), the scores of `inference.evaluate_detector` (metrics.json,
+detections_<split>.json) and OUT/run.json: the model, data, effective recipe, input settings, class
+names, constructor overrides (anchor sizes, from-scratch backbone settings) and anchor fit. Evaluate,
+predict and export given weights from OUT (or OUT/checkpoints/) rebuild the model that run trained:
+its classes, input settings and overrides come from run.json.
+"""
+import dataclasses
+import json
+import os
+import sys
+
+from kerasdet.data.data_spec import align_classes, parse_data_spec, read_class_names
+from kerasdet.engine import anchor_fit
+from kerasdet.engine.inference import evaluate_detector, expand_image_paths, predict_images
+from kerasdet.engine.loop import make_pipeline, train_model
+from kerasdet.engine.model_spec import (DEFAULT_INPUT, class_names_of, describe_input, entry_recipe,
+                                       from_scratch_backbone_config, give_data_to, input_settings_for,
+                                       is_zoo_name, model_arguments, resolve_model)
+from kerasdet.engine.recipe import TrainingRecipe, adapt_recipe, format_recipe
+
+__all__ = ["RUN_RECORD", "TrainingOptions", "train", "evaluate", "predict", "export", "run_record_of",
+           "model_for_inference", "pretrained_choice", "scratch_overrides"]
+
+RUN_RECORD = "run.json"
+
+
+@dataclasses.dataclass
+class TrainingOptions:
+    """What a training run is asked for, named as `kerasdet train`'s flags; None takes the recipe's,
+    the entry's or the data's value."""
+    model: str                       # zoo entry name, JSON config or .keras file
+    data: str                        # voc:ROOT | coco:ANN.json:IMAGE_DIR | synthetic:DIR
+    out: str                         # the run folder
+    train_split: str = "train"
+    val_split: str = "val"
+    weights: str = None              # None: random (or the entry's pretrained backbone); a .weights.h5
+    num_classes: int = None          # must agree with the data's classes when given
+    classes: str = None              # "a,b,c": the class names in label order
+    classes_file: str = None         # or a file of them, one a line
+    batch_size: int = None
+    epochs: int = None
+    steps_per_epoch: int = None
+    learning_rate: float = None
+    weight_decay: float = None
+    momentum: float = None
+    warmup_steps: int = None
+    decay_epochs: list = None
+    resume: bool = False
+    no_pretrained: bool = False      # a random backbone even where the entry names a pretrained one
+    min_size: list = None            # one or several shorter-side sizes
+    max_size: int = None
+    image_size: list = None          # [H, W], instead of min_size / max_size
+    anchor_sizes: list = None        # ["auto"] or one token per level ("16", "32,64")
+    seed: int = 0
+    quiet: bool = False              # no progress bars
+
+
+def _say(line):
+    print(line, flush=True)
+
+
+def run_record_of(weights):
+    """run.json of the training run that wrote the weights file ``weights`` (in the run folder or its
+    checkpoints/), or None."""
+    if not weights or weights == "default":
+        return None
+    folder = os.path.dirname(os.path.abspath(weights))
+    candidates = [os.path.join(folder, RUN_RECORD)]
+    if os.path.basename(folder) == "checkpoints":
+        candidates.append(os.path.join(os.path.dirname(folder), RUN_RECORD))
+    for path in candidates:
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as handle:
+                return json.load(handle)
+    return None
+
+
+def model_for_inference(model_spec, weights="default", num_classes=None):
+    """The model of evaluate / predict / export: the architecture, classes and input settings a
+    training run recorded in run.json next to ``weights``, when there is one."""
+    run = run_record_of(weights) or {}
+    overrides = dict(run.get("model_overrides") or {})
+    names = run.get("class_names")
+    num_classes = num_classes or (len(names) if names else None)
+    model = resolve_model(model_spec, weights=weights, num_classes=num_classes, **overrides)
+    give_data_to(model, names, run.get("input"))
+    return model
+
+
+def _check_model_classes(model, data, where):
+    """Aligns the data's labels to the model's classes; a model whose classes differ from the data's
+    is an error naming both lists."""
+    names = getattr(model, "class_names", None)
+    if names:
+        return align_classes(data, list(names), where, "the model's classes")
+    if model.num_classes != len(data.class_names):
+        raise ValueError(f"{where}: the model has {model.num_classes} classes but the data set has "
+                         f"{len(data.class_names)}: {data.class_names}")
+    return data
+
+
+def pretrained_choice(options):
+    """no_pretrained -> False; a zoo entry naming a pretrained backbone, trained without weights ->
+    True (required); anything else -> None (nothing to load)."""
+    if options.no_pretrained:
+        return False
+    if options.weights is None and is_zoo_name(options.model):
+        from kerasdet import zoo
+
+        if zoo.registry.get_entry(options.model).pretrained_backbone:
+            return True
+    return None
+
+
+def scratch_overrides(options, pretrained):
+    """Constructor overrides for a backbone that starts from random weights, with the sentence that
+    says so; ({}, None) when the backbone starts from trained weights or cannot be rebuilt."""
+    starts_random = options.weights is None and pretrained is not True
+    arguments = model_arguments(options.model) if starts_random else None
+    if not arguments or "backbone" not in arguments:
+        return {}, None
+    config, how = from_scratch_backbone_config(arguments["backbone"], arguments.get("backbone_config"))
+    changed = {"backbone_config": config} if config != dict(arguments.get("backbone_config") or {}) else {}
+    return changed, f"training from scratch: {how}"
+
+
+def _anchor_overrides(options, data, settings, build_probe):
+    """{"anchor_sizes": ...} for ``options.anchor_sizes`` (explicit, or auto from the training boxes),
+    with a line to print; ({}, None) without them."""
+    if not options.anchor_sizes:
+        return {}, None
+    layout = anchor_fit.anchor_layout(build_probe())
+    if layout is None:
+        raise ValueError(f"--anchor-sizes: {options.model} has no anchors")
+    counts = [len(level) for level in layout[0]]
+    if list(options.anchor_sizes) == ["auto"]:
+        widths, heights = anchor_fit.training_box_sizes(data.train, settings)
+        sizes = anchor_fit.auto_anchor_sizes(widths, heights, counts)
+        lo, hi = (f"{q:.0%}" for q in anchor_fit.AUTO_QUANTILES)
+        line = (f"anchor sizes (auto: log-spaced from the {lo} to the {hi} quantile of the training boxes' "
+                f"sqrt(w*h)): {sizes} (the entry's: {layout[0]})")
+    else:
+        sizes = anchor_fit.parse_anchor_sizes(options.anchor_sizes, len(counts), counts)
+        line = f"anchor sizes: {sizes} (the entry's: {layout[0]})"
+    return {"anchor_sizes": sizes}, line
+
+
+def _anchor_fit_of(model, data, settings):
+    """The fit of the model's anchors to the training boxes (printed), or None without anchors."""
+    layout = anchor_fit.anchor_layout(model)
+    if layout is None or data.train is None:
+        return None
+    widths, heights = anchor_fit.training_box_sizes(data.train, settings)
+    fit = anchor_fit.anchor_fit(widths, heights, *layout)
+    _say(anchor_fit.format_anchor_fit(fit))
+    return fit
+
+
+def train(options):
+    """Trains ``options.model`` on ``options.data`` into ``options.out``, then evaluates it on the
+    validation split. Prints what the run starts from (classes, input, backbone, anchors, recipe).
+    Returns {"stopped_on_nan", "message", "metrics"} (metrics None after a NaN stop)."""
+    import keras
+
+    keras.utils.set_random_seed(options.seed)
+    data = parse_data_spec(options.data, options.train_split, options.val_split,
+                           class_names=read_class_names(options.classes, options.classes_file))
+    _say(f"classes ({len(data.class_names)}, {data.class_source}): {', '.join(data.class_names)}")
+    previous = run_record_of(options.weights)
+    if previous and previous.get("class_names"):
+        align_classes(data, previous["class_names"], f"--weights {options.weights}",
+                      "the classes these weights were trained on")
+    if options.num_classes is not None and options.num_classes != len(data.class_names):
+        raise ValueError(f"--num-classes {options.num_classes}, but the data set has {len(data.class_names)} "
+                         f"classes: {data.class_names}")
+    settings = input_settings_for(options.model, options.min_size, options.max_size, options.image_size)
+    _say(f"input: {describe_input(settings)}")
+    pretrained = pretrained_choice(options)
+    overrides, scratch_note = scratch_overrides(options, pretrained)
+
+    num_classes = len(data.class_names)
+    # The entry's anchor layout comes from a model built without weights (only with anchor_sizes).
+    anchors, anchor_note = _anchor_overrides(
+        options, data, settings,
+        lambda: resolve_model(options.model, weights=None, num_classes=num_classes, **overrides))
+    overrides.update(anchors)
+    model = resolve_model(options.model, weights=options.weights, num_classes=num_classes,
+                          pretrained_backbone=pretrained, **overrides)
+    give_data_to(model, data.class_names, settings)
+    backbone_weights = getattr(model, "kerasdet_backbone_weights", None)
+    if options.weights is None:
+        _say(f"backbone: {backbone_weights or 'random initialization'}"
+             + (" (--no-pretrained)" if options.no_pretrained and backbone_weights is None else ""))
+    for note in (scratch_note, anchor_note):
+        if note:
+            _say(note)
+    fit = _anchor_fit_of(model, data, settings)
+
+    recipe_source = entry_recipe(options.model)
+    batch_size = options.batch_size or TrainingRecipe(recipe_source)["batch_size"]
+    train_ds = make_pipeline(data.train, settings, batch_size, True, seed=options.seed)
+    val_ds = make_pipeline(data.val, settings, batch_size, False)
+    steps = options.steps_per_epoch or int(train_ds.cardinality().numpy())
+    recipe = adapt_recipe(
+        recipe_source, steps, epochs=options.epochs, batch_size=options.batch_size,
+        learning_rate=options.learning_rate, weight_decay=options.weight_decay, momentum=options.momentum,
+        warmup_steps=options.warmup_steps, decay_epochs=options.decay_epochs)
+    _say(format_recipe(recipe))
+    os.makedirs(options.out, exist_ok=True)
+    with open(os.path.join(options.out, RUN_RECORD), "w", encoding="utf-8") as handle:
+        json.dump({"argv": sys.argv, "model": options.model, "data": options.data, "recipe": dict(recipe),
+                   "weights": options.weights, "backbone_weights": backbone_weights,
+                   "training_from_scratch": scratch_note, "model_overrides": overrides,
+                   "input": settings, "class_names": list(data.class_names),
+                   "class_source": data.class_source, "anchor_fit": fit}, handle, indent=2)
+    if options.steps_per_epoch is not None:
+        train_ds = train_ds.repeat()
+    run = train_model(model, train_ds, options.out, recipe, steps_per_epoch=options.steps_per_epoch,
+                      resume=options.resume, verbose=0 if options.quiet else 1)
+    if run["stopped_on_nan"]:
+        return {"stopped_on_nan": True, "message": run["message"], "metrics": None}
+    metrics = evaluate_detector(model, val_ds, data.class_names, options.out, records=data.val,
+                                split=options.val_split)
+    return {"stopped_on_nan": False, "message": None, "metrics": metrics}
+
+
+def evaluate(model_spec, data_spec, weights="default", num_classes=None, val_split="val", batch_size=None,
+             classes=None, classes_file=None, out=None):
+    """Scores a model on the validation split of ``data_spec`` (printed; OUT/metrics.json when ``out``);
+    returns the summary of `inference.evaluate_detector`."""
+    model = model_for_inference(model_spec, weights, num_classes)
+    data = parse_data_spec(data_spec, val_split=val_split, need_train=False,
+                           class_names=read_class_names(classes, classes_file))
+    data = _check_model_classes(model, data, f"kerasdet evaluate {model_spec}")
+    val_ds = make_pipeline(data.val, model.input_settings or DEFAULT_INPUT, batch_size or 8, False)
+    return evaluate_detector(model, val_ds, data.class_names, out, records=data.val, split=val_split)
+
+
+def predict(model_spec, images, out, weights="default", num_classes=None, score_threshold=0.3):
+    """Draws a model's detections on image files, folders of images and glob patterns into ``out``;
+    returns the records of OUT/detections.json."""
+    paths = expand_image_paths(images)
+    model = model_for_inference(model_spec, weights, num_classes)
+    return predict_images(model, paths, out, class_names_of(model, model_spec), score_threshold)
+
+
+def export(model_spec, export_dir, weights="default", num_classes=None, portable=True, image_size=None):
+    """Writes a model as a SavedModel (see `kerasdet.export.export_saved_model`); returns ``export_dir``."""
+    from kerasdet.export import export_saved_model
+
+    model = model_for_inference(model_spec, weights, num_classes)
+    export_saved_model(model, export_dir, portable=portable, image_size=image_size)
+    return export_dir
