@@ -12,12 +12,16 @@ The SavedModel follows the TF Object Detection API serving convention:
     detection_masks    float32 [B, K, M, M] (mask models only) per-box mask probabilities in box
                        coordinates, as the TF OD API returns them (clients paste them into the image)
 
+A model that knows its class names (``model.class_names``) also gets assets/label_map.pbtxt (the TF OD
+API label map: id k + 1 = class k) and assets/class_names.json.
+
 Pre-processing is inside the graph: cast to float, resize by the model's own rule
 (`kerasdet.data.resize.ResizeRule` from its ``input_settings``: the rule of training, evaluation and
 predict), pad to a fixed canvas (the model fills the padding with its normalization mean); then the
 model's own decoding and NMS.
 """
 import contextlib
+import json
 import os
 
 import keras
@@ -137,8 +141,23 @@ def export_saved_model(model, export_dir, portable=True, image_size=None, verbos
         archive.add_endpoint("serving_bytes", serve_bytes, input_signature=[
             tf.TensorSpec([None], tf.string, name="encoded_images")])
         archive.write_out(export_dir, verbose=verbose)
+    _write_label_map(model, export_dir)
     return export_dir
 
+
+def _write_label_map(model, export_dir):
+    """assets/label_map.pbtxt (the TF OD API's label map: `detection_classes` id -> name) and
+    assets/class_names.json, when the model knows its class names."""
+    names = getattr(model, "class_names", None)
+    if not names:
+        return
+    assets = os.path.join(export_dir, "assets")
+    os.makedirs(assets, exist_ok=True)
+    with open(os.path.join(assets, "class_names.json"), "w", encoding="utf-8") as handle:
+        json.dump(list(names), handle, indent=1)
+    with open(os.path.join(assets, "label_map.pbtxt"), "w", encoding="utf-8") as handle:
+        for index, name in enumerate(names):
+            handle.write(f"item {{\n  id: {index + 1}\n  name: {json.dumps(name)}\n}}\n")
 
 
 @contextlib.contextmanager

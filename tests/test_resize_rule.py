@@ -188,5 +188,9 @@ def test_class_names_and_input_settings_survive_keras_save_and_export(tmp_path):
     assert ours[0]["detections"] == reference[0]["detections"]
     assert {d["class_name"] for d in ours[0]["detections"]} <= {"coin", "nucleus"}
     export_saved_model(loaded, str(tmp_path / "export"))   # no image_size needed
+    with open(os.path.join(tmp_path, "export", "assets", "class_names.json"), encoding="utf-8") as handle:
+        assert json.load(handle) == ["coin", "nucleus"]
+    with open(os.path.join(tmp_path, "export", "assets", "label_map.pbtxt"), encoding="utf-8") as handle:
+        assert handle.read() == 'item {\n  id: 1\n  name: "coin"\n}\nitem {\n  id: 2\n  name: "nucleus"\n}\n'
     with open(os.path.join(tmp_path, "pred", "detections.json"), encoding="utf-8") as handle:
         assert json.load(handle)[0]["detections"] == ours[0]["detections"]
