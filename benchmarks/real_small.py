@@ -136,7 +136,7 @@ def main(argv=None):
 
     import tensorflow as tf
 
-    from kerasdet.data.sample_photos import load_sample_photos
+    from kerasdet.data.sample_photos import make_sample_photos
     from kerasdet.zoo import pretrained
 
     available, reason = pretrained.availability("mobilenet_v2_imagenet")
@@ -146,7 +146,7 @@ def main(argv=None):
     sources = tuple(s.strip() for s in args.sources.split(",") if s.strip())
     with tempfile.TemporaryDirectory() as scratch:
         start = time.perf_counter()
-        data = load_sample_photos(args.data or scratch, sources)
+        data = make_sample_photos(args.data or scratch, sources)
         data_seconds = time.perf_counter() - start
         results = [run(label, data, args.steps, args.seconds, args.seed) for label in runs]
     report = {

@@ -16,7 +16,7 @@ from kerasdet.data.voc import load_voc, read_split  # noqa: E402
 @pytest.fixture(scope="module")
 def coins(tmp_path_factory):
     root = tmp_path_factory.mktemp("coins")
-    return str(root), sp.load_sample_photos(str(root), "coins")
+    return str(root), sp.make_sample_photos(str(root), "coins")
 
 
 def _counts(dataset):
@@ -131,7 +131,7 @@ def test_missing_scikit_image_gives_a_clear_error(monkeypatch, tmp_path):
 
 
 def test_two_sources_make_two_classes(tmp_path):
-    train, test = sp.load_sample_photos(str(tmp_path), ("coins", "hubble"))
+    train, test = sp.make_sample_photos(str(tmp_path), ("coins", "hubble"))
     assert train.class_names == ["coin", "galaxy"]
     for dataset in (train, test):
         dataset.validate()

@@ -245,7 +245,7 @@ def write_sample_photos(root, sources=("coins",), tile_size=128, stride=None, he
     return tuple(class_names)
 
 
-def load_sample_photos(root, sources=("coins",), **kwargs):
+def make_sample_photos(root, sources=("coins",), **kwargs):
     """Write the tree (``write_sample_photos``) and read it back: (train, test) DetectionDatasets."""
     from kerasdet.data.voc import load_voc
 
