@@ -39,13 +39,13 @@ i + 1 on the pixels of the i-th <object>). Same arguments -> byte-identical file
 from __future__ import annotations
 
 import os
-import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
 from kerasdet.data.masks import mask_bounding_box
+from kerasdet.data.voc import write_voc_annotation
 
 COIN_MIN_AREA = 100
 GALAXY_MIN_AREA = 40  # pixels of the original image
@@ -173,26 +173,13 @@ def _write_tile(root, tile_id, image, objects, class_name):
     height, width = image.shape[:2]
     Image.fromarray(image).save(os.path.join(root, "JPEGImages", tile_id + ".png"), format="PNG",
                                      compress_level=1)  # 10x faster than the default level 6
-    ann = ET.Element("annotation")
-    ET.SubElement(ann, "folder").text = "sample_photos"
-    ET.SubElement(ann, "filename").text = tile_id + ".png"
-    size = ET.SubElement(ann, "size")
-    for tag, value in (("width", width), ("height", height), ("depth", 3)):
-        ET.SubElement(size, tag).text = str(value)
     instances = np.zeros((height, width), np.uint8)
+    items = []
     for i, (box, difficult, truncated, mask) in enumerate(objects):
-        x1, y1, x2, y2 = (int(v) for v in box)
-        obj = ET.SubElement(ann, "object")
-        ET.SubElement(obj, "name").text = class_name
-        ET.SubElement(obj, "truncated").text = str(int(truncated))
-        ET.SubElement(obj, "difficult").text = str(int(difficult))
-        bndbox = ET.SubElement(obj, "bndbox")
-        # continuous [x1, x2) -> VOC's 1-based inclusive pixel indices
-        for tag, value in (("xmin", x1 + 1), ("ymin", y1 + 1), ("xmax", x2), ("ymax", y2)):
-            ET.SubElement(bndbox, tag).text = str(value)
+        items.append({"name": class_name, "box": box, "difficult": difficult, "truncated": truncated})
         instances[mask] = i + 1
-    ET.indent(ann)
-    ET.ElementTree(ann).write(os.path.join(root, "Annotations", tile_id + ".xml"), encoding="utf-8")
+    write_voc_annotation(os.path.join(root, "Annotations", tile_id + ".xml"), tile_id + ".png", height,
+                         width, items, folder="sample_photos")
     Image.fromarray(instances).save(os.path.join(root, "SegmentationObject", tile_id + ".png"),
                                     compress_level=1)
 

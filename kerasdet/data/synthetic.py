@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import xml.etree.ElementTree as ET
 
 import numpy as np
 from PIL import Image
@@ -184,31 +183,19 @@ def _write_coco(root, split, classes, samples):
 
 
 def _write_voc(root, split, classes, samples, write_instance_pngs):
-    from kerasdet.data.voc import load_voc
+    from kerasdet.data.voc import load_voc, write_voc_annotation
 
     for sub in ("Annotations", os.path.join("ImageSets", "Main"), "SegmentationObject"):
         if sub != "SegmentationObject" or write_instance_pngs:
             os.makedirs(os.path.join(root, sub), exist_ok=True)
     for name, height, width, objects in samples:
-        ann = ET.Element("annotation")
-        ET.SubElement(ann, "folder").text = "synthetic"
-        ET.SubElement(ann, "filename").text = name + ".png"
-        size = ET.SubElement(ann, "size")
-        for tag, value in (("width", width), ("height", height), ("depth", 3)):
-            ET.SubElement(size, tag).text = str(value)
         instance_png = np.zeros((height, width), np.uint8)
+        items = []
         for i, (label, mask) in enumerate(objects):
-            x1, y1, x2, y2 = (int(v) for v in mask_bounding_box(mask))
-            obj = ET.SubElement(ann, "object")
-            ET.SubElement(obj, "name").text = classes[label]
-            ET.SubElement(obj, "difficult").text = "0"
-            box = ET.SubElement(obj, "bndbox")
-            # continuous [x1, x2) -> VOC 1-based inclusive pixel indices
-            for tag, value in (("xmin", x1 + 1), ("ymin", y1 + 1), ("xmax", x2), ("ymax", y2)):
-                ET.SubElement(box, tag).text = str(value)
+            items.append({"name": classes[label], "box": mask_bounding_box(mask)})
             instance_png[mask] = i + 1
-        ET.indent(ann)
-        ET.ElementTree(ann).write(os.path.join(root, "Annotations", name + ".xml"), encoding="utf-8")
+        write_voc_annotation(os.path.join(root, "Annotations", name + ".xml"), name + ".png", height,
+                             width, items, folder="synthetic")
         if write_instance_pngs:
             Image.fromarray(instance_png).save(os.path.join(root, "SegmentationObject", name + ".png"))
     with open(os.path.join(root, "ImageSets", "Main", f"{split}.txt"), "w", encoding="utf-8") as f:

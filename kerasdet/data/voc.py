@@ -197,3 +197,30 @@ def _attach_masks(record, png_path, where):
                             f"image is {record.height}x{record.width}")
     record.masks = [mask_to_rle(instances == i + 1) for i in xml_indices]
     return record
+
+
+def write_voc_annotation(path, filename, height, width, objects, folder="kerasdet"):
+    """Write one Pascal VOC annotation XML (the format `load_voc` reads).
+
+    ``objects``: dicts with ``name``, ``box`` (x1, y1, x2, y2) in kerasdet's continuous pixel
+    coordinates, and optional ``difficult`` / ``truncated`` flags. The box is written as VOC's
+    1-based inclusive pixel indices (x1 + 1, y1 + 1, x2, y2).
+    """
+    ann = ET.Element("annotation")
+    ET.SubElement(ann, "folder").text = folder
+    ET.SubElement(ann, "filename").text = filename
+    size = ET.SubElement(ann, "size")
+    for tag, value in (("width", width), ("height", height), ("depth", 3)):
+        ET.SubElement(size, tag).text = str(int(value))
+    for item in objects:
+        x1, y1, x2, y2 = (int(round(float(v))) for v in item["box"])
+        obj = ET.SubElement(ann, "object")
+        ET.SubElement(obj, "name").text = str(item["name"])
+        if "truncated" in item:
+            ET.SubElement(obj, "truncated").text = str(int(bool(item["truncated"])))
+        ET.SubElement(obj, "difficult").text = str(int(bool(item.get("difficult", False))))
+        box = ET.SubElement(obj, "bndbox")
+        for tag, value in (("xmin", x1 + 1), ("ymin", y1 + 1), ("xmax", x2), ("ymax", y2)):
+            ET.SubElement(box, tag).text = str(value)
+    ET.indent(ann)
+    ET.ElementTree(ann).write(path, encoding="utf-8")
