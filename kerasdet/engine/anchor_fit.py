@@ -105,8 +105,9 @@ def _percent(count, total):
     return f"{100.0 * count / total:.1f} %" if total else "-"
 
 
-def format_anchor_fit(fit):
-    """The short table `kerasdet train` prints, plus a warning line when many boxes are unreachable."""
+def format_anchor_fit(fit, anchors_fitted=False):
+    """The short table `kerasdet train` prints, plus a warning line when many boxes are unreachable
+    (suggesting --anchor-sizes auto unless ``anchors_fitted``: the sizes came from it already)."""
     n = fit["boxes"]
     if not n:
         return "anchor fit: the training set has no boxes"
@@ -125,7 +126,8 @@ def format_anchor_fit(fit):
     if fit["below_positive"] > UNREACHABLE_WARNING_FRACTION * n:
         lines.append(f"warning: {_percent(fit['below_positive'], n)} of the training boxes reach no anchor at the "
                      f"RPN's positive IoU {fit['positive_iou']:g} (each then gets only its best anchor as a "
-                     "positive); --anchor-sizes auto fits the anchors to these boxes")
+                     "positive)" + ("; more anchor sizes per level or aspect ratios would reach them"
+                                    if anchors_fitted else "; --anchor-sizes auto fits the anchors to these boxes"))
     return "\n".join(lines)
 
 

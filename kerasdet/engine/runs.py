@@ -149,14 +149,14 @@ def _anchor_overrides(options, data, settings, build_probe):
     return {"anchor_sizes": sizes}, line
 
 
-def _anchor_fit_of(model, data, settings):
+def _anchor_fit_of(model, data, settings, anchors_fitted=False):
     """The fit of the model's anchors to the training boxes (printed), or None without anchors."""
     layout = anchor_fit.anchor_layout(model)
     if layout is None or data.train is None:
         return None
     widths, heights = anchor_fit.training_box_sizes(data.train, settings)
     fit = anchor_fit.anchor_fit(widths, heights, *layout)
-    _say(anchor_fit.format_anchor_fit(fit))
+    _say(anchor_fit.format_anchor_fit(fit, anchors_fitted))
     return fit
 
 
@@ -198,7 +198,8 @@ def train(options):
     for note in (scratch_note, anchor_note):
         if note:
             _say(note)
-    fit = _anchor_fit_of(model, data, settings)
+    fit = _anchor_fit_of(model, data, settings,
+                         anchors_fitted=list(options.anchor_sizes or []) == ["auto"])
 
     recipe_source = entry_recipe(options.model)
     batch_size = options.batch_size or TrainingRecipe(recipe_source)["batch_size"]
