@@ -181,3 +181,23 @@ def test_rpn_target_pipeline_end_to_end(jit_compile):
         assert sampled[i].sum() == min(32, (labels[i] >= 0).sum())
         assert np.all(labels[i][sampled[i]] >= 0)
     assert np.all(labels[2][anchors[:, 3] > 48] == -1)  # cross-boundary anchors ignored
+
+
+def test_label_boxes_names_classes_bands_and_crowd_in_one_rule():
+    gt = tf.constant([[[0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 40.0, 40.0], [0.0, 0.0, 0.0, 0.0]]])
+    labels = tf.constant([[2, 0, -1]])
+    crowd = tf.constant([[False, True, False]])
+    boxes = tf.constant([[[0.0, 0.0, 10.0, 8.0],      # IoU 0.8 with the class-2 box
+                          [0.0, 0.0, 10.0, 3.0],      # IoU 0.3: background band
+                          [22.0, 22.0, 30.0, 30.0],   # inside the crowd region
+                          [60.0, 60.0, 70.0, 70.0],   # far from everything
+                          [0.0, 0.0, 10.0, 10.0]]])   # padding row (box_valid False)
+    valid = tf.constant([[True, True, True, True, False]])
+    out = Mt.label_boxes(boxes, gt, labels, 0.5, 0.5, 0.0, box_valid=valid, gt_crowd=crowd)
+    np.testing.assert_array_equal(out.match_labels.numpy(), [[1, 0, -1, 0, -1]])
+    np.testing.assert_array_equal(out.classes.numpy(), [[3, 0, -1, 0, -1]])
+    # Without the crowd flags the crowd box is an ordinary class-0 object.
+    plain = Mt.label_boxes(boxes, gt, labels, 0.5, 0.5, 0.0, box_valid=valid)
+    np.testing.assert_array_equal(plain.classes.numpy(), [[3, 0, 0, 0, -1]])
+    np.testing.assert_allclose(out.iou.numpy(), [[0.8, 0.3, 0.0, 0.0, 1.0]], atol=1e-6)
+    assert out.matched_index.numpy()[0, 0] == 0

@@ -73,35 +73,20 @@ def relabel_rois(rois, roi_valid, gt_boxes, gt_labels, iou_threshold, add_ground
         raise ValueError(f"`rois` must have shape [B, R, 4], got {rois.shape}.")
     gt_boxes = tf.cast(gt_boxes, tf.float32)
     gt_labels = tf.cast(gt_labels, tf.int32)
-    gt_valid, crowd_valid = ops.split_crowd(gt_labels, gt_crowd)
     roi_valid = tf.cast(roi_valid, tf.bool)
     if add_ground_truth:
+        gt_valid, _ = ops.split_crowd(gt_labels, gt_crowd)
         rois = tf.concat([rois, gt_boxes], axis=1)
         roi_valid = tf.concat([roi_valid, gt_valid], axis=1)
-    iou = ops.box_iou(rois, gt_boxes)  # [B, R', N]
-    on_crowd = None
-    if gt_crowd is not None:
-        on_crowd = ops.crowd_ignore_mask(rois, gt_boxes, crowd_valid, crowd_ioa_threshold)
-    matched, match_labels = ops.match_boxes(iou, iou_threshold, gt_valid=gt_valid,
-                                            anchor_valid=roi_valid, ignore=on_crowd)
-    class_ids = ops.gather_by_match(gt_labels, matched) + 1
-    labels = tf.where(match_labels == ops.POSITIVE, class_ids,
-                      tf.where(match_labels == ops.NEGATIVE, 0, -1))
-    best_iou = _best_iou(iou, gt_valid)
+    labeled = ops.label_boxes(rois, gt_boxes, gt_labels, iou_threshold, box_valid=roi_valid,
+                              gt_crowd=gt_crowd, crowd_ioa_threshold=crowd_ioa_threshold)
     return {
         "rois": tf.stop_gradient(rois),
-        "labels": labels,
-        "matched_boxes": ops.gather_by_match(gt_boxes, matched),
-        "matched_index": matched,
-        "iou": best_iou,
+        "labels": labeled.classes,
+        "matched_boxes": ops.gather_by_match(gt_boxes, labeled.matched_index),
+        "matched_index": labeled.matched_index,
+        "iou": labeled.iou,
     }
-
-
-def _best_iou(iou, gt_valid):
-    # A zero column keeps the max defined for images without (valid) ground truth.
-    masked = tf.where(gt_valid[:, tf.newaxis, :], iou, 0.0)
-    zeros = tf.zeros_like(masked[..., :1])
-    return tf.reduce_max(tf.concat([masked, zeros], axis=-1), axis=-1)
 
 
 def refine_boxes(deltas, rois, image_shapes, weights):

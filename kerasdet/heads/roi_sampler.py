@@ -33,31 +33,21 @@ def sample_rois(proposals, proposal_valid, gt_boxes, gt_labels, num_samples=512,
         iou [B, S] (the RoI's best IoU, for Cascade R-CNN statistics and the integral loss).
     """
     gt_labels = tf.cast(gt_labels, tf.int32)
-    gt_valid, crowd_valid = ops.split_crowd(gt_labels, gt_crowd)
     if add_ground_truth:
-        proposals = tf.concat([proposals, gt_boxes], axis=1)
+        gt_valid, _ = ops.split_crowd(gt_labels, gt_crowd)
+        proposals = tf.concat([proposals, tf.cast(gt_boxes, proposals.dtype)], axis=1)
         proposal_valid = tf.concat([proposal_valid, gt_valid], axis=1)
-    iou = ops.box_iou(proposals, gt_boxes)  # [B, P', N]
-    on_crowd = None
-    if gt_crowd is not None:
-        on_crowd = ops.crowd_ignore_mask(proposals, gt_boxes, crowd_valid, crowd_ioa_threshold)
-    matched, candidate = ops.match_boxes(
-        iou, foreground_iou, foreground_iou, background_iou_low, gt_valid=gt_valid,
-        anchor_valid=proposal_valid, ignore=on_crowd)
-    best_iou = tf.reduce_max(tf.where(gt_valid[:, tf.newaxis, :], iou, 0.0), axis=-1)
-    foreground = candidate == 1
-    indices, valid = ops.sample_balanced_indices(candidate, num_samples, positive_fraction,
-                                                 seed=seed)
+    labeled = ops.label_boxes(proposals, gt_boxes, gt_labels, foreground_iou, foreground_iou,
+                              background_iou_low, box_valid=proposal_valid, gt_crowd=gt_crowd,
+                              crowd_ioa_threshold=crowd_ioa_threshold)
+    indices, valid = ops.sample_balanced_indices(labeled.match_labels, num_samples,
+                                                 positive_fraction, seed=seed)
     rois = tf.gather(proposals, indices, batch_dims=1)
-    is_fg = tf.gather(foreground, indices, batch_dims=1) & valid
-    matched_index = tf.gather(matched, indices, batch_dims=1)
-    matched_boxes = ops.gather_by_match(gt_boxes, matched_index)
-    class_ids = ops.gather_by_match(gt_labels, matched_index) + 1
-    labels = tf.where(is_fg, class_ids, tf.where(valid, 0, -1))
+    matched_index = tf.gather(labeled.matched_index, indices, batch_dims=1)
     return {
         "rois": tf.stop_gradient(rois),
-        "labels": labels,
-        "matched_boxes": matched_boxes,
+        "labels": tf.where(valid, tf.gather(labeled.classes, indices, batch_dims=1), -1),
+        "matched_boxes": ops.gather_by_match(gt_boxes, matched_index),
         "matched_index": matched_index,
-        "iou": tf.gather(best_iou, indices, batch_dims=1),
+        "iou": tf.gather(labeled.iou, indices, batch_dims=1),
     }

@@ -81,17 +81,13 @@ def rpn_targets(anchors, gt_boxes, gt_labels, image_shapes, positive_iou=0.7, ne
         labels int32 [B, A]: 1 positive, 0 negative (both sampled), -1 not used in the loss;
         box_targets [B, A, 4]: encoded deltas towards the matched ground truth.
     """
-    iou = ops.box_iou(anchors[tf.newaxis], gt_boxes)  # [B, A, N]
     anchor_valid = None
     if ignore_cross_boundary:
         anchor_valid = ops.anchors_inside_image_mask(anchors, image_shapes)
-    gt_valid, crowd_valid = ops.split_crowd(gt_labels, gt_crowd)
-    on_crowd = None
-    if gt_crowd is not None:
-        on_crowd = ops.crowd_ignore_mask(anchors, gt_boxes, crowd_valid, crowd_ioa_threshold)
-    matched, labels = ops.match_boxes(
-        iou, positive_iou, negative_iou, 0.0, allow_low_quality_matches=allow_low_quality,
-        gt_valid=gt_valid, anchor_valid=anchor_valid, ignore=on_crowd)
+    matched, labels, _, _ = ops.label_boxes(
+        anchors[tf.newaxis], gt_boxes, gt_labels, positive_iou, negative_iou, 0.0,
+        allow_low_quality_matches=allow_low_quality, box_valid=anchor_valid, gt_crowd=gt_crowd,
+        crowd_ioa_threshold=crowd_ioa_threshold)
     sampled = ops.sample_balanced(labels, num_samples, positive_fraction, seed=seed)
     labels = tf.where(sampled, labels, -1)
     matched_boxes = ops.gather_by_match(gt_boxes, matched)

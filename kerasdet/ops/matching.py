@@ -14,7 +14,11 @@ Typical RPN targets inside a train_step (anchors [N, 4], padded gt_boxes [B, M, 
     class_targets = ops.assign_class_targets(labels, ops.gather_by_match(gt_labels, matched))
     sampled = ops.sample_balanced(labels, 256, 0.5, seed=self.seed_generator)   # [B, N] bool
 """
+import collections
+
 import tensorflow as tf
+
+from kerasdet.ops.boxes import box_iou
 
 __all__ = [
     "POSITIVE",
@@ -27,6 +31,8 @@ __all__ = [
     "Matcher",
     "gather_by_match",
     "assign_class_targets",
+    "BoxLabels",
+    "label_boxes",
 ]
 
 POSITIVE, NEGATIVE, IGNORE = 1, 0, -1
@@ -212,6 +218,48 @@ def assign_class_targets(match_labels, matched_gt_labels):
     matched_gt_labels = tf.cast(tf.convert_to_tensor(matched_gt_labels), tf.int32)
     return tf.where(match_labels == POSITIVE, matched_gt_labels + 1,
                     tf.where(match_labels == NEGATIVE, 0, -1))
+
+
+BoxLabels = collections.namedtuple("BoxLabels", ["matched_index", "match_labels", "classes", "iou"])
+BoxLabels.__doc__ = """What `label_boxes` returns, each [B, N]: matched_index int32 (best valid ground
+truth), match_labels int32 1 / 0 / -1 (`match_boxes`), classes int32 (dataset class + 1 for
+positives, 0 for negatives, -1 ignored: the softmax heads' targets) and iou float32 (best IoU with
+valid ground truth, 0 without any)."""
+
+
+def label_boxes(boxes, gt_boxes, gt_labels, positive_threshold, negative_threshold=None,
+                negative_lower_bound=0.0, allow_low_quality_matches=False, box_valid=None,
+                gt_crowd=None, crowd_ioa_threshold=CROWD_IOA_THRESHOLD):
+    """The one labelling rule of every region-based stage (RPN anchors, sampled RoIs, cascade
+    stages): match each box to its best valid ground truth, label it by the IoU bands of
+    `match_boxes`, ignore non-positives lying in a crowd region, and name the class.
+
+    Args:
+        boxes: [B, N, 4] RoIs, or [1, N, 4] anchors shared by the batch.
+        gt_boxes: [B, M, 4]; gt_labels: int [B, M] 0-based, -1 for padding.
+        positive_threshold, negative_threshold, negative_lower_bound, allow_low_quality_matches:
+            the bands of `match_boxes`.
+        box_valid: optional bool [B, N]; invalid boxes get -1 (padding, cross-boundary anchors).
+        gt_crowd: optional bool [B, M] ``iscrowd``: crowd boxes are not matched against; a box that
+            is not positive with more than `crowd_ioa_threshold` of its area inside one is ignored.
+
+    Returns a `BoxLabels`.
+    """
+    gt_boxes = tf.cast(gt_boxes, tf.float32)
+    gt_labels = tf.cast(gt_labels, tf.int32)
+    gt_valid, crowd_valid = split_crowd(gt_labels, gt_crowd)
+    iou = box_iou(boxes, gt_boxes)  # [B, N, M]
+    on_crowd = None
+    if gt_crowd is not None:
+        on_crowd = crowd_ignore_mask(boxes, gt_boxes, crowd_valid, crowd_ioa_threshold)
+    matched, labels = match_boxes(iou, positive_threshold, negative_threshold,
+                                  negative_lower_bound, allow_low_quality_matches,
+                                  gt_valid=gt_valid, anchor_valid=box_valid, ignore=on_crowd)
+    classes = assign_class_targets(labels, gather_by_match(gt_labels, matched))
+    # A zero column keeps the max defined for images without (valid) ground truth.
+    masked = tf.where(gt_valid[:, tf.newaxis, :], iou, 0.0)
+    best_iou = tf.reduce_max(tf.concat([masked, tf.zeros_like(masked[..., :1])], -1), axis=-1)
+    return BoxLabels(matched, labels, classes, best_iou)
 
 
 class Matcher:
