@@ -473,7 +473,7 @@ def one_object_masks():
 
 
 def test_mask_loss_uses_the_last_stage_foreground_rois():
-    model = tiny_cascade(with_masks=True, mask_channels=8, max_mask_rois=6)
+    model = tiny_cascade(with_masks=True, mask_channels=8, mask_rois_per_image=6)
     batch = one_object_batch()
     roi_features, sampled, gt_boxes, gt_labels, shapes = _features_and_targets(model, batch)
     _, last = model.cascade_losses(roi_features, sampled, gt_boxes, gt_labels, shapes)

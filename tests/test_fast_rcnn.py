@@ -83,3 +83,14 @@ def test_fast_rcnn_requires_proposals():
         assert "proposals" in str(err)
     else:
         raise AssertionError("expected a ValueError naming the proposals")
+
+
+def test_old_argument_name_rois_per_image_still_sets_the_roi_batch():
+    import pytest
+
+    with pytest.warns(DeprecationWarning, match="roi_batch_size"):
+        model = tiny_fast_rcnn(rois_per_image=32)
+    assert model.roi_config.batch_size == 32
+    assert model.get_config()["roi_batch_size"] == 32 and "rois_per_image" not in model.get_config()
+    with pytest.raises(ValueError, match="roi_batch_size"):
+        tiny_fast_rcnn(rois_per_image=32, roi_batch_size=16)

@@ -50,3 +50,16 @@ def test_resnet50_fpn_parameter_count_matches_the_standard_architecture(num_clas
                    if "moving_mean" in v.path or "moving_variance" in v.path)
     count = model.count_params() - bn_stats
     assert abs(count - expected) / expected < 0.01, count
+
+
+def test_every_setting_round_trips_through_the_config():
+    # Settings live in the part configs: a changed value of any of them comes back from get_config.
+    model = FasterRCNN(3, **dict(tiny_fpn_settings(), rpn_nms_iou=0.6, roi_positive_fraction=0.5,
+                                 anchor_offset=0.0, score_threshold=0.1, deform_gamma=0.2))
+    config = model.get_config()
+    assert (config["rpn_nms_iou"], config["roi_positive_fraction"], config["anchor_offset"],
+            config["score_threshold"], config["deform_gamma"]) == (0.6, 0.5, 0.0, 0.1, 0.2)
+    clone = FasterRCNN.from_config(config)
+    assert clone.part_configs == model.part_configs
+    with pytest.raises(ValueError, match="rpn_nms_iuo"):
+        FasterRCNN(3, rpn_nms_iuo=0.6, **tiny_fpn_settings())

@@ -3,8 +3,27 @@ import tensorflow as tf
 
 from kerasdet import losses as kd_losses
 from kerasdet import ops
+from kerasdet.heads.part_config import part_config
 
-__all__ = ["box_head_losses", "decode_detections"]
+__all__ = ["OutputConfig", "box_head_losses", "decode_detections"]
+
+
+@part_config(attribute="output_config")
+class OutputConfig:
+    """The box outputs: box-coder weights, one box per RoI (`class_agnostic`) or one per class,
+    and the test-time post-processing (score threshold, per-class NMS IoU, detections kept)."""
+    box_weights: tuple = (10.0, 10.0, 5.0, 5.0)
+    class_agnostic: bool = False
+    score_threshold: float = 0.05
+    nms_iou: float = 0.5
+    max_detections: int = 100
+
+    def detections(self, class_probs, deltas, rois, roi_valid, image_shapes, weights=None):
+        """`decode_detections` with these settings (`weights`: a stage's own coder weights)."""
+        return decode_detections(class_probs, tf.cast(deltas, tf.float32), rois, roi_valid,
+                                 image_shapes, weights=weights or self.box_weights,
+                                 score_threshold=self.score_threshold, nms_iou=self.nms_iou,
+                                 max_detections=self.max_detections)
 
 
 def box_head_losses(logits, deltas, sampled, weights=(10.0, 10.0, 5.0, 5.0), beta=1.0):

@@ -9,10 +9,96 @@ centre is (c + 0.5, r + 0.5).
 import keras
 import tensorflow as tf
 
+from kerasdet import losses as kd_losses
+from kerasdet.heads.part_config import part_config
 from kerasdet.ops.masks import resample_masks
 
-__all__ = ["checked_mask_grids", "detection_masks", "MaskHead", "mask_targets", "paste_masks",
-           "select_class_masks"]
+__all__ = ["batch_mask_grids", "checked_mask_grids", "detection_masks", "MaskBranch",
+           "MaskConfig", "MaskHead", "mask_targets", "paste_masks", "select_class_masks"]
+
+
+@part_config("mask_")
+class MaskConfig:
+    """The mask branch: RoIAlign output `pool_size` (14; the head outputs twice that) with
+    `sampling_ratio` samples per bin side (0 = adaptive, torchvision uses 2), head width
+    `channels` and depth `num_convs` (256 and 4 in the paper), at most `rois_per_image`
+    foreground RoIs per image in the loss (None: the RoI sample's foreground quota), and the
+    probability `threshold` that binarizes targets and predicted masks."""
+    pool_size: int = 14
+    sampling_ratio: int = 0
+    channels: int = 256
+    num_convs: int = 4
+    rois_per_image: int = None
+    threshold: float = 0.5
+
+    def __post_init__(self):
+        if self.rois_per_image is not None and int(self.rois_per_image) < 1:
+            raise ValueError(f"`mask_rois_per_image` must be >= 1 or None, got "
+                             f"{self.rois_per_image!r}.")
+        if not 0.0 < float(self.threshold) < 1.0:
+            raise ValueError(f"`mask_threshold` must be in (0, 1), got {self.threshold!r}.")
+
+    @property
+    def mask_size(self):
+        return 2 * int(self.pool_size)
+
+    def max_rois(self, roi_quota):
+        """Foreground RoIs per image the loss reads: the sampler's quota, capped by
+        `rois_per_image`."""
+        if self.rois_per_image is None:
+            return roi_quota
+        return min(roi_quota, int(self.rois_per_image))
+
+
+def batch_mask_grids(batch):
+    """(grids [B, N, G, G], boxes [B, N, 4]): the batch's per-instance mask grids and the
+    ground-truth boxes they cover (kerasdet.data.pipeline's layout)."""
+    masks = batch.get("masks") if isinstance(batch, dict) else None
+    if masks is None and isinstance(batch, dict):
+        masks = batch["bounding_boxes"].get("masks")
+    if masks is None:
+        raise ValueError("This detector's mask branch needs instance masks in the batch: `masks` "
+                         "[B, N, G, G] grids over the boxes (build_dataset(..., with_masks=True)).")
+    return checked_mask_grids(masks, batch["bounding_boxes"]["boxes"])
+
+
+class MaskBranch:
+    """Mask R-CNN's mask branch as a part: RoIAlign features of the boxes -> `MaskHead` logits;
+    the loss on the foreground of labelled RoIs, and the test-time masks of the detections.
+
+    extractor: a RoIExtractor (14 x 14 RoIAlign); head: a MaskHead; max_rois: foreground RoIs per
+    image the loss reads (`MaskConfig.max_rois`).
+    """
+
+    def __init__(self, extractor, head, config, max_rois):
+        self.extractor, self.head, self.config = extractor, head, config
+        self.max_rois = int(max_rois)
+
+    def logits(self, features, boxes):
+        """[B, R, 4] boxes -> per-class mask logits [B, R, 2S, 2S, K] (float32)."""
+        return tf.cast(self.head(self.extractor(features, boxes)), tf.float32)
+
+    def loss(self, features, targets, gt_masks, gt_boxes):
+        """Per-pixel sigmoid cross entropy of the class channel on the foreground RoIs of
+        `targets` (`sample_rois` / `relabel_rois` dict): foreground moved to the front (a stable
+        sort, so a sample's order is kept), at most `max_rois` per image. `gt_masks` [B, N, G, G]
+        are grids covering `gt_boxes` [B, N, 4]."""
+        labels = targets["labels"]
+        k = self.max_rois if labels.shape[1] is None else min(self.max_rois, labels.shape[1])
+        order = tf.argsort(tf.cast(labels > 0, tf.int32), axis=1, direction="DESCENDING",
+                           stable=True)[:, :k]
+        labels = tf.gather(labels, order, batch_dims=1)
+        rois = tf.gather(targets["rois"], order, batch_dims=1)
+        matched = tf.gather(targets["matched_index"], order, batch_dims=1)
+        grids = mask_targets(gt_masks, gt_boxes, rois, matched, self.config.mask_size,
+                             threshold=self.config.threshold)
+        return kd_losses.mask_loss(grids, self.logits(features, rois), tf.maximum(labels - 1, 0),
+                                   weights=tf.cast(labels > 0, tf.float32))
+
+    def masks(self, features, detections, canvas_size, paste):
+        """Masks of the final detections (see `detection_masks`)."""
+        logits = self.logits(features, tf.stop_gradient(detections["boxes"]))
+        return detection_masks(logits, detections, canvas_size, self.config.threshold, paste)
 
 
 def _he_normal_fan_out():

@@ -12,7 +12,7 @@ There are no learnable layers after the pooling, so the cost per RoI is negligib
 import keras
 import tensorflow as tf
 
-from kerasdet.layers.roi_layers import DeformPSRoIPool, PSRoIAlign, PSRoIPool
+from kerasdet.heads.roi_extractor import RoIExtractor
 
 __all__ = ["PSRoIHead", "average_vote", "PS_POOLINGS", "VOTINGS"]
 
@@ -101,13 +101,9 @@ class PSRoIHead(keras.layers.Layer):
         self.box_pool = self._make_pool("box_pool")
 
     def _make_pool(self, name):
-        args = dict(output_size=self.pool_size, spatial_scale=1.0 / self.stride,
-                    dtype=self.dtype_policy, name=name)
-        if self.pooling == "ps_roi_pool":
-            return PSRoIPool(**args)
-        if self.pooling == "ps_roi_align":
-            return PSRoIAlign(sampling_ratio=self.sampling_ratio, **args)
-        return DeformPSRoIPool(sampling_ratio=self.sampling_ratio, gamma=self.gamma, **args)
+        return RoIExtractor(self.pool_size, strides=(self.stride,), method=self.pooling,
+                            sampling_ratio=self.sampling_ratio, gamma=self.gamma,
+                            dtype=self.dtype_policy, name=name)
 
     def build(self, features_shape, rois_shape=None):
         channels = features_shape[-1]
@@ -128,14 +124,25 @@ class PSRoIHead(keras.layers.Layer):
         x = self.reduce(features) if self.reduce is not None else features
         return self.cls_conv(x), self.box_conv(x)
 
-    def call(self, features, rois):
+    def pool(self, features, rois):
+        """The RoI feature extractor of an R-FCN box stage: score maps, then PS-RoI pooling of
+        each RoI -> (class bins [B, R, k, k, C + 1], box bins [B, R, k, k, 4])."""
         _check_rois(rois)
+        if not self.built:  # called directly, not through __call__
+            self.build(features.shape)
         cls_maps, box_maps = self.score_maps(features)
         rois = tf.cast(rois, tf.float32)
-        logits = average_vote(self.cls_pool(cls_maps, rois), self.voting)
+        return self.cls_pool(cls_maps, rois), self.box_pool(box_maps, rois)
+
+    def vote(self, pooled):
+        """The predictor: (class logits [B, R, C + 1], box deltas [B, R, 1, 4]) by voting."""
+        cls_bins, box_bins = pooled
         # The paper aggregates the 4 k^2 box bins "by average voting" whatever the class voting.
-        deltas = average_vote(self.box_pool(box_maps, rois), "mean")
-        return logits, deltas[:, :, tf.newaxis, :]
+        deltas = average_vote(box_bins, "mean")
+        return average_vote(cls_bins, self.voting), deltas[:, :, tf.newaxis, :]
+
+    def call(self, features, rois):
+        return self.vote(self.pool(features, rois))
 
     def compute_output_shape(self, features_shape, rois_shape):
         b, r = rois_shape[0], rois_shape[1]

@@ -1,17 +1,28 @@
-"""RoI feature extraction from one feature map or a pyramid, through the kerasdet.ops kernels."""
+"""RoI feature extraction: one pooler per feature level, RoIs routed to the levels by their size.
+
+The pooler is a choice (the RoI pooling layers of kerasdet.layers): "roi_pool" (Fast R-CNN),
+"roi_align" (Mask R-CNN), "deform_roi_pool" (Deformable ConvNets; learned offsets, so each level
+has its own), and the position-sensitive "ps_roi_pool", "ps_roi_align", "deform_ps_roi_pool"
+(R-FCN's score maps). The routing is FPN's eq. (1), the same for every pooler.
+"""
 import math
 
 import keras
 import tensorflow as tf
 
-from kerasdet import ops
+from kerasdet.layers.roi_layers import (DeformPSRoIPool, DeformRoIPool, PSRoIAlign, PSRoIPool,
+                                        RoIAlign, RoIPool)
 
-__all__ = ["fpn_level_of_rois", "RoIExtractor"]
+__all__ = ["fpn_level_of_rois", "POOLERS", "RoIExtractor"]
 
-_POOLERS = {
-    "roi_align": lambda f, b, i, size, scale, sr, aligned: ops.roi_align(
-        f, b, i, size, spatial_scale=scale, sampling_ratio=sr, aligned=aligned),
-    "roi_pool": lambda f, b, i, size, scale, sr, aligned: ops.roi_pool(f, b, i, size, spatial_scale=scale),
+# method -> (layer class, the constructor arguments it takes besides output size and scale)
+POOLERS = {
+    "roi_pool": (RoIPool, ()),
+    "roi_align": (RoIAlign, ("sampling_ratio", "aligned")),
+    "deform_roi_pool": (DeformRoIPool, ("sampling_ratio", "aligned", "gamma")),
+    "ps_roi_pool": (PSRoIPool, ()),
+    "ps_roi_align": (PSRoIAlign, ("sampling_ratio",)),
+    "deform_ps_roi_pool": (DeformPSRoIPool, ("sampling_ratio", "gamma")),
 }
 
 
@@ -30,18 +41,21 @@ def fpn_level_of_rois(boxes, min_level=2, max_level=5, canonical_size=224.0, can
 
 @keras.saving.register_keras_serializable(package="kerasdet")
 class RoIExtractor(keras.layers.Layer):
-    """Pools [B, R, 4] RoIs from features into [B, R, S, S, C].
+    """Pools [B, R, 4] RoIs from features into [B, R, S, S, C'].
 
     With one feature map the RoIs are pooled from it; with a pyramid (a list of maps for levels
-    `min_level`..) each RoI is pooled from the level its size picks (FPN eq. 1). ``aligned``
-    (RoIAlign only) shifts by half a pixel as Detectron2 does; torchvision's detectors use False.
+    `min_level`..) each RoI is pooled from the level its size picks (FPN eq. 1). C' is the maps'
+    channels, divided by S * S for the position-sensitive poolers. ``aligned`` (RoIAlign and the
+    deformable RoI pooling) shifts by half a pixel as Detectron2 does; torchvision's detectors use
+    False. ``gamma`` is the deformable poolers' offset scale (0.1 in the paper).
     """
 
     def __init__(self, output_size=7, strides=(16,), method="roi_align", sampling_ratio=0,
-                 min_level=2, canonical_size=224.0, canonical_level=4, aligned=True, **kwargs):
+                 min_level=2, canonical_size=224.0, canonical_level=4, aligned=True, gamma=0.1,
+                 **kwargs):
         super().__init__(**kwargs)
-        if method not in _POOLERS:
-            raise ValueError(f"`method` must be one of {sorted(_POOLERS)}, got {method!r}.")
+        if method not in POOLERS:
+            raise ValueError(f"`method` must be one of {sorted(POOLERS)}, got {method!r}.")
         self.output_size = int(output_size)
         self.strides = tuple(int(s) for s in strides)
         self.method = method
@@ -50,42 +64,54 @@ class RoIExtractor(keras.layers.Layer):
         self.canonical_size = float(canonical_size)
         self.canonical_level = int(canonical_level)
         self.aligned = bool(aligned)
+        self.gamma = float(gamma)
+        layer, options = POOLERS[method]
+        settings = {"sampling_ratio": self.sampling_ratio, "aligned": self.aligned,
+                    "gamma": self.gamma}
+        self.pools = [layer(self.output_size, 1.0 / s, dtype=self.dtype_policy,
+                            name=f"{method}_{i}", **{k: settings[k] for k in options})
+                      for i, s in enumerate(self.strides)]
 
-    def _pool(self, feature, boxes, box_indices, stride):
-        return _POOLERS[self.method](feature, boxes, box_indices,
-                                     (self.output_size, self.output_size), 1.0 / stride,
-                                     self.sampling_ratio, self.aligned)
-
-    def call(self, features, rois):
-        if not isinstance(features, (list, tuple)):
-            features = [features]
+    def _checked(self, features):
+        features = list(features) if isinstance(features, (list, tuple)) else [features]
         if len(features) != len(self.strides):
             raise ValueError(f"RoIExtractor got {len(features)} feature maps for strides "
                              f"{self.strides}.")
-        batch = tf.shape(rois)[0]
-        num = tf.shape(rois)[1]
-        boxes = tf.reshape(rois, [-1, 4])
+        return features
+
+    def build(self, features_shape, rois_shape=None):
+        nested = isinstance(features_shape, (list, tuple)) and \
+            isinstance(features_shape[0], (list, tuple))
+        for pool, shape in zip(self.pools, self._checked(features_shape if nested
+                                                         else [features_shape])):
+            pool.build(tuple(shape))
+
+    def call(self, features, rois):
+        features = self._checked(features)
+        batch, num = tf.shape(rois)[0], tf.shape(rois)[1]
+        boxes = tf.reshape(tf.cast(rois, tf.float32), [-1, 4])
         box_indices = tf.repeat(tf.range(batch, dtype=tf.int32), num)
+        size = self.output_size
         channels = features[0].shape[-1]
+        if POOLERS[self.method][0].position_sensitive:
+            channels //= size * size
         if len(features) == 1:
-            pooled = self._pool(features[0], boxes, box_indices, self.strides[0])
+            pooled = self.pools[0](features[0], boxes, box_indices)
         else:
-            max_level = self.min_level + len(features) - 1
-            levels = fpn_level_of_rois(boxes, self.min_level, max_level, self.canonical_size,
-                                       self.canonical_level)
-            pooled = tf.zeros([tf.shape(boxes)[0], self.output_size, self.output_size, channels],
-                              features[0].dtype)
-            for i, (feature, stride) in enumerate(zip(features, self.strides)):
+            levels = fpn_level_of_rois(boxes, self.min_level, self.min_level + len(features) - 1,
+                                       self.canonical_size, self.canonical_level)
+            pooled = tf.zeros([tf.shape(boxes)[0], size, size, channels], features[0].dtype)
+            for i, (feature, pool) in enumerate(zip(features, self.pools)):
                 where = tf.where(levels == self.min_level + i)  # [K, 1]
-                level_pooled = self._pool(feature, tf.gather_nd(boxes, where),
-                                          tf.gather_nd(box_indices, where), stride)
+                level_pooled = pool(feature, tf.gather_nd(boxes, where),
+                                    tf.gather_nd(box_indices, where))
                 pooled = tf.tensor_scatter_nd_update(pooled, where, level_pooled)
-        return tf.reshape(pooled, [batch, num, self.output_size, self.output_size, channels])
+        return tf.reshape(pooled, [batch, num, size, size, channels])
 
     def get_config(self):
         config = super().get_config()
         config.update(output_size=self.output_size, strides=self.strides, method=self.method,
                       sampling_ratio=self.sampling_ratio, min_level=self.min_level,
                       canonical_size=self.canonical_size, canonical_level=self.canonical_level,
-                      aligned=self.aligned)
+                      aligned=self.aligned, gamma=self.gamma)
         return config

@@ -7,8 +7,40 @@ reference implementations, which also add the ground-truth boxes to the proposal
 import tensorflow as tf
 
 from kerasdet import ops
+from kerasdet.heads.part_config import part_config
 
-__all__ = ["sample_rois"]
+__all__ = ["RoIConfig", "sample_rois"]
+
+
+@part_config("roi_")
+class RoIConfig:
+    """RoI sampling (Fast R-CNN section 2.3: batch_size RoIs per image, a positive_fraction of
+    them foreground at IoU >= foreground_iou, background in [background_iou_low,
+    foreground_iou)) and RoI pooling: the `pooling` method of kerasdet.heads.roi_extractor,
+    output_size (None: the box head's), sampling_ratio (0 = adaptive) and `aligned` (RoIAlign's
+    half-pixel shift, True as Detectron2; torchvision's checkpoints use False)."""
+    batch_size: int = 512
+    positive_fraction: float = 0.25
+    foreground_iou: float = 0.5
+    background_iou_low: float = 0.0
+    pooling: str = "roi_align"
+    output_size: int = None
+    sampling_ratio: int = 0
+    aligned: bool = True
+
+    def sample(self, proposals, proposal_valid, gt_boxes, gt_labels, seed, gt_crowd=None,
+               foreground_iou=None):
+        """`sample_rois` with these settings."""
+        return sample_rois(proposals, proposal_valid, gt_boxes, gt_labels,
+                           num_samples=self.batch_size, positive_fraction=self.positive_fraction,
+                           foreground_iou=foreground_iou or self.foreground_iou,
+                           background_iou_low=self.background_iou_low, seed=seed,
+                           gt_crowd=gt_crowd)
+
+    @property
+    def max_positives(self):
+        """The most foreground RoIs a sample holds per image (the sampler's quota)."""
+        return max(1, int(self.batch_size * self.positive_fraction))
 
 
 def sample_rois(proposals, proposal_valid, gt_boxes, gt_labels, num_samples=512,

@@ -10,8 +10,87 @@ import tensorflow as tf
 
 from kerasdet import losses as kd_losses
 from kerasdet import ops
+from kerasdet.heads.part_config import part_config
 
-__all__ = ["RPNHead", "rpn_targets", "rpn_losses", "generate_proposals"]
+__all__ = ["AnchorConfig", "RPNConfig", "RPN", "RPNHead", "rpn_targets", "rpn_losses",
+           "generate_proposals"]
+
+
+@part_config("anchor_")
+class AnchorConfig:
+    """Anchors per level (None: the detector's layout picks the papers' defaults). offset /
+    rounding: centres at (cell + offset) * stride and whole-pixel cell anchors; (0.0, True) are
+    torchvision's, which its checkpoints need."""
+    sizes: tuple = None
+    ratios: tuple = (0.5, 1.0, 2.0)
+    strides: tuple = None
+    offset: float = 0.5
+    rounding: bool = False
+
+
+@part_config("rpn_")
+class RPNConfig:
+    """Training and test settings of the RPN (Faster R-CNN section 3.1.3, FPN section 5.1).
+    channels: width of the 3x3 conv (None: the feature maps' width, 512 on a single map)."""
+    channels: int = None
+    positive_iou: float = 0.7
+    negative_iou: float = 0.3
+    batch_size: int = 256
+    positive_fraction: float = 0.5
+    pre_nms_top_k_train: int = 2000
+    post_nms_top_k_train: int = 1000
+    pre_nms_top_k_test: int = 1000
+    post_nms_top_k_test: int = 1000
+    nms_iou: float = 0.7
+    min_size: float = 0.0
+
+
+class RPN:
+    """The proposal source of Faster R-CNN: `RPNHead` on the proposal feature maps, its anchors,
+    training targets and losses, and the proposals handed to the RoI stages.
+
+    A proposal source answers `with_losses(maps, context, seed, training)` -> (proposals, valid,
+    losses) and `inference(maps, inputs, image_shapes)` -> (proposals, valid); `input_keys` names
+    the batch entries it reads (none here).
+    """
+
+    input_keys = ()
+
+    def __init__(self, head, anchor_generator, config):
+        self.head = head
+        self.anchor_generator = anchor_generator
+        self.config = config
+
+    def outputs(self, maps):
+        """(logits per level, deltas per level, anchors per level)."""
+        logits, deltas = self.head(maps)
+        anchors = self.anchor_generator([tf.shape(f)[1:3] for f in maps])
+        return logits, deltas, anchors
+
+    def proposals(self, logits, deltas, anchors, image_shapes, training):
+        c = self.config
+        pre = c.pre_nms_top_k_train if training else c.pre_nms_top_k_test
+        post = c.post_nms_top_k_train if training else c.post_nms_top_k_test
+        return generate_proposals(logits, deltas, anchors, image_shapes, pre, post,
+                                  nms_iou=c.nms_iou, min_size=c.min_size)
+
+    def with_losses(self, maps, context, seed, training):
+        c = self.config
+        logits, deltas, anchors = self.outputs(maps)
+        labels, targets = rpn_targets(
+            tf.concat(anchors, 0), context["gt_boxes"], context["gt_labels"],
+            context["image_shapes"], positive_iou=c.positive_iou, negative_iou=c.negative_iou,
+            num_samples=c.batch_size, positive_fraction=c.positive_fraction, seed=seed,
+            gt_crowd=context["gt_crowd"])
+        losses = rpn_losses(tf.concat(logits, 1), tf.concat(deltas, 1), labels, targets)
+        proposals, _, valid = self.proposals(logits, deltas, anchors, context["image_shapes"],
+                                             training)
+        return proposals, valid, losses
+
+    def inference(self, maps, inputs, image_shapes):
+        logits, deltas, anchors = self.outputs(maps)
+        proposals, _, valid = self.proposals(logits, deltas, anchors, image_shapes, False)
+        return proposals, valid
 
 
 @keras.saving.register_keras_serializable(package="kerasdet")

@@ -6,8 +6,9 @@ deltas) trained with the multi-task loss (eq. 1). Hierarchical sampling (section
 holds N images and R RoIs in all (N = 2, R = 128: 64 per image), a quarter foreground with
 IoU >= 0.5, the rest background with IoU in [0.1, 0.5).
 
-The proposals (selective search in the paper) travel in the batch as `proposals` [B, P, 4]; rows
-with zero area are padding. `jittered_proposals` makes a stand-in for data sets that have none.
+Parts (kerasdet.models.two_stage): the backbone's `feature` map, external proposals and the same
+box stage as Faster R-CNN. The proposals (selective search in the paper) travel in the batch as
+`proposals` [B, P, 4]; rows with zero area are padding. `jittered_proposals` makes a stand-in for data sets that have none.
 """
 import keras
 import tensorflow as tf
@@ -15,111 +16,76 @@ import tensorflow as tf
 from kerasdet import backbones as kd_backbones
 from kerasdet import ops
 from kerasdet.heads.box_head import BoxPredictor, TwoFCHead, truncated_svd_compress
-from kerasdet.heads.box_outputs import box_head_losses, decode_detections
+from kerasdet.heads.box_outputs import OutputConfig
+from kerasdet.heads.box_stage import BoxStage
+from kerasdet.heads.part_config import part_config
+from kerasdet.heads.proposals import ExternalProposals
 from kerasdet.heads.roi_extractor import RoIExtractor
-from kerasdet.heads.roi_sampler import sample_rois
-from kerasdet.models.base import Detector, batch_image_shapes, ground_truth, ground_truth_crowd
+from kerasdet.heads.roi_sampler import RoIConfig
+from kerasdet.models.two_stage import TwoStageDetector
 
-__all__ = ["FastRCNN", "jittered_proposals"]
+__all__ = ["FastRCNN", "FastRCNNConfig", "jittered_proposals"]
 
 
-def _proposals_of(inputs):
-    if not isinstance(inputs, dict) or "proposals" not in inputs:
-        raise ValueError("FastRCNN works on external proposals: give it a dict with `images` and "
-                         "`proposals` [B, P, 4] (zero-area rows are padding).")
-    proposals = tf.cast(inputs["proposals"], tf.float32)
-    return proposals, ops.valid_boxes_mask(proposals)
+@part_config(attribute="fast_rcnn_config")
+class FastRCNNConfig:
+    """backbone / backbone_config: registered backbone and its kwargs ("vgg16" is the paper's);
+    feature: the backbone output to pool from ("conv5_3" for VGG-16, "C4" for ResNet / tiny);
+    fc_dim / num_fcs / svd_ranks: the fc6 / fc7 head (4096 in the paper) and its optional
+    truncated-SVD factorization (section 3.1)."""
+    backbone: str = "vgg16"
+    backbone_config: dict = None
+    feature: str = "conv5_3"
+    fc_dim: int = 4096
+    num_fcs: int = 2
+    svd_ranks: tuple = None
 
 
 @keras.saving.register_keras_serializable(package="kerasdet")
-class FastRCNN(Detector):
+class FastRCNN(TwoStageDetector):
     """Fast R-CNN on a single feature map.
 
-    Args:
-        num_classes: K object classes.
-        backbone / backbone_config: registered backbone and its kwargs ("vgg16" is the paper's).
-        feature: the backbone output to pool from ("conv5_3" for VGG-16, "C4" for ResNet/tiny).
-        fc_dim / num_fcs / svd_ranks: the fc6/fc7 head (4096 in the paper) and its optional
-            truncated-SVD factorization (section 3.1).
-        roi_pooling: "roi_pool" (the paper) or "roi_align"; roi_output_size 7 (VGG-16's pool5 grid).
-        rois_per_image / roi_positive_fraction / roi_background_iou_low: hierarchical sampling.
-        nms_iou: per-class NMS at test time (0.3 in the paper's code).
+    Arguments: FastRCNNConfig's, RoIConfig's (roi_*; the paper's defaults here: RoI max pooling to
+    7 x 7, 64 RoIs per image (`roi_batch_size`; `rois_per_image` is its old name), background IoU
+    in [0.1, 0.5)), OutputConfig's (test-time per-class NMS at 0.3 as in the paper's code) and
+    `seed`.
     """
 
     loss_names = ("roi_cls", "roi_box")
-    predict_input_keys = ("images", "image_info", "proposals")
+    settings = (FastRCNNConfig, RoIConfig, OutputConfig)
+    setting_defaults = {"roi_pooling": "roi_pool", "roi_output_size": 7, "roi_batch_size": 64,
+                        "roi_background_iou_low": 0.1, "nms_iou": 0.3}
+    renamed_settings = {"rois_per_image": "roi_batch_size"}
 
-    def __init__(self, num_classes, backbone="vgg16", backbone_config=None, feature="conv5_3",
-                 fc_dim=4096, num_fcs=2, svd_ranks=None, roi_pooling="roi_pool",
-                 roi_output_size=7, rois_per_image=64, roi_positive_fraction=0.25,
-                 roi_foreground_iou=0.5, roi_background_iou_low=0.1,
-                 box_weights=(10.0, 10.0, 5.0, 5.0), score_threshold=0.05, nms_iou=0.3,
-                 max_detections=100, seed=None, **kwargs):
-        super().__init__(num_classes, **kwargs)
-        self.backbone_name = backbone
-        self.backbone_config = dict(backbone_config or {})
-        self.feature = feature
-        self.fc_dim, self.num_fcs = int(fc_dim), int(num_fcs)
-        self.svd_ranks = None if svd_ranks is None else list(svd_ranks)
-        self.roi_pooling = roi_pooling
-        self.roi_output_size = int(roi_output_size)
-        self.rois_per_image = int(rois_per_image)
-        self.roi_positive_fraction = float(roi_positive_fraction)
-        self.roi_foreground_iou = float(roi_foreground_iou)
-        self.roi_background_iou_low = float(roi_background_iou_low)
-        self.box_weights = tuple(float(w) for w in box_weights)
-        self.score_threshold = float(score_threshold)
-        self.nms_iou = float(nms_iou)
-        self.max_detections = int(max_detections)
-        self.seed = seed
+    @property
+    def feature(self):
+        return self.fast_rcnn_config.feature
 
-        self.backbone = kd_backbones.get(backbone, **self.backbone_config)
-        if feature not in self.backbone.strides:
-            raise ValueError(f"Backbone {backbone!r} has no feature map {feature!r}; it has "
+    @property
+    def roi_output_size(self):
+        return int(self.roi_config.output_size)
+
+    def build_parts(self):
+        c, r = self.fast_rcnn_config, self.roi_config
+        self.backbone = kd_backbones.get(c.backbone, **dict(c.backbone_config or {}))
+        if c.feature not in self.backbone.strides:
+            raise ValueError(f"Backbone {c.backbone!r} has no feature map {c.feature!r}; it has "
                              f"{list(self.backbone.strides)}.")
-        self.roi_extractor = RoIExtractor(self.roi_output_size,
-                                          strides=(self.backbone.strides[feature],),
-                                          method=roi_pooling, name="roi_extractor")
-        self.box_head = TwoFCHead(self.fc_dim, self.num_fcs, ranks=self.svd_ranks,
+        self.roi_extractor = RoIExtractor(
+            self.roi_output_size, strides=(self.backbone.strides[c.feature],), method=r.pooling,
+            sampling_ratio=r.sampling_ratio, aligned=r.aligned, name="roi_extractor")
+        self.box_head = TwoFCHead(int(c.fc_dim), int(c.num_fcs), ranks=c.svd_ranks,
                                   name="box_head")
-        self.box_predictor = BoxPredictor(num_classes, name="box_predictor")
-        self.sampling_seed = keras.random.SeedGenerator(seed, name="sampling_seed")
+        self.box_predictor = BoxPredictor(self.num_classes,
+                                          class_agnostic=self.output_config.class_agnostic,
+                                          name="box_predictor")
+        stage = BoxStage(self.roi_extractor, self.box_predictor, self.box_head,
+                         self.output_config.box_weights, r.foreground_iou)
+        return dict(proposal_source=ExternalProposals(), box_stages=[stage])
 
-    def _head(self, images, rois, training):
-        feature = self.backbone(images, training=training)[self.feature]
-        pooled = self.roi_extractor(feature, rois)
-        return self.box_predictor(self.box_head(pooled))
-
-    def call(self, inputs, training=False):
-        images = self.input_images(inputs)
-        proposals, valid = _proposals_of(inputs)
-        image_shapes = batch_image_shapes(inputs, images)
-        logits, deltas = self._head(images, proposals, training)
-        return decode_detections(
-            tf.nn.softmax(tf.cast(logits, tf.float32)), tf.cast(deltas, tf.float32), proposals,
-            valid, image_shapes, weights=self.box_weights, score_threshold=self.score_threshold,
-            nms_iou=self.nms_iou, max_detections=self.max_detections)
-
-    def build(self, input_shape=None):
-        if self.built:
-            return
-        images = tf.zeros([1, 64, 64, 3], self.compute_dtype)
-        self.call({"images": images, "proposals": tf.constant([[[0.0, 0.0, 32.0, 32.0]]])})
-        self.built = True
-
-    def compute_detection_losses(self, batch, training):
-        images = tf.cast(batch["images"], self.compute_dtype)
-        proposals, valid = _proposals_of(batch)
-        gt_boxes, gt_labels = ground_truth(batch)
-        sampled = sample_rois(proposals, valid, gt_boxes, gt_labels,
-                              num_samples=self.rois_per_image,
-                              positive_fraction=self.roi_positive_fraction,
-                              foreground_iou=self.roi_foreground_iou,
-                              background_iou_low=self.roi_background_iou_low,
-                              seed=self.sampling_seed, gt_crowd=ground_truth_crowd(batch))
-        logits, deltas = self._head(images, sampled["rois"], training)
-        cls, box = box_head_losses(logits, deltas, sampled, weights=self.box_weights)
-        return {"roi_cls": cls, "roi_box": box}
+    def features(self, images, training=False):
+        """(no proposal maps, the pooled map)."""
+        return [], self.backbone(images, training=training)[self.feature]
 
     def compress(self, ranks):
         """Truncated-SVD compression of the fc head (section 3.1): returns (model, report).
@@ -135,20 +101,6 @@ class FastRCNN(Detector):
             new.set_weights(old.get_weights())
         compressed.box_head.set_weights(head.get_weights())
         return compressed, report
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(
-            backbone=self.backbone_name, backbone_config=self.backbone_config,
-            feature=self.feature, fc_dim=self.fc_dim, num_fcs=self.num_fcs,
-            svd_ranks=self.svd_ranks, roi_pooling=self.roi_pooling,
-            roi_output_size=self.roi_output_size, rois_per_image=self.rois_per_image,
-            roi_positive_fraction=self.roi_positive_fraction,
-            roi_foreground_iou=self.roi_foreground_iou,
-            roi_background_iou_low=self.roi_background_iou_low,
-            box_weights=list(self.box_weights), score_threshold=self.score_threshold,
-            nms_iou=self.nms_iou, max_detections=self.max_detections, seed=self.seed)
-        return config
 
 
 def jittered_proposals(gt_boxes, gt_labels, image_shapes, num_proposals=128, num_near=8,

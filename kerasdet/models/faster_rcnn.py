@@ -1,144 +1,149 @@
 """Faster R-CNN (Ren et al. 2015) with a ResNet C4 head or with FPN (Lin et al. 2017).
 
-The model wires shared parts: backbone -> [FPN] -> RPN -> proposals -> RoI sampling (training) ->
-RoI features -> box head -> box predictor. Training is the approximate joint training of the paper
-(section 3.2): one backward pass through both stages, proposals treated as constants. The 4-step
-alternating recipe is documented in train/ (docs/TRAINING.md).
+Parts (kerasdet.models.two_stage): backbone -> [FPN] -> RPN proposals -> one box stage (RoI
+extractor, 2fc or res5 head, box predictor). Training is the approximate joint training of the
+paper (section 3.2): one backward pass through both stages, proposals treated as constants. The
+4-step alternating recipe is documented in train/ (docs/TRAINING.md).
 """
 import keras
-import tensorflow as tf
 
 from kerasdet import backbones as kd_backbones
 from kerasdet import ops
 from kerasdet.heads.box_head import BoxPredictor, TwoFCHead
-from kerasdet.heads.box_outputs import box_head_losses, decode_detections
+from kerasdet.heads.box_outputs import OutputConfig
+from kerasdet.heads.box_stage import BoxStage, roi_wise
+from kerasdet.heads.part_config import part_config
 from kerasdet.heads.roi_extractor import RoIExtractor
-from kerasdet.heads.roi_sampler import sample_rois
-from kerasdet.heads.rpn import RPNHead, generate_proposals, rpn_losses, rpn_targets
-from kerasdet.models.base import Detector, batch_image_shapes, ground_truth, ground_truth_crowd
+from kerasdet.heads.roi_sampler import RoIConfig
+from kerasdet.heads.rpn import RPN, AnchorConfig, RPNConfig, RPNHead
+from kerasdet.models.two_stage import TwoStageDetector
 from kerasdet.necks.fpn import FPN
 
-__all__ = ["FasterRCNN"]
+__all__ = ["FasterRCNN", "FasterRCNNConfig", "DeformConfig"]
 
 _FPN_LEVELS = ("C2", "C3", "C4", "C5")
 
 
+@part_config(attribute="faster_rcnn_config")
+class FasterRCNNConfig:
+    """backbone: registered name (kerasdet.backbones.list()), backbone_config its kwargs.
+    fpn: True for FPN (P2..P6 RPN, P2..P5 RoI pooling); False for the single C4 map at stride 16.
+    box_head: "2fc" (FPN's head, `fc_dim` units) or "res5" (the ResNet conv5 stage on 14x14
+    pooled RoIs, then average pooling: the C4 model of the paper's ResNet variant)."""
+    backbone: str = "resnet50"
+    backbone_config: dict = None
+    fpn: bool = True
+    fpn_channels: int = 256
+    box_head: str = "2fc"
+    fc_dim: int = 1024
+
+
+@part_config("deform_")
+class DeformConfig:
+    """gamma: offset scale of the deformable RoI poolings (0.1 in the Deformable ConvNets paper)."""
+    gamma: float = 0.1
+
+
 @keras.saving.register_keras_serializable(package="kerasdet")
-class FasterRCNN(Detector):
+class FasterRCNN(TwoStageDetector):
     """Faster R-CNN.
 
-    Args:
-        num_classes: number of object classes K (background is added internally).
-        backbone: registered backbone name (kerasdet.backbones.list()); backbone_config its kwargs.
-        fpn: True for FPN (P2..P6 RPN, P2..P5 RoI pooling, 2fc head); False for the single-map C4
-            design (RPN and RoI pooling on C4 at stride 16).
-        fpn_channels: FPN width (256 in the paper).
-        box_head: "2fc" (FPN's head, `fc_dim` units) or "res5" (the ResNet conv5 stage applied to
-            14x14 pooled RoIs, then average pooling: the C4 model of the paper's ResNet variant).
-        anchor_sizes / anchor_ratios / anchor_strides: per level; defaults are the papers' (FPN:
-            32..512 on strides 4..64; C4: 128/256/512 at stride 16 — Detectron adds 32 and 64).
-        anchor_offset / anchor_rounding: anchor centres at (cell + offset) * stride and whole-pixel
-            rounding of the cell anchors; (0.0, True) reproduces torchvision's anchors, which its
-            checkpoints need (kerasdet.converters sets them).
-        rpn_*: training and test settings of the RPN (section 3.1.3 / FPN section 5.1).
-        roi_*: RoI sampling (Fast R-CNN section 2.3) and pooling settings; roi_aligned is
-            RoIAlign's half-pixel shift (True as Detectron2; torchvision's checkpoints use False).
-        box_weights: box-coder weights of the second stage.
-        class_agnostic: one box per RoI instead of one per class.
-        score_threshold / nms_iou / max_detections: test-time post-processing.
+    Arguments: `num_classes` (K; background is added internally), `seed`, and the flat settings of
+    its parts: FasterRCNNConfig (backbone, backbone_config, fpn, fpn_channels, box_head, fc_dim),
+    AnchorConfig (anchor_sizes / anchor_ratios / anchor_strides / anchor_offset /
+    anchor_rounding; defaults FPN 32..512 on strides 4..64, C4 128/256/512 at stride 16), RPNConfig
+    (rpn_*), RoIConfig (roi_*: sampling and pooling, any pooler of kerasdet.heads.roi_extractor),
+    OutputConfig (box_weights, class_agnostic, score_threshold, nms_iou, max_detections) and
+    DeformConfig (deform_gamma, for roi_pooling="deform_roi_pool").
     """
 
     loss_names = ("rpn_cls", "rpn_box", "roi_cls", "roi_box")
+    settings = (FasterRCNNConfig, AnchorConfig, RPNConfig, RoIConfig, OutputConfig, DeformConfig)
 
-    def __init__(self, num_classes, backbone="resnet50", backbone_config=None, fpn=True,
-                 fpn_channels=256, box_head="2fc", fc_dim=1024,
-                 anchor_sizes=None, anchor_ratios=(0.5, 1.0, 2.0), anchor_strides=None,
-                 anchor_offset=0.5, anchor_rounding=False, rpn_channels=None, rpn_positive_iou=0.7, rpn_negative_iou=0.3,
-                 rpn_batch_size=256, rpn_positive_fraction=0.5,
-                 rpn_pre_nms_top_k_train=2000, rpn_post_nms_top_k_train=1000,
-                 rpn_pre_nms_top_k_test=1000, rpn_post_nms_top_k_test=1000,
-                 rpn_nms_iou=0.7, rpn_min_size=0.0,
-                 roi_batch_size=512, roi_positive_fraction=0.25, roi_foreground_iou=0.5,
-                 roi_background_iou_low=0.0, roi_pooling="roi_align", roi_output_size=None,
-                 roi_sampling_ratio=0, roi_aligned=True, box_weights=(10.0, 10.0, 5.0, 5.0), class_agnostic=False,
-                 score_threshold=0.05, nms_iou=0.5, max_detections=100, seed=None, **kwargs):
-        super().__init__(num_classes, **kwargs)
-        self.backbone_name = backbone
-        self.backbone_config = dict(backbone_config or {})
-        self.use_fpn = bool(fpn)
-        self.fpn_channels = int(fpn_channels)
-        self.box_head_kind = box_head
-        self.fc_dim = int(fc_dim)
-        if box_head not in ("2fc", "res5"):
-            raise ValueError(f"`box_head` must be '2fc' or 'res5', got {box_head!r}.")
-        if box_head == "res5" and self.use_fpn:
+    # -- the settings most code asks for ------------------------------------------------------
+    @property
+    def use_fpn(self):
+        return bool(self.faster_rcnn_config.fpn)
+
+    @property
+    def box_head_kind(self):
+        return self.faster_rcnn_config.box_head
+
+    @property
+    def fpn_channels(self):
+        return int(self.faster_rcnn_config.fpn_channels)
+
+    @property
+    def backbone_config(self):
+        return dict(self.faster_rcnn_config.backbone_config or {})
+
+    # -- parts ----------------------------------------------------------------------------------
+    def build_parts(self):
+        c = self.faster_rcnn_config
+        if c.box_head not in ("2fc", "res5"):
+            raise ValueError(f"`box_head` must be '2fc' or 'res5', got {c.box_head!r}.")
+        if c.box_head == "res5" and c.fpn:
             raise ValueError("`box_head='res5'` is the C4 design; use it with fpn=False.")
-
-        if self.use_fpn:
-            self.anchor_strides = tuple(anchor_strides or (4, 8, 16, 32, 64))
-            self.anchor_sizes = tuple(tuple(s) for s in (anchor_sizes or
-                                                         ((32,), (64,), (128,), (256,), (512,))))
+        a = self.anchor_config
+        if c.fpn:
+            self.anchor_strides = tuple(a.strides or (4, 8, 16, 32, 64))
+            sizes = a.sizes or ((32,), (64,), (128,), (256,), (512,))
         else:
-            self.anchor_strides = tuple(anchor_strides or (16,))
-            self.anchor_sizes = tuple(tuple(s) for s in (anchor_sizes or ((128, 256, 512),)))
-        self.anchor_ratios = tuple(anchor_ratios)
-        self.anchor_offset = float(anchor_offset)
-        self.anchor_rounding = bool(anchor_rounding)
+            self.anchor_strides = tuple(a.strides or (16,))
+            sizes = a.sizes or ((128, 256, 512),)
+        self.anchor_sizes = tuple(tuple(s) for s in sizes)
         self.anchor_generator = ops.AnchorGenerator(self.anchor_strides, self.anchor_sizes,
-                                                    self.anchor_ratios, offset=self.anchor_offset,
-                                                    rounded=self.anchor_rounding)
-
-        self.rpn_settings = dict(
-            positive_iou=rpn_positive_iou, negative_iou=rpn_negative_iou,
-            batch_size=rpn_batch_size, positive_fraction=rpn_positive_fraction,
-            pre_nms_top_k_train=rpn_pre_nms_top_k_train,
-            post_nms_top_k_train=rpn_post_nms_top_k_train,
-            pre_nms_top_k_test=rpn_pre_nms_top_k_test, post_nms_top_k_test=rpn_post_nms_top_k_test,
-            nms_iou=rpn_nms_iou, min_size=rpn_min_size)
-        self.roi_settings = dict(
-            batch_size=roi_batch_size, positive_fraction=roi_positive_fraction,
-            foreground_iou=roi_foreground_iou, background_iou_low=roi_background_iou_low)
-        self.box_weights = tuple(float(w) for w in box_weights)
-        self.class_agnostic = bool(class_agnostic)
-        self.score_threshold = float(score_threshold)
-        self.nms_iou = float(nms_iou)
-        self.max_detections = int(max_detections)
-        self.seed = seed
-
-        self.backbone = kd_backbones.get(backbone, **self.backbone_config)
-        if self.use_fpn:
-            self.neck = FPN(self.fpn_channels, input_levels=_FPN_LEVELS, name="fpn")
-            rpn_in = self.fpn_channels
-            pool_strides = self.anchor_strides[:4]
-        else:
-            self.neck = None
-            pool_strides = (self.backbone.strides["C4"],)
-            rpn_in = None
+                                                    tuple(a.ratios), offset=float(a.offset),
+                                                    rounded=bool(a.rounding))
         num_anchors = self.anchor_generator.num_anchors_per_location
         if len(set(num_anchors)) != 1:
             raise ValueError("Every level must have the same number of anchors per location.")
-        self.rpn_channels = int(rpn_channels or rpn_in or 512)
-        self.rpn_head = RPNHead(num_anchors[0], channels=self.rpn_channels, name="rpn")
-        self.roi_pooling = roi_pooling
-        self.roi_output_size = int(roi_output_size or (14 if box_head == "res5" else 7))
-        self.roi_sampling_ratio = int(roi_sampling_ratio)
-        self.roi_aligned = bool(roi_aligned)
-        self.roi_extractor = RoIExtractor(self.roi_output_size, strides=pool_strides,
-                                          method=roi_pooling, sampling_ratio=roi_sampling_ratio,
-                                          aligned=self.roi_aligned,
-                                          name="roi_extractor")
-        if box_head == "res5":
-            self.box_head = kd_backbones.ResNetConv5Head(
+        self.backbone = kd_backbones.get(c.backbone, **self.backbone_config)
+        self.neck = FPN(self.fpn_channels, input_levels=_FPN_LEVELS, name="fpn") if c.fpn else None
+        width = self.rpn_config.channels or (self.fpn_channels if c.fpn else 512)
+        self.rpn_head = RPNHead(num_anchors[0], channels=int(width), name="rpn")
+        return dict(proposal_source=RPN(self.rpn_head, self.anchor_generator, self.rpn_config),
+                    box_stages=self.build_box_stages())
+
+    @property
+    def rpn_channels(self):
+        return self.rpn_head.channels
+
+    @property
+    def roi_strides(self):
+        """Strides of the RoI feature maps `features` returns."""
+        return self.anchor_strides[:4] if self.use_fpn else (self.backbone.strides["C4"],)
+
+    @property
+    def roi_output_size(self):
+        return int(self.roi_config.output_size or (14 if self.box_head_kind == "res5" else 7))
+
+    def build_roi_extractor(self):
+        r = self.roi_config
+        return RoIExtractor(self.roi_output_size, strides=self.roi_strides, method=r.pooling,
+                            sampling_ratio=r.sampling_ratio, aligned=r.aligned,
+                            gamma=self.deform_config.gamma, name="roi_extractor")
+
+    def build_box_head(self, name="box_head"):
+        if self.box_head_kind == "res5":
+            return kd_backbones.ResNetConv5Head(
                 frozen_bn=self.backbone_config.get("frozen_bn", True),
                 input_channels=self.backbone.output["C4"].shape[-1], global_pool=True,
                 name="res5_head")
-        else:
-            self.box_head = TwoFCHead(self.fc_dim, name="box_head")
-        self.box_predictor = BoxPredictor(num_classes, class_agnostic=self.class_agnostic,
-                                          name="box_predictor")
-        self.sampling_seed = keras.random.SeedGenerator(seed, name="sampling_seed")
+        return TwoFCHead(int(self.faster_rcnn_config.fc_dim), name=name)
 
-    # -- building blocks ------------------------------------------------------------------------
+    def build_box_stages(self):
+        """One stage: RoI extractor, box head, box predictor."""
+        self.roi_extractor = self.build_roi_extractor()
+        self.box_head = self.build_box_head()
+        self.box_predictor = BoxPredictor(self.num_classes,
+                                          class_agnostic=self.output_config.class_agnostic,
+                                          name="box_predictor")
+        head = roi_wise(self.box_head) if self.box_head_kind == "res5" else self.box_head
+        return [BoxStage(self.roi_extractor, self.box_predictor, head,
+                         self.output_config.box_weights, self.roi_config.foreground_iou)]
+
+    # -- what the parts run on, and the pieces tests and converters call -------------------------
     def features(self, images, training=False):
         """(RPN feature maps, RoI-pooling feature maps), shallowest first."""
         outputs = self.backbone(images, training=training)
@@ -149,121 +154,12 @@ class FasterRCNN(Detector):
         return [outputs["C4"]], [outputs["C4"]]
 
     def rpn(self, rpn_features):
-        logits, deltas = self.rpn_head(rpn_features)
-        anchors = self.anchor_generator([tf.shape(f)[1:3] for f in rpn_features])
-        return logits, deltas, anchors
+        """(objectness logits, deltas, anchors), one entry per level."""
+        return self.proposal_source.outputs(rpn_features)
 
     def proposals(self, logits, deltas, anchors, image_shapes, training):
-        s = self.rpn_settings
-        pre = s["pre_nms_top_k_train"] if training else s["pre_nms_top_k_test"]
-        post = s["post_nms_top_k_train"] if training else s["post_nms_top_k_test"]
-        return generate_proposals(logits, deltas, anchors, image_shapes, pre, post,
-                                  nms_iou=s["nms_iou"], min_size=s["min_size"])
+        return self.proposal_source.proposals(logits, deltas, anchors, image_shapes, training)
 
     def box_branch(self, roi_features, rois, training=False):
-        pooled = self.roi_extractor(roi_features, rois)
-        if self.box_head_kind == "res5":
-            shape = tf.shape(pooled)
-            flat = tf.reshape(pooled, [-1, self.roi_output_size, self.roi_output_size,
-                                       pooled.shape[-1]])
-            hidden = self.box_head(flat, training=training)
-            hidden = tf.reshape(hidden, [shape[0], shape[1], hidden.shape[-1]])
-        else:
-            hidden = self.box_head(pooled)
-        return self.box_predictor(hidden)
-
-    # -- the two halves of a two-stage detector, shared by its subclasses ------------------------
-    def first_stage(self, batch, training):
-        """Everything up to the proposals in training: returns a context dict with `batch`,
-        `images`, `image_shapes`, `gt_boxes`, `gt_labels` (padded, label -1), `gt_crowd` (the
-        ``iscrowd`` flags the samplers ignore regions by), `roi_features`,
-        `proposals`, `proposal_valid`, and `losses` holding the RPN losses."""
-        images = tf.cast(batch["images"], self.compute_dtype)
-        image_shapes = batch_image_shapes(batch, images)
-        gt_boxes, gt_labels = ground_truth(batch)
-        gt_crowd = ground_truth_crowd(batch)
-        rpn_features, roi_features = self.features(images, training=training)
-        logits, deltas, anchors = self.rpn(rpn_features)
-        s = self.rpn_settings
-        labels, targets = rpn_targets(
-            tf.concat(anchors, 0), gt_boxes, gt_labels, image_shapes,
-            positive_iou=s["positive_iou"], negative_iou=s["negative_iou"],
-            num_samples=s["batch_size"], positive_fraction=s["positive_fraction"],
-            seed=self.sampling_seed, gt_crowd=gt_crowd)
-        losses = rpn_losses(tf.concat(logits, 1), tf.concat(deltas, 1), labels, targets)
-        proposals, _, valid = self.proposals(logits, deltas, anchors, image_shapes, training)
-        return dict(batch=batch, images=images, image_shapes=image_shapes, gt_boxes=gt_boxes,
-                    gt_labels=gt_labels, gt_crowd=gt_crowd, roi_features=roi_features,
-                    proposals=proposals, proposal_valid=valid, losses=losses)
-
-    def sample_training_rois(self, context, foreground_iou=None):
-        """The second stage's training RoIs (sample_rois on the context's proposals)."""
-        r = self.roi_settings
-        return sample_rois(context["proposals"], context["proposal_valid"], context["gt_boxes"],
-                           context["gt_labels"], num_samples=r["batch_size"],
-                           positive_fraction=r["positive_fraction"],
-                           foreground_iou=foreground_iou or r["foreground_iou"],
-                           background_iou_low=r["background_iou_low"], seed=self.sampling_seed,
-                           gt_crowd=context.get("gt_crowd"))
-
-    def second_stage_losses(self, context, training):
-        """Losses of everything after the proposals; subclasses extend or replace this."""
-        sampled = self.sample_training_rois(context)
-        context["sampled"] = sampled
-        cls_logits, box_deltas = self.box_branch(context["roi_features"], sampled["rois"],
-                                                 training=training)
-        cls_loss, box_loss = box_head_losses(cls_logits, box_deltas, sampled,
-                                             weights=self.box_weights)
-        return {"roi_cls": cls_loss, "roi_box": box_loss}
-
-    def first_stage_inference(self, images, image_shapes, training=False):
-        """(roi_features, proposals, proposal_valid) at test time."""
-        rpn_features, roi_features = self.features(images, training=training)
-        logits, deltas, anchors = self.rpn(rpn_features)
-        proposals, _, valid = self.proposals(logits, deltas, anchors, image_shapes, False)
-        return roi_features, proposals, valid
-
-    def detect_boxes(self, roi_features, proposals, valid, image_shapes, training=False):
-        """The box branch on the proposals, decoded and NMSed: the predict dict."""
-        cls_logits, box_deltas = self.box_branch(roi_features, proposals, training=training)
-        return decode_detections(
-            tf.nn.softmax(tf.cast(cls_logits, tf.float32)), tf.cast(box_deltas, tf.float32),
-            proposals, valid, image_shapes, weights=self.box_weights,
-            score_threshold=self.score_threshold, nms_iou=self.nms_iou,
-            max_detections=self.max_detections)
-
-    # -- Detector interface ---------------------------------------------------------------------
-    def compute_detection_losses(self, batch, training):
-        context = self.first_stage(batch, training)
-        losses = context["losses"]
-        losses.update(self.second_stage_losses(context, training))
-        return losses
-
-    def detect(self, images, image_shapes, training=False):
-        roi_features, proposals, valid = self.first_stage_inference(images, image_shapes,
-                                                                    training)
-        return self.detect_boxes(roi_features, proposals, valid, image_shapes, training)
-
-    def get_config(self):
-        config = super().get_config()
-        s, r = self.rpn_settings, self.roi_settings
-        config.update(
-            backbone=self.backbone_name, backbone_config=self.backbone_config, fpn=self.use_fpn,
-            fpn_channels=self.fpn_channels, box_head=self.box_head_kind, fc_dim=self.fc_dim,
-            anchor_sizes=[list(x) for x in self.anchor_sizes], anchor_ratios=list(self.anchor_ratios),
-            anchor_strides=list(self.anchor_strides), anchor_offset=self.anchor_offset,
-            anchor_rounding=self.anchor_rounding, rpn_channels=self.rpn_channels,
-            rpn_positive_iou=s["positive_iou"], rpn_negative_iou=s["negative_iou"],
-            rpn_batch_size=s["batch_size"], rpn_positive_fraction=s["positive_fraction"],
-            rpn_pre_nms_top_k_train=s["pre_nms_top_k_train"],
-            rpn_post_nms_top_k_train=s["post_nms_top_k_train"],
-            rpn_pre_nms_top_k_test=s["pre_nms_top_k_test"],
-            rpn_post_nms_top_k_test=s["post_nms_top_k_test"], rpn_nms_iou=s["nms_iou"],
-            rpn_min_size=s["min_size"], roi_batch_size=r["batch_size"],
-            roi_positive_fraction=r["positive_fraction"], roi_foreground_iou=r["foreground_iou"],
-            roi_background_iou_low=r["background_iou_low"], roi_pooling=self.roi_pooling,
-            roi_output_size=self.roi_output_size, roi_sampling_ratio=self.roi_sampling_ratio,
-            roi_aligned=self.roi_aligned, box_weights=list(self.box_weights), class_agnostic=self.class_agnostic,
-            score_threshold=self.score_threshold, nms_iou=self.nms_iou,
-            max_detections=self.max_detections, seed=self.seed)
-        return config
+        """The first box stage on [B, R, 4] RoIs: (class logits, box deltas)."""
+        return self.box_stages[0](roi_features, rois, training)
