@@ -25,11 +25,13 @@ def test_train_step_handles_a_batch_without_objects():
 
 
 def test_c4_model_with_res5_head_runs():
-    model = FasterRCNN(2, backbone="tiny", fpn=False, box_head="2fc", fc_dim=64,
+    model = FasterRCNN(2, backbone="tiny", fpn=False, box_head="res5",
                        anchor_sizes=((32, 64, 128),), rpn_pre_nms_top_k_test=50,
                        rpn_post_nms_top_k_test=20)
     out = model.predict_on_batch(np.zeros([1, 64, 64, 3], np.float32))
     assert out["scores"].shape == (1, 100)
+    # The conv5 stage on 14 x 14 RoIs, as the C4 layout of the paper's ResNet variant.
+    assert model.box_head.name == "res5_head" and model.roi_output_size == 14
 
 
 def test_config_round_trip_rebuilds_the_same_model():
