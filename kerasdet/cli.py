@@ -145,6 +145,10 @@ def build_parser():
     train.add_argument("--no-pretrained", action="store_true",
                        help="start from a random backbone even when the zoo entry names a pretrained one "
                             "(by default such entries start from it, and training stops if it is unavailable)")
+    train.add_argument("--alternating", action="store_true",
+                       help="the Faster R-CNN paper's 4-step alternating training (RPN; detector on its "
+                            "proposals; RPN on the frozen shared convs; detector head), each step the "
+                            "recipe's epochs; writes OUT/step1..4.weights.h5")
     _add_input_args(train)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -254,7 +258,8 @@ def _run_train(args):
     if run["stopped_on_nan"]:
         print(run["message"], file=sys.stderr)
         return 3
-    print(f"results in {os.path.abspath(args.out)} (metrics.json, model.weights.h5, checkpoints/)")
+    files = "step1..4.weights.h5, step1..4/checkpoints/" if args.alternating else "checkpoints/"
+    print(f"results in {os.path.abspath(args.out)} (metrics.json, model.weights.h5, {files})")
     return 0
 
 

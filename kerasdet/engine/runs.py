@@ -15,6 +15,7 @@ import sys
 
 from kerasdet.data.data_spec import align_classes, parse_data_spec, read_class_names
 from kerasdet.engine import anchor_fit
+from kerasdet.engine.alternating import train_alternating
 from kerasdet.engine.inference import evaluate_detector, expand_image_paths, predict_images
 from kerasdet.engine.loop import make_pipeline, train_model
 from kerasdet.engine.model_spec import (DEFAULT_INPUT, class_names_of, describe_input, entry_recipe,
@@ -55,6 +56,7 @@ class TrainingOptions:
     max_size: int = None
     image_size: list = None          # [H, W], instead of min_size / max_size
     anchor_sizes: list = None        # ["auto"] or one token per level ("16", "32,64")
+    alternating: bool = False        # the Faster R-CNN paper's 4-step training (engine.alternating)
     seed: int = 0
     quiet: bool = False              # no progress bars
 
@@ -217,11 +219,21 @@ def train(options):
                    "weights": options.weights, "backbone_weights": backbone_weights,
                    "training_from_scratch": scratch_note, "model_overrides": overrides,
                    "input": settings, "class_names": list(data.class_names),
-                   "class_source": data.class_source, "anchor_fit": fit}, handle, indent=2)
+                   "class_source": data.class_source, "anchor_fit": fit,
+                   "alternating": options.alternating}, handle, indent=2)
     if options.steps_per_epoch is not None:
         train_ds = train_ds.repeat()
-    run = train_model(model, train_ds, options.out, recipe, steps_per_epoch=options.steps_per_epoch,
-                      resume=options.resume, verbose=0 if options.quiet else 1)
+    if options.alternating:
+        # Step 1's separate network: the same configuration, its own fresh backbone.
+        first = resolve_model(options.model, weights=options.weights, num_classes=num_classes,
+                              pretrained_backbone=pretrained, **overrides)
+        give_data_to(first, data.class_names, settings)
+        run = train_alternating(first, model, train_ds, options.out, recipe,
+                                steps_per_epoch=options.steps_per_epoch, resume=options.resume,
+                                verbose=0 if options.quiet else 1, say=_say)
+    else:
+        run = train_model(model, train_ds, options.out, recipe, steps_per_epoch=options.steps_per_epoch,
+                          resume=options.resume, verbose=0 if options.quiet else 1)
     if run["stopped_on_nan"]:
         return {"stopped_on_nan": True, "message": run["message"], "metrics": None}
     metrics = evaluate_detector(model, val_ds, data.class_names, options.out, records=data.val,
