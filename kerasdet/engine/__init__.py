@@ -11,8 +11,8 @@ export`, train/*.py and the demo call.
 Module map: recipe (TrainingRecipe, adapt_recipe, WarmupStepSchedule, make_optimizer), callbacks (NaN
 guard, checkpoints of good epochs, resume state), loop (make_pipeline, train_model), inference
 (evaluate_detector, predict_images), model_spec (what a MODEL argument names: resolve_model, input
-settings, from-scratch backbone settings), anchor_fit (anchors against a data set's boxes), runs (the
-command-line runs and their run.json).
+settings, from-scratch backbone settings), anchor_fit (anchors against a data set's boxes), alternating
+(Faster R-CNN's 4-step alternating training), runs (the command-line runs and their run.json).
 """
 from kerasdet.engine import runs
 from kerasdet.engine.callbacks import EpochCheckpoint, GuardedBackupAndRestore, StopOnNaN
