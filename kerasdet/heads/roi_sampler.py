@@ -9,7 +9,7 @@ import tensorflow as tf
 from kerasdet import ops
 from kerasdet.heads.part_config import part_config
 
-__all__ = ["RoIConfig", "sample_rois"]
+__all__ = ["RoIConfig", "sample_rois", "label_rois"]
 
 
 @part_config("roi_")
@@ -18,7 +18,14 @@ class RoIConfig:
     them foreground at IoU >= foreground_iou, background in [background_iou_low,
     foreground_iou)) and RoI pooling: the `pooling` method of kerasdet.heads.roi_extractor,
     output_size (None: the box head's), sampling_ratio (0 = adaptive) and `aligned` (RoIAlign's
-    half-pixel shift, True as Detectron2; torchvision's checkpoints use False)."""
+    half-pixel shift, True as Detectron2; torchvision's checkpoints use False).
+
+    ohem: online hard example mining (Shrivastava et al. 2016; R-FCN section 3) instead of the
+    sampling: every proposal (and ground-truth box) is labelled, the first box stage computes each
+    RoI's loss without gradient, and the batch_size RoIs of highest loss per image are the ones
+    the loss is taken on (no foreground fraction). ohem_nms_iou: None selects by loss alone, as
+    the R-FCN reference code; 0.7 first suppresses RoIs overlapping a harder one by more than it,
+    as the OHEM paper (kerasdet.heads.box_stage.select_hard_examples)."""
     batch_size: int = 512
     positive_fraction: float = 0.25
     foreground_iou: float = 0.5
@@ -27,6 +34,8 @@ class RoIConfig:
     output_size: int = None
     sampling_ratio: int = 0
     aligned: bool = True
+    ohem: bool = False
+    ohem_nms_iou: float = None
 
     def sample(self, proposals, proposal_valid, gt_boxes, gt_labels, seed, gt_crowd=None,
                foreground_iou=None):
@@ -36,6 +45,13 @@ class RoIConfig:
                            foreground_iou=foreground_iou or self.foreground_iou,
                            background_iou_low=self.background_iou_low, seed=seed,
                            gt_crowd=gt_crowd)
+
+    def label(self, proposals, proposal_valid, gt_boxes, gt_labels, gt_crowd=None,
+              foreground_iou=None):
+        """`label_rois` with these settings: every RoI labelled, none sampled (OHEM's input)."""
+        return label_rois(proposals, proposal_valid, gt_boxes, gt_labels,
+                          foreground_iou=foreground_iou or self.foreground_iou,
+                          background_iou_low=self.background_iou_low, gt_crowd=gt_crowd)
 
     @property
     def max_positives(self):
@@ -65,13 +81,9 @@ def sample_rois(proposals, proposal_valid, gt_boxes, gt_labels, num_samples=512,
         iou [B, S] (the RoI's best IoU, for Cascade R-CNN statistics and the integral loss).
     """
     gt_labels = tf.cast(gt_labels, tf.int32)
-    if add_ground_truth:
-        gt_valid, _ = ops.split_crowd(gt_labels, gt_crowd)
-        proposals = tf.concat([proposals, tf.cast(gt_boxes, proposals.dtype)], axis=1)
-        proposal_valid = tf.concat([proposal_valid, gt_valid], axis=1)
-    labeled = ops.label_boxes(proposals, gt_boxes, gt_labels, foreground_iou, foreground_iou,
-                              background_iou_low, box_valid=proposal_valid, gt_crowd=gt_crowd,
-                              crowd_ioa_threshold=crowd_ioa_threshold)
+    proposals, labeled = _label(proposals, proposal_valid, gt_boxes, gt_labels, foreground_iou,
+                                background_iou_low, add_ground_truth, gt_crowd,
+                                crowd_ioa_threshold)
     indices, valid = ops.sample_balanced_indices(labeled.match_labels, num_samples,
                                                  positive_fraction, seed=seed)
     rois = tf.gather(proposals, indices, batch_dims=1)
@@ -82,4 +94,34 @@ def sample_rois(proposals, proposal_valid, gt_boxes, gt_labels, num_samples=512,
         "matched_boxes": ops.gather_by_match(gt_boxes, matched_index),
         "matched_index": matched_index,
         "iou": tf.gather(labeled.iou, indices, batch_dims=1),
+    }
+
+
+def _label(proposals, proposal_valid, gt_boxes, gt_labels, foreground_iou, background_iou_low,
+           add_ground_truth, gt_crowd, crowd_ioa_threshold):
+    """(the RoIs: proposals [+ ground truth], their `ops.label_boxes` labels)."""
+    if add_ground_truth:
+        gt_valid, _ = ops.split_crowd(gt_labels, gt_crowd)
+        proposals = tf.concat([proposals, tf.cast(gt_boxes, proposals.dtype)], axis=1)
+        proposal_valid = tf.concat([proposal_valid, gt_valid], axis=1)
+    labeled = ops.label_boxes(proposals, gt_boxes, gt_labels, foreground_iou, foreground_iou,
+                              background_iou_low, box_valid=proposal_valid, gt_crowd=gt_crowd,
+                              crowd_ioa_threshold=crowd_ioa_threshold)
+    return proposals, labeled
+
+
+def label_rois(proposals, proposal_valid, gt_boxes, gt_labels, foreground_iou=0.5,
+               background_iou_low=0.0, add_ground_truth=True, gt_crowd=None,
+               crowd_ioa_threshold=ops.CROWD_IOA_THRESHOLD):
+    """Every proposal (plus the ground truth) labelled by the rule of `sample_rois`, none sampled:
+    the same dict with S = P (+ N); padding, crowd-ignored and between-band RoIs have label -1."""
+    gt_labels = tf.cast(gt_labels, tf.int32)
+    rois, labeled = _label(proposals, proposal_valid, gt_boxes, gt_labels, foreground_iou,
+                           background_iou_low, add_ground_truth, gt_crowd, crowd_ioa_threshold)
+    return {
+        "rois": tf.stop_gradient(rois),
+        "labels": labeled.classes,
+        "matched_boxes": ops.gather_by_match(gt_boxes, labeled.matched_index),
+        "matched_index": labeled.matched_index,
+        "iou": labeled.iou,
     }

@@ -31,7 +31,11 @@ class AnchorConfig:
 @part_config("rpn_")
 class RPNConfig:
     """Training and test settings of the RPN (Faster R-CNN section 3.1.3, FPN section 5.1).
-    channels: width of the 3x3 conv (None: the feature maps' width, 512 on a single map)."""
+    channels: width of the 3x3 conv (None: the feature maps' width, 512 on a single map).
+    ignore_cross_boundary: training ignores (label -1) the anchors that cross the image border,
+    as the Faster R-CNN paper does (section 3.3: about 6000 of 20000 anchors of a 1000 x 600
+    image remain); off by default, as Detectron / torchvision, whose checkpoints kerasdet takes.
+    Proposals are clipped to the image either way."""
     channels: int = None
     positive_iou: float = 0.7
     negative_iou: float = 0.3
@@ -43,6 +47,7 @@ class RPNConfig:
     post_nms_top_k_test: int = 1000
     nms_iou: float = 0.7
     min_size: float = 0.0
+    ignore_cross_boundary: bool = False
 
 
 class RPN:
@@ -80,7 +85,8 @@ class RPN:
         labels, targets = rpn_targets(
             tf.concat(anchors, 0), context["gt_boxes"], context["gt_labels"],
             context["image_shapes"], positive_iou=c.positive_iou, negative_iou=c.negative_iou,
-            num_samples=c.batch_size, positive_fraction=c.positive_fraction, seed=seed,
+            num_samples=c.batch_size, positive_fraction=c.positive_fraction,
+            ignore_cross_boundary=bool(c.ignore_cross_boundary), seed=seed,
             gt_crowd=context["gt_crowd"])
         losses = rpn_losses(tf.concat(logits, 1), tf.concat(deltas, 1), labels, targets)
         proposals, _, valid = self.proposals(logits, deltas, anchors, context["image_shapes"],

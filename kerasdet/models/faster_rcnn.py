@@ -27,12 +27,16 @@ _FPN_LEVELS = ("C2", "C3", "C4", "C5")
 @part_config(attribute="faster_rcnn_config")
 class FasterRCNNConfig:
     """backbone: registered name (kerasdet.backbones.list()), backbone_config its kwargs.
-    fpn: True for FPN (P2..P6 RPN, P2..P5 RoI pooling); False for the single C4 map at stride 16.
-    box_head: "2fc" (FPN's head, `fc_dim` units) or "res5" (the ResNet conv5 stage on 14x14
-    pooled RoIs, then average pooling: the C4 model of the paper's ResNet variant)."""
+    fpn: True for FPN (P2..P6 RPN, P2..P5 RoI pooling); False for a single map: `feature`.
+    feature: the backbone output the single-map layout runs the RPN and pools RoIs on ("C4" of a
+    ResNet at stride 16; the paper's "conv5_3" of VGG-16 and "conv5" of ZF); unused with FPN.
+    box_head: "2fc" (FPN's head, `fc_dim` units; fc6 / fc7 with 4096 as VGG-16's and ZF's) or
+    "res5" (the ResNet conv5 stage on 14x14 pooled RoIs, then average pooling: the C4 model of
+    the paper's ResNet variant)."""
     backbone: str = "resnet50"
     backbone_config: dict = None
     fpn: bool = True
+    feature: str = "C4"
     fpn_channels: int = 256
     box_head: str = "2fc"
     fc_dim: int = 1024
@@ -49,7 +53,8 @@ class FasterRCNN(TwoStageDetector):
     """Faster R-CNN.
 
     Arguments: `num_classes` (K; background is added internally), `seed`, and the flat settings of
-    its parts: FasterRCNNConfig (backbone, backbone_config, fpn, fpn_channels, box_head, fc_dim),
+    its parts: FasterRCNNConfig (backbone, backbone_config, fpn, feature, fpn_channels, box_head,
+    fc_dim),
     AnchorConfig (anchor_sizes / anchor_ratios / anchor_strides / anchor_offset /
     anchor_rounding; defaults FPN 32..512 on strides 4..64, C4 128/256/512 at stride 16), RPNConfig
     (rpn_*), RoIConfig (roi_*: sampling and pooling, any pooler of kerasdet.heads.roi_extractor),
@@ -72,6 +77,11 @@ class FasterRCNN(TwoStageDetector):
     @property
     def fpn_channels(self):
         return int(self.faster_rcnn_config.fpn_channels)
+
+    @property
+    def feature(self):
+        """The single map's backbone output (FasterRCNNConfig.feature)."""
+        return self.faster_rcnn_config.feature
 
     @property
     def backbone_config(self):
@@ -99,6 +109,9 @@ class FasterRCNN(TwoStageDetector):
         if len(set(num_anchors)) != 1:
             raise ValueError("Every level must have the same number of anchors per location.")
         self.backbone = kd_backbones.get(c.backbone, **self.backbone_config)
+        if not c.fpn and c.feature not in self.backbone.strides:
+            raise ValueError(f"Backbone {c.backbone!r} has no feature map {c.feature!r}; it has "
+                             f"{list(self.backbone.strides)}.")
         self.neck = FPN(self.fpn_channels, input_levels=_FPN_LEVELS, name="fpn") if c.fpn else None
         width = self.rpn_config.channels or (self.fpn_channels if c.fpn else 512)
         self.rpn_head = RPNHead(num_anchors[0], channels=int(width), name="rpn")
@@ -112,7 +125,7 @@ class FasterRCNN(TwoStageDetector):
     @property
     def roi_strides(self):
         """Strides of the RoI feature maps `features` returns."""
-        return self.anchor_strides[:4] if self.use_fpn else (self.backbone.strides["C4"],)
+        return self.anchor_strides[:4] if self.use_fpn else (self.backbone.strides[self.feature],)
 
     @property
     def roi_output_size(self):
@@ -128,7 +141,7 @@ class FasterRCNN(TwoStageDetector):
         if self.box_head_kind == "res5":
             return kd_backbones.ResNetConv5Head(
                 frozen_bn=self.backbone_config.get("frozen_bn", True),
-                input_channels=self.backbone.output["C4"].shape[-1], global_pool=True,
+                input_channels=self.backbone.output[self.feature].shape[-1], global_pool=True,
                 name="res5_head")
         return TwoFCHead(int(self.faster_rcnn_config.fc_dim), name=name)
 
@@ -151,7 +164,7 @@ class FasterRCNN(TwoStageDetector):
             pyramid = self.neck({k: outputs[k] for k in _FPN_LEVELS})
             levels = [pyramid[f"P{k}"] for k in range(2, 7)]
             return levels, levels[:4]
-        return [outputs["C4"]], [outputs["C4"]]
+        return [outputs[self.feature]], [outputs[self.feature]]
 
     def rpn(self, rpn_features):
         """(objectness logits, deltas, anchors), one entry per level."""

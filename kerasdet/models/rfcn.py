@@ -11,9 +11,10 @@ Parts (kerasdet.models.two_stage): FasterRCNN's trunk and RPN, and one box stage
 the PS head's score maps and PS-RoI pooling and whose predictor is its voting. Training is the
 approximate joint training of Faster R-CNN (one backward pass through the RPN and the head,
 proposals constant); losses are the RPN losses and Fast R-CNN's
-multi-task loss (`box_head_losses`) on the class-agnostic deltas. Online hard example mining
-(the paper's OHEM) is NOT implemented: RoIs are sampled as in Faster R-CNN (`roi_batch_size`
-RoIs per image, 25 % foreground), with the paper's B = 128 as the default batch.
+multi-task loss (`box_head_losses`) on the class-agnostic deltas. RoIs are sampled as in Faster
+R-CNN (`roi_batch_size` RoIs per image, 25 % foreground) with the paper's B = 128 as the default
+batch, or with `roi_ohem=True` by the paper's online hard example mining: the B RoIs of highest
+loss among all N proposals (N = `rpn_post_nms_top_k_train`: 300, or 2000 as in its timing comparison).
 
 Backbones: "resnet101_dilated" / "resnet50_dilated" (kerasdet.backbones.resnet_dcn) are the
 paper's trunk (res5 with stride 16 and dilation 2). For tests, "tiny_dcn" with
@@ -72,7 +73,8 @@ class RFCN(FasterRCNN):
     settings = FasterRCNN.settings + (RFCNConfig,)
     setting_defaults = {"backbone": "resnet101_dilated", "fpn": False, "roi_batch_size": 128,
                         "rpn_post_nms_top_k_train": 300, "rpn_post_nms_top_k_test": 300}
-    excluded_settings = ("box_head", "fc_dim", "class_agnostic", "roi_pooling", "roi_output_size")
+    excluded_settings = ("box_head", "fc_dim", "class_agnostic", "roi_pooling", "roi_output_size",
+                         "feature")
 
     def build_parts(self):
         c = self.rfcn_config

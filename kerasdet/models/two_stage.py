@@ -117,11 +117,18 @@ class TwoStageDetector(Detector):
 
     def sample_training_rois(self, context, foreground_iou=None):
         """The first stage's training RoIs (`RoIConfig.sample` on the context's proposals,
-        foreground at the first stage's IoU)."""
-        return self.roi_config.sample(context["proposals"], context["proposal_valid"],
-                                      context["gt_boxes"], context["gt_labels"],
-                                      self.sampling_seed, context.get("gt_crowd"),
-                                      foreground_iou or self.box_stages[0].foreground_iou)
+        foreground at the first stage's IoU); with `roi_ohem`, the first stage's hardest
+        `roi_batch_size` of all the labelled proposals (`BoxStage.hard_examples`)."""
+        r, stage = self.roi_config, self.box_stages[0]
+        iou = foreground_iou or stage.foreground_iou
+        if r.ohem:
+            labelled = r.label(context["proposals"], context["proposal_valid"],
+                               context["gt_boxes"], context["gt_labels"],
+                               context.get("gt_crowd"), iou)
+            return stage.hard_examples(context["roi_features"], labelled, r.batch_size,
+                                       r.ohem_nms_iou)
+        return r.sample(context["proposals"], context["proposal_valid"], context["gt_boxes"],
+                        context["gt_labels"], self.sampling_seed, context.get("gt_crowd"), iou)
 
     def stage_targets(self, roi_features, sampled, gt_boxes, gt_labels, image_shapes,
                       gt_crowd=None, training=False):
