@@ -14,7 +14,8 @@ proposals constant); losses are the RPN losses and Fast R-CNN's
 multi-task loss (`box_head_losses`) on the class-agnostic deltas. RoIs are sampled as in Faster
 R-CNN (`roi_batch_size` RoIs per image, 25 % foreground) with the paper's B = 128 as the default
 batch, or with `roi_ohem=True` by the paper's online hard example mining: the B RoIs of highest
-loss among all N proposals (N = `rpn_post_nms_top_k_train`: 300, or 2000 as in its timing comparison).
+loss among all N proposals (N = `rpn_post_nms_top_k_train`: 300, or 2000 as in its timing
+comparison).
 
 Backbones: "resnet101_dilated" / "resnet50_dilated" (kerasdet.backbones.resnet_dcn) are the
 paper's trunk (res5 with stride 16 and dilation 2). For tests, "tiny_dcn" with
