@@ -12,6 +12,7 @@ gives each stage some perfect positives even while the previous regressor is sti
 import tensorflow as tf
 
 from kerasdet import ops
+from kerasdet.heads.roi_sampler import label_rois
 
 __all__ = [
     "scale_gradient",
@@ -72,21 +73,10 @@ def relabel_rois(rois, roi_valid, gt_boxes, gt_labels, iou_threshold, add_ground
     if rois.shape.rank is not None and rois.shape.rank != 3:
         raise ValueError(f"`rois` must have shape [B, R, 4], got {rois.shape}.")
     gt_boxes = tf.cast(gt_boxes, tf.float32)
-    gt_labels = tf.cast(gt_labels, tf.int32)
-    roi_valid = tf.cast(roi_valid, tf.bool)
-    if add_ground_truth:
-        gt_valid, _ = ops.split_crowd(gt_labels, gt_crowd)
-        rois = tf.concat([rois, gt_boxes], axis=1)
-        roi_valid = tf.concat([roi_valid, gt_valid], axis=1)
-    labeled = ops.label_boxes(rois, gt_boxes, gt_labels, iou_threshold, box_valid=roi_valid,
-                              gt_crowd=gt_crowd, crowd_ioa_threshold=crowd_ioa_threshold)
-    return {
-        "rois": tf.stop_gradient(rois),
-        "labels": labeled.classes,
-        "matched_boxes": ops.gather_by_match(gt_boxes, labeled.matched_index),
-        "matched_index": labeled.matched_index,
-        "iou": labeled.iou,
-    }
+    # Sampling's labelling with one band: foreground at u_t, background below it without a bound.
+    return label_rois(rois, tf.cast(roi_valid, tf.bool), gt_boxes, gt_labels, foreground_iou=iou_threshold,
+                      background_iou_low=0.0, add_ground_truth=add_ground_truth, gt_crowd=gt_crowd,
+                      crowd_ioa_threshold=crowd_ioa_threshold)
 
 
 def refine_boxes(deltas, rois, image_shapes, weights):
