@@ -98,7 +98,7 @@ def _res5_weight_shapes(input_channels):
     return shapes
 
 
-def test_c4_model_with_res5_head_runs():
+def test_c4_res5_head_is_the_torchvision_layer4_stage():
     """The C4 model named by its head: box_head="res5" builds the conv5 stage, run per RoI."""
     channels = (8, 16, 32, 48, 64)
     model = FasterRCNN(2, backbone="tiny", backbone_config=dict(channels=channels), fpn=False,
