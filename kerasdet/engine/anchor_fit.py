@@ -23,11 +23,11 @@ AUTO_QUANTILES = (0.05, 0.95)
 def anchor_layout(model):
     """(sizes per level, ratios per level, RPN positive IoU) of an anchor-based model, or None."""
     generator = getattr(model, "anchor_generator", None)
-    rpn = getattr(model, "rpn_settings", None)
+    rpn = getattr(model, "rpn_config", None)  # kerasdet.heads.rpn's RPNConfig
     if generator is None or rpn is None:
         return None
     return ([list(s) for s in generator.sizes], [list(r) for r in generator.aspect_ratios],
-            float(rpn["positive_iou"]))
+            float(rpn.positive_iou))
 
 
 def training_box_sizes(dataset, input_settings):
