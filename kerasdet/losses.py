@@ -93,7 +93,26 @@ def weighted_normalized_sum(values, weights=None, normalizer=None):
     total = tf.reduce_sum(weights * values)
     if normalizer is None:
         normalizer = tf.reduce_sum(weights)
-    return tf.math.divide_no_nan(total, tf.cast(normalizer, values.dtype))
+    normalizer = replica_mean_normalizer(tf.cast(normalizer, values.dtype))
+    return tf.math.divide_no_nan(total, normalizer)
+
+
+def replica_mean_normalizer(normalizer):
+    """The normalizer of a loss computed on one replica's share of a global batch.
+
+    Under a tf.distribute strategy with N replicas every replica sees 1/N of the batch, and its
+    count (sampled anchors, positives, ...) differs from the others'. Dividing the local sum by the
+    *global* count divided by N makes the replicas' losses average to exactly the one-device loss of
+    the whole batch; `Detector.train_step` then divides by N before the optimizer's SUM all-reduce,
+    so the update equals the one-device update. Outside a strategy (or with one replica) the count
+    is returned unchanged.
+    """
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return normalizer
+    normalizer = tf.stop_gradient(normalizer)
+    total = context.all_reduce(tf.distribute.ReduceOp.SUM, normalizer)
+    return total / tf.cast(context.num_replicas_in_sync, normalizer.dtype)
 
 
 def smooth_l1(x, beta=1.0):

@@ -48,6 +48,14 @@ def ground_truth_crowd(batch):
     return tf.concat([crowd, tf.zeros([tf.shape(crowd)[0], 1], tf.bool)], axis=1)
 
 
+def replicas_in_sync():
+    """How many replicas share the current step (1 outside a tf.distribute strategy)."""
+    context = tf.distribute.get_replica_context()
+    if context is None:  # cross-replica context: the strategy's own count
+        return tf.distribute.get_strategy().num_replicas_in_sync
+    return context.num_replicas_in_sync
+
+
 class Detector(keras.Model):
     """Base class: Keras plumbing around `compute_detection_losses` and `detect`."""
 
@@ -88,7 +96,10 @@ class Detector(keras.Model):
         if len(shape) != 4:
             shape = (1, None, None, 3)
         height, width = shape[1] or 64, shape[2] or 64
-        self.call(tf.zeros([1, height, width, 3], self.compute_dtype), training=False)
+        # The weights belong to the strategy the model was made under, even when fit() (which
+        # builds first) is called outside its scope.
+        with self.distribute_strategy.scope():
+            self.call(tf.zeros([1, height, width, 3], self.compute_dtype), training=False)
         self.built = True
 
     def fit(self, *args, **kwargs):
@@ -100,6 +111,17 @@ class Detector(keras.Model):
             kwargs.setdefault("shuffle", False)
         return super().fit(*args, **kwargs)
 
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        # Keras' version learns the input shapes under a strategy by averaging one whole batch over
+        # the replicas (distribute_strategy.reduce("MEAN", batch)), which fails on the batch's bool
+        # entries (`difficult`, `iscrowd`: no AddN for bool) and copies every image for nothing. A
+        # detector builds its weights from a blank image (`build`), and the optimizer's slots only
+        # need the weights, so both are made here, in the strategy's scope.
+        with self.distribute_strategy.scope():
+            self.build()
+            if self.optimizer is not None and not self.optimizer.built:
+                self.optimizer.build(self.trainable_variables)
+
     @property
     def metrics(self):
         return list(self._trackers.values())
@@ -110,7 +132,6 @@ class Detector(keras.Model):
             data = data[0]
         return data
 
-    # -- input images ---------------------------------------------------------------------------
     def padding_value(self):
         """RGB 0..255 colour that the backbone's input normalization maps to 0, or None.
 
@@ -166,12 +187,51 @@ class Detector(keras.Model):
         with tf.GradientTape() as tape:
             losses = self.compute_detection_losses(batch, training=True)
             total = self._total(losses)
-            scaled = self.optimizer.scale_loss(total) if hasattr(self.optimizer, "scale_loss") \
-                else total
+            # The optimizer sums the replicas' gradients (SUM all-reduce); each replica's loss is
+            # its share of the global-batch loss (kerasdet.losses.replica_mean_normalizer), so
+            # dividing by the replica count makes N replicas take the one-device step.
+            scaled = total / tf.cast(replicas_in_sync(), total.dtype)
+            if hasattr(self.optimizer, "scale_loss"):  # float16 loss scaling
+                scaled = self.optimizer.scale_loss(scaled)
         variables = self.trainable_variables
         grads = tape.gradient(scaled, variables)
-        self.optimizer.apply(grads, variables)
+        self.optimizer.apply(self._clipped_across_replicas(grads), variables)
         return self._log(losses, total)
+
+    def _clipped_across_replicas(self, grads):
+        """Gradient clipping on the global batch's gradient when replicas share the step.
+
+        Keras clips each replica's gradient before its SUM all-reduce, so under N replicas the
+        clipping threshold would act on 1/N-sized partial gradients (a different update than one
+        device's). Here the replicas' gradients are summed first and clipped as Keras would clip the
+        one-device gradient (clipnorm per tensor, global_clipnorm over all, clipvalue per element),
+        then divided by N again: the optimizer's own clipping is then a no-op (every norm is at most
+        threshold / N) and its all-reduce sums back exactly the clipped global gradient. Costs one
+        extra all-reduce per step, only when a clipping option is set and N > 1.
+        """
+        context = tf.distribute.get_replica_context()
+        optimizer = getattr(self.optimizer, "inner_optimizer", self.optimizer)
+        clip = {name: getattr(optimizer, name, None)
+                for name in ("clipnorm", "global_clipnorm", "clipvalue")}
+        if context is None or context.num_replicas_in_sync == 1 or not any(clip.values()):
+            return grads
+        present = [i for i, g in enumerate(grads) if g is not None]
+        summed = context.all_reduce(tf.distribute.ReduceOp.SUM, [grads[i] for i in present])
+        # Under float16 loss scaling the gradients carry the loss scale: clip the true gradient.
+        loss_scale = (tf.cast(self.optimizer.scale_loss(tf.constant(1.0)), tf.float32)
+                      if optimizer is not self.optimizer else tf.constant(1.0))
+        summed = [tf.cast(g, tf.float32) / loss_scale for g in summed]
+        if clip["clipnorm"]:
+            summed = [tf.clip_by_norm(g, clip["clipnorm"]) for g in summed]
+        if clip["global_clipnorm"]:
+            summed, _ = tf.clip_by_global_norm(summed, clip["global_clipnorm"])
+        if clip["clipvalue"]:
+            summed = [tf.clip_by_value(g, -clip["clipvalue"], clip["clipvalue"]) for g in summed]
+        share = loss_scale / tf.cast(context.num_replicas_in_sync, tf.float32)
+        grads = list(grads)
+        for i, g in zip(present, summed):
+            grads[i] = tf.cast(g * share, grads[i].dtype)
+        return grads
 
     def test_step(self, data):
         batch = self._with_input_images(self._unpack(data))

@@ -26,7 +26,10 @@ _GPU_LIB_NAME = "_kerasdet_ops_gpu.so"
 
 _lock = threading.Lock()
 _state = {"tried": False, "lib": None, "reason": None, "path": None}
-_local = threading.local()
+# How many `pure_tf()` blocks are open, process-wide. Not thread-local on purpose: MirroredStrategy
+# traces each replica's step in a thread of its own, and those threads must see the switch that the
+# caller set around fit / export.
+_pure_tf_depth = [0]
 
 
 class KernelsUnavailableError(RuntimeError):
@@ -123,23 +126,26 @@ def library():
 
 def use_kernels():
     """True when ops traced now should call the compiled kernels."""
-    if os.environ.get("KERASDET_PURE_TF") == "1" or getattr(_local, "pure_tf", 0) > 0:
+    if os.environ.get("KERASDET_PURE_TF") == "1" or _pure_tf_depth[0] > 0:
         return False
     return library() is not None
 
 
 @contextlib.contextmanager
 def pure_tf():
-    """Within this block (this thread), ops are traced with their pure-TensorFlow fallbacks.
+    """Within this block, ops are traced with their pure-TensorFlow fallbacks.
 
     A model traced here exports to a SavedModel made of builtin ops only, which TF Serving can load
-    without the kerasdet library.
+    without the kerasdet library. The switch is process-wide (every thread tracing meanwhile sees
+    it, including tf.distribute's replica threads); blocks nest.
     """
-    _local.pure_tf = getattr(_local, "pure_tf", 0) + 1
+    with _lock:
+        _pure_tf_depth[0] += 1
     try:
         yield
     finally:
-        _local.pure_tf -= 1
+        with _lock:
+            _pure_tf_depth[0] -= 1
 
 
 def status():
