@@ -12,6 +12,7 @@ import tensorflow as tf
 
 from kerasdet.layers.roi_layers import (DeformPSRoIPool, DeformRoIPool, PSRoIAlign, PSRoIPool,
                                         RoIAlign, RoIPool)
+from kerasdet.ops.xla import in_xla_context
 
 __all__ = ["fpn_level_of_rois", "POOLERS", "RoIExtractor"]
 
@@ -100,6 +101,16 @@ class RoIExtractor(keras.layers.Layer):
         else:
             levels = fpn_level_of_rois(boxes, self.min_level, self.min_level + len(features) - 1,
                                        self.canonical_size, self.canonical_level)
+            if in_xla_context():
+                # Each level's RoI count is data-dependent, which XLA cannot compile: every level
+                # pools every RoI and each RoI keeps its own level's result (same numbers, L times
+                # the pooling work).
+                pooled = None
+                for i, (feature, pool) in enumerate(zip(features, self.pools)):
+                    level_pooled = pool(feature, boxes, box_indices)
+                    pooled = level_pooled if pooled is None else tf.where(
+                        (levels == self.min_level + i)[:, None, None, None], level_pooled, pooled)
+                return tf.reshape(pooled, [batch, num, size, size, channels])
             pooled = tf.zeros([tf.shape(boxes)[0], size, size, channels], features[0].dtype)
             for i, (feature, pool) in enumerate(zip(features, self.pools)):
                 where = tf.where(levels == self.min_level + i)  # [K, 1]

@@ -3,6 +3,7 @@ import keras
 import tensorflow as tf
 
 from kerasdet.ops.deform import _pair, deform_conv2d
+from kerasdet.ops.xla import kernel_layer_supports_jit
 
 __all__ = ["DeformConv2D"]
 
@@ -28,6 +29,8 @@ class DeformConv2D(keras.layers.Layer):
       use_bias: add a bias after the deformable convolution.
       kernel_initializer, bias_initializer, kernel_regularizer, bias_regularizer: as in Conv2D.
     """
+
+    supports_jit = kernel_layer_supports_jit()
 
     def __init__(self, filters, kernel_size, strides=1, padding="same", dilation_rate=1,
                  deformable_groups=1, use_mask=False, use_bias=True,

@@ -9,6 +9,7 @@ import keras
 import tensorflow as tf
 
 from kerasdet.ops import roi
+from kerasdet.ops.xla import kernel_layer_supports_jit
 
 __all__ = ["RoIPool", "RoIAlign", "PSRoIPool", "PSRoIAlign", "DeformRoIPool", "DeformPSRoIPool"]
 
@@ -17,6 +18,7 @@ class _RoIPoolingLayer(keras.layers.Layer):
     """Shared plumbing: argument checks, flat / batched boxes, output shapes and config."""
 
     position_sensitive = False
+    supports_jit = kernel_layer_supports_jit(lambda layer: getattr(layer, "sampling_ratio", 1) > 0)
 
     def __init__(self, output_size, spatial_scale=1.0, **kwargs):
         super().__init__(**kwargs)
@@ -70,6 +72,8 @@ class _RoIPoolingLayer(keras.layers.Layer):
 @keras.saving.register_keras_serializable(package="kerasdet")
 class RoIPool(_RoIPoolingLayer):
     """Fast R-CNN RoI max pooling (``kerasdet.ops.roi_pool``)."""
+
+    supports_jit = kernel_layer_supports_jit(lambda layer: False)  # data-dependent window size
 
     def _pool(self, features, boxes, box_indices):
         return roi.roi_pool(features, boxes, box_indices, self.output_size, self.spatial_scale)

@@ -132,6 +132,56 @@ class Detector(keras.Model):
             data = data[0]
         return data
 
+    def compile(self, *args, jit_compile="auto", **kwargs):
+        """Keras' compile, with XLA chosen for what the detector's layers can compile.
+
+        The compiled kernels (kerasdet.ops.roi, kerasdet.ops.deform) have no XLA implementation,
+        so a layer that calls them reports ``supports_jit`` False while they are in use
+        (`kerasdet.ops.xla.kernel_layer_supports_jit`), which Keras' rules read:
+
+        - ``"auto"`` (the default): Keras' rule, XLA only on a GPU and only when every layer
+          supports it; with the kernels loaded that is False. The choice is logged (logger
+          "kerasdet") and readable as ``model.jit_compile``.
+        - ``True``: the train / test / predict steps are traced with the pure-TensorFlow fallbacks
+          (`kerasdet.ops._kernels.pure_tf`), which XLA compiles. A layer XLA cannot compile even
+          then (RoIPool, RoIAlign with sampling_ratio=0) is an `XLAUnsupportedError` naming it.
+        """
+        import logging
+
+        from kerasdet.ops import _kernels
+        from kerasdet.ops.xla import unsupported
+
+        for name in ("train_step", "test_step", "predict_step"):
+            self.__dict__.pop(name, None)  # an earlier compile's pure-TF wrapper
+        if jit_compile is True and not kwargs.get("run_eagerly"):
+            with _kernels.pure_tf():
+                blockers = [f"{type(layer).__name__} {layer.name!r}"
+                            for layer in self._flatten_layers() if not layer.supports_jit]
+                if blockers:
+                    raise unsupported(f"{self.name}: its layer(s) {', '.join(blockers)}",
+                                      "RoIPool has no fixed-shape form; RoIAlign-style poolers "
+                                      "need a fixed sampling_ratio (e.g. 2).")
+                # Keras checks the layers' supports_jit when jit_compile is set.
+                super().compile(*args, jit_compile=True, **kwargs)
+        else:
+            super().compile(*args, jit_compile=jit_compile, **kwargs)
+        if jit_compile == "auto":
+            reason = ("the compiled kernels are in use and have no XLA implementation"
+                      if _kernels.use_kernels() else "Keras' rule: a GPU and every layer supports it")
+            logging.getLogger("kerasdet").info("%s: jit_compile='auto' -> %s (%s)", self.name,
+                                               self.jit_compile, reason)
+        if self.jit_compile:
+            # Keras traces the steps on the first fit / evaluate / predict; under pure_tf() every
+            # kernel op is traced as its builtin-op twin, which XLA can compile.
+            for name in ("train_step", "test_step", "predict_step"):
+                step = getattr(self, name)
+
+                def traced_pure_tf(data, step=step):
+                    with _kernels.pure_tf():
+                        return step(data)
+
+                object.__setattr__(self, name, traced_pure_tf)
+
     def padding_value(self):
         """RGB 0..255 colour that the backbone's input normalization maps to 0, or None.
 

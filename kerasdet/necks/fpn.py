@@ -10,6 +10,8 @@ Layer names follow Detectron2 ("fpn_lateral{k}", "fpn_output{k}").
 import keras
 import tensorflow as tf
 
+from kerasdet.ops.xla import in_xla_context
+
 
 def upsample_nearest_to(x, reference):
     """Nearest-neighbour resize of ``x`` [B, h, w, C] to the spatial size of ``reference``.
@@ -21,6 +23,13 @@ def upsample_nearest_to(x, reference):
     which shifts the odd case by one pixel, so the raw op with half_pixel_centers=False is used.
     """
     size = tf.shape(reference)[1:3]
+    if in_xla_context():
+        # XLA has no ResizeNearestNeighborGrad kernel; gathers of rows floor(i * h / H), then of
+        # columns, are the same numbers and their gradient compiles.
+        source = tf.shape(x)[1:3]
+        rows = tf.range(size[0]) * source[0] // size[0]
+        cols = tf.range(size[1]) * source[1] // size[1]
+        return tf.gather(tf.gather(x, rows, axis=1), cols, axis=2)
     return tf.raw_ops.ResizeNearestNeighbor(images=x, size=size, align_corners=False, half_pixel_centers=False)
 
 

@@ -10,6 +10,8 @@ import math
 import keras
 import tensorflow as tf
 
+from kerasdet.ops.xla import in_xla_context, unsupported
+
 __all__ = [
     "validate_boxes",
     "box_area",
@@ -392,6 +394,12 @@ def multiclass_nms(boxes, scores, max_detections, iou_threshold=0.5, score_thres
     elif boxes.shape.rank != 4:
         raise ValueError(f"`boxes` must have shape [B, N, 4] or [B, N, C, 4], got {boxes.shape}.")
     max_detections = int(max_detections)
+    if max_per_class is not None and in_xla_context():
+        if int(max_per_class) < max_detections:
+            raise unsupported(f"multiclass_nms with max_per_class={max_per_class} < max_detections="
+                              f"{max_detections} (tf.image.combined_non_max_suppression)",
+                              "Without the cap (max_per_class >= max_detections) it compiles.")
+        max_per_class = None  # a cap of K or more never binds: same results, XLA-compatible path
     if max_per_class is None:
         shape = tf.shape(scores)
         batch, num_classes = shape[0], shape[2]

@@ -51,6 +51,7 @@ Definitions (the compiled kernels and the fallbacks implement exactly these):
 import tensorflow as tf
 
 from kerasdet.ops import _kernels
+from kerasdet.ops.xla import in_xla_context, unsupported
 
 __all__ = ["roi_pool", "roi_align", "ps_roi_pool", "ps_roi_align", "deform_roi_pool",
            "deform_ps_roi_pool"]
@@ -339,6 +340,9 @@ def _roi_align_axis(coord, size):
 def _bilinear_pool_tf(op, features, boxes, box_indices, offsets, ph, pw, spatial_scale,
                       sampling_ratio, aligned, position_sensitive, gamma):
     """RoIAlign / PSRoIAlign / deformable (PS) RoI pooling with builtin ops only."""
+    if sampling_ratio <= 0 and in_xla_context():
+        raise unsupported(f"{op} with sampling_ratio=0 (the adaptive sample grid's size depends on "
+                          "the boxes)", "A fixed sampling_ratio (e.g. 2, torchvision's) compiles.")
     box_indices, boxes = _checked_fallback_inputs(op, features, boxes, box_indices, ph, pw,
                                                   position_sensitive)
     shape = tf.shape(features)
@@ -501,6 +505,9 @@ def _integer_bin_pool_tf(op, features, boxes, box_indices, ph, pw, spatial_scale
     w0, w1 = bins(boxes[:, 0], boxes[:, 2], pw, width)
     if position_sensitive:
         return _box_average_tf(rows, planes, height, width, box_indices, h0, h1, w0, w1, ph, pw)
+    if in_xla_context():
+        raise unsupported(f"{op}'s pure-TensorFlow max pooling (its window is as large as the "
+                          "largest bin, which depends on the boxes)", "RoIAlign compiles.")
     # Max pooling: one window as large as the largest bin; pixels past a bin's end are masked out.
     # (Memory grows with R * ph * pw * largest bin area * C: fine for tests and serving batches,
     # heavy for hundreds of very large RoIs, where the compiled kernel is the tool.)

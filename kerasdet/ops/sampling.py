@@ -95,8 +95,10 @@ def sample_balanced(labels, num_samples, positive_fraction=0.5, seed=None):
     batched, squeeze = _as_batched_labels(labels)
     indices, valid = sample_balanced_indices(batched, num_samples, positive_fraction, seed)
     batch_index = tf.broadcast_to(tf.range(tf.shape(indices)[0])[:, tf.newaxis], tf.shape(indices))
-    coords = tf.stack([tf.boolean_mask(batch_index, valid), tf.boolean_mask(indices, valid)], -1)
-    hits = tf.scatter_nd(coords, tf.ones(tf.shape(coords)[:1], tf.int32), tf.shape(batched))
+    # Every slot is scattered (unused ones add 0 at index 0), so the shapes are fixed and XLA
+    # compiles it; a boolean_mask of the valid slots would have a data-dependent length.
+    coords = tf.stack([batch_index, indices], -1)
+    hits = tf.scatter_nd(coords, tf.cast(valid, tf.int32), tf.shape(batched))
     mask = hits > 0
     return mask[0] if squeeze else mask
 
