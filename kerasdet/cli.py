@@ -150,6 +150,16 @@ def build_parser():
                             "proposals; RPN on the frozen shared convs; detector head), each step the "
                             "recipe's epochs; writes OUT/step1..4.weights.h5")
     _add_input_args(train)
+    train.add_argument("--strategy", choices=("none", "mirrored", "multi-worker"), default="none",
+                       help="tf.distribute: 'mirrored' = every GPU of this machine; 'multi-worker' = one "
+                            "process per machine, the cluster read from TF_CONFIG (docs/DISTRIBUTED.md). "
+                            "--batch-size is the global batch over all replicas")
+    train.add_argument("--precision", choices=("float32", "mixed_float16", "mixed_bfloat16"),
+                       default=None, help="Keras dtype policy (default float32); mixed_float16 scales "
+                                          "the loss dynamically")
+    train.add_argument("--jit-compile", choices=("auto", "on", "off"), default="auto",
+                       help="XLA: 'auto' turns it on only where every layer supports it (not while "
+                            "the compiled kernels are in use); 'on' traces the kernels' pure-TF twins")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -247,8 +257,9 @@ def _run_zoo(args):
 def _training_options(args):
     from kerasdet.engine.runs import TrainingOptions
 
-    return TrainingOptions(**{field.name: getattr(args, field.name)
-                              for field in dataclasses.fields(TrainingOptions)})
+    values = {field.name: getattr(args, field.name) for field in dataclasses.fields(TrainingOptions)}
+    values["jit_compile"] = {"auto": "auto", "on": True, "off": False}[args.jit_compile]
+    return TrainingOptions(**values)
 
 
 def _run_train(args):

@@ -65,7 +65,8 @@ def _decode_image(contents, tiff_path, is_tiff_file):
 
 def dataset_samples(dataset: DetectionDataset, with_masks: bool = False,
                     shuffle: bool = False, seed=None, decoder: str = "tf",
-                    repeat: bool = False, mask_size: int = DEFAULT_GRID_SIZE) -> tf.data.Dataset:
+                    repeat: bool = False, mask_size: int = DEFAULT_GRID_SIZE,
+                    shard=None) -> tf.data.Dataset:
     """Per-image samples (see kerasdet.data.augment) read from the image files of ``dataset``.
 
     decoder: "tf" decodes in parallel with tf.io (JPEG, PNG incl. 16-bit, BMP, GIF; TIFF through
@@ -77,6 +78,7 @@ def dataset_samples(dataset: DetectionDataset, with_masks: bool = False,
     Shuffling happens on the (cheap) record indices before decoding. With ``with_masks`` each
     record's masks are decoded at the image's own size and cropped at once to ``mask_size`` grids
     over their boxes (kerasdet.data.mask_grids); nothing image-sized leaves this step.
+    ``shard=(count, index)`` keeps every count-th sample of the (shuffled) stream, before decoding.
     """
     if decoder not in ("tf", "python"):
         raise ValueError(f"decoder must be 'tf' or 'python', got {decoder!r}")
@@ -106,6 +108,8 @@ def dataset_samples(dataset: DetectionDataset, with_masks: bool = False,
         source = source.shuffle(n, seed=seed, reshuffle_each_iteration=True)
     if repeat:  # after shuffle: every pass is reshuffled
         source = source.repeat()
+    if shard is not None:  # after the shuffle, which every worker draws alike from the same seed
+        source = source.shard(*shard)
 
     def load_masks(index):
         return masks_for_record(records[int(index)])
@@ -207,7 +211,7 @@ def build_dataset(dataset, batch_size: int, training: bool = False, *, image_siz
                   drop_remainder: bool = False, fixed_size=None,
                   mean_rgb=aug.MEAN_RGB, decoder: str = "tf",
                   repeat: bool = False, prefetch: bool = True, min_size_test=None,
-                  size_rounding: str = "round", input_settings=None) -> tf.data.Dataset:
+                  size_rounding: str = "round", input_settings=None, shard=None) -> tf.data.Dataset:
     """Build the batched tf.data.Dataset of DESIGN.md's batch dict (layout in the module docstring).
 
     Args:
@@ -249,9 +253,18 @@ def build_dataset(dataset, batch_size: int, training: bool = False, *, image_siz
             augmentation functions' graphs, filling buffers; about a second per epoch measured with
             the SSD chain on 2 busy cores) that a new epoch of a finite data set pays.
         prefetch: add ``prefetch(AUTOTUNE)``.
+        shard: (count, index): this input pipeline's share of a multi-worker run. Worker ``index``
+            gets samples index, index + count, ... of the stream a single process would read
+            (same shuffle, same augmentation draws), so the workers' batches together are the
+            single process's global batch (give batch_size per worker). DetectionDataset input is
+            sharded on the record indices, before decoding; TFRecord input after parsing.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if shard is not None:
+        shard = (int(shard[0]), int(shard[1]))
+        if not 0 <= shard[1] < shard[0]:
+            raise ValueError(f"shard must be (count, index) with 0 <= index < count, got {shard}")
     if input_settings is not None:
         if image_size is not None or min_size is not None:
             raise ValueError("give input_settings or the resize arguments (image_size / min_size), not both")
@@ -278,7 +291,7 @@ def build_dataset(dataset, batch_size: int, training: bool = False, *, image_siz
             warnings.warn("with_masks=True but the data set has no masks: masks will be all zero",
                           stacklevel=2)
         samples = dataset_samples(dataset, with_masks=with_masks, shuffle=shuffle, seed=seed,
-                                  decoder=decoder, repeat=repeat, mask_size=mask_size)
+                                  decoder=decoder, repeat=repeat, mask_size=mask_size, shard=shard)
         most = dataset.max_objects()
         if max_boxes is None:
             max_boxes = max(most, 1)
@@ -291,6 +304,8 @@ def build_dataset(dataset, batch_size: int, training: bool = False, *, image_siz
 
         samples = read_tfrecord(dataset, with_masks=with_masks, shuffle=shuffle, seed=seed,
                                 repeat=repeat, mask_size=mask_size)
+        if shard is not None:
+            samples = samples.shard(*shard)
         max_boxes = 100 if max_boxes is None else max_boxes
 
     def to_float(sample):
@@ -317,6 +332,8 @@ def build_dataset(dataset, batch_size: int, training: bool = False, *, image_siz
         return pad_sample(sample, canvas_h, canvas_w, max_boxes)
 
     seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+    if shard is not None:  # each sample keeps the augmentation draw it has in a single process
+        seeds = seeds.shard(*shard)
     ds = tf.data.Dataset.zip(samples, seeds)
     ds = ds.map(transform, num_parallel_calls=AUTOTUNE, deterministic=True)
 

@@ -59,18 +59,28 @@ class EpochCheckpoint(keras.callbacks.Callback):
 
 
 class GuardedBackupAndRestore(keras.callbacks.BackupAndRestore):
-    """BackupAndRestore that does not back up the state of an epoch that hit a NaN loss."""
+    """BackupAndRestore that does not back up the state of an epoch that hit a NaN loss.
 
-    def __init__(self, backup_dir, guard):
-        super().__init__(backup_dir)
+    ``writer=False`` (the non-chief workers of a multi-worker run) only restores: it reads the
+    chief's backup at the start and never writes or deletes it. Two copies of the state are kept
+    (``double_checkpoint``), so a process killed while writing leaves the previous one readable.
+    """
+
+    def __init__(self, backup_dir, guard, writer=True):
+        super().__init__(backup_dir, double_checkpoint=True)
         self.guard = guard
+        self.writer = writer
 
     def on_epoch_end(self, epoch, logs=None):
-        if not self.guard.stopped:
+        if self.writer and not self.guard.stopped:
             super().on_epoch_end(epoch, logs)
 
+    def on_train_batch_end(self, batch, logs=None):
+        if self.writer:
+            super().on_train_batch_end(batch, logs)
+
     def on_train_end(self, logs=None):
-        if not self.guard.stopped:  # keep the last good state for --resume
+        if self.writer and not self.guard.stopped:  # keep the last good state for --resume
             super().on_train_end(logs)
 
 

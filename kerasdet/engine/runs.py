@@ -16,6 +16,7 @@ import sys
 from kerasdet.data.data_spec import align_classes, parse_data_spec, read_class_names
 from kerasdet.engine import anchor_fit
 from kerasdet.engine.alternating import train_alternating
+from kerasdet.engine.distribute import distributed_pipeline, make_strategy, worker_role
 from kerasdet.engine.inference import evaluate_detector, expand_image_paths, predict_images
 from kerasdet.engine.loop import make_pipeline, train_model
 from kerasdet.engine.model_spec import (DEFAULT_INPUT, class_names_of, describe_input, entry_recipe,
@@ -59,6 +60,9 @@ class TrainingOptions:
     alternating: bool = False        # the Faster R-CNN paper's 4-step training (engine.alternating)
     seed: int = 0
     quiet: bool = False              # no progress bars
+    strategy: str = "none"           # none | mirrored | multi-worker (engine.distribute)
+    precision: str = None            # None / float32 | mixed_float16 | mixed_bfloat16
+    jit_compile: object = "auto"     # Keras' jit_compile: "auto" (models.base.Detector.compile), True, False
 
 
 def _say(line):
@@ -162,16 +166,62 @@ def _anchor_fit_of(model, data, settings, anchors_fitted=False):
     return fit
 
 
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+
+
+def _write_run_record(options, recipe, backbone_weights, scratch_note, overrides, settings, data, fit,
+                      strategy, precision):
+    os.makedirs(options.out, exist_ok=True)
+    with open(os.path.join(options.out, RUN_RECORD), "w", encoding="utf-8") as handle:
+        json.dump({"argv": sys.argv, "model": options.model, "data": options.data, "recipe": dict(recipe),
+                   "weights": options.weights, "backbone_weights": backbone_weights,
+                   "training_from_scratch": scratch_note, "model_overrides": overrides,
+                   "input": settings, "class_names": list(data.class_names),
+                   "class_source": data.class_source, "anchor_fit": fit,
+                   "alternating": options.alternating, "strategy": options.strategy or "none",
+                   "replicas": strategy.num_replicas_in_sync if strategy is not None else 1,
+                   "precision": precision}, handle, indent=2)
+
+
 def train(options):
     """Trains ``options.model`` on ``options.data`` into ``options.out``, then evaluates it on the
     validation split. Prints what the run starts from (classes, input, backbone, anchors, recipe).
-    Returns {"stopped_on_nan", "message", "metrics"} (metrics None after a NaN stop)."""
+    Returns {"stopped_on_nan", "message", "metrics"} (metrics None after a NaN stop, and on the
+    workers of a multi-worker run other than the chief, which evaluates).
+
+    ``options.precision`` sets Keras' global dtype policy for the run (restored afterwards)."""
     import keras
 
+    precision = options.precision or "float32"
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if options.strategy not in (None, "none") and options.alternating:
+        raise ValueError("--alternating trains four networks one after the other and does not run "
+                         "under --strategy; train it on one device")
+    previous_policy = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(precision)
+    try:
+        return _train(options, precision)
+    finally:
+        keras.config.set_dtype_policy(previous_policy)
+
+
+def _train(options, precision):
+    import keras
+
+    strategy = make_strategy(options.strategy)
+    role = worker_role(strategy)
+    say = _say if role.is_chief else (lambda line: None)
+    if strategy is not None:
+        _say(f"strategy: {options.strategy}, {strategy.num_replicas_in_sync} replicas; "
+             f"this process is {role.describe()}")
+    if precision != "float32":
+        say(f"precision: {precision} (variables, losses and boxes float32"
+            + ("; dynamic loss scaling)" if precision == "mixed_float16" else ")"))
     keras.utils.set_random_seed(options.seed)
     data = parse_data_spec(options.data, options.train_split, options.val_split,
                            class_names=read_class_names(options.classes, options.classes_file))
-    _say(f"classes ({len(data.class_names)}, {data.class_source}): {', '.join(data.class_names)}")
+    say(f"classes ({len(data.class_names)}, {data.class_source}): {', '.join(data.class_names)}")
     previous = run_record_of(options.weights)
     if previous and previous.get("class_names"):
         align_classes(data, previous["class_names"], f"--weights {options.weights}",
@@ -180,7 +230,7 @@ def train(options):
         raise ValueError(f"--num-classes {options.num_classes}, but the data set has {len(data.class_names)} "
                          f"classes: {data.class_names}")
     settings = input_settings_for(options.model, options.min_size, options.max_size, options.image_size)
-    _say(f"input: {describe_input(settings)}")
+    say(f"input: {describe_input(settings)}")
     pretrained = pretrained_choice(options)
     overrides, scratch_note = scratch_overrides(options, pretrained)
 
@@ -190,52 +240,79 @@ def train(options):
         options, data, settings,
         lambda: resolve_model(options.model, weights=None, num_classes=num_classes, **overrides))
     overrides.update(anchors)
-    model = resolve_model(options.model, weights=options.weights, num_classes=num_classes,
-                          pretrained_backbone=pretrained, **overrides)
-    give_data_to(model, data.class_names, settings)
+
+    def make_model():
+        built = resolve_model(options.model, weights=options.weights, num_classes=num_classes,
+                              pretrained_backbone=pretrained, **overrides)
+        give_data_to(built, data.class_names, settings)
+        return built
+
+    if strategy is None:
+        model = make_model()
+    else:
+        with strategy.scope():  # its weights are mirrored over the replicas
+            model = make_model()
     backbone_weights = getattr(model, "kerasdet_backbone_weights", None)
     if options.weights is None:
-        _say(f"backbone: {backbone_weights or 'random initialization'}"
-             + (" (--no-pretrained)" if options.no_pretrained and backbone_weights is None else ""))
+        say(f"backbone: {backbone_weights or 'random initialization'}"
+            + (" (--no-pretrained)" if options.no_pretrained and backbone_weights is None else ""))
     for note in (scratch_note, anchor_note):
         if note:
-            _say(note)
+            say(note)
     fit = _anchor_fit_of(model, data, settings,
                          anchors_fitted=list(options.anchor_sizes or []) == ["auto"])
 
     recipe_source = entry_recipe(options.model)
     batch_size = options.batch_size or TrainingRecipe(recipe_source)["batch_size"]
-    train_ds = make_pipeline(data.train, settings, batch_size, True, seed=options.seed)
+    steps_per_epoch = options.steps_per_epoch
+    if role.num_workers > 1 and steps_per_epoch is None:
+        # The workers' shards may differ by a batch, and a worker that runs out first would leave
+        # the others waiting in an all-reduce: every worker takes the same number of steps of a
+        # repeated pipeline instead.
+        steps_per_epoch = len(data.train.records) // batch_size
+        if steps_per_epoch < 1:
+            raise ValueError(f"{len(data.train.records)} training images make no global batch of "
+                             f"{batch_size}")
+    repeat = steps_per_epoch is not None
+
+    def pipeline(size, shard):
+        built = make_pipeline(data.train, settings, size, True, seed=options.seed, shard=shard)
+        return built.repeat() if repeat else built
+
+    train_ds = distributed_pipeline(strategy, pipeline, batch_size)
     val_ds = make_pipeline(data.val, settings, batch_size, False)
-    steps = options.steps_per_epoch or int(train_ds.cardinality().numpy())
+    steps = steps_per_epoch or int(train_ds.cardinality().numpy())
     recipe = adapt_recipe(
         recipe_source, steps, epochs=options.epochs, batch_size=options.batch_size,
         learning_rate=options.learning_rate, weight_decay=options.weight_decay, momentum=options.momentum,
         warmup_steps=options.warmup_steps, decay_epochs=options.decay_epochs)
-    _say(format_recipe(recipe))
-    os.makedirs(options.out, exist_ok=True)
-    with open(os.path.join(options.out, RUN_RECORD), "w", encoding="utf-8") as handle:
-        json.dump({"argv": sys.argv, "model": options.model, "data": options.data, "recipe": dict(recipe),
-                   "weights": options.weights, "backbone_weights": backbone_weights,
-                   "training_from_scratch": scratch_note, "model_overrides": overrides,
-                   "input": settings, "class_names": list(data.class_names),
-                   "class_source": data.class_source, "anchor_fit": fit,
-                   "alternating": options.alternating}, handle, indent=2)
-    if options.steps_per_epoch is not None:
-        train_ds = train_ds.repeat()
+    say(format_recipe(recipe))
+    if role.is_chief:
+        _write_run_record(options, recipe, backbone_weights, scratch_note, overrides, settings, data,
+                          fit, strategy, precision)
     if options.alternating:
         # Step 1's separate network: the same configuration, its own fresh backbone.
         first = resolve_model(options.model, weights=options.weights, num_classes=num_classes,
                               pretrained_backbone=pretrained, **overrides)
         give_data_to(first, data.class_names, settings)
         run = train_alternating(first, model, train_ds, options.out, recipe,
-                                steps_per_epoch=options.steps_per_epoch, resume=options.resume,
+                                steps_per_epoch=steps_per_epoch, resume=options.resume,
                                 verbose=0 if options.quiet else 1, say=_say)
     else:
-        run = train_model(model, train_ds, options.out, recipe, steps_per_epoch=options.steps_per_epoch,
-                          resume=options.resume, verbose=0 if options.quiet else 1)
+        run = train_model(model, train_ds, options.out, recipe, steps_per_epoch=steps_per_epoch,
+                          resume=options.resume, verbose=0 if options.quiet or not role.is_chief else 1,
+                          role=role, jit_compile=options.jit_compile)
     if run["stopped_on_nan"]:
         return {"stopped_on_nan": True, "message": run["message"], "metrics": None}
+    if not role.is_chief:
+        return {"stopped_on_nan": False, "message": None, "metrics": None}
+    if strategy is not None:
+        # Scored by a one-device copy: predict under a multi-worker strategy would need every
+        # worker in the loop; the chief alone reads its final weights.
+        evaluated = make_model()
+        evaluated.build()
+        evaluated.set_weights(model.get_weights())
+        model = evaluated
     metrics = evaluate_detector(model, val_ds, data.class_names, options.out, records=data.val,
                                 split=options.val_split)
     return {"stopped_on_nan": False, "message": None, "metrics": metrics}

@@ -106,7 +106,7 @@ class Detector(keras.Model):
         # Weights must exist before Keras creates the optimizer's slots for them.
         self.build()
         data = args[0] if args else kwargs.get("x")
-        if isinstance(data, tf.data.Dataset):
+        if isinstance(data, (tf.data.Dataset, tf.distribute.DistributedDataset)):
             # The pipeline shuffles its records itself; Keras' shuffle flag would only warn.
             kwargs.setdefault("shuffle", False)
         return super().fit(*args, **kwargs)
@@ -182,6 +182,7 @@ class Detector(keras.Model):
 
                 object.__setattr__(self, name, traced_pure_tf)
 
+    # -- input images ---------------------------------------------------------------------------
     def padding_value(self):
         """RGB 0..255 colour that the backbone's input normalization maps to 0, or None.
 
@@ -227,10 +228,24 @@ class Detector(keras.Model):
         return total
 
     def _log(self, losses, total):
-        self._trackers["loss"].update_state(total)
-        for name, value in losses.items():
+        values = {"loss": total, **losses}
+        context = tf.distribute.get_replica_context()
+        if context is not None and context.num_replicas_in_sync > 1:
+            # Every replica logs the mean over all replicas (one all-reduce of a few scalars), so the
+            # logs are the same everywhere and the NaN guard stops all workers at the same step.
+            names = list(values)
+            reduced = context.all_reduce(tf.distribute.ReduceOp.MEAN,
+                                         [tf.cast(values[n], tf.float32) for n in names])
+            values = dict(zip(names, reduced))
+        for name, value in values.items():
             self._trackers[name].update_state(value)
-        return {name: tracker.result() for name, tracker in self._trackers.items()}
+        logs = {name: tracker.result() for name, tracker in self._trackers.items()}
+        if isinstance(self.distribute_strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            # Keras reduces the step's logs with strategy.reduce("MEAN", log, axis=0) under this
+            # strategy, which fails on a scalar ("Invalid reduction dimension 0", Keras 3.15; the
+            # upstream issue keras-team/keras#20585): a [1] vector reduces to the same scalar.
+            logs = {name: tf.reshape(value, [1]) for name, value in logs.items()}
+        return logs
 
     def train_step(self, data):
         batch = self._with_input_images(self._unpack(data))
