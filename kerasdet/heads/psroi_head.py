@@ -13,6 +13,7 @@ import keras
 import tensorflow as tf
 
 from kerasdet.heads.roi_extractor import RoIExtractor
+from kerasdet.layers.roi_layers import keep_input_dtypes
 
 __all__ = ["PSRoIHead", "average_vote", "PS_POOLINGS", "VOTINGS"]
 
@@ -67,6 +68,7 @@ class PSRoIHead(keras.layers.Layer):
                  pooling="ps_roi_pool", sampling_ratio=0, gamma=0.1, score_init_std=0.01,
                  voting="mean", **kwargs):
         super().__init__(**kwargs)
+        keep_input_dtypes(self)  # the RoIs stay float32 under a mixed policy
         if int(num_classes) < 1:
             raise ValueError(f"PSRoIHead: `num_classes` must be >= 1, got {num_classes!r}")
         if int(pool_size) < 1:
@@ -130,7 +132,7 @@ class PSRoIHead(keras.layers.Layer):
         _check_rois(rois)
         if not self.built:  # called directly, not through __call__
             self.build(features.shape)
-        cls_maps, box_maps = self.score_maps(features)
+        cls_maps, box_maps = self.score_maps(tf.cast(features, self.compute_dtype))
         rois = tf.cast(rois, tf.float32)
         return self.cls_pool(cls_maps, rois), self.box_pool(box_maps, rois)
 

@@ -11,7 +11,7 @@ import keras
 import tensorflow as tf
 
 from kerasdet.layers.roi_layers import (DeformPSRoIPool, DeformRoIPool, PSRoIAlign, PSRoIPool,
-                                        RoIAlign, RoIPool)
+                                        RoIAlign, RoIPool, keep_input_dtypes)
 from kerasdet.ops.xla import in_xla_context
 
 __all__ = ["fpn_level_of_rois", "POOLERS", "RoIExtractor"]
@@ -55,6 +55,7 @@ class RoIExtractor(keras.layers.Layer):
                  min_level=2, canonical_size=224.0, canonical_level=4, aligned=True, gamma=0.1,
                  **kwargs):
         super().__init__(**kwargs)
+        keep_input_dtypes(self)  # the RoIs stay float32 under a mixed policy
         if method not in POOLERS:
             raise ValueError(f"`method` must be one of {sorted(POOLERS)}, got {method!r}.")
         self.output_size = int(output_size)
@@ -88,7 +89,7 @@ class RoIExtractor(keras.layers.Layer):
             pool.build(tuple(shape))
 
     def call(self, features, rois):
-        features = self._checked(features)
+        features = [tf.cast(f, self.compute_dtype) for f in self._checked(features)]
         batch, num = tf.shape(rois)[0], tf.shape(rois)[1]
         boxes = tf.reshape(tf.cast(rois, tf.float32), [-1, 4])
         box_indices = tf.repeat(tf.range(batch, dtype=tf.int32), num)

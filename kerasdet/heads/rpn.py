@@ -67,8 +67,12 @@ class RPN:
         self.config = config
 
     def outputs(self, maps):
-        """(logits per level, deltas per level, anchors per level)."""
+        """(logits per level, deltas per level, anchors per level), all float32."""
         logits, deltas = self.head(maps)
+        # Under a mixed policy the head computes in float16 / bfloat16; the ranking, decoding,
+        # NMS and losses run in float32 (the -1e9 score of a dropped box is -inf in float16).
+        logits = [tf.cast(x, tf.float32) for x in logits]
+        deltas = [tf.cast(x, tf.float32) for x in deltas]
         anchors = self.anchor_generator([tf.shape(f)[1:3] for f in maps])
         return logits, deltas, anchors
 

@@ -4,6 +4,9 @@ Every layer is called as ``layer(features, boxes, box_indices)`` with flat boxes
 batch indices [R] (output [R, ph, pw, C_out]), or as ``layer(features, boxes)`` with padded
 per-image boxes [B, N, 4] (output [B, N, ph, pw, C_out]). Boxes are (x1, y1, x2, y2) in pixels of
 the network input; ``spatial_scale`` maps them to the feature map (1 / stride).
+
+Under a mixed-precision policy the features are pooled in the compute dtype (float16 / bfloat16,
+see kerasdet.ops.roi) but the boxes stay float32: see `keep_input_dtypes`.
 """
 import keras
 import tensorflow as tf
@@ -11,7 +14,23 @@ import tensorflow as tf
 from kerasdet.ops import roi
 from kerasdet.ops.xla import kernel_layer_supports_jit
 
-__all__ = ["RoIPool", "RoIAlign", "PSRoIPool", "PSRoIAlign", "DeformRoIPool", "DeformPSRoIPool"]
+__all__ = ["RoIPool", "RoIAlign", "PSRoIPool", "PSRoIAlign", "DeformRoIPool", "DeformPSRoIPool",
+           "keep_input_dtypes"]
+
+
+def keep_input_dtypes(layer):
+    """Stops Keras from casting `layer`'s floating call arguments to its compute dtype (boxes stay
+    float32 under a mixed policy); returns `layer`.
+
+    Under a mixed policy Keras casts every floating argument of a layer call to the compute dtype,
+    boxes included. bfloat16 keeps 8 significant bits, so a box corner at x = 300 moves by up to
+    1 pixel and one at x = 1000 by up to 2 (float16: 0.125 and 0.25; tests/test_precision.py
+    measures it on a pooled ramp). Layers that take boxes call this in their constructor and cast
+    their feature inputs to ``layer.compute_dtype`` themselves. Their sublayers (convs, fc) keep
+    their own autocasting, so their float32 variables are still read in the compute dtype.
+    """
+    layer.autocast = False
+    return layer
 
 
 class _RoIPoolingLayer(keras.layers.Layer):
@@ -22,6 +41,7 @@ class _RoIPoolingLayer(keras.layers.Layer):
 
     def __init__(self, output_size, spatial_scale=1.0, **kwargs):
         super().__init__(**kwargs)
+        keep_input_dtypes(self)
         self.output_size = roi._output_size(type(self).__name__, output_size)
         self.spatial_scale = float(spatial_scale)
         if not self.spatial_scale > 0:
@@ -43,6 +63,8 @@ class _RoIPoolingLayer(keras.layers.Layer):
         raise NotImplementedError
 
     def call(self, features, boxes, box_indices=None):
+        features = tf.cast(features, self.compute_dtype)
+        boxes = tf.cast(boxes, tf.float32)
         if box_indices is not None:
             return self._pool(features, boxes, box_indices)
         if boxes.shape.rank != 3:
