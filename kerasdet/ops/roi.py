@@ -122,6 +122,10 @@ def _prepare(op, features, boxes, box_indices, output_size, position_sensitive, 
                                  f"the {out_channels} output channels")
         offsets = tf.cast(offsets, tf.float32)
     out_dtype = features.dtype
+    # Mixed precision: the kernels are built for float32 only, and the fallbacks' bilinear weights
+    # and bin averages want float32 too, so half-precision features (and offsets) are cast to
+    # float32 around the call and the result back to their dtype by the op; tf.cast's gradient
+    # returns the gradients in the input dtype. Boxes are always float32.
     return (tf.cast(features, tf.float32), tf.cast(boxes, tf.float32),
             tf.cast(box_indices, tf.int32), offsets, ph, pw, out_dtype)
 
