@@ -28,7 +28,11 @@ Normalization by paper (pass these as weights / normalizer):
   `multibox_loss`.
 - Mask R-CNN: per-pixel sigmoid cross entropy on the m x m mask of the RoI's ground-truth class
   only, averaged over the pixels, then over the positive RoIs: `mask_loss`.
+- CC-Net cascade loss: stage t's softmax cross entropy over the RoIs still in the cascade
+  (bp_map = 1), divided by their number: `cascade_softmax_loss`; who stays: `cascade_pass_map`.
 """
+import math
+
 import keras
 import tensorflow as tf
 
@@ -48,6 +52,8 @@ __all__ = [
     "multibox_loss",
     "mask_loss",
     "weighted_normalized_sum",
+    "cascade_pass_map",
+    "cascade_softmax_loss",
 ]
 
 
@@ -324,3 +330,49 @@ def mask_loss(mask_targets, mask_logits, classes, weights=None, normalizer=None)
     own = tf.reduce_sum(mask_logits * one_hot[..., tf.newaxis, tf.newaxis, :], axis=-1)
     per_roi = tf.reduce_mean(binary_cross_entropy(mask_targets, own), axis=[-2, -1])
     return weighted_normalized_sum(per_roi, weights, normalizer)
+
+
+def cascade_pass_map(probs, labels, bp_map, threshold, keep_ratio=0.1, positive_quota=16,
+                     negative_quota=48):
+    """CC-Net's rejection rule (the `bp_map` top of SoftmaxWithCascadeLoss, cascade_type 1): which
+    RoIs the next stage's loss counts, per image.
+
+    A RoI stays when it is still counted (`bp_map` = 1, label >= 0) and its predicted probability
+    of its own label is below `threshold`: easy positives and easy negatives leave. When fewer
+    than ceil(keep_ratio x quota) of the counted positives (negatives) pass, the hardest of them
+    (lowest probability of their own label) stay instead, so at least that many of each remain
+    (or all of them when fewer are counted). Computed without gradient.
+
+    Args:
+        probs: [B, R, K + 1] class probabilities of this stage; labels: int [B, R] (0 background,
+            -1 not sampled); bp_map: [B, R] 0/1, the RoIs this stage's loss counted.
+        positive_quota / negative_quota: the sampler's foreground / background RoIs per image.
+
+    Returns float32 [B, R] 0/1.
+    """
+    probs = tf.stop_gradient(_as_float(probs, "probs"))
+    labels = tf.cast(labels, tf.int32)
+    counted = (tf.cast(bp_map, tf.float32) > 0.0) & (labels >= 0)
+    own = tf.gather(probs, tf.maximum(labels, 0), batch_dims=2)
+    passed = counted & (own < float(threshold))
+    keep = passed
+    for group, quota in ((labels >= 1, positive_quota), (labels == 0, negative_quota)):
+        candidates = counted & group
+        minimum = tf.minimum(int(math.ceil(float(keep_ratio) * int(quota) - 1e-9)),
+                             tf.reduce_sum(tf.cast(candidates, tf.int32), axis=1, keepdims=True))
+        # rank of each candidate by hardness (lowest own-label probability first); others last
+        hardness = tf.where(candidates, own, 2.0)
+        order = tf.argsort(hardness, axis=1, stable=True)
+        rank = tf.argsort(order, axis=1, stable=True)
+        keep = keep | (candidates & (rank < minimum))
+    return tf.cast(keep, tf.float32)
+
+
+def cascade_softmax_loss(labels, logits, bp_map, normalizer=None):
+    """CC-Net's cascade loss of one stage (SoftmaxWithCascadeLoss): the softmax cross entropy of
+    the RoIs still in the cascade (`bp_map` = 1, label >= 0), so a rejected RoI's loss and gradient
+    are exactly 0 (the reference multiplies the gradient by bp_map). normalizer: default the number
+    of RoIs counted (the released proto's `normalize` is ambiguous; we divide by the RoIs that
+    pass, so the loss is their mean)."""
+    weights = tf.stop_gradient(tf.cast(bp_map, tf.float32))
+    return softmax_cross_entropy_loss(labels, logits, weights, normalizer)

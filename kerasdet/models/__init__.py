@@ -11,6 +11,7 @@ _CLASSES = {
     "FasterRCNN": "kerasdet.models.faster_rcnn",
     "MaskRCNN": "kerasdet.models.mask_rcnn",
     "CascadeRCNN": "kerasdet.models.cascade_rcnn",
+    "CCNet": "kerasdet.models.ccnet",
     "RFCN": "kerasdet.models.rfcn",
     "DeformableFasterRCNN": "kerasdet.models.deformable",
     "deformable_rfcn": "kerasdet.models.deformable",
