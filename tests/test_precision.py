@@ -295,6 +295,11 @@ def test_tiny_detector_trains_and_predicts_under_mixed_precision(family, name, t
         assert np.isfinite(float(model.optimizer.dynamic_scale.numpy()))
 
     batch = next(iter(dataset))
+    if hasattr(model.proposal_source, "outputs"):  # an RPN: its outputs leave the head float32
+        maps, _ = model.features(model.input_images(batch))
+        logits, deltas, _ = model.proposal_source.outputs(maps)
+        assert maps[0].dtype == compute
+        assert all(x.dtype == tf.float32 for x in logits + deltas)
     inputs = {key: batch[key] for key in model.predict_input_keys}
     out = model.predict_on_batch(inputs)
     assert out["boxes"].dtype == np.float32 and out["scores"].dtype == np.float32
