@@ -11,6 +11,8 @@ import json
 import keras
 import tensorflow as tf
 
+from kerasdet.layers.roi_layers import keep_input_dtypes
+
 __all__ = ["Detector", "batch_image_shapes", "ground_truth", "ground_truth_crowd"]
 
 
@@ -65,6 +67,11 @@ class Detector(keras.Model):
 
     def __init__(self, num_classes, class_names=None, input_settings=None, **kwargs):
         super().__init__(**kwargs)
+        # The batch's float entries (image_info sizes, Fast R-CNN's proposals) reach the model
+        # float32: Keras would otherwise cast them to a mixed policy's compute dtype when the model
+        # is called (predict), and bfloat16 rounds an image width of 1333 to 1336. The images are
+        # cast by `input_images`; every layer keeps its own autocasting.
+        keep_input_dtypes(self)
         if int(num_classes) < 1:
             raise ValueError(f"`num_classes` must be >= 1, got {num_classes!r}.")
         self.num_classes = int(num_classes)

@@ -30,7 +30,6 @@ import tensorflow as tf
 from kerasdet.heads.cascade import mean_class_probabilities, relabel_rois
 from kerasdet.heads.mask_head import batch_mask_grids
 from kerasdet.heads.part_config import flat_settings, read_settings
-from kerasdet.layers.roi_layers import keep_input_dtypes
 from kerasdet.models.base import Detector, batch_image_shapes, ground_truth, ground_truth_crowd
 
 __all__ = ["TwoStageDetector"]
@@ -71,11 +70,6 @@ class TwoStageDetector(Detector):
         for cls, config in configs.items():
             setattr(self, cls.attribute, config)
         super().__init__(num_classes, **kwargs)
-        # The batch's float entries (image_info sizes, Fast R-CNN's proposals) reach the model
-        # float32: Keras would otherwise cast them to a mixed policy's compute dtype when the model
-        # is called (predict), and bfloat16 rounds an image width of 1333 to 1336. The images are
-        # cast by `input_images`; every layer keeps its own autocasting.
-        keep_input_dtypes(self)
         self.seed = seed
         self.sampling_seed = keras.random.SeedGenerator(seed, name="sampling_seed")
         self.assemble(**self.build_parts())
