@@ -403,3 +403,34 @@ def test_commands_start_without_tensorflow_logs(tmp_path):
     # kerasdet's own messages pass the filter.
     kept = "kerasdet: compiled kernels not found ...\nI0000 00:00:1796034731.359573    6350 port.cc:153] oneDNN"
     assert [line for line in kept.splitlines() if not cli._is_tensorflow_log(line)] == [kept.splitlines()[0]]
+
+
+def test_train_precision_flag_sets_the_policy_for_the_run_only(setup, tmp_path, capsys):
+    import json
+
+    import keras
+
+    out = tmp_path / "bf16"
+    assert cli.main(["train", setup["config"], "--data", setup["spec"], "--out", str(out),
+                     "--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "2",
+                     "--precision", "mixed_bfloat16",
+                     "--quiet"]) == 0
+    assert "precision: mixed_bfloat16" in capsys.readouterr().out
+    record = json.loads((out / "run.json").read_text())
+    assert record["precision"] == "mixed_bfloat16" and record["strategy"] == "none"
+    assert keras.config.dtype_policy().name == "float32"  # restored after the run
+    trained = h5_arrays(out / "model.weights.h5")
+    assert trained and all(np.all(np.isfinite(v)) for v in trained.values())
+    # A mixed_float16 optimizer holds a loss scale: the run resumes only in its own precision.
+    assert cli.main(["train", setup["config"], "--data", setup["spec"], "--out", str(out),
+                     "--epochs", "2", "--batch-size", "2", "--precision", "mixed_float16",
+                     "--resume", "--quiet"]) == 2
+    assert "trained with --precision mixed_bfloat16" in capsys.readouterr().err
+
+
+def h5_arrays(path):
+    found = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda name, item: found.__setitem__(name, item[()])
+                     if isinstance(item, h5py.Dataset) else None)
+    return found

@@ -198,6 +198,15 @@ def train(options):
     if options.strategy not in (None, "none") and options.alternating:
         raise ValueError("--alternating trains four networks one after the other and does not run "
                          "under --strategy; train it on one device")
+    record = os.path.join(options.out, RUN_RECORD)
+    if options.resume and os.path.isfile(record):
+        with open(record, encoding="utf-8") as handle:
+            trained_with = json.load(handle).get("precision", "float32")
+        if trained_with != precision:
+            # A float16 run's optimizer state holds the loss scale: the backup does not load
+            # into another precision's optimizer.
+            raise ValueError(f"--resume: the run in {options.out} trained with --precision {trained_with}; "
+                             f"resume it with the same precision, not {precision}")
     previous_policy = keras.config.dtype_policy()
     keras.config.set_dtype_policy(precision)
     try:
