@@ -8,6 +8,17 @@ iterator) that a finite data set pays at every epoch, and the bytes per image of
 image-sized uint8 masks of the same slots would take.
 
     python benchmarks/input_pipeline.py --num-images 256 --batch-size 8 --epochs 2
+
+The ``train_flip_800x1333_stride32`` setting is the R50-FPN training input (random flip, shorter
+side 800, longer at most 1333, padded to stride 32, batch 2) on COCO-sized JPEGs
+(``--train-image-size``, 480 x 640 by default, so every image is upsampled as COCO's are). Its
+images/s is printed next to what the training step consumes, 2 / step seconds, with the step time
+from ``--step-seconds`` or from ``benchmarks/train_speed.py --output`` JSON (``--train-speed-json``,
+the slowest model's step is used):
+
+    python benchmarks/train_speed.py --output train_speed.json
+    python benchmarks/input_pipeline.py --settings train_flip_800x1333_stride32 \
+        --train-speed-json train_speed.json
 """
 import argparse
 import json
@@ -31,7 +42,15 @@ SETTINGS = {
                                                 keep_aspect_ratio=False, augment="ssd")),
     "train_flip_masks_256": ("files", dict(training=True, image_size=(256, 256), augment="flip",
                                            with_masks=True)),
+    # The R50-FPN training input (batch 2, COCO-sized JPEGs: --train-image-size). build_dataset's
+    # defaults are the settings measured for it: both maps with num_parallel_calls=AUTOTUNE
+    # (decode + augment + resize of several images at once), prefetch(AUTOTUNE) after batching.
+    "train_flip_800x1333_stride32": (
+        "files_large", dict(training=True, min_size=800, max_size=1333, stride=32,
+                            augment="flip")),
 }
+# Settings whose batch size is fixed (the training step's), whatever --batch-size says.
+FIXED_BATCH = {"train_flip_800x1333_stride32": 2}
 
 
 def batch_bytes_per_image(batch):
@@ -86,6 +105,18 @@ def measure_memory(workdir, image_size, objects, seed):
             "image_sized_uint8_mask_bytes_per_image": objects * int(height) * int(width)}
 
 
+def training_step_seconds(args):
+    """The training step the 800 x 1333 pipeline feeds: --step-seconds, or the slowest kerasdet
+    step of a train_speed.py JSON file, or None."""
+    if args.step_seconds:
+        return args.step_seconds
+    if args.train_speed_json:
+        with open(args.train_speed_json) as f:
+            models = json.load(f)["models"]
+        return max(entry["kerasdet_step_s"] for entry in models.values())
+    return None
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-images", type=int, default=256)
@@ -100,6 +131,12 @@ def main(argv=None):
                         metavar=("H", "W"), help="image size of the mask memory figure")
     parser.add_argument("--memory-objects", type=int, default=100,
                         help="object slots (max_boxes) of the mask memory figure")
+    parser.add_argument("--train-image-size", type=int, nargs=2, default=(480, 640),
+                        metavar=("H", "W"), help="generated image size of the 800 x 1333 setting")
+    parser.add_argument("--step-seconds", type=float, default=None,
+                        help="training-step seconds at batch 2 (what the pipeline must feed)")
+    parser.add_argument("--train-speed-json", default=None,
+                        help="benchmarks/train_speed.py --output file to read the step time from")
     args = parser.parse_args(argv)
 
     import tensorflow as tf
@@ -113,17 +150,33 @@ def main(argv=None):
     dataset = make_dataset(os.path.join(workdir, "synthetic"), args.num_images, seed=args.seed,
                            image_size=tuple(args.image_size), object_size=(16, 128), max_objects=6)
     generate_seconds = time.perf_counter() - start
-    tfrecord = None
+    tfrecord = large = None
     results = {}
     for name in args.settings:
         source, kwargs = SETTINGS[name]
         if source == "tfrecord" and tfrecord is None:
             tfrecord = write_tfrecord(dataset, os.path.join(workdir, "train.tfrecord"))
-        def make(repeat, source=source, kwargs=kwargs):
-            return build_dataset(dataset if source == "files" else tfrecord, args.batch_size,
-                                 seed=args.seed, max_boxes=8, repeat=repeat, **kwargs)
+        if source == "files_large" and large is None:
+            large = make_dataset(os.path.join(workdir, "synthetic_large"), args.num_images,
+                                 seed=args.seed, image_size=tuple(args.train_image_size),
+                                 object_size=(16, 256), max_objects=6)
+        data = {"files": dataset, "tfrecord": tfrecord, "files_large": large}[source]
+        batch_size = FIXED_BATCH.get(name, args.batch_size)
 
-        results[name] = measure(make, args.num_images, args.batch_size, args.epochs)
+        def make(repeat, data=data, kwargs=kwargs, batch_size=batch_size):
+            return build_dataset(data, batch_size, seed=args.seed, max_boxes=8, repeat=repeat,
+                                 **kwargs)
+
+        results[name] = measure(make, args.num_images, batch_size, args.epochs)
+        results[name]["batch_size"] = batch_size
+        if name in FIXED_BATCH:
+            step = training_step_seconds(args)
+            if step is not None:
+                consumed = batch_size / step
+                results[name].update(
+                    training_step_seconds=round(step, 3),
+                    training_consumes_images_per_second=round(consumed, 3),
+                    pipeline_over_training=round(results[name]["images_per_second"] / consumed, 1))
     memory = measure_memory(workdir, tuple(args.memory_image_size), args.memory_objects, args.seed)
     print(json.dumps({
         "benchmark": "input_pipeline",

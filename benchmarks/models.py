@@ -4,10 +4,13 @@
 For each detector: inference latency at ResNet-50 scale (800 x 1216 input, batch 1, 80 classes;
 median of --repeats after a warm-up call that traces the graph), and the training-step time of the
 tiny configuration the learning tests use (128 x 128, batch 4). With --torchvision (needs torch and
-torchvision installed), the same-architecture torchvision models are timed in the same run, so the
-ratio compares the two frameworks on the same cores at the same moment.
+torchvision installed), the same-architecture torchvision models (random weights, 81 classes,
+min_size 800 / max_size 1216 so the input is not resized) are timed just before and just after
+kerasdet in the same run, in a child process (torch without TensorFlow), and the ratio
+kerasdet / torchvision uses the mean of the two, so the two frameworks are compared on the same
+cores at the same moment; the load averages go into the JSON.
 
-    python benchmarks/models.py [--models faster_rcnn_fpn,mask_rcnn_fpn] [--repeats 5]
+    python benchmarks/models.py --models faster_rcnn_fpn,mask_rcnn_fpn --torchvision --repeats 5
 """
 import argparse
 import importlib
@@ -17,21 +20,25 @@ import statistics
 import sys
 import time
 
+import subprocess
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-if "--torchvision" in sys.argv:
-    # torch must load before TensorFlow: the other order crashes in one process (measured here).
-    import torch  # noqa: F401
-    import torchvision  # noqa: F401
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+
+if "--torchvision-child" not in sys.argv:  # the torchvision child never loads TensorFlow
+    import tensorflow as tf  # noqa: E402
 
 # name -> (module, class, ResNet-50-scale kwargs, tiny kwargs, torchvision builder name)
 FPN_TINY = dict(backbone="tiny", fpn_channels=64, fc_dim=256,
                 anchor_sizes=((16,), (32,), (64,), (128,), (256,)), rpn_batch_size=128,
                 roi_batch_size=128, rpn_pre_nms_top_k_train=500, rpn_post_nms_top_k_train=300,
                 rpn_pre_nms_top_k_test=300, rpn_post_nms_top_k_test=100, seed=0)
+REFINEDET_TINY = dict(backbone="tiny", source_layers=("C3", "C4", "C5"), l2_norm_scales=(0, 0, 0),
+                      backbone_config={"channels": [16, 32, 64, 96, 128],
+                                       "input_normalization": "torchvision"},
+                      anchor_sizes=((16,), (32,), (64,)), tcb_channels=64, seed=0)
 MODELS = {
     "faster_rcnn_fpn": ("kerasdet.models.faster_rcnn", "FasterRCNN",
                         dict(backbone="resnet50"), FPN_TINY, "fasterrcnn_resnet50_fpn"),
@@ -48,6 +55,12 @@ MODELS = {
     "deformable_faster_rcnn_fpn": ("kerasdet.models.deformable", "DeformableFasterRCNN",
                                    dict(backbone="resnet50_dcn"),
                                    dict(FPN_TINY, backbone="tiny_dcn"), None),
+    # RefineDet (issue #13): VGG-16 at its own square input, VOC's 20 classes (the paper's models);
+    # the tiny kwargs are its learning test's configuration.
+    "refinedet320_vgg16": ("kerasdet.models.refinedet", "RefineDet",
+                           dict(input_size=(320, 320), num_classes=20), REFINEDET_TINY, None),
+    "refinedet512_vgg16": ("kerasdet.models.refinedet", "RefineDet",
+                           dict(input_size=(512, 512), num_classes=20), REFINEDET_TINY, None),
 }
 
 
@@ -62,9 +75,11 @@ def median_seconds(fn, repeats):
 
 
 def keras_inference(cls, kwargs, repeats):
-    model = cls(80, **kwargs)
-    model.build((1, 800, 1216, 3))
-    images = tf.random.uniform([1, 800, 1216, 3], 0, 255, seed=0)
+    kwargs = dict(kwargs)
+    height, width = kwargs.pop("input_size", (800, 1216))  # single-shot models: their own size
+    model = cls(kwargs.pop("num_classes", 80), **kwargs)
+    model.build((1, height, width, 3))
+    images = tf.random.uniform([1, height, width, 3], 0, 255, seed=0)
     predict = tf.function(lambda x: model(x, training=False))
     return median_seconds(lambda: tf.nest.map_structure(lambda t: t.numpy(), predict(images)),
                           repeats), model.count_params()
@@ -98,13 +113,30 @@ def torchvision_inference(name, repeats):
         return median_seconds(lambda: model([image]), repeats)
 
 
+def torchvision_child(name, repeats):
+    """Run in a child process: torchvision's inference seconds for `name`, as one JSON line."""
+    seconds = torchvision_inference(name, repeats)
+    print(json.dumps({"seconds": seconds, "load_average": list(os.getloadavg())}))
+
+
+def torchvision_in_child(name, repeats):
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--torchvision-child", name,
+                          "--repeats", str(repeats)], check=True, stdout=subprocess.PIPE,
+                         text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--torchvision", action="store_true")
     parser.add_argument("--skip-inference", action="store_true")
+    parser.add_argument("--skip-train", action="store_true", help="no tiny training step")
+    parser.add_argument("--torchvision-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.torchvision_child:
+        return torchvision_child(args.torchvision_child, args.repeats)
     report = {"tensorflow": tf.__version__, "cpus": os.cpu_count(), "models": {}}
     for name in args.models.split(","):
         module, cls_name, big, tiny, tv_name = MODELS[name]
@@ -114,14 +146,31 @@ def main():
         except (ImportError, AttributeError) as err:
             entry["skipped"] = f"not available: {err}"
             continue
+        compare = args.torchvision and tv_name and not args.skip_inference
+        if compare:
+            before = torchvision_in_child(tv_name, args.repeats)
         if not args.skip_inference:
+            load = os.getloadavg()
+            if tv_name:  # torchvision's settings (NMS sizes, thresholds, frozen BN, ...)
+                from kerasdet.converters.torchvision import detector_config
+
+                big = {k: v for k, v in detector_config(tv_name, 80).items() if k != "num_classes"}
             seconds, params = keras_inference(cls, big, args.repeats)
-            entry.update(inference_800x1216_s=round(seconds, 3), parameters=params)
-        entry["train_step_tiny_s"] = round(keras_train_step(cls, tiny, args.repeats), 4)
-        if args.torchvision and tv_name and not args.skip_inference:
-            tv = torchvision_inference(tv_name, args.repeats)
-            entry["torchvision_inference_800x1216_s"] = round(tv, 3)
-            entry["speedup_vs_torchvision"] = round(tv / entry["inference_800x1216_s"], 2)
+            entry.update(inference_800x1216_s=round(seconds, 3), parameters=params,
+                         load_average=list(load))
+        if compare:
+            after = torchvision_in_child(tv_name, args.repeats)
+            tv = (before["seconds"] + after["seconds"]) / 2
+            entry.update(torchvision_inference_before_s=round(before["seconds"], 3),
+                         torchvision_inference_after_s=round(after["seconds"], 3),
+                         torchvision_load_average=[before["load_average"],
+                                                   after["load_average"]],
+                         ratio_kerasdet_over_torchvision=round(seconds / tv, 3),
+                         speedup_vs_torchvision=round(tv / seconds, 2))
+        if not args.skip_train:
+            entry["train_step_tiny_s"] = round(keras_train_step(cls, tiny, args.repeats), 4)
+        if "input_size" in big and "inference_800x1216_s" in entry:
+            entry["inference_{}x{}_s".format(*big["input_size"])] = entry.pop("inference_800x1216_s")
         print(json.dumps({name: entry}), file=sys.stderr, flush=True)
     print(json.dumps(report, indent=2))
 
