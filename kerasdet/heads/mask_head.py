@@ -249,7 +249,7 @@ def select_class_masks(mask_logits, classes):
     return tf.reduce_sum(mask_logits * one_hot[..., tf.newaxis, tf.newaxis, :], axis=-1)
 
 
-def paste_masks(masks, boxes, image_size):
+def paste_masks(masks, boxes, image_size, threshold=None):
     """Pastes per-box M x M masks into H x W image masks, in the graph.
 
     Image pixel (r, c) whose centre (c + 0.5, r + 0.5) lies in [x1, x2) x [y1, y2) takes the
@@ -267,8 +267,9 @@ def paste_masks(masks, boxes, image_size):
         boxes: [B, K, 4] (x1, y1, x2, y2) in pixels of the output canvas.
         image_size: (H, W) Python ints or a tensor.
 
-    Returns float32 [B, K, H, W]. Memory: B * K * H * W floats (about 390 MB for 100 masks on an
-    800 x 1216 canvas).
+    Returns float32 [B, K, H, W]; with a number `threshold`, bool ``pasted >= threshold``
+    (computed without the float canvas select, see `resample_masks`). Memory: B * K * H * W
+    floats (about 390 MB for 100 masks on an 800 x 1216 canvas).
     """
     masks = tf.cast(tf.convert_to_tensor(masks), tf.float32)
     boxes = tf.cast(tf.convert_to_tensor(boxes), tf.float32)
@@ -284,7 +285,7 @@ def paste_masks(masks, boxes, image_size):
     canvas = tf.cast(tf.stack([0, 0, image_size[1], image_size[0]]), tf.float32)
     pasted = resample_masks(tf.reshape(masks, [count, shape[2], shape[3]]),
                             tf.reshape(boxes, [-1, 4]), tf.tile(canvas[tf.newaxis], [count, 1]),
-                            tf.range(count), image_size)
+                            tf.range(count), image_size, threshold=threshold)
     return tf.reshape(pasted, [batch, num, image_size[0], image_size[1]])
 
 
@@ -299,6 +300,6 @@ def detection_masks(mask_logits, detections, canvas_size, threshold=0.5, paste=T
     filled = (slots < detections["num_detections"][:, tf.newaxis]) & (detections["classes"] >= 0)
     if not paste:
         return tf.where(filled[..., tf.newaxis, tf.newaxis], probs, 0.0)
-    pasted = paste_masks(probs, boxes, canvas_size)
-    binary = (pasted >= threshold) & filled[..., tf.newaxis, tf.newaxis]
+    binary = paste_masks(probs, boxes, canvas_size, threshold=threshold) & filled[
+        ..., tf.newaxis, tf.newaxis]
     return tf.cast(binary, tf.uint8)

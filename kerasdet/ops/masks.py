@@ -16,7 +16,7 @@ import tensorflow as tf
 __all__ = ["resample_masks"]
 
 
-def resample_masks(masks, mask_boxes, boxes, indices, size):
+def resample_masks(masks, mask_boxes, boxes, indices, size, threshold=None):
     """Resample ``masks[indices[r]]`` onto the cells of ``boxes[r]`` (see the module docstring).
 
     Args:
@@ -25,9 +25,11 @@ def resample_masks(masks, mask_boxes, boxes, indices, size):
         boxes: [R, 4] boxes to resample onto, in the frame of ``mask_boxes``.
         indices: int [R] mask of each box, each in [0, K).
         size: (out_h, out_w) cells per box (ints or an int tensor).
+        threshold: None, or a number: then the result is bool, ``resampled >= threshold``, the
+            same values as thresholding the float result, computed without it (see below).
 
-    Returns float32 [R, out_h, out_w] in the masks' value range. Memory: one edge-padded copy of
-    ``masks`` (the clamp) plus the output.
+    Returns float32 [R, out_h, out_w] in the masks' value range (bool with ``threshold``). Memory:
+    one edge-padded copy of ``masks`` (the clamp) plus the output.
     """
     masks = tf.convert_to_tensor(masks)
     if masks.dtype == tf.bool:
@@ -65,5 +67,16 @@ def resample_masks(masks, mask_boxes, boxes, indices, size):
     centres_y = by1[:, None] + (tf.range(out_h) + 0.5) * step_y[:, None]
     inside_x = (centres_x >= sx1[:, None]) & (centres_x < sx2[:, None])  # [R, out_w]
     inside_y = (centres_y >= sy1[:, None]) & (centres_y < sy2[:, None])  # [R, out_h]
-    inside = inside_y[:, :, tf.newaxis] & inside_x[:, tf.newaxis, :]
-    return tf.where(inside, crops, 0.0)
+    inside_y, inside_x = inside_y[:, :, tf.newaxis], inside_x[:, tf.newaxis, :]
+    if threshold is None:
+        return tf.where(inside_y & inside_x, crops, 0.0)
+    # Thresholded (Mask R-CNN's pasted masks, [100, 800, 1216] = 97M cells): the comparison on the
+    # crops and the box test on byte-sized bools broadcast per row and column, instead of a float32
+    # select over the canvas followed by the comparison. Equal by construction (where(inside, c, 0)
+    # >= t is inside & (c >= t) | ~inside & (0 >= t)); it saves one 390 MB read + write and the
+    # materialised [R, H, W] box mask. Measured on 100 masks pasted into 800 x 1216 and binarized,
+    # alternating old / new 8 times in one process on 2 loaded cores (load ~8): 1.20 -> 0.91 s.
+    above = crops >= tf.cast(threshold, crops.dtype)
+    if float(threshold) <= 0.0:  # cells outside the box read 0, which passes such a threshold
+        return above | ~(inside_y & inside_x)
+    return above & inside_y & inside_x
