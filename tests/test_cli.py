@@ -12,6 +12,7 @@ import pytest
 import tensorflow as tf
 
 from kerasdet import cli
+from run_setup import h5_arrays, write_cli_setup
 from kerasdet import engine
 from kerasdet.engine import runs
 
@@ -25,17 +26,7 @@ TINY = {"num_classes": 3, "backbone": "tiny", "fpn_channels": 16, "fc_dim": 32,
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A 64x64 synthetic COCO set (8 train, 4 val images) and a tiny model config file."""
-    from kerasdet.data.synthetic import make_dataset
-
-    root = tmp_path_factory.mktemp("cli")
-    for split, count, seed in (("train", 8, 1), ("val", 4, 2)):
-        make_dataset(str(root / split), count, seed=seed, image_size=(64, 64), split=split,
-                     object_size=(12, 32))
-    config = root / "tiny.json"
-    config.write_text(json.dumps({"class": "kerasdet.models.faster_rcnn:FasterRCNN",
-                                  "arguments": TINY, "input": {"image_size": [64, 64]}}))
-    spec = f"coco:{root}/{{split}}/annotations/instances_{{split}}.json:{root}/{{split}}/images"
-    return {"root": root, "config": str(config), "spec": spec}
+    return write_cli_setup(tmp_path_factory.mktemp("cli"), TINY)
 
 
 def _pipelines(setup, batch_size=2):
@@ -426,11 +417,3 @@ def test_train_precision_flag_sets_the_policy_for_the_run_only(setup, tmp_path, 
                      "--epochs", "2", "--batch-size", "2", "--precision", "mixed_float16",
                      "--resume", "--quiet"]) == 2
     assert "trained with --precision mixed_bfloat16" in capsys.readouterr().err
-
-
-def h5_arrays(path):
-    found = {}
-    with h5py.File(path, "r") as f:
-        f.visititems(lambda name, item: found.__setitem__(name, item[()])
-                     if isinstance(item, h5py.Dataset) else None)
-    return found

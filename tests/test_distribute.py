@@ -13,6 +13,7 @@ import sys
 
 import numpy as np
 import pytest
+from run_setup import h5_arrays, write_cli_setup
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "distribute_runs", "mirrored_steps.py")
 # Measured here: mirrored vs one device 1.5e-8 (Faster) / 7e-9 (Mask R-CNN), float32 summation
@@ -74,19 +75,7 @@ GLOBAL_BATCH = 4
 @pytest.fixture(scope="module")
 def cli_data(tmp_path_factory):
     """8 training and 4 validation images of 64 x 64 (COCO layout) and a tiny Faster R-CNN config."""
-    import json
-
-    from kerasdet.data.synthetic import make_dataset
-
-    root = tmp_path_factory.mktemp("multi_worker")
-    for split, count, seed in (("train", 8, 1), ("val", 4, 2)):
-        make_dataset(str(root / split), count, seed=seed, image_size=(64, 64), split=split,
-                     object_size=(12, 32))
-    config = root / "tiny.json"
-    config.write_text(json.dumps({"class": "kerasdet.models.faster_rcnn:FasterRCNN",
-                                  "arguments": TAKE_ALL, "input": {"image_size": [64, 64]}}))
-    spec = f"coco:{root}/{{split}}/annotations/instances_{{split}}.json:{root}/{{split}}/images"
-    return {"config": str(config), "spec": spec}
+    return write_cli_setup(tmp_path_factory.mktemp("multi_worker"), TAKE_ALL)
 
 
 def free_ports(count):
@@ -137,18 +126,8 @@ def run_single(data, out, epochs, *extra):
     return result.stdout
 
 
-def h5_weights(path):
-    import h5py
-
-    found = {}
-    with h5py.File(path, "r") as f:
-        f.visititems(lambda name, item: found.__setitem__(name, item[()])
-                     if isinstance(item, h5py.Dataset) else None)
-    return found
-
-
 def max_file_difference(a, b):
-    first, second = h5_weights(a), h5_weights(b)
+    first, second = h5_arrays(a), h5_arrays(b)
     assert sorted(first) == sorted(second) and first
     return max(float(np.max(np.abs(first[k] - second[k]))) for k in first)
 
