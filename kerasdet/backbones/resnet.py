@@ -57,7 +57,7 @@ def _norm(name, frozen_bn):
     return keras.layers.BatchNormalization(epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=name)
 
 
-def _conv(x, filters, kernel_size, stride, name):
+def _conv(x, filters, kernel_size, stride, name, initializer=None):
     """Bias-free conv with PyTorch's symmetric padding kernel_size // 2."""
     pad = kernel_size // 2
     if stride > 1 and pad > 0:
@@ -67,31 +67,33 @@ def _conv(x, filters, kernel_size, stride, name):
         # Stride 1 with an odd kernel: "same" already pads symmetrically.
         padding = "same"
     return keras.layers.Conv2D(filters, kernel_size, strides=stride, padding=padding, use_bias=False,
-                               kernel_initializer=_conv_initializer(), name=name)(x)
+                               kernel_initializer=initializer or _conv_initializer(), name=name)(x)
 
 
-def bottleneck_block(x, prefix, planes, stride, downsample, frozen_bn, deformable=None):
+def bottleneck_block(x, prefix, planes, stride, downsample, frozen_bn, deformable=None,
+                     initializer=None):
     """One torchvision Bottleneck; ``prefix`` is e.g. "layer2_0". Returns the block output.
 
     ``deformable`` (None, 1 or 2) swaps the 3x3 conv for a `DeformConv2D` (DCN v1 / v2 with mask) of
     the same name, kernel shape and padding, as Deformable ConvNets do in the last stages.
+    ``initializer``: the convs' kernel initializer (default torchvision's, `_conv_initializer`).
     """
     shortcut = x
-    y = _conv(x, planes, 1, 1, f"{prefix}_conv1")
+    y = _conv(x, planes, 1, 1, f"{prefix}_conv1", initializer)
     y = _norm(f"{prefix}_bn1", frozen_bn)(y)
     y = keras.layers.ReLU(name=f"{prefix}_relu1")(y)
     if deformable:
         y = DeformConv2D(planes, 3, strides=stride, padding=1, use_bias=False, use_mask=deformable == 2,
                          kernel_initializer=_conv_initializer(), name=f"{prefix}_conv2")(y)
     else:
-        y = _conv(y, planes, 3, stride, f"{prefix}_conv2")
+        y = _conv(y, planes, 3, stride, f"{prefix}_conv2", initializer)
     y = _norm(f"{prefix}_bn2", frozen_bn)(y)
     y = keras.layers.ReLU(name=f"{prefix}_relu2")(y)
-    y = _conv(y, planes * EXPANSION, 1, 1, f"{prefix}_conv3")
+    y = _conv(y, planes * EXPANSION, 1, 1, f"{prefix}_conv3", initializer)
     y = _norm(f"{prefix}_bn3", frozen_bn)(y)
     if downsample:
         shortcut = keras.layers.Conv2D(planes * EXPANSION, 1, strides=stride, use_bias=False,
-                                       kernel_initializer=_conv_initializer(),
+                                       kernel_initializer=initializer or _conv_initializer(),
                                        name=f"{prefix}_downsample_0")(x)
         shortcut = _norm(f"{prefix}_downsample_1", frozen_bn)(shortcut)
     y = keras.layers.Add(name=f"{prefix}_add")([y, shortcut])
@@ -189,8 +191,10 @@ class ResNet(Backbone):
             outputs[f"C{stage + 1}"] = x
             strides[f"C{stage + 1}"] = 2 ** (stage + 1)
         if extra_res6:
-            # 128 planes x expansion 4 = 512 output channels, as RefineDet's res6.
-            outputs["C6"] = bottleneck_block(x, "res6", 128, 2, downsample=True, frozen_bn=frozen_bn)
+            # 128 planes x expansion 4 = 512 output channels, as RefineDet's res6; its convs start
+            # from N(0, 0.01) as the reference model's new layers (no ImageNet weights exist for it).
+            outputs["C6"] = bottleneck_block(x, "res6", 128, 2, downsample=True, frozen_bn=frozen_bn,
+                                             initializer=keras.initializers.RandomNormal(0.0, 0.01))
             strides["C6"] = 64
         if include_top:
             pooled = keras.layers.GlobalAveragePooling2D(name="avgpool")(x)
