@@ -40,13 +40,19 @@ OVERFEAT_CONVS = {
              (1024, 3, 1, 1, 2)),
     "accurate": ((96, 7, 2, 0, 3), (256, 7, 1, 0, 2), (512, 3, 1, 1, None), (512, 3, 1, 1, None),
                  (1024, 3, 1, 1, None), (1024, 3, 1, 1, 3)),
+    # Not in the paper: a small network with the accurate model's structure where it matters for
+    # the fine stride (last pool 3x3/3 on an unpooled top map, a fixed-size classifier input) so the
+    # OverFeat detector's tests and synthetic zoo entries train on CPU. Features stride 4, pooled 12.
+    "tiny": ((16, 3, 1, 1, 2), (32, 3, 1, 1, 2), (64, 3, 1, 1, None), (64, 3, 1, 1, 3)),
 }
 # (channels, kernel) of the fully connected layers as convolutions; the last one is the classifier.
 OVERFEAT_FULL = {
     "fast": ((3072, 6), (4096, 1), (1000, 1)),
     "accurate": ((4096, 5), (4096, 1), (1000, 1)),
+    "tiny": ((128, 4), (128, 1), (1000, 1)),
 }
-TRAINING_INPUT_SIZE = {"fast": 231, "accurate": 221}
+# The input that gives a 1x1 classifier output: the window one classifier output looks at.
+TRAINING_INPUT_SIZE = {"fast": 231, "accurate": 221, "tiny": 48}
 
 
 def _total_stride(variant, pooled):
@@ -67,7 +73,7 @@ class OverFeat(Backbone):
     "pooled" = after the pooling, and with ``include_top`` "logits", the spatial class-score map.
 
     Args:
-        variant: "fast" or "accurate".
+        variant: "fast", "accurate" or "tiny" (not in the paper; for tests and synthetic data).
         include_top: add the fully connected layers as convolutions.
         num_classes: channels of the last layer (1000 in the paper).
         dropout: rate after the first two fully connected layers.
