@@ -14,6 +14,9 @@ clipnorm 10):
     python benchmarks/refinedet_ablation.py [--epochs 8] [--seeds 0]
 
 One JSON line per (variant, seed) goes to stderr as it finishes; the report (JSON) to stdout.
+Measured when written (seed 0, 6 epochs, 2 shared CPU cores): full 0.901, no_filter 0.973,
+single_step 0.916 held-out VOC mAP@0.5: two-step regression helps as in the paper (0.973 vs 0.916);
+the filter did not help on this set in this short run (the paper: +0.5 on VOC).
 The synthetic set is far from VOC (3 shapes, small images, a tiny backbone), so only the
 direction of the differences can be compared, and at this size a seed's noise is of the order of
 the paper's 0.5-point gap.

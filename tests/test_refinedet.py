@@ -405,3 +405,23 @@ def test_refinedet_resnet101_anchor_and_parameter_counts_and_res6_init():
     assert model.count_params() - bn_stats == expected
     kernel = np.asarray(model.backbone.get_layer("res6_conv2").kernel)
     assert abs(kernel.std() - 0.01) < 0.001 and abs(kernel.mean()) < 0.001
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_tiny_refinedet_trains_and_predicts_float32_under_a_mixed_policy(policy):
+    import keras
+
+    keras.config.set_dtype_policy(policy)
+    try:
+        model = tiny_refinedet()
+        model.compile(optimizer=keras.optimizers.SGD(0.01))
+        batch = {"images": tf.random.uniform([2, 64, 64, 3], 0, 255),
+                 "bounding_boxes": {"boxes": tf.constant(GT_BOXES[:, :2] * 0.6),
+                                    "labels": tf.constant(GT_LABELS[:, :2])}}
+        logs = model.train_on_batch(batch, return_dict=True)
+        assert all(np.isfinite(v) for v in logs.values()) and logs["odm_cls"] > 0
+        out = model.predict_on_batch(batch["images"])
+        assert out["boxes"].dtype == np.float32 and out["scores"].dtype == np.float32
+        assert model.odm_conf.convs[0].compute_dtype == policy.split("_")[1]
+    finally:
+        keras.config.set_dtype_policy("float32")
