@@ -130,13 +130,14 @@ class ChainedCascade:
     rejection only freezes the scores.
     thresholds[t], rejects[t]: stage t rejects (training: the RoIs it hands to stage t + 1's loss;
     test: RoIs whose background probability exceeds thresholds[t]); loss_weights[t]: factor on
-    stage t's cascade loss.
+    stage t's cascade loss; normalize: "sampled" divides each stage's loss by the sampled RoIs,
+    "passing" by the RoIs it counts.
     """
 
     def __init__(self, num_classes, sources, feature_keys, heads, classifiers, alphas, betas,
                  box_predictor, thresholds, rejects, loss_weights, keep_ratio=0.1,
                  rejection=True, test_rejection=True, box_from="first", gating=None,
-                 box_weights=(10.0, 10.0, 5.0, 5.0), foreground_iou=0.5):
+                 box_weights=(10.0, 10.0, 5.0, 5.0), foreground_iou=0.5, normalize="sampled"):
         self.num_classes = int(num_classes)
         self.sources, self.feature_keys, self.heads = list(sources), list(feature_keys), list(heads)
         self.classifiers, self.alphas, self.betas = list(classifiers), list(alphas), list(betas)
@@ -150,6 +151,7 @@ class ChainedCascade:
         self.gating = tuple(tuple(int(i) for i in pair) for pair in (gating or ()))
         self.box_weights = tuple(float(w) for w in box_weights)
         self.foreground_iou = float(foreground_iou)
+        self.normalize = normalize
         # Chaining is off where the scales are None (the ablation's unchained stages).
         self.feature_chaining = all(a is not None for a in self.alphas[1:])
         self.score_chaining = all(b is not None for b in self.betas)
@@ -210,11 +212,12 @@ class ChainedCascade:
         scores, deltas = self.forward(roi_features, sampled["rois"], training)
         labels = sampled["labels"]
         bp_map = tf.cast(labels >= 0, tf.float32)
+        normalizer = None if self.normalize == "passing" else tf.reduce_sum(bp_map)
         losses, bp_maps = {}, []
         for t, c in enumerate(scores):
             bp_maps.append(bp_map)
             losses[f"stage{t + 1}_cls"] = self.loss_weights[t] * kd_losses.cascade_softmax_loss(
-                labels, c, bp_map)
+                labels, c, bp_map, normalizer)
             if self.rejection and self.rejects[t] and t + 1 < self.num_stages:
                 bp_map = kd_losses.cascade_pass_map(tf.nn.softmax(c), labels, bp_map,
                                                     self.thresholds[t], self.keep_ratio,
