@@ -35,7 +35,7 @@ def tiny_refinedet_settings(**overrides):
 
 def fit_and_evaluate_adam(model, data, epochs=EPOCHS, learning_rate=LEARNING_RATE, batch_size=4):
     """tests/learning.py's procedure (same pipelines and seed) with Adam: (history, VOC mAP@0.5,
-    seconds of training)."""
+    seconds of training, the validation dataset)."""
     train, val = data
     train_ds = build_dataset(train, batch_size, training=True, image_size=(128, 128), seed=0)
     val_ds = build_dataset(val, batch_size, image_size=(128, 128))
@@ -43,12 +43,13 @@ def fit_and_evaluate_adam(model, data, epochs=EPOCHS, learning_rate=LEARNING_RAT
     start = time.perf_counter()
     history = model.fit(train_ds, epochs=epochs, verbose=0)
     seconds = time.perf_counter() - start
-    return history.history, evaluate_model(model, val_ds, metrics=("voc",))["voc"]["mAP"], seconds
+    return (history.history, evaluate_model(model, val_ds, metrics=("voc",))["voc"]["mAP"], seconds,
+            val_ds)
 
 
 def test_refinedet_learns_the_synthetic_shapes(synthetic_data):
     model = RefineDet(3, **tiny_refinedet_settings())
-    history, voc_map, seconds = fit_and_evaluate_adam(model, synthetic_data)
+    history, voc_map, seconds, val_ds = fit_and_evaluate_adam(model, synthetic_data)
     losses = history["loss"]
     print(f"RefineDet tiny: mAP@0.5 {voc_map:.3f} after {EPOCHS} epochs, {seconds:.0f}s, "
           f"loss {losses[0]:.3f} -> {losses[-1]:.3f}, ARM cls {history['arm_cls'][0]:.3f} -> "
@@ -56,6 +57,10 @@ def test_refinedet_learns_the_synthetic_shapes(synthetic_data):
     assert losses[-1] < 0.5 * losses[0]
     assert history["arm_cls"][-1] < 0.8 * history["arm_cls"][0]  # the ARM learns too
     assert voc_map >= 0.7
+    # Keras' evaluate (test_step) on the held-out pipeline: the four losses, finite.
+    logs = model.evaluate(val_ds, verbose=0, return_dict=True)
+    assert sorted(logs) == ["arm_box", "arm_cls", "loss", "odm_box", "odm_cls"]
+    assert all(0 < v < losses[0] for v in logs.values())
 
 
 def test_shipped_refinedet_synthetic_weights_reach_the_recorded_map(tmp_path):
