@@ -169,6 +169,8 @@ def main(argv=None):
 
         results[name] = measure(make, args.num_images, batch_size, args.epochs)
         results[name]["batch_size"] = batch_size
+        if source == "files_large":
+            results[name]["source_image_size"] = list(args.train_image_size)
         if name in FIXED_BATCH:
             step = training_step_seconds(args)
             if step is not None:

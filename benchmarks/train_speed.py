@@ -225,6 +225,7 @@ def main(argv=None):
         before = run_torchvision(name, args)
         kd_step, kd_params, _ = kerasdet_step_fn(name, problem, args.lr, jit)
         kd, kd_all = timed(kd_step, args.warmup, args.repeats, f"{name} kerasdet")
+        kd_load = list(os.getloadavg())
         del kd_step
         after = run_torchvision(name, args)
         tv = (before["seconds"] + after["seconds"]) / 2
@@ -242,7 +243,7 @@ def main(argv=None):
                         "torchvision_before": [round(t, 3) for t in before["times"]],
                         "torchvision_after": [round(t, 3) for t in after["times"]]},
             "load_average": {"torchvision_before": before["load_average"],
-                             "kerasdet": list(os.getloadavg()),
+                             "kerasdet": kd_load,
                              "torchvision_after": after["load_average"]},
         }
         report["models"][name] = entry
