@@ -15,7 +15,8 @@ TensorFlow, so neither library's thread pools or import order disturb the other)
 just after kerasdet, and the ratio uses the mean of the two, so a change of machine load during the
 run shows as a before/after gap instead of a wrong ratio. Each figure is the median of --repeats
 steps after --warmup steps. Read the figures with the load averages the JSON carries: on a loaded
-machine torch's OpenMP barriers suffer more from preempted threads than TensorFlow's pool does.
+machine both slow down by different, changing amounts (torch's OpenMP barriers wait for preempted
+threads), so only a quiet machine gives a ratio to hold a goal against (docs/SPEED.md).
 
     python benchmarks/train_speed.py [--models faster_rcnn_fpn,mask_rcnn_fpn] [--repeats 5]
 """
@@ -24,10 +25,9 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
-
-import subprocess
 
 import numpy as np
 
