@@ -48,6 +48,11 @@ def _decimate_bias(bias):
     return np.asarray(bias)[::UNIT_STEP]
 
 
+def _fc6_kernel(weight):
+    """fc6 [4096, 512 * 7 * 7] (input channel-major) -> Keras Dense kernel [7 * 7 * 512, 4096]."""
+    return weight.reshape(-1, 512, 7, 7).transpose(0, 2, 3, 1).reshape(weight.shape[0], -1).T
+
+
 def vgg16_key_map(backbone, prefix=""):
     """{torch key: core.Target} for every VGG-16 weight of ``backbone`` (a `VGG16`).
 
@@ -70,12 +75,9 @@ def vgg16_key_map(backbone, prefix=""):
     elif backbone.include_top:
         for name, index in (("fc6", 0), ("fc7", 3), ("fc8", 6)):
             layer = backbone.get_layer(name)
-            transform = core.dense_kernel
-            if name == "fc6":
-                # torchvision flattens pool5 channel-major ([512, 7, 7]); Keras' Flatten of the
-                # channels-last map is [7, 7, 512]: reorder fc6's input axis.
-                def transform(w):
-                    return w.reshape(-1, 512, 7, 7).transpose(0, 2, 3, 1).reshape(w.shape[0], -1).T
+            # torchvision flattens pool5 channel-major ([512, 7, 7]); Keras' Flatten of the
+            # channels-last map is [7, 7, 512]: fc6's input axis is reordered.
+            transform = _fc6_kernel if name == "fc6" else core.dense_kernel
             key_map[f"{prefix}classifier.{index}.weight"] = core.Target(layer.kernel, transform)
             key_map[f"{prefix}classifier.{index}.bias"] = core.Target(layer.bias)
     return key_map
