@@ -199,13 +199,14 @@ def test_warmup_step_schedule_matches_the_reference():
 
 
 # ----------------------------------------------------------------------------- shipped weights
-def test_shipped_tiny_weights_reach_the_recorded_map(tmp_path):
+@pytest.mark.parametrize("name", ["faster_rcnn_tiny_fpn_synthetic", "ccnet_tiny_fpn_synthetic"])
+def test_shipped_tiny_weights_reach_the_recorded_map(name, tmp_path):
     """Loads the committed weights (sha256-verified) and re-measures VOC mAP@0.5 on the held-out
     synthetic images regenerated from the recorded seed. Tolerance 0.02: the files and weights
     are identical, only float summation order may differ between CPUs."""
     from kerasdet.data.synthetic import make_dataset
 
-    entry = zoo.info("faster_rcnn_tiny_fpn_synthetic")
+    entry = zoo.info(name)
     assert entry["status"] == "trained weights", "run train/make_shipped_weights.py"
     recorded = entry["metrics"]["voc_map50"]
     assert recorded >= 0.5
@@ -213,7 +214,7 @@ def test_shipped_tiny_weights_reach_the_recorded_map(tmp_path):
     val = make_dataset(str(tmp_path / "val"), spec["val_images"], seed=spec["val_seed"],
                        image_size=tuple(spec["image_size"]), num_classes=spec["num_classes"],
                        split="val")
-    model = zoo.load("faster_rcnn_tiny_fpn_synthetic")
+    model = zoo.load(name)
     val_ds = engine.make_pipeline(val, entry["input"], 8, False)
     summary = engine.evaluate_detector(model, val_ds, val.class_names, quiet=True)
     print(f"shipped weights: VOC mAP@0.5 {summary['voc_map50']:.4f} (recorded {recorded})")
