@@ -263,6 +263,10 @@ def test_recipe_adapts_to_batch_size_and_epochs(coin_run):
     explicit = engine.adapt_recipe(entry, 15, batch_size=2, learning_rate=0.01, warmup_steps=400,
                                      decay_epochs=[3])
     assert (explicit["learning_rate"], explicit["warmup_steps"], explicit["decay_epochs"]) == (0.01, 400, [3])
+    # The recipe's augmentation reaches the run: flip by default, RefineDet's entries the SSD chain.
+    assert recipe["augment"] == "default" and "augmentation flip" in coin_run["printed"]
+    ssd = engine.adapt_recipe(zoo.info("refinedet320_vgg16")["recipe"], steps_per_epoch=15)
+    assert ssd["augment"] == "ssd" and "augmentation ssd" in engine.format_recipe(ssd)
 
 
 def test_anchor_fit_table_and_auto_sizes(coin_run):

@@ -22,13 +22,15 @@ from kerasdet.engine.recipe import make_optimizer
 __all__ = ["make_pipeline", "train_model"]
 
 
-def make_pipeline(dataset, input_settings, batch_size, training, seed=0, with_masks=False, shard=None):
+def make_pipeline(dataset, input_settings, batch_size, training, seed=0, with_masks=False, shard=None,
+                  augment="default"):
     """The tf.data pipeline of a data set at a model's input settings (its ResizeRule);
-    ``shard`` = (count, index) of a multi-worker run (see kerasdet.engine.distribute)."""
+    ``shard`` = (count, index) of a multi-worker run (see kerasdet.engine.distribute); ``augment``
+    the recipe's training augmentation."""
     from kerasdet.data.pipeline import build_dataset
 
     return build_dataset(dataset, batch_size, training=training, input_settings=input_settings,
-                         seed=seed, with_masks=with_masks, shard=shard)
+                         seed=seed, with_masks=with_masks, shard=shard, augment=augment)
 
 
 def train_model(model, train_ds, out_dir, recipe, steps_per_epoch=None, val_ds=None, resume=False,

@@ -54,7 +54,10 @@ class TrainingRecipe(dict):
 
     DEFAULTS = {"learning_rate": 0.02, "momentum": 0.9, "weight_decay": 1e-4, "batch_size": 8,
                 "epochs": 12, "decay_epochs": [8, 11], "decay_factor": 0.1, "warmup_steps": 100,
-                "warmup_factor": 0.001, "clipnorm": 10.0, "optimizer": "sgd"}
+                "warmup_factor": 0.001, "clipnorm": 10.0, "optimizer": "sgd",
+                # The training augmentation (kerasdet.data.pipeline's `augment`): "default" is a
+                # horizontal flip; single-shot entries (RefineDet) name the SSD chain, "ssd".
+                "augment": "default"}
 
     def __init__(self, recipe=None, **overrides):
         super().__init__(self.DEFAULTS)
@@ -117,8 +120,11 @@ def format_recipe(recipe):
     lines = [f"recipe: batch {recipe['batch_size']}, learning rate {recipe['learning_rate']:.6g}, "
              f"{recipe['epochs']} epochs x {recipe.get('steps_per_epoch', '?')} steps, warm-up "
              f"{recipe['warmup_steps']} steps, x{recipe['decay_factor']:g} at epochs "
-             f"{_numbers(recipe['decay_epochs'])}, SGD momentum {recipe['momentum']:g}, "
-             f"weight decay {recipe['weight_decay']:g}"]
+             f"{_numbers(recipe['decay_epochs'])}, "
+             + (f"SGD momentum {recipe['momentum']:g}" if recipe.get("optimizer", "sgd") == "sgd"
+                else "Adam")
+             + f", weight decay {recipe['weight_decay']:g}, augmentation "
+             f"{'flip' if recipe.get('augment', 'default') == 'default' else recipe['augment']}"]
     lines += [f"  adapted: {change}" for change in recipe.get("changes", ())]
     return "\n".join(lines)
 

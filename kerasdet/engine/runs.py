@@ -284,8 +284,11 @@ def _train(options, precision):
                              f"{batch_size}")
     repeat = steps_per_epoch is not None
 
+    augment = TrainingRecipe(recipe_source)["augment"]
+
     def pipeline(size, shard):
-        built = make_pipeline(data.train, settings, size, True, seed=options.seed, shard=shard)
+        built = make_pipeline(data.train, settings, size, True, seed=options.seed, shard=shard,
+                              augment=augment)
         return built.repeat() if repeat else built
 
     train_ds = distributed_pipeline(strategy, pipeline, batch_size)
