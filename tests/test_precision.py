@@ -19,9 +19,9 @@ from kerasdet.heads.roi_extractor import RoIExtractor
 from kerasdet.layers.roi_layers import PSRoIAlign, RoIAlign
 from kerasdet.models.base import batch_image_shapes, ground_truth
 from kerasdet.models.cascade_rcnn import CascadeRCNN
+from kerasdet.models.ccnet import CCNet
 from kerasdet.models.deformable import DeformableFasterRCNN, deformable_rfcn
 from kerasdet.models.fast_rcnn import FastRCNN, jittered_proposals
-from kerasdet.models.faster_rcnn import FasterRCNN
 from kerasdet.models.mask_rcnn import MaskRCNN
 from kerasdet.models.rfcn import RFCN
 from kerasdet.ops import _kernels, deform_conv2d, roi
@@ -236,7 +236,10 @@ def _small_rfcn(**extra):
 # Mask R-CNN is Faster R-CNN FPN plus the mask branch (the same features, RPN and box stage), so it
 # stands for both: one model build and trace less in a file kept to about three minutes.
 FAMILIES = {
-    "faster_rcnn_c4": lambda: FasterRCNN(3, **_small_fpn(fpn=False, anchor_sizes=((16, 32, 64),))),
+    # CC-Net on single maps (the RPN on C4, stages pooling C4 and C3) also stands for Faster R-CNN
+    # C4 (the single-map RPN and a 2fc head per stage), which had its own case before.
+    "ccnet": lambda: CCNet(3, **_small_fpn(fpn=False, anchor_sizes=((16, 32, 64),),
+                                           stage_features=("C4", "C4", "C3", "C3"))),
     "mask_rcnn": lambda: MaskRCNN(3, **_small_fpn(mask_channels=8, mask_num_convs=1,
                                                   mask_pool_size=7, mask_rois_per_image=4)),
     "cascade_rcnn": lambda: CascadeRCNN(3, **_small_fpn()),
