@@ -23,6 +23,11 @@ Batch layout (B images, N = ``max_boxes`` objects, H x W the padded input size):
                                               the augmented image, so this mapping is for evaluation.
     image_index       int32   [B]            position of the record in ``dataset.records`` (TFRecord:
                                               the index stored at writing time)
+    proposals         float32 [B, P, 4]      only with ``proposals=``: the image's cached region proposals
+                                              (kerasdet.data.proposals; P = ``max_proposals``, the first
+                                              of the method's ranking) in input-image pixels, moved by the
+                                              same resize / flip / expand / crop-to-canvas as the boxes,
+                                              clipped to the image; zero rows are padding
 
 Resize modes (one of them):
     min_size=S, max_size=M   shorter side to S unless the longer side would pass M (Faster R-CNN);
@@ -47,6 +52,13 @@ from kerasdet.data.mask_grids import DEFAULT_GRID_SIZE, GRID_DTYPE, crop_masks_t
 from kerasdet.data.masks import masks_for_record
 from kerasdet.data.records import DetectionDataset
 from kerasdet.data.resize import ResizeRule, image_info, round_up
+
+# Proposals ride through augmentation as extra objects with this label, so every geometric step
+# moves them exactly as it moves the ground truth; they are split off again before padding.
+_PROPOSAL_LABEL = -2
+# Steps that use the boxes as objects (the SSD crop samples windows by their IoU with the objects and
+# keeps objects by centre): proposals must not take part, so they are refused with proposals.
+_PROPOSAL_UNSAFE_STEPS = ("crop",)
 
 AUTOTUNE = tf.data.AUTOTUNE
 # The map functions hold no tensor-dependent Python control flow (tf.cond is explicit), so AutoGraph
@@ -211,7 +223,8 @@ def build_dataset(dataset, batch_size: int, training: bool = False, *, image_siz
                   drop_remainder: bool = False, fixed_size=None,
                   mean_rgb=aug.MEAN_RGB, decoder: str = "tf",
                   repeat: bool = False, prefetch: bool = True, min_size_test=None,
-                  size_rounding: str = "round", input_settings=None, shard=None) -> tf.data.Dataset:
+                  size_rounding: str = "round", input_settings=None, shard=None, proposals=None,
+                  max_proposals: int = 2000) -> tf.data.Dataset:
     """Build the batched tf.data.Dataset of DESIGN.md's batch dict (layout in the module docstring).
 
     Args:
@@ -258,6 +271,11 @@ def build_dataset(dataset, batch_size: int, training: bool = False, *, image_siz
             (same shuffle, same augmentation draws), so the workers' batches together are the
             single process's global batch (give batch_size per worker). DetectionDataset input is
             sharded on the record indices, before decoding; TFRecord input after parsing.
+        proposals: a proposal cache (kerasdet.data.proposals.ProposalCache or its .npz path) with an
+            entry for every record: adds ``batch["proposals"]`` (layout in the module docstring).
+            DetectionDataset input only; not with masks nor with the "crop" step or custom callables
+            (augment "flip", "photometric", "expand" and scale_jitter are supported).
+        max_proposals: P, the padded proposal axis: each image keeps its first P proposals.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -286,6 +304,10 @@ def build_dataset(dataset, batch_size: int, training: bool = False, *, image_siz
         if not 0 < jitter[0] <= jitter[1]:
             raise ValueError(f"scale_jitter must be (low, high) with 0 < low <= high, got {scale_jitter}")
 
+    cache = None
+    if proposals is not None:
+        cache = _proposal_source(proposals, dataset, steps, with_masks, max_proposals)
+
     if isinstance(dataset, DetectionDataset):
         if with_masks and not dataset.has_masks:
             warnings.warn("with_masks=True but the data set has no masks: masks will be all zero",
@@ -307,6 +329,9 @@ def build_dataset(dataset, batch_size: int, training: bool = False, *, image_siz
         if shard is not None:
             samples = samples.shard(*shard)
         max_boxes = 100 if max_boxes is None else max_boxes
+    if cache is not None:
+        samples = samples.map(_proposal_reader(cache, dataset, max_proposals),
+                              num_parallel_calls=AUTOTUNE, deterministic=True)
 
     def to_float(sample):
         return dict(sample, image=tf.cast(sample["image"], tf.float32))
@@ -314,6 +339,8 @@ def build_dataset(dataset, batch_size: int, training: bool = False, *, image_siz
     @_graph_fn
     def transform(sample, element_seed):
         sample = to_float(sample)
+        if cache is not None:
+            sample = _merge_proposals(sample)
         if steps:
             sample = aug.apply_augmentations(sample, steps, element_seed, mean_rgb)
         h, w = aug._image_hw(sample)
@@ -327,9 +354,15 @@ def build_dataset(dataset, batch_size: int, training: bool = False, *, image_siz
         if jitter is not None and image_size is not None and jitter[1] > 1.0:
             sample = _crop_to_canvas(sample, image_size, aug._sub_seed(element_seed, 3))
         sample = aug.clip_and_drop_empty(sample)
+        if cache is not None:
+            sample, boxes = _split_proposals(sample)
         shape = tf.shape(sample["image"])
         canvas_h, canvas_w = rule.canvas_size(shape[0], shape[1])
-        return pad_sample(sample, canvas_h, canvas_w, max_boxes)
+        padded = pad_sample(sample, canvas_h, canvas_w, max_boxes)
+        if cache is not None:
+            boxes = boxes[:max_proposals]
+            padded["proposals"] = tf.pad(boxes, [[0, max_proposals - tf.shape(boxes)[0]], [0, 0]])
+        return padded
 
     seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
     if shard is not None:  # each sample keeps the augmentation draw it has in a single process
@@ -347,6 +380,8 @@ def build_dataset(dataset, batch_size: int, training: bool = False, *, image_siz
         }
         if with_masks:
             batch["masks"] = sample["masks"]
+        if cache is not None:
+            batch["proposals"] = sample["proposals"]
         return batch
 
     padded_shapes = {
@@ -357,6 +392,9 @@ def build_dataset(dataset, batch_size: int, training: bool = False, *, image_siz
         "image": 0.0, "boxes": 0.0, "labels": -1, "difficult": False, "iscrowd": False,
         "image_info": 0.0, "image_index": -1,
     }
+    if cache is not None:
+        padded_shapes["proposals"] = [max_proposals, 4]
+        padding_values["proposals"] = 0.0
     if fixed_size is not None:
         fh, fw = (round_up(int(v), stride) for v in fixed_size)
         padded_shapes["image"] = [fh, fw, 3]
@@ -378,3 +416,57 @@ def build_dataset(dataset, batch_size: int, training: bool = False, *, image_siz
     options.deterministic = True
     ds = ds.with_options(options)
     return ds.prefetch(AUTOTUNE) if prefetch else ds
+
+
+# ----------------------------------------------------------------------------- proposals
+def _proposal_source(proposals, dataset, steps, with_masks, max_proposals):
+    """The checked ProposalCache of ``build_dataset(proposals=...)``."""
+    from kerasdet.data.proposals import load_proposal_cache
+
+    if not isinstance(dataset, DetectionDataset):
+        raise ValueError("proposals= needs a DetectionDataset (the cache is keyed by the records' image "
+                         "ids); TFRecord input does not carry them")
+    if with_masks:
+        raise ValueError("proposals= does not combine with with_masks=True")
+    if int(max_proposals) < 1:
+        raise ValueError(f"max_proposals must be >= 1, got {max_proposals}")
+    unsafe = [s if isinstance(s, str) else getattr(s, "__name__", repr(s)) for s in steps
+              if callable(s) or s in _PROPOSAL_UNSAFE_STEPS]
+    if unsafe:
+        raise ValueError(f"augmentation step(s) {unsafe} cannot move proposals with the boxes; with "
+                         "proposals= use 'flip', 'photometric', 'expand' and scale_jitter")
+    cache = load_proposal_cache(proposals)
+    cache.check_dataset(dataset, "build_dataset(proposals=...): ")
+    return cache
+
+
+def _proposal_reader(cache, dataset, max_proposals):
+    """Map function adding each sample's cached proposals (original pixels, first max_proposals)."""
+    ids = [r.image_id for r in dataset.records]
+
+    def lookup(index):
+        return cache.get(ids[int(index)])[:max_proposals].astype(np.float32)
+
+    @_graph_fn
+    def add(sample):
+        boxes = tf.numpy_function(lookup, [sample["image_index"]], tf.float32, stateful=False)
+        return dict(sample, proposals=tf.reshape(boxes, [-1, 4]))
+
+    return add
+
+
+def _merge_proposals(sample):
+    sample = dict(sample)
+    proposals = sample.pop("proposals")
+    count = tf.shape(proposals)[0]
+    sample["boxes"] = tf.concat([sample["boxes"], proposals], axis=0)
+    sample["labels"] = tf.concat([sample["labels"], tf.fill([count], _PROPOSAL_LABEL)], axis=0)
+    for key in ("difficult", "iscrowd"):
+        sample[key] = tf.concat([sample[key], tf.zeros([count], tf.bool)], axis=0)
+    return sample
+
+
+def _split_proposals(sample):
+    """(the sample without the proposal rows, the proposals that survived augmentation and clipping)."""
+    is_proposal = tf.equal(sample["labels"], _PROPOSAL_LABEL)
+    return aug.filter_objects(sample, ~is_proposal), tf.boolean_mask(sample["boxes"], is_proposal)
