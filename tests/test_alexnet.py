@@ -77,6 +77,16 @@ def test_tiny_builds_at_64_runs_a_dynamic_batch_and_is_registered():
     assert rebuilt.count_params() == net.count_params()
 
 
+def test_tiny_saves_and_loads_as_a_keras_file(tmp_path):
+    net = AlexNet(variant="tiny", num_classes=3)
+    path = tmp_path / "alexnet_tiny.keras"
+    net.save(path)
+    loaded = keras.saving.load_model(path)
+    assert isinstance(loaded, AlexNet) and loaded.variant == "tiny" and loaded.strides == net.strides
+    x = np.random.rand(2, 64, 64, 3).astype("float32")
+    np.testing.assert_array_equal(np.asarray(loaded(x)["logits"]), np.asarray(net(x)["logits"]))
+
+
 def test_include_top_rejects_sizes_whose_pool5_is_not_6x6():
     with pytest.raises(ValueError, match="6x6 pool5.*adaptive"):
         AlexNet(variant="torchvision", input_shape=(256, 256, 3))
@@ -145,6 +155,13 @@ def test_grouped_conv_is_two_half_convolutions_concatenated():
         want_parts.append(y + bias[192 * g:192 * (g + 1)])
     want = np.maximum(np.concatenate(want_parts, axis=-1), 0)  # conv4 carries its ReLU
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    # Keras runs grouped convs through XLA on CPU; R-CNN fine-tuning needs their gradients too.
+    import tensorflow as tf
+
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(conv4(x))
+    grads = tape.gradient(loss, [conv4.kernel, conv4.bias])
+    assert all(g is not None and float(tf.reduce_sum(tf.abs(g))) > 0 for g in grads)
 
 
 # -- torchvision parity --------------------------------------------------------------------------
