@@ -1,4 +1,4 @@
-"""The `kerasdet` command: train | evaluate | predict | export | zoo | convert.
+"""The `kerasdet` command: train | evaluate | predict | export | zoo | convert | proposals.
 
     kerasdet zoo list
     kerasdet zoo info faster_rcnn_r50_fpn
@@ -9,6 +9,8 @@
     kerasdet evaluate faster_rcnn_tiny_fpn_synthetic --data synthetic:data --out runs/eval
     kerasdet predict faster_rcnn_tiny_fpn_synthetic a.png b.png --out predictions
     kerasdet export faster_rcnn_tiny_fpn_synthetic export/tiny
+    kerasdet proposals --data synthetic:data --out proposals.npz      (-> proposals_train.npz, _val.npz)
+    kerasdet train fast_rcnn_r50 --data voc:VOCdevkit/VOC2007 --proposals proposals_{split}.npz ...
     kerasdet convert maskrcnn_resnet50_fpn_coco.pth --arch maskrcnn_resnet50_fpn --out mrcnn.weights.h5
 
 MODEL is a zoo entry name, a JSON config {"class", "arguments", "input"} or a .keras file.
@@ -117,6 +119,22 @@ def _add_input_args(parser):
                              "a level joined by commas: '16 32 64 128 256' (FPN), '64,128,256' (C4)")
 
 
+def _add_proposal_args(parser):
+    parser.add_argument("--proposals", default=None, metavar="FILE",
+                        help="region proposal cache of `kerasdet proposals` for detectors on external "
+                             "proposals (Fast R-CNN); '{split}' in FILE is replaced by the split name")
+    parser.add_argument("--max-proposals", type=int, default=2000, metavar="N",
+                        help="proposals per image read from the cache (its first N)")
+
+
+def _split_file(out, split):
+    """The cache file of one split: '{split}' in OUT replaced, else OUT's stem + '_' + split."""
+    if "{split}" in out:
+        return out.replace("{split}", split)
+    stem, ext = os.path.splitext(out)
+    return f"{stem}_{split}{ext or '.npz'}"
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="kerasdet", description="kerasdet object-detection zoo")
     _add_verbose_arg(parser, False)
@@ -162,11 +180,13 @@ def build_parser():
                             "the compiled kernels are in use); 'on' traces the kernels' pure-TF twins")
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_proposal_args(train)
 
     evaluate = sub.add_parser("evaluate", help="VOC mAP@0.5 and COCO AP on the validation split")
     _add_model_args(evaluate)
     _add_data_args(evaluate, need_train=False)
     evaluate.add_argument("--out", default=None, help="folder for metrics.json")
+    _add_proposal_args(evaluate)
 
     predict = sub.add_parser("predict", help="draw detections on images")
     _add_model_args(predict)
@@ -174,6 +194,29 @@ def build_parser():
                                                    "(quote them: 'photos/*.jpg')")
     predict.add_argument("--out", required=True)
     predict.add_argument("--score-threshold", type=float, default=0.3)
+    _add_proposal_args(predict)
+
+    proposals = sub.add_parser("proposals", help="compute the region proposals of a data set into a cache "
+                                                 "(selective search / EdgeBoxes; needs kerasdet[proposals])")
+    proposals.add_argument("--data", required=True,
+                           help="voc:ROOT | coco:ANN.json:IMAGE_DIR | synthetic:DIR | synthetic-single:DIR")
+    proposals.add_argument("--out", required=True, metavar="FILE",
+                           help="cache file: one per split, FILE's stem + '_SPLIT' (proposals.npz -> "
+                                "proposals_train.npz, proposals_val.npz) or '{split}' in FILE replaced")
+    proposals.add_argument("--method", choices=("selective_search", "edge_boxes"), default="selective_search")
+    proposals.add_argument("--mode", choices=("fast", "quality", "single"), default="fast",
+                           help="selective search mode (default: fast, R-CNN's)")
+    proposals.add_argument("--split", default="train,val", metavar="A,B",
+                           help="splits to compute (synthetic: train and/or val)")
+    proposals.add_argument("--max-proposals", type=int, default=2000, metavar="N")
+    proposals.add_argument("--max-side", type=int, default=None, metavar="S",
+                           help="compute on copies shrunk to this longer side (boxes in original pixels)")
+    proposals.add_argument("--edge-model", default=None, metavar="FILE",
+                           help="EdgeBoxes: the structured-edge model.yml.gz (default: model-free "
+                                "gradient edges)")
+    proposals.add_argument("--classes", default=None, metavar="A,B,C")
+    proposals.add_argument("--classes-file", default=None, metavar="FILE")
+    proposals.add_argument("--quiet", action="store_true", help="no progress bar")
 
     export = sub.add_parser("export", help="write a SavedModel (TF OD API signatures)")
     _add_model_args(export)
@@ -191,7 +234,7 @@ def build_parser():
                          help="detectors: another class count (with --skip-mismatch the class layers stay random)")
     convert.add_argument("--skip-mismatch", action="store_true",
                          help="leave weights whose shape differs at their initialization instead of failing")
-    for command in (zoo, train, evaluate, predict, export, convert):
+    for command in (zoo, train, evaluate, predict, export, convert, proposals):
         # `kerasdet train ... --verbose` as well as `kerasdet --verbose train ...`
         _add_verbose_arg(command, argparse.SUPPRESS)
     return parser
@@ -279,7 +322,8 @@ def _run_evaluate(args):
 
     runs.evaluate(args.model, args.data, weights=args.weights, num_classes=args.num_classes,
                   val_split=args.val_split, batch_size=args.batch_size, classes=args.classes,
-                  classes_file=args.classes_file, out=args.out)
+                  classes_file=args.classes_file, out=args.out, proposals=args.proposals,
+                  max_proposals=args.max_proposals)
     return 0
 
 
@@ -287,10 +331,56 @@ def _run_predict(args):
     from kerasdet.engine import runs
 
     records = runs.predict(args.model, args.images, args.out, weights=args.weights,
-                           num_classes=args.num_classes, score_threshold=args.score_threshold)
+                           num_classes=args.num_classes, score_threshold=args.score_threshold,
+                           proposals=args.proposals, max_proposals=args.max_proposals)
     for record in records:
         print(f"{record['image']}: {len(record['detections'])} detections -> {record['output']}")
     print(f"detections.json in {os.path.abspath(args.out)}")
+    return 0
+
+
+def _split_dataset(spec, split, class_names):
+    """The DetectionDataset of one split of a --data spec."""
+    from kerasdet.data.data_spec import parse_data_spec
+
+    if spec.split(":", 1)[0] in ("synthetic", "synthetic-single"):
+        if split not in ("train", "val"):
+            raise ValueError(f"--data {spec}: the synthetic sets have the splits train and val, not {split!r}")
+        data = parse_data_spec(spec, need_train=split == "train", class_names=class_names)
+        return data.train if split == "train" else data.val
+    return parse_data_spec(spec, val_split=split, need_train=False, class_names=class_names).val
+
+
+def _run_proposals(args):
+    import time
+
+    from kerasdet.data.data_spec import read_class_names
+    from kerasdet.data.proposals import proposal_recall, write_proposal_cache
+
+    splits = [s.strip() for s in args.split.split(",") if s.strip()]
+    if not splits:
+        raise ValueError("--split: give at least one split name")
+    if args.max_proposals < 1:
+        raise ValueError(f"--max-proposals must be >= 1, got {args.max_proposals}")
+    names = read_class_names(args.classes, args.classes_file)
+    settings = {"max_proposals": args.max_proposals, "max_side": args.max_side}
+    if args.method == "selective_search":
+        settings["mode"] = args.mode
+    elif args.edge_model:
+        settings["model_path"] = args.edge_model
+    for split in splits:
+        dataset = _split_dataset(args.data, split, names)
+        path = _split_file(args.out, split)
+        start = time.perf_counter()
+        cache = write_proposal_cache(dataset, path, args.method, progress=not args.quiet, **settings)
+        wall = time.perf_counter() - start
+        recall = proposal_recall(dataset, cache)
+        per_image = cache.metadata.get("seconds_per_image")
+        timing = (f"{per_image:.3f} s per image computed" if per_image is not None
+                  else "all images from a resumed partial file")
+        print(f"{split}: {path}  {len(cache)} images, {recall['mean_proposals']:.0f} proposals per image, "
+              f"recall@0.5 {recall['recall']['0.5']:.4f}  recall@0.7 {recall['recall']['0.7']:.4f} "
+              f"({recall['num_objects']} objects), {timing} ({wall:.1f} s in all)")
     return 0
 
 
@@ -304,7 +394,8 @@ def _run_export(args):
 
 
 _COMMANDS = {"zoo": _run_zoo, "train": _run_train, "evaluate": _run_evaluate,
-             "predict": _run_predict, "export": _run_export, "convert": _run_convert}
+             "predict": _run_predict, "export": _run_export, "convert": _run_convert,
+             "proposals": _run_proposals}
 
 
 def main(argv=None):
@@ -312,11 +403,13 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if not _verbose_requested(args):
         _import_tensorflow_quietly()
+    from kerasdet.data.proposals import MissingProposalsError
     from kerasdet.zoo import UnknownModelError, WeightsError
 
     try:
         return _COMMANDS[args.command](args)
-    except (UnknownModelError, WeightsError, FileNotFoundError, ValueError, ImportError) as error:
+    except (UnknownModelError, WeightsError, FileNotFoundError, ValueError, ImportError,
+            MissingProposalsError) as error:
         print(f"kerasdet {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -114,8 +114,21 @@ def _downscaled(cv2, image, max_side):
     return small, w / size[0]
 
 
+def _seed_c_rand(seed):
+    """Seeds the C library's rand(), which OpenCV's selective search draws its ranking from (the
+    paper's pseudo-random ranking: each region's hierarchy level times a random number). Without
+    it the same image gets the same boxes in another order each call, so a top-k cut would differ.
+    Best effort: where the C library cannot be reached the ranking stays unseeded."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).srand(ctypes.c_uint(int(seed)))
+    except (OSError, AttributeError, TypeError):
+        pass
+
+
 def selective_search(image, mode="fast", max_proposals=2000, min_size=1.0, base_k=50, inc_k=50,
-                     sigma=0.8, max_side=None):
+                     sigma=0.8, max_side=None, seed=0):
     """Selective search boxes of one image: float32 [N, 4] (x1, y1, x2, y2), N <= max_proposals.
 
     Args:
@@ -127,6 +140,8 @@ def selective_search(image, mode="fast", max_proposals=2000, min_size=1.0, base_
             smoothing; the defaults give the paper's k = 50, 100.
         max_side: run on a copy shrunk to this longer side (faster on large photos); boxes are
             scaled back to the original pixels.
+        seed: seeds the random ranking (see ``_seed_c_rand``; process-wide C rand(), so calls from
+            several threads at once are not reproducible); None leaves it unseeded.
     """
     cv2 = _ximgproc()
     if mode not in ("fast", "quality", "single"):
@@ -143,6 +158,8 @@ def selective_search(image, mode="fast", max_proposals=2000, min_size=1.0, base_
         search.switchToSelectiveSearchQuality(int(base_k), int(inc_k), float(sigma))
     else:
         search.switchToSingleStrategy(int(base_k), float(sigma))
+    if seed is not None:
+        _seed_c_rand(seed)
     boxes = clean_boxes(search.process(), height, width, min_size, scale)
     return boxes if max_proposals is None else boxes[:int(max_proposals)]
 

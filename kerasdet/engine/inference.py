@@ -69,10 +69,29 @@ def evaluate_detector(model, val_ds, class_names=None, out_dir=None, with_masks=
     return summary
 
 
+def _proposals_in_input(cache, path, info, max_proposals):
+    """[1, max_proposals, 4] float32: an image file's cached proposals in network-input pixels (the
+    pipeline's layout: scaled like the boxes, clipped to the resized image, zero rows pad)."""
+    boxes = np.asarray(cache.for_file(path), np.float32)[:max_proposals]
+    info = np.asarray(info, np.float32)
+    boxes = boxes * np.array([info[3], info[2], info[3], info[2]], np.float32)
+    boxes = np.clip(boxes, 0.0, [info[5], info[4], info[5], info[4]])
+    padded = np.zeros([1, max_proposals, 4], np.float32)
+    padded[0, :len(boxes)] = boxes
+    return padded
+
+
 def predict_images(model, image_paths, out_dir, class_names=None, score_threshold=0.3,
-                   input_settings=None):
+                   input_settings=None, proposals=None, max_proposals=2000):
     """Runs the detector on image files; writes OUT/<stem>.png with the boxes drawn and
-    OUT/detections.json (boxes in the original image's pixels). Returns the JSON records."""
+    OUT/detections.json (boxes in the original image's pixels). Returns the JSON records.
+
+    ``proposals``: a proposal cache (kerasdet.data.proposals) for detectors on external proposals;
+    an image's entry is the one cached for its file name (or its stem as the image id)."""
+    if proposals is not None:
+        from kerasdet.data.proposals import load_proposal_cache
+
+        proposals = load_proposal_cache(proposals)
     settings = input_settings or getattr(model, "input_settings", None)
     if not settings:
         raise ValueError("the model carries no input settings (it was not made by kerasdet.zoo.load or "
@@ -87,7 +106,10 @@ def predict_images(model, image_paths, out_dir, class_names=None, score_threshol
             raise FileNotFoundError(f"image {path!r} does not exist")
         image = read_image(path)
         canvas, info = rule.prepare(tf.constant(image))
-        out = model.predict_on_batch({"images": canvas[None], "image_info": info[None]})
+        inputs = {"images": canvas[None], "image_info": info[None]}
+        if proposals is not None:
+            inputs["proposals"] = _proposals_in_input(proposals, path, info.numpy(), max_proposals)
+        out = model.predict_on_batch(inputs)
         n = int(np.asarray(out["num_detections"])[0])
         boxes = boxes_to_original(np.asarray(out["boxes"])[0, :n], info.numpy())
         scores = np.asarray(out["scores"])[0, :n]

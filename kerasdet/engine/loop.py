@@ -23,14 +23,16 @@ __all__ = ["make_pipeline", "train_model"]
 
 
 def make_pipeline(dataset, input_settings, batch_size, training, seed=0, with_masks=False, shard=None,
-                  augment="default"):
+                  augment="default", proposals=None, max_proposals=2000):
     """The tf.data pipeline of a data set at a model's input settings (its ResizeRule);
     ``shard`` = (count, index) of a multi-worker run (see kerasdet.engine.distribute); ``augment``
-    the recipe's training augmentation."""
+    the recipe's training augmentation; ``proposals`` a proposal cache (or its path) that adds
+    ``batch["proposals"]`` (kerasdet.data.proposals)."""
     from kerasdet.data.pipeline import build_dataset
 
+    extra = {} if proposals is None else {"proposals": proposals, "max_proposals": max_proposals}
     return build_dataset(dataset, batch_size, training=training, input_settings=input_settings,
-                         seed=seed, with_masks=with_masks, shard=shard, augment=augment)
+                         seed=seed, with_masks=with_masks, shard=shard, augment=augment, **extra)
 
 
 def train_model(model, train_ds, out_dir, recipe, steps_per_epoch=None, val_ds=None, resume=False,

@@ -25,7 +25,8 @@ from kerasdet.engine.model_spec import (DEFAULT_INPUT, class_names_of, describe_
 from kerasdet.engine.recipe import TrainingRecipe, adapt_recipe, format_recipe
 
 __all__ = ["RUN_RECORD", "TrainingOptions", "train", "evaluate", "predict", "export", "run_record_of",
-           "model_for_inference", "pretrained_choice", "scratch_overrides"]
+           "model_for_inference", "pretrained_choice", "scratch_overrides", "proposal_files",
+           "takes_proposals"]
 
 RUN_RECORD = "run.json"
 
@@ -63,6 +64,8 @@ class TrainingOptions:
     strategy: str = "none"           # none | mirrored | multi-worker (engine.distribute)
     precision: str = None            # None / float32 | mixed_float16 | mixed_bfloat16
     jit_compile: object = "auto"     # Keras' jit_compile: "auto" (models.base.Detector.compile), True, False
+    proposals: str = None            # proposal cache file, "{split}" replaced by the split name
+    max_proposals: int = 2000        # proposals per image the pipeline keeps
 
 
 def _say(line):
@@ -95,6 +98,27 @@ def model_for_inference(model_spec, weights="default", num_classes=None):
     model = resolve_model(model_spec, weights=weights, num_classes=num_classes, **overrides)
     give_data_to(model, names, run.get("input"))
     return model
+
+
+def takes_proposals(model):
+    """Whether a detector reads external proposals from its input (Fast R-CNN)."""
+    return "proposals" in tuple(getattr(model, "predict_input_keys", None) or ())
+
+
+def proposal_files(pattern, model, splits, where):
+    """{split: cache file or None} of a --proposals pattern ("{split}" replaced), checked against
+    the model: a detector on external proposals needs them, any other must not get them."""
+    name = getattr(model, "name", type(model).__name__)
+    if pattern is None:
+        if takes_proposals(model):
+            raise ValueError(f"{where}: {name} works on external region proposals: give --proposals FILE "
+                             "(write it first with `kerasdet proposals --data ... --out proposals.npz`, "
+                             "then --proposals proposals_{split}.npz)")
+        return {split: None for split in splits}
+    if not takes_proposals(model):
+        raise ValueError(f"{where}: --proposals {pattern} given, but {name} does not take external "
+                         "proposals (it makes its own or needs none)")
+    return {split: pattern.replace("{split}", split) for split in splits}
 
 
 def _check_model_classes(model, data, where):
@@ -180,7 +204,7 @@ def _write_run_record(options, recipe, backbone_weights, scratch_note, overrides
                    "class_source": data.class_source, "anchor_fit": fit,
                    "alternating": options.alternating, "strategy": options.strategy or "none",
                    "replicas": strategy.num_replicas_in_sync if strategy is not None else 1,
-                   "precision": precision}, handle, indent=2)
+                   "precision": precision, "proposals": options.proposals}, handle, indent=2)
 
 
 def train(options):
@@ -285,14 +309,21 @@ def _train(options, precision):
     repeat = steps_per_epoch is not None
 
     augment = TrainingRecipe(recipe_source)["augment"]
+    caches = proposal_files(options.proposals, model, (options.train_split, options.val_split),
+                            f"kerasdet train {options.model}")
+    if caches[options.train_split]:
+        say(f"proposals: {caches[options.train_split]} (train), {caches[options.val_split]} (val), "
+            f"at most {options.max_proposals} per image")
 
     def pipeline(size, shard):
         built = make_pipeline(data.train, settings, size, True, seed=options.seed, shard=shard,
-                              augment=augment)
+                              augment=augment, proposals=caches[options.train_split],
+                              max_proposals=options.max_proposals)
         return built.repeat() if repeat else built
 
     train_ds = distributed_pipeline(strategy, pipeline, batch_size)
-    val_ds = make_pipeline(data.val, settings, batch_size, False)
+    val_ds = make_pipeline(data.val, settings, batch_size, False, proposals=caches[options.val_split],
+                           max_proposals=options.max_proposals)
     steps = steps_per_epoch or int(train_ds.cardinality().numpy())
     recipe = adapt_recipe(
         recipe_source, steps, epochs=options.epochs, batch_size=options.batch_size,
@@ -331,23 +362,33 @@ def _train(options, precision):
 
 
 def evaluate(model_spec, data_spec, weights="default", num_classes=None, val_split="val", batch_size=None,
-             classes=None, classes_file=None, out=None):
+             classes=None, classes_file=None, out=None, proposals=None, max_proposals=2000):
     """Scores a model on the validation split of ``data_spec`` (printed; OUT/metrics.json when ``out``);
-    returns the summary of `inference.evaluate_detector`."""
+    returns the summary of `inference.evaluate_detector`. ``proposals``: the cache file (pattern)
+    of a detector on external proposals."""
     model = model_for_inference(model_spec, weights, num_classes)
+    cache = proposal_files(proposals, model, (val_split,), f"kerasdet evaluate {model_spec}")[val_split]
     data = parse_data_spec(data_spec, val_split=val_split, need_train=False,
                            class_names=read_class_names(classes, classes_file))
     data = _check_model_classes(model, data, f"kerasdet evaluate {model_spec}")
-    val_ds = make_pipeline(data.val, model.input_settings or DEFAULT_INPUT, batch_size or 8, False)
+    val_ds = make_pipeline(data.val, model.input_settings or DEFAULT_INPUT, batch_size or 8, False,
+                           proposals=cache, max_proposals=max_proposals)
     return evaluate_detector(model, val_ds, data.class_names, out, records=data.val, split=val_split)
 
 
-def predict(model_spec, images, out, weights="default", num_classes=None, score_threshold=0.3):
+def predict(model_spec, images, out, weights="default", num_classes=None, score_threshold=0.3,
+            proposals=None, max_proposals=2000):
     """Draws a model's detections on image files, folders of images and glob patterns into ``out``;
-    returns the records of OUT/detections.json."""
+    returns the records of OUT/detections.json. ``proposals``: a cache file holding the images'
+    entries (by file name), for a detector on external proposals."""
     paths = expand_image_paths(images)
     model = model_for_inference(model_spec, weights, num_classes)
-    return predict_images(model, paths, out, class_names_of(model, model_spec), score_threshold)
+    if proposals is not None and "{split}" in proposals:
+        raise ValueError(f"kerasdet predict: --proposals {proposals}: give one cache file (no {{split}}) "
+                         "holding the images' entries")
+    cache = proposal_files(proposals, model, ("predict",), f"kerasdet predict {model_spec}")["predict"]
+    return predict_images(model, paths, out, class_names_of(model, model_spec), score_threshold,
+                          proposals=cache, max_proposals=max_proposals)
 
 
 def export(model_spec, export_dir, weights="default", num_classes=None, portable=True, image_size=None):
