@@ -28,8 +28,8 @@ pixels (the tiny network pads every conv), so its output differs from the dense 
 gives that difference, and checks exactness (max abs difference < 1e-3, asserted) on crops that
 carry enough context around the window for the padding not to reach it (the `halo_check`).
 
-Duration on 2 shared CPU cores: about 90 s with shipped weights (evaluating the four table-2 rows
-takes about 65 s of it, fine_6_scales the most); with `--weights train` add the training (the
+Duration on 2 shared CPU cores: about 2.5 min with shipped weights at load ~5 (evaluating the four
+table-2 rows takes most of it, fine_6_scales the most); with `--weights train` add the training (the
 recipe's 30 epochs took 270 s at load ~4). Figures measured: docs/SPEED.md, "OverFeat: dense vs
 window-by-window evaluation".
 """
