@@ -269,3 +269,39 @@ def test_cli_writes_one_cache_per_split_and_reports_recall(tiny, tmp_path, capsy
                        str(tmp_path / "e_{split}.npz"), "--method", "edge_boxes", "--quiet"])
     assert status == 0 and (tmp_path / "e_val.npz").exists()
     assert json.loads(str(np.load(tmp_path / "e_val.npz")["metadata"]))["method"] == "edge_boxes"
+
+
+def test_cli_train_evaluate_predict_read_the_caches(tiny, tmp_path, capsys):
+    from kerasdet import cli
+    from kerasdet.data.synthetic import make_dataset
+
+    root = tiny["root"]
+    make_dataset(str(root / "train"), 4, seed=1, image_size=(64, 64), split="train", object_size=(12, 32))
+    config = tmp_path / "fast.json"
+    config.write_text(json.dumps({"class": "kerasdet.models.fast_rcnn:FastRCNN",
+                                  "arguments": {"num_classes": 3, "backbone": "tiny", "feature": "C4",
+                                                "fc_dim": 32, "seed": 0},
+                                  "input": {"image_size": [64, 64]}}))
+    caches = str(tmp_path / "p_{split}.npz")
+    assert cli.main(["proposals", "--data", tiny["spec"], "--out", caches, "--quiet",
+                     "--max-proposals", "100"]) == 0
+    run = tmp_path / "run"
+    common = ["--data", tiny["spec"], "--batch-size", "2"]
+    assert cli.main(["train", str(config), *common, "--out", str(run), "--epochs", "1", "--quiet"]) == 2
+    assert "works on external region proposals" in capsys.readouterr().err
+    assert cli.main(["train", str(config), *common, "--out", str(run), "--epochs", "1", "--quiet",
+                     "--proposals", caches, "--max-proposals", "100"]) == 0
+    assert "proposals: " in capsys.readouterr().out
+    weights = str(run / "model.weights.h5")
+    assert cli.main(["evaluate", str(config), *common, "--weights", weights,
+                     "--proposals", caches]) == 0
+    assert "VOC mAP@0.5" in capsys.readouterr().out
+    image = tiny["data"].image_file(tiny["data"].records[0])
+    assert cli.main(["predict", str(config), image, "--weights", weights, "--out", str(tmp_path / "pred"),
+                     "--proposals", str(tmp_path / "p_val.npz")]) == 0
+    assert "detections" in capsys.readouterr().out
+    # the train cache for the val images: ids 5 and 6 are missing (4 train images), and 1..4 repeat
+    # in both splits with other files; the error names the cache either way
+    assert cli.main(["evaluate", str(config), *common, "--weights", weights,
+                     "--proposals", str(tmp_path / "p_train.npz")]) == 2
+    assert "p_train.npz: image ids 5, 6" in capsys.readouterr().err
