@@ -91,7 +91,8 @@ def _add_model_args(parser, default_weights="default"):
 
 def _add_data_args(parser, need_train):
     parser.add_argument("--data", required=True,
-                        help="voc:ROOT | coco:ANN.json:IMAGE_DIR ({split} is replaced) | synthetic:DIR")
+                        help="voc:ROOT | coco:ANN.json:IMAGE_DIR ({split} is replaced) | synthetic:DIR | "
+                             "synthetic-single:DIR")
     if need_train:
         parser.add_argument("--train-split", default="train")
     parser.add_argument("--val-split", default="val")

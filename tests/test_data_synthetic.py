@@ -81,3 +81,31 @@ def test_bad_arguments(tmp_path):
         make_dataset(str(tmp_path), 1, num_classes=9)
     with pytest.raises(ValueError, match="object_size"):
         make_dataset(str(tmp_path), 1, object_size=(30, 10))
+
+
+def test_single_object_set_has_one_object_per_image_and_keeps_the_default_stream(tmp_path):
+    single = make_dataset(str(tmp_path / "single"), 20, seed=4, min_objects=1, max_objects=1,
+                          object_size=(20, 64))
+    assert [r.num_objects for r in single] == [1] * 20
+    sides = np.concatenate([np.maximum(r.boxes[:, 2] - r.boxes[:, 0], r.boxes[:, 3] - r.boxes[:, 1])
+                            for r in single])
+    assert sides.min() >= 20 and sides.max() <= 64
+    # min_objects=0 draws the same random numbers as before the argument existed
+    a = make_dataset(str(tmp_path / "a"), 6, seed=7)
+    b = make_dataset(str(tmp_path / "b"), 6, seed=7, min_objects=0)
+    assert _tree_digest(str(tmp_path / "a")) == _tree_digest(str(tmp_path / "b"))
+    assert [r.num_objects for r in a] == [r.num_objects for r in b]
+    with pytest.raises(ValueError, match="min_objects"):
+        make_dataset(str(tmp_path / "c"), 1, min_objects=3, max_objects=2)
+
+
+def test_synthetic_single_data_spec_writes_the_localization_set(tmp_path):
+    from kerasdet.data.data_spec import SYNTHETIC_SINGLE_SETTINGS, parse_data_spec
+
+    data = parse_data_spec(f"synthetic-single:{tmp_path}", need_train=False)
+    assert data.train is None and len(data.val) == SYNTHETIC_SINGLE_SETTINGS["val_images"]
+    assert all(r.num_objects == 1 for r in data.val)
+    assert data.class_names == ["circle", "square", "triangle"]
+    # read back from the files on the second call, not drawn again
+    again = parse_data_spec(f"synthetic-single:{tmp_path}", need_train=False)
+    assert [r.boxes.tolist() for r in again.val] == [r.boxes.tolist() for r in data.val]

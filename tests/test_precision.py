@@ -23,6 +23,7 @@ from kerasdet.models.ccnet import CCNet
 from kerasdet.models.deformable import DeformableFasterRCNN, deformable_rfcn
 from kerasdet.models.fast_rcnn import FastRCNN, jittered_proposals
 from kerasdet.models.mask_rcnn import MaskRCNN
+from kerasdet.models.overfeat import OverFeatDetector
 from kerasdet.models.rfcn import RFCN
 from kerasdet.ops import _kernels, deform_conv2d, roi
 
@@ -249,6 +250,9 @@ FAMILIES = {
     "deformable_rfcn": lambda: deformable_rfcn(
         3, **_small_rfcn(backbone_config=dict(output_stride=8, channels=(8, 16, 16, 32, 32)),
                          ps_pooling="deform_ps_roi_pool")),
+    # No proposals, no RoI ops: offset pooling, the dense classifier and the greedy merge loop.
+    "overfeat": lambda: OverFeatDetector(3, variant="tiny", classifier_dims=(32, 32),
+                                         regressor_dims=(32, 16), dropout=0.0, seed=0),
     "fast_rcnn": lambda: FastRCNN(3, backbone="tiny", feature="C4", fc_dim=32, roi_batch_size=16,
                                   seed=0),
 }
@@ -298,7 +302,7 @@ def test_tiny_detector_trains_and_predicts_under_mixed_precision(family, name, t
         assert np.isfinite(float(model.optimizer.dynamic_scale.numpy()))
 
     batch = next(iter(dataset))
-    if hasattr(model.proposal_source, "outputs"):  # an RPN: its outputs leave the head float32
+    if hasattr(getattr(model, "proposal_source", None), "outputs"):  # an RPN: its outputs leave the head float32
         maps, _ = model.features(model.input_images(batch))
         logits, deltas, _ = model.proposal_source.outputs(maps)
         assert maps[0].dtype == compute

@@ -199,11 +199,14 @@ def test_warmup_step_schedule_matches_the_reference():
 
 
 # ----------------------------------------------------------------------------- shipped weights
-@pytest.mark.parametrize("name", ["faster_rcnn_tiny_fpn_synthetic", "ccnet_tiny_fpn_synthetic"])
+@pytest.mark.parametrize("name", ["faster_rcnn_tiny_fpn_synthetic", "ccnet_tiny_fpn_synthetic",
+                                  "overfeat_tiny_synthetic", "overfeat_tiny_localization_synthetic"])
 def test_shipped_tiny_weights_reach_the_recorded_map(name, tmp_path):
-    """Loads the committed weights (sha256-verified) and re-measures VOC mAP@0.5 on the held-out
-    synthetic images regenerated from the recorded seed. Tolerance 0.02: the files and weights
-    are identical, only float summation order may differ between CPUs."""
+    """Loads the committed weights (sha256-verified) and re-measures VOC mAP@0.5 (and for a
+    localization entry its ILSVRC-style figures) on the held-out synthetic images regenerated from
+    the recorded seed. Tolerance 0.02: the files and weights are identical, only float summation
+    order may differ between CPUs."""
+    from kerasdet.data.data_spec import synthetic_generator_arguments
     from kerasdet.data.synthetic import make_dataset
 
     entry = zoo.info(name)
@@ -211,15 +214,22 @@ def test_shipped_tiny_weights_reach_the_recorded_map(name, tmp_path):
     recorded = entry["metrics"]["voc_map50"]
     assert recorded >= 0.5
     spec = entry["metrics"]["data"]
-    val = make_dataset(str(tmp_path / "val"), spec["val_images"], seed=spec["val_seed"],
-                       image_size=tuple(spec["image_size"]), num_classes=spec["num_classes"],
-                       split="val")
+    val = make_dataset(str(tmp_path / "val"), spec["val_images"], seed=spec["val_seed"], split="val",
+                       **synthetic_generator_arguments(spec))
     model = zoo.load(name)
     val_ds = engine.make_pipeline(val, entry["input"], 8, False)
     summary = engine.evaluate_detector(model, val_ds, val.class_names, quiet=True)
     print(f"shipped weights: VOC mAP@0.5 {summary['voc_map50']:.4f} (recorded {recorded})")
     assert summary["voc_map50"] == pytest.approx(recorded, abs=0.02)
     assert summary["coco_ap"] == pytest.approx(entry["metrics"]["coco_ap"], abs=0.02)
+    if "localization" in entry["metrics"]:
+        from kerasdet.evaluation.localization import evaluate_localization
+
+        measured, recorded = evaluate_localization(model, val_ds), entry["metrics"]["localization"]
+        print(f"shipped weights: localization {measured} (recorded {recorded})")
+        assert measured["images"] == recorded["images"] == spec["val_images"]
+        for key in ("top1", "localization_top1", "mean_iou"):
+            assert measured[key] == pytest.approx(recorded[key], abs=0.02), key
 
 
 def test_other_num_classes_keeps_the_shipped_backbone_and_warns():

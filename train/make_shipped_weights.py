@@ -25,13 +25,15 @@ def main(argv=None):
 
     from kerasdet import zoo
     from kerasdet import engine
-    from kerasdet.data.data_spec import SYNTHETIC_SETTINGS, parse_data_spec
+    from kerasdet.data.data_spec import SYNTHETIC_SETS, parse_data_spec
 
     entry = zoo.registry.get_entry(args.entry)
-    if entry.dataset != "synthetic":
-        raise SystemExit(f"{args.entry} is not a synthetic entry")
+    if entry.dataset not in SYNTHETIC_SETS:
+        raise SystemExit(f"{args.entry} is not a synthetic entry (its data set is {entry.dataset!r}; "
+                         f"synthetic ones are {sorted(SYNTHETIC_SETS)})")
+    kind, settings = SYNTHETIC_SETS[entry.dataset]
     keras.utils.set_random_seed(args.seed)
-    data = parse_data_spec("synthetic:" + os.path.join(args.work, "data"))
+    data = parse_data_spec(f"{kind}:" + os.path.join(args.work, entry.dataset))
     model = zoo.build(args.entry)
     recipe = engine.TrainingRecipe(entry.recipe, epochs=args.epochs)
     train_ds = engine.make_pipeline(data.train, entry.input, recipe["batch_size"], True,
@@ -44,6 +46,11 @@ def main(argv=None):
         raise SystemExit(run["message"])
     summary = engine.evaluate_detector(model, val_ds, data.class_names,
                                          os.path.join(args.work, "run"), records=data.val)
+    localization = None
+    if settings.get("max_objects") == 1:
+        from kerasdet.evaluation.localization import evaluate_localization
+
+        localization = evaluate_localization(model, val_ds)
 
     zoo_folder = os.path.dirname(entry.source_file)
     file_name = f"{args.entry}.weights.h5"
@@ -61,21 +68,18 @@ def main(argv=None):
     record["metrics"] = {
         "voc_map50": round(summary["voc_map50"], 4), "coco_ap": round(summary["coco_ap"], 4),
         "coco_ap50": round(summary["coco_ap50"], 4),
-        "evaluated_on": (f"{SYNTHETIC_SETTINGS['val_images']} held-out synthetic images "
-                         f"(seed {SYNTHETIC_SETTINGS['val_seed']}, {SYNTHETIC_SETTINGS['image_size']})"),
-        "trained_on": (f"{SYNTHETIC_SETTINGS['train_images']} synthetic images "
-                       f"(seed {SYNTHETIC_SETTINGS['train_seed']}), {recipe['epochs']} epochs, "
+        "evaluated_on": (f"{settings['val_images']} held-out synthetic images "
+                         f"(seed {settings['val_seed']}, {settings['image_size']})"),
+        "trained_on": (f"{settings['train_images']} synthetic images "
+                       f"(seed {settings['train_seed']}), {recipe['epochs']} epochs, "
                        f"{seconds:.0f} s on 2 CPU cores"),
         "training_seed": args.seed,
         # What tests/test_zoo.py regenerates to re-measure the metrics.
-        "data": {"generator": "kerasdet.data.synthetic.make_dataset",
-                 "num_classes": SYNTHETIC_SETTINGS["num_classes"],
-                 "image_size": SYNTHETIC_SETTINGS["image_size"],
-                 "train_images": SYNTHETIC_SETTINGS["train_images"],
-                 "train_seed": SYNTHETIC_SETTINGS["train_seed"],
-                 "val_images": SYNTHETIC_SETTINGS["val_images"],
-                 "val_seed": SYNTHETIC_SETTINGS["val_seed"]},
+        "data": {"generator": "kerasdet.data.synthetic.make_dataset", **settings},
     }
+    if localization is not None:
+        record["metrics"]["localization"] = {k: (round(v, 4) if isinstance(v, float) else v)
+                                             for k, v in localization.items()}
     # --work only chooses a scratch folder, so it is left out of the recorded command.
     record["command"] = (f"python train/make_shipped_weights.py --entry {args.entry} --seed {args.seed}"
                          + (f" --epochs {args.epochs}" if args.epochs else ""))

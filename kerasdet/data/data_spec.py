@@ -6,6 +6,8 @@
                                   split names (coco:ann/instances_{split}.json:images/{split}).
     synthetic:DIR                 kerasdet's synthetic shapes (written to DIR/train and DIR/val from
                                   fixed seeds if missing).
+    synthetic-single:DIR          the single-object variant (one shape per image): the
+                                  localization set of the OverFeat entries.
 """
 import dataclasses
 import os
@@ -13,12 +15,20 @@ import warnings
 
 import numpy as np
 
-__all__ = ["DataSource", "parse_data_spec", "read_class_names", "align_classes", "SYNTHETIC_SETTINGS"]
+__all__ = ["DataSource", "parse_data_spec", "read_class_names", "align_classes", "SYNTHETIC_SETTINGS",
+           "SYNTHETIC_SINGLE_SETTINGS", "SYNTHETIC_SETS", "synthetic_generator_arguments"]
 
 # The synthetic benchmark of the learning tests: 3 shapes on 128x128 images; validation images come
 # from another seed, so they are held out.
 SYNTHETIC_SETTINGS = {"train_images": 256, "val_images": 64, "train_seed": 1, "val_seed": 2,
                       "image_size": [128, 128], "num_classes": 3}
+# One shape of 20..64 px per image: ILSVRC-style localization (OverFeat, section 4).
+SYNTHETIC_SINGLE_SETTINGS = {"train_images": 256, "val_images": 64, "train_seed": 3, "val_seed": 4,
+                             "image_size": [128, 128], "num_classes": 3, "min_objects": 1,
+                             "max_objects": 1, "object_size": [20, 64]}
+# The zoo's `dataset` names of the synthetic sets and their --data kinds.
+SYNTHETIC_SETS = {"synthetic": ("synthetic", SYNTHETIC_SETTINGS),
+                  "synthetic_single": ("synthetic-single", SYNTHETIC_SINGLE_SETTINGS)}
 
 
 @dataclasses.dataclass
@@ -74,11 +84,18 @@ def _put_in_order(dataset, names, where, what="the class names given"):
     return dataset
 
 
-def _synthetic(root, need_train, class_names):
+def synthetic_generator_arguments(settings):
+    """make_dataset's keyword arguments (besides count and seed) of a synthetic set's settings."""
+    extra = {k: (tuple(v) if isinstance(v, list) else v) for k, v in settings.items()
+             if k in ("min_objects", "max_objects", "object_size")}
+    return dict(image_size=tuple(settings["image_size"]), num_classes=settings["num_classes"], **extra)
+
+
+def _synthetic(root, need_train, class_names, kind="synthetic"):
     from kerasdet.data.coco import load_coco
     from kerasdet.data.synthetic import make_dataset
 
-    s = SYNTHETIC_SETTINGS
+    s = SYNTHETIC_SETTINGS if kind == "synthetic" else SYNTHETIC_SINGLE_SETTINGS
     sets = {}
     for split, count, seed in (("train", s["train_images"], s["train_seed"]),
                                ("val", s["val_images"], s["val_seed"])):
@@ -89,9 +106,9 @@ def _synthetic(root, need_train, class_names):
         if os.path.isfile(annotation):
             sets[split] = load_coco(annotation, os.path.join(folder, "images"))
         else:
-            sets[split] = make_dataset(folder, count, seed=seed, image_size=tuple(s["image_size"]),
-                                       num_classes=s["num_classes"], split=split)
-    return _coco_source(sets.get("train"), sets["val"], class_names, f"--data synthetic:{root}",
+            sets[split] = make_dataset(folder, count, seed=seed, split=split,
+                                       **synthetic_generator_arguments(s))
+    return _coco_source(sets.get("train"), sets["val"], class_names, f"--data {kind}:{root}",
                         "the synthetic shapes")
 
 
@@ -144,8 +161,8 @@ def parse_data_spec(spec, train_split="train", val_split="val", need_train=True,
         raise ValueError(f"--data must look like voc:ROOT, coco:ANN.json:IMAGE_DIR or synthetic:DIR; "
                          f"got {spec!r}")
     kind, rest = spec.split(":", 1)
-    if kind == "synthetic":
-        return _synthetic(rest, need_train, class_names)
+    if kind in ("synthetic", "synthetic-single"):
+        return _synthetic(rest, need_train, class_names, kind)
     if kind == "voc":
         return _voc(rest, spec, train_split, val_split, need_train, class_names)
     if kind == "coco":
@@ -168,4 +185,4 @@ def parse_data_spec(spec, train_split="train", val_split="val", need_train=True,
         train = read(train_split) if need_train else None
         val = read(val_split)
         return _coco_source(train, val, class_names, f"--data {spec}", "the annotation file's categories")
-    raise ValueError(f"--data {spec}: unknown kind {kind!r} (use voc, coco or synthetic)")
+    raise ValueError(f"--data {spec}: unknown kind {kind!r} (use voc, coco, synthetic or synthetic-single)")

@@ -71,7 +71,7 @@ def _background(height: int, width: int, rng: np.random.Generator) -> np.ndarray
     return (a + (b - a) * t[..., None]).astype(np.float32)
 
 
-def _draw_image(index: int, seed: int, image_size, classes, object_size, max_objects, noise):
+def _draw_image(index: int, seed: int, image_size, classes, object_size, max_objects, noise, min_objects=0):
     rng = np.random.default_rng([seed, index])
     height, width = _pick_size(image_size, rng)
     image = _background(height, width, rng)
@@ -80,7 +80,7 @@ def _draw_image(index: int, seed: int, image_size, classes, object_size, max_obj
     lo = min(lo, hi)
     objects = []
     taken = np.zeros((height, width), bool)
-    for _ in range(int(rng.integers(0, max_objects + 1))):
+    for _ in range(int(rng.integers(min_objects, max_objects + 1))):
         label = int(rng.integers(len(classes)))
         for _attempt in range(20):  # rejection sampling for a free spot
             size = int(rng.integers(lo, hi + 1))
@@ -114,7 +114,7 @@ def _pick_size(image_size, rng):
 def make_dataset(root: str, num_images: int = 200, seed: int = 0, image_size=(128, 128),
                  format: str = "coco", *, num_classes: int = 3, object_size=(16, 64),
                  max_objects: int = 4, noise: float = 8.0, split: str = "train",
-                 write_instance_pngs: bool = True):
+                 write_instance_pngs: bool = True, min_objects: int = 0):
     """Write a synthetic detection data set and return it loaded as a DetectionDataset.
 
     Args:
@@ -129,10 +129,12 @@ def make_dataset(root: str, num_images: int = 200, seed: int = 0, image_size=(12
             SegmentationObject/<id>.png (0 = background, i = i-th object).
         num_classes: 1..5 shape classes, in the order of ``SHAPES``.
         object_size: (min, max) side of an object's square in pixels (clamped to the image).
-        max_objects: objects per image are drawn uniformly from 0..max_objects (overlaps are
-            rejected, so crowded images may hold fewer).
+        max_objects: objects per image are drawn uniformly from min_objects..max_objects (overlaps
+            are rejected, so crowded images may hold fewer).
         noise: standard deviation of the Gaussian pixel noise.
         split: split name used in the file names.
+        min_objects: the fewest objects an image is drawn with (1 with max_objects=1: the
+            single-object localization set).
 
     Returns:
         kerasdet.data.DetectionDataset read back through the COCO or VOC reader.
@@ -141,15 +143,17 @@ def make_dataset(root: str, num_images: int = 200, seed: int = 0, image_size=(12
         raise ValueError(f"format must be 'coco' or 'voc', got {format!r}")
     if not 1 <= num_classes <= len(SHAPES):
         raise ValueError(f"num_classes must be in 1..{len(SHAPES)}, got {num_classes}")
-    if num_images < 0 or max_objects < 0 or object_size[0] < 1 or object_size[0] > object_size[1]:
-        raise ValueError("need num_images >= 0, max_objects >= 0 and 1 <= object_size[0] <= "
-                         f"object_size[1]; got {num_images}, {max_objects}, {object_size}")
+    if (num_images < 0 or not 0 <= min_objects <= max_objects or object_size[0] < 1
+            or object_size[0] > object_size[1]):
+        raise ValueError("need num_images >= 0, 0 <= min_objects <= max_objects and 1 <= object_size[0] <= "
+                         f"object_size[1]; got {num_images}, {min_objects}..{max_objects}, {object_size}")
     classes = SHAPES[:num_classes]
     image_dir = os.path.join(root, "images" if format == "coco" else "JPEGImages")
     os.makedirs(image_dir, exist_ok=True)
     samples = []
     for index in range(num_images):
-        image, objects = _draw_image(index, seed, image_size, classes, object_size, max_objects, noise)
+        image, objects = _draw_image(index, seed, image_size, classes, object_size, max_objects, noise,
+                                     min_objects)
         name = f"{index:06d}"
         Image.fromarray(image).save(os.path.join(image_dir, name + ".png"), format="PNG")
         samples.append((name, image.shape[0], image.shape[1], objects))

@@ -13,6 +13,7 @@ _CLASSES = {
     "CascadeRCNN": "kerasdet.models.cascade_rcnn",
     "CCNet": "kerasdet.models.ccnet",
     "RFCN": "kerasdet.models.rfcn",
+    "OverFeatDetector": "kerasdet.models.overfeat",
     "RefineDet": "kerasdet.models.refinedet",
     "DeformableFasterRCNN": "kerasdet.models.deformable",
     "deformable_rfcn": "kerasdet.models.deformable",

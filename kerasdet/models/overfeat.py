@@ -9,7 +9,9 @@ sliding-window ConvNet.
       -> interleaved maps: one window of the training input size every s input pixels
          (s = stride of the unpooled map: 12 accurate, 16 fast; p * s with the coarse stride)
 
-Training (computed densely on the whole image, which equals training on every window crop):
+Training (computed densely on the whole image: training on every window crop at once, except at a
+crop's border, where a lone crop's padded inner convolutions see zeros and the dense map sees the
+neighbouring pixels; benchmarks/overfeat.py measures the difference):
 a window is a positive of ground truth g when g lies mostly inside it (coverage = |w & g| / |g|
 >= `positive_coverage`) and fills it enough (IoU >= `positive_iou`); a negative when every ground
 truth has coverage < `negative_coverage`; the rest are ignored. Negatives are taken on the fly per
@@ -39,10 +41,31 @@ from kerasdet.models.base import Detector, ground_truth
 from kerasdet.ops import overfeat as of_ops
 from kerasdet.ops.boxes import box_iou, clip_boxes
 
-__all__ = ["OverFeatDetector"]
+__all__ = ["OverFeatDetector", "PAPER_SCALES", "TABLE2_PROTOCOLS"]
 
 # The paper's table-5 input sizes (accurate model) as (height, width).
 PAPER_SCALES = ((245, 245), (281, 317), (317, 389), (389, 461), (425, 497), (461, 569))
+
+# The classification rows of the paper's table 2 as (indices into the model's six scales, fine
+# stride): "1 scale" is table 5's first scale, "4 scales" its scales 1, 2, 4 and 6.
+TABLE2_PROTOCOLS = {
+    "coarse_1_scale": ((0,), False),
+    "fine_1_scale": ((0,), True),
+    "fine_4_scales": ((0, 1, 3, 5), True),
+    "fine_6_scales": ((0, 1, 2, 3, 4, 5), True),
+}
+
+
+def _scale_setting(scale, name):
+    """A scale is a factor of the input's size (float) or an exact input size [height, width]
+    (table 5's sizes)."""
+    if isinstance(scale, (list, tuple)):
+        if len(scale) != 2 or not all(int(v) == v and v >= 1 for v in scale):
+            raise ValueError(f"`{name}`: an exact size must be [height, width] in pixels, got {scale!r}")
+        return (int(scale[0]), int(scale[1]))
+    if not float(scale) > 0:
+        raise ValueError(f"`{name}`: a scale factor must be > 0, got {scale!r}")
+    return float(scale)
 
 
 @keras.saving.register_keras_serializable(package="kerasdet")
@@ -62,8 +85,8 @@ class OverFeatDetector(Detector):
         self.settings = dict(
             variant=variant, classifier_dims=tuple(classifier_dims or [d for d, _ in OVERFEAT_FULL[variant][:-1]]),
             regressor_dims=tuple(regressor_dims), class_specific_regressor=bool(class_specific_regressor),
-            dropout=float(dropout), fine_stride=bool(fine_stride), scales=tuple(float(s) for s in scales),
-            train_scales=tuple(float(s) for s in train_scales), flips=bool(flips),
+            dropout=float(dropout), fine_stride=bool(fine_stride), scales=tuple(_scale_setting(s, "scales") for s in scales),
+            train_scales=tuple(_scale_setting(s, "train_scales") for s in train_scales), flips=bool(flips),
             top_k_classes=int(top_k_classes), merge_threshold=float(merge_threshold),
             score_threshold=float(score_threshold), max_merge_boxes=int(max_merge_boxes),
             max_detections=int(max_detections), positive_coverage=float(positive_coverage),
@@ -109,10 +132,24 @@ class OverFeatDetector(Detector):
         windows = of_ops.window_boxes(tf.shape(logits)[1], tf.shape(logits)[2], stride, self.window)
         return logits, deltas, windows
 
+    def protocol(self, name):
+        """{"scales", "fine_stride"} of a row of the paper's table 2 (TABLE2_PROTOCOLS), taken from
+        this model's six scales; pass them to `classify` or `detect`."""
+        if name not in TABLE2_PROTOCOLS:
+            raise ValueError(f"unknown protocol {name!r}; choose one of {sorted(TABLE2_PROTOCOLS)}")
+        indices, fine = TABLE2_PROTOCOLS[name]
+        if len(self.scales) != 6:
+            raise ValueError(f"protocol {name!r} picks among table 5's six scales; this model has "
+                             f"{len(self.scales)} scales {list(self.scales)}")
+        return {"scales": tuple(self.scales[i] for i in indices), "fine_stride": fine}
+
     def _scaled(self, images, image_shapes, scale):
-        if scale == 1.0:
+        if isinstance(scale, tuple):  # an exact input size
+            size = tf.constant(scale, tf.int32)
+        elif scale == 1.0:
             return images, image_shapes
-        size = tf.cast(tf.round(tf.cast(tf.shape(images)[1:3], tf.float32) * scale), tf.int32)
+        else:
+            size = tf.cast(tf.round(tf.cast(tf.shape(images)[1:3], tf.float32) * scale), tf.int32)
         # the smallest input every offset copy gives one classifier output for
         size = tf.maximum(size, self.window + (self.pool - 1) * self.feature_stride)
         factor = tf.cast(size, tf.float32) / tf.cast(tf.shape(images)[1:3], tf.float32)
@@ -196,9 +233,9 @@ class OverFeatDetector(Detector):
         return {"cls": cls_loss, "box": box_loss}
 
     # -- inference -------------------------------------------------------------------------------
-    def _scale_candidates(self, images, image_shapes, scale):
+    def _scale_candidates(self, images, image_shapes, scale, fine_stride=None):
         scaled, shapes = self._scaled(images, image_shapes, scale)
-        logits, deltas, windows = self.dense(scaled)
+        logits, deltas, windows = self.dense(scaled, fine_stride=fine_stride)
         b = tf.shape(logits)[0]
         probs = tf.nn.softmax(tf.reshape(logits, [b, -1, self.num_classes + 1]))[..., 1:]
         windows = tf.reshape(windows, [-1, 4])
@@ -216,9 +253,12 @@ class OverFeatDetector(Detector):
         classes = tf.broadcast_to(tf.range(self.num_classes)[None, None], tf.shape(scores))
         return tf.reshape(boxes, [b, -1, 4]), tf.reshape(scores, [b, -1]), tf.reshape(classes, [b, -1])
 
-    def detect(self, images, image_shapes, training=False):
+    def detect(self, images, image_shapes, training=False, scales=None, fine_stride=None):
+        """Detections of section 4.3; `scales` / `fine_stride` override the model's (the protocols
+        of table 2, see `protocol`)."""
         image_shapes = tf.cast(image_shapes, tf.float32)
-        parts = [self._scale_candidates(images, image_shapes, s) for s in self.scales]
+        scales = self.scales if scales is None else tuple(_scale_setting(s, "scales") for s in scales)
+        parts = [self._scale_candidates(images, image_shapes, s, fine_stride) for s in scales]
         boxes = tf.concat([p[0] for p in parts], 1)
         scores = tf.concat([p[1] for p in parts], 1)
         classes = tf.concat([p[2] for p in parts], 1)
@@ -256,7 +296,8 @@ class OverFeatDetector(Detector):
         images = self.input_images(images)
         shapes = tf.tile(tf.cast(tf.shape(images)[1:3], tf.float32)[None], [tf.shape(images)[0], 1])
         views = []
-        for scale in (self.scales if scales is None else scales):
+        scales = self.scales if scales is None else tuple(_scale_setting(s, "scales") for s in scales)
+        for scale in scales:
             scaled, _ = self._scaled(images, shapes, scale)
             for flip in ((False, True) if (self.flips if flips is None else flips) else (False,)):
                 x = tf.reverse(scaled, [2]) if flip else scaled
@@ -267,6 +308,8 @@ class OverFeatDetector(Detector):
 
     def get_config(self):
         config = super().get_config()
-        config.update(num_classes=self.num_classes, **{k: list(v) if isinstance(v, tuple) else v
-                                                       for k, v in self.settings.items()})
+        def plain(value):  # JSON-friendly: tuples (also nested exact sizes) become lists
+            return [plain(v) for v in value] if isinstance(value, tuple) else value
+
+        config.update(num_classes=self.num_classes, **{k: plain(v) for k, v in self.settings.items()})
         return config
