@@ -302,14 +302,16 @@ def write_proposal_cache(dataset, path, method="selective_search", progress=True
                 and previous.metadata.get("settings") == json.loads(json.dumps(settings))):
             done = {key: (previous.paths[key], previous.get(key)) for key in previous.ids}
     ids, paths, chunks = [], [], []
+    seen = set()
     seconds = 0.0
     computed = 0
     records = dataset.records
     for count, record in enumerate(tqdm(records, desc=f"{method} {os.path.basename(path)}",
                                         unit="image", disable=not progress), 1):
         key = str(record.image_id)
-        if key in ids:
+        if key in seen:
             raise ValueError(f"image id {key!r} appears twice in the data set; the cache {path} keys on it")
+        seen.add(key)
         if key in done and done[key][0] == record.image_path:
             boxes = done[key][1]
         else:
