@@ -210,6 +210,25 @@ def test_pipeline_moves_proposals_like_the_boxes(tiny, tmp_path):
     assert evaluation["proposals"].shape == (2, 3, 4)
 
 
+def test_ground_truth_proposals_follow_expand_and_scale_jitter(tiny, tmp_path):
+    # Proposals copied from the ground truth (and listed first) must come out equal to the boxes
+    # after expand, flip, scale jitter and the crop to the canvas, which also drops the same rows.
+    data = tiny["data"]
+    chunks = [np.concatenate([r.boxes, [[0, 0, 64, 64]]]) for r in data.records]
+    cache = _write_cache(tmp_path / "gt.npz", [str(r.image_id) for r in data.records],
+                         [r.image_path for r in data.records], chunks)
+    ds = build_dataset(data, 3, training=True, augment=("photometric", "expand", "flip"),
+                       scale_jitter=(0.8, 2.0), image_size=(48, 48), seed=1, proposals=cache,
+                       max_proposals=8)
+    for _ in range(2):
+        for batch in ds:
+            labels = batch["bounding_boxes"]["labels"].numpy()
+            for b in range(len(labels)):
+                m = int((labels[b] >= 0).sum())
+                gt = batch["bounding_boxes"]["boxes"].numpy()[b, :m]
+                np.testing.assert_allclose(batch["proposals"].numpy()[b, :m], gt, atol=1e-4)
+
+
 def test_pipeline_refuses_what_it_cannot_move(tiny):
     with pytest.raises(ValueError, match="crop"):
         build_dataset(tiny["data"], 2, training=True, augment="ssd", image_size=(64, 64),
