@@ -306,3 +306,28 @@ def test_layers_symbolic_config_and_mixed_precision():
     np.testing.assert_array_equal(pooled.numpy()[0, 0], full[0].astype(np.float16))
     np.testing.assert_array_equal(pooled.numpy()[0, 1],
                                   ref_spp(x[0, 3:5, 2:6], (3, 1)).astype(np.float16))
+
+
+def test_roi_layer_symbolic_and_gradient():
+    features = keras.Input((None, None, 4))
+    rois = keras.Input((None, 4), dtype="int32")
+    out = RoISpatialPyramidPooling((2, 1))(features, rois)
+    assert tuple(out.shape) == (None, None, 20)
+    x = tf.constant(distinct((1, 6, 7, 4), seed=5))
+    windows = tf.constant([[[0, 0, 4, 5], [3, 1, 6, 2]]], tf.int32)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        pooled = spp.roi_spatial_pyramid_pool(x, windows, levels=(2, 1))
+        total = tf.reduce_sum(pooled)
+    grad = tape.gradient(total, x).numpy()
+    # each output is one pixel's value, so the gradient counts how often a pixel is a bin's max
+    expected = np.zeros(x.shape, np.float32)
+    values = pooled.numpy().reshape(-1)
+    flat = x.numpy().reshape(-1)
+    for v in values:
+        expected.reshape(-1)[np.nonzero(flat == v)[0]] += 1.0  # distinct values: one pixel each
+    np.testing.assert_array_equal(grad, expected)
+    theoretical, numerical = tf.test.compute_gradient(
+        tf.function(lambda t: spp.roi_spatial_pyramid_pool(t, windows, levels=(2, 1))),
+        [tf.cast(x, tf.float64)])
+    np.testing.assert_allclose(theoretical[0], numerical[0], atol=1e-6)

@@ -28,10 +28,10 @@ follow the paper's text):
     boundary goes to x' = floor(x / S) + 1 and the right (bottom) one to x' = ceil(x / S) - 1.
 
 RoI SPP speed (2 CPU cores shared with other jobs, float32, tf.function graph): 2000 random RoIs
-(up to 40 x 30 cells) on a 1 x 60 x 80 x 256 map took 1.4 s to 3.8 s per call with levels
-(6, 3, 2, 1), output 2000 x 12800 (tf.map_fn over the RoIs; each RoI crops its window and runs the
-dense pooling). Fast enough for SPP-net's test-time ~2000 windows per image, slow next to a
-compiled RoIPool kernel.
+(up to 40 x 30 cells) on a 1 x 60 x 80 x 256 map, levels (6, 3, 2, 1), output 2000 x 12800:
+forward 0.7 s to 1.4 s per call (3.8 s once under load); forward + gradient 6 s to 6.5 s. The
+forward is a tf.map_fn over the RoIs (each crops its window and runs the dense pooling); fast
+enough for SPP-net's ~2000 windows per image, slow next to a compiled RoIPool kernel.
 """
 import tensorflow as tf
 
@@ -103,6 +103,23 @@ def _pool_level(features, n):
         features = tf.reduce_max(tf.gather(features, index, axis=axis), axis=axis + 1)
     channels = features.shape[-1] if features.shape[-1] is not None else shape[3]
     return tf.reshape(tf.transpose(features, [0, 3, 1, 2]), [shape[0], channels * n * n])
+
+
+def _level_argmax(window, n):
+    """(rows, cols) [n, n, C] of each bin's maximum in a [h, w, C] window (first one on ties)."""
+    shape = tf.shape(window)
+    starts, size = _tensor_bins(shape[0], n)
+    index = starts[:, None] + tf.range(size)[None, :]  # [n, size]
+    rows = tf.gather(window, index, axis=0)  # [n, size, w, C]
+    row = tf.argmax(rows, axis=1, output_type=tf.int32) + starts[:, None, None]  # [n, w, C]
+    values = tf.reduce_max(rows, axis=1)
+    starts, size = _tensor_bins(shape[1], n)
+    index = starts[:, None] + tf.range(size)[None, :]
+    cols = tf.gather(values, index, axis=1)  # [n, n, size, C]
+    col = tf.argmax(cols, axis=2, output_type=tf.int32) + starts[None, :, None]  # [n, n, C]
+    # the row of the winner: row[i, col[i, j, c], c]
+    row = tf.experimental.numpy.take_along_axis(row, col, axis=1)
+    return row, col
 
 
 def spatial_pyramid_pool(features, levels=SPP_LEVELS):
@@ -179,19 +196,64 @@ def roi_spatial_pyramid_pool(features, rois, box_indices=None, levels=SPP_LEVELS
                          f"got shape {features.shape}")
     dim = channels * sum(n * n for n in levels)
 
-    def one(args):
-        b, x1, y1, x2, y2 = args
-        window = features[b, y1:y2 + 1, x1:x2 + 1][None]
-        return spatial_pyramid_pool(window, levels)[0]
-
-    # A loop over RoIs: each window has its own bin sizes, and a vectorized gather over the
-    # largest window would need R * n * window * W * C memory (gigabytes for 2000 RoIs).
-    pooled = tf.map_fn(one, (box_indices, x1, y1, x2, y2),
-                       fn_output_signature=tf.TensorSpec([dim], features.dtype),
-                       parallel_iterations=32)
+    pooled = _roi_pool(features, box_indices, x1, y1, x2, y2, levels=levels, dim=dim)
     if batched:
         return tf.reshape(pooled, [rshape[0], rshape[1], dim])
     return pooled
+
+
+def _roi_values(features, windows, levels, dim):
+    def one(args):
+        b, x1, y1, x2, y2 = args
+        return spatial_pyramid_pool(features[b, y1:y2 + 1, x1:x2 + 1][None], levels)[0]
+
+    # A loop over RoIs: each window has its own bin sizes, and a vectorized gather over the
+    # largest window would need R * n * window * W * C memory (gigabytes for 2000 RoIs).
+    return tf.map_fn(one, windows, fn_output_signature=tf.TensorSpec([dim], features.dtype),
+                     parallel_iterations=32)
+
+
+def _roi_argmax(features, windows, levels, dim):
+    """Flat index into `features` of every output value's arg-max pixel, [R, dim] int32."""
+    shape = tf.shape(features)
+    channels = features.shape[-1]
+    channel = tf.range(channels, dtype=tf.int32)
+
+    def one(args):
+        b, x1, y1, x2, y2 = args
+        window = features[b, y1:y2 + 1, x1:x2 + 1]
+        parts = []
+        for n in levels:
+            rows, cols = _level_argmax(window, n)
+            flat = ((b * shape[1] + y1 + rows) * shape[2] + x1 + cols) * channels + channel
+            parts.append(tf.reshape(tf.transpose(flat, [2, 0, 1]), [-1]))
+        return tf.concat(parts, axis=0)
+
+    return tf.map_fn(one, windows, fn_output_signature=tf.TensorSpec([dim], tf.int32),
+                     parallel_iterations=32)
+
+
+def _roi_pool(features, box_indices, x1, y1, x2, y2, levels, dim):
+    """Forward: the max of each bin. Backward: the gradient of a bin goes to its arg-max pixel
+    (first one on ties), as in Caffe's max pooling and Fast R-CNN's RoIPool. Autodiff through the
+    forward loop keeps every RoI's intermediate tensors and was slower (2000 RoIs on 60 x 80 x 256:
+    7 s to 10 s forward + backward, against 6 s); the arg-max indices are only computed when a
+    gradient is asked for (SPP-net's detector fine-tunes fc layers only)."""
+    windows = (box_indices, x1, y1, x2, y2)
+
+    @tf.custom_gradient
+    def pool(features):
+        values = _roi_values(features, windows, levels, dim)
+
+        def grad(upstream):
+            index = _roi_argmax(features, windows, levels, dim)
+            flat = tf.math.unsorted_segment_sum(tf.reshape(upstream, [-1]),
+                                                tf.reshape(index, [-1]), tf.size(features))
+            return tf.reshape(flat, tf.shape(features))
+
+        return values, grad
+
+    return pool(features)
 
 
 def choose_scale(boxes, scales=SPP_SCALES, target=224.0, *, image_size):
@@ -224,20 +286,25 @@ def choose_scale(boxes, scales=SPP_SCALES, target=224.0, *, image_size):
 def project_to_features(boxes, stride=16, offset=0.0, feature_size=None):
     """SPP-net appendix: image-domain windows -> inclusive feature-map cells (x1', y1', x2', y2').
 
-    Convention (0-based). Boxes are in the pixel coordinates of the (resized) network input; the
-    feature pixel x' (0-based) has its receptive field centred at image coordinate S x' + offset.
-    The paper states the centre as x = S x' for a network padded by floor(p / 2) at every layer,
-    which is the 0-based relation (its first response is centred on its first pixel), so
-    offset = 0 is the paper's network and the paper's formulas apply as written to x - offset:
+    Convention (0-based). The corners are points in the coordinates of the (resized) network
+    input, and feature pixel x' (0-based) has its receptive field centred at S x' + offset in the
+    same coordinates. The paper states the centre as x = S x' for a network padded by floor(p / 2)
+    at every layer, which is the 0-based relation (its first response is centred on its first
+    pixel; with 1-based indices it would be S (x' - 1) + 1), so offset = 0 is the paper's network
+    and the paper's formulas apply as written to x - offset:
         left / top:     x' = floor((x - offset) / S) + 1
         right / bottom: x' = ceil((x - offset) / S) - 1
-    (the paper: "If the padding is not floor(p/2), we need to add a proper offset to x").
-    kerasdet's ZF5 pads differently (conv1 pads 1, conv2 none, ceil-mode pools): its conv5 pixel m
-    is centred on input pixel 16 m + 20, so use offset=20 for it.
+    (the paper: "If the padding is not floor(p/2), we need to add a proper offset to x"). Both
+    pick the first / last cell whose centre lies strictly inside the window, so a corner exactly on
+    a centre moves one cell inward: the rule is the paper's, not a nearest-centre rounding.
+    The offset depends on the box convention. In pixel indices (a pixel's centre is its index, the
+    paper's reading) the paper's network has offset 0 and kerasdet's ZF5 (conv1 pads 1, conv2
+    none, ceil-mode pools) has 20: its conv5 pixel m is centred on input pixel 16 m + 20. With
+    kerasdet's continuous boxes (pixel i spans [i, i + 1)) add 0.5 to those offsets.
 
     The result is clamped to [0, size - 1] when `feature_size` (H', W') is given (else only to
     >= 0), and a window that the rule empties (x2' < x1', a window narrower than about 2 S) becomes
-    the single cell whose centre is closest to the window's centre.
+    the single cell whose centre is closest to the window's centre (ties to the even cell).
 
     Args:
       boxes: [..., 4] (x1, y1, x2, y2).
