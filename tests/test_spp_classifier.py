@@ -86,3 +86,21 @@ def test_tiny_classifier_learns_with_multi_size_training(tmp_path):
         accuracy[size] = float(np.mean(predicted == y_val))
     print("held-out accuracy", accuracy)
     assert min(accuracy.values()) >= 0.85, accuracy
+
+
+def test_mixed_precision_and_keras_file_round_trip(tmp_path):
+    import keras
+    x = tf.random.uniform([2, 48, 40, 3], 0, 255, seed=3)
+    model = SPPClassifier(4, backbone="tiny", levels=(2, 1), fc_dims=(8,), feature="C3")
+    expected = model(x).numpy()
+    path = str(tmp_path / "spp.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    np.testing.assert_allclose(loaded(x).numpy(), expected, rtol=1e-5, atol=1e-5)
+    try:
+        keras.mixed_precision.set_global_policy("mixed_float16")
+        mixed = SPPClassifier(4, backbone="tiny", levels=(2, 1), fc_dims=(8,), feature="C3")
+        assert mixed.features(x).dtype == tf.float16
+        assert mixed(x).dtype == tf.float32
+    finally:
+        keras.mixed_precision.set_global_policy("float32")

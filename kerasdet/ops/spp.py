@@ -155,7 +155,8 @@ def roi_spatial_pyramid_pool(features, rois, box_indices=None, levels=SPP_LEVELS
       levels: pyramid levels.
 
     Returns [R, D] or [B, N, D], D = C * sum(n^2): each window binned by the paper's rule applied
-    to the window's own height and width (not to the map's).
+    to the window's own height and width (not to the map's), in the features' dtype. The gradient
+    of each value goes to its bin's arg-max pixel.
     """
     op = "roi_spatial_pyramid_pool"
     levels = _levels(op, levels)
