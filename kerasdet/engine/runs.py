@@ -356,6 +356,15 @@ def _train(options, precision):
         evaluated.build()
         evaluated.set_weights(model.get_weights())
         model = evaluated
+    if hasattr(model, "fit_region_stages"):
+        # R-CNN / SPP-net: the SVMs and box regressors learn after the fine-tuning, from features
+        # of the training images without augmentation; the final weights then include them.
+        say("post-hoc stages: per-class SVMs (hard negative mining) and ridge box regression")
+        stages_ds = make_pipeline(data.train, settings, batch_size, False,
+                                  proposals=caches[options.train_split],
+                                  max_proposals=options.max_proposals)
+        model.fit_region_stages(stages_ds, say=say)
+        model.save_weights(os.path.join(options.out, "model.weights.h5"))
     metrics = evaluate_detector(model, val_ds, data.class_names, options.out, records=data.val,
                                 split=options.val_split)
     return {"stopped_on_nan": False, "message": None, "metrics": metrics}

@@ -14,6 +14,7 @@ _CLASSES = {
     "CCNet": "kerasdet.models.ccnet",
     "RFCN": "kerasdet.models.rfcn",
     "OverFeatDetector": "kerasdet.models.overfeat",
+    "RCNN": "kerasdet.models.rcnn",
     "RefineDet": "kerasdet.models.refinedet",
     "DeformableFasterRCNN": "kerasdet.models.deformable",
     "deformable_rfcn": "kerasdet.models.deformable",

@@ -1,0 +1,168 @@
+"""The post-hoc stages R-CNN and SPP-net share: per-class linear SVMs on a region's fc7 features and
+class-specific ridge box regression on its pool5 features (kerasdet.heads.region_svms), trained
+after the network's fine-tuning by a pass (or a few, for hard negative mining) over the training
+images, and applied in the graph at test time.
+
+A detector using them provides `region_features(images, rois, image_shapes)` ->
+(svm features [B, R, D], box features [B, R, D5]) and calls `build_region_stages(D, D5)` when it
+builds. The learned values live in non-trainable variables, so save_weights / load_weights and
+SavedModel export carry them. Until `fit_region_stages` has run, `region_scores` falls back to the
+fine-tuned network's softmax (flag `svms_trained`), and no box correction is applied.
+"""
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from kerasdet.heads import region_svms
+from kerasdet.models.base import batch_image_shapes, ground_truth
+
+__all__ = ["RegionStages"]
+
+
+class RegionStages:
+    """Mixin for a Detector (see the module docstring)."""
+
+    def build_region_stages(self, svm_dim, box_dim):
+        k = self.num_classes
+
+        def weight(name, shape, value=0.0):
+            return self.add_weight(name=name, shape=shape, dtype="float32", trainable=False,
+                                   initializer=keras.initializers.Constant(value))
+
+        self.svm_weights = weight("svm_weights", (int(svm_dim), k))
+        self.svm_bias = weight("svm_bias", (k,), -1.0)
+        self.svm_feature_scale = weight("svm_feature_scale", (), 1.0)
+        self.svms_trained = weight("svms_trained", (), 0.0)
+        self.box_weights_matrix = weight("box_regression_weights", (int(box_dim), 4 * k))
+        self.box_bias = weight("box_regression_bias", (4 * k,))
+        self.box_feature_scale = weight("box_feature_scale", (), 1.0)
+
+    # -- test time ------------------------------------------------------------------------------
+    def svm_margins(self, svm_features):
+        x = tf.cast(svm_features, tf.float32) * self.svm_feature_scale
+        return tf.linalg.matmul(x, self.svm_weights) + self.svm_bias
+
+    def region_scores(self, svm_features, logits):
+        """[..., K] scores in (0, 1): the sigmoid of the SVM margins once the SVMs are trained (a
+        monotone map for ranking and NMS, margin 0 -> 0.5; not a calibrated probability), else the
+        fine-tuned classifier's softmax without its background column."""
+        softmax = tf.nn.softmax(tf.cast(logits, tf.float32))[..., 1:]
+        return tf.where(self.svms_trained > 0.5, tf.sigmoid(self.svm_margins(svm_features)), softmax)
+
+    def region_deltas(self, box_features):
+        """[..., K, 4] appendix-C deltas (t_x, t_y, t_w, t_h) per class (zero before training)."""
+        x = tf.cast(box_features, tf.float32) * self.box_feature_scale
+        out = tf.linalg.matmul(x, self.box_weights_matrix) + self.box_bias
+        return tf.reshape(out, tf.concat([tf.shape(out)[:-1], [self.num_classes, 4]], 0))
+
+    # -- training (eager, after fine-tuning) ----------------------------------------------------
+    def fit_region_stages(self, dataset, svm=None, ridge=None, say=print, max_images=None):
+        """Trains the SVMs (hard negative mining over `svm.rounds` passes) and the ridge box
+        regressors on the batches of `dataset` (training images with their proposals, no
+        augmentation). Returns a summary dict (examples, cache sizes, seconds)."""
+        svm = svm or region_svms.SVMSettings()
+        ridge = ridge or region_svms.RidgeSettings()
+        self.build()
+        extract = tf.function(self._features_with_ground_truth, reduce_retracing=True)
+        k = self.num_classes
+        start = time.perf_counter()
+        cache = region_svms.HardNegativeCache(k)
+        positives = [dict() for _ in range(k)]
+        box_x, box_y, box_c = [], [], []
+        w = np.zeros((self.svm_weights.shape[0], k))
+        b = np.zeros(k)  # the zero model scores every negative 0 > -1: the first pass takes them all
+        scale = None
+        summary = {"rounds": []}
+        rng = np.random.default_rng(0)
+        for round_index in range(max(1, svm.rounds)):
+            added = 0
+            images_seen = 0
+            for batch in dataset:
+                out = extract(batch)
+                feats, boxes_f, rois, n_gt, valid = (v.numpy() for v in out[:5])
+                gt_boxes, gt_labels = (v.numpy() for v in out[5:])
+                for i in range(len(feats)):
+                    if max_images is not None and images_seen >= max_images:
+                        break
+                    images_seen += 1
+                    real = gt_labels[i] >= 0
+                    gt_b, gt_l = gt_boxes[i][real], gt_labels[i][real]
+                    props = np.flatnonzero(valid[i, n_gt:]) + n_gt
+                    pos, neg = region_svms.svm_examples(rois[i, props], gt_b, gt_l, k, svm.negative_iou)
+                    gt_rows = np.flatnonzero(real)
+                    if scale is None:
+                        scale = region_svms.feature_scale(feats[i, valid[i]], svm.feature_norm)
+                        box_scale = region_svms.feature_scale(boxes_f[i, valid[i]], ridge.feature_norm)
+                    x = feats[i] * scale
+                    for c in range(k):
+                        if round_index == 0:
+                            for j in pos[c]:
+                                positives[c][(images_seen, j)] = x[gt_rows[j]]
+                        rows = props[neg[c]]
+                        if not len(rows):
+                            continue
+                        margins = x[rows] @ w[:, c] + b[c]
+                        hard = rows[margins > svm.hard_threshold]
+                        if len(hard) > svm.max_negatives_per_image:
+                            # the hardest first; at round 0 (all margins equal) a random subset
+                            order = (rng.permutation(len(hard)) if round_index == 0
+                                     else np.argsort(-(x[hard] @ w[:, c]), kind="stable"))
+                            hard = hard[order[:svm.max_negatives_per_image]]
+                        before = len(cache.rows[c])
+                        cache.add(c, [(images_seen, int(r)) for r in hard], x[hard])
+                        added += len(cache.rows[c]) - before
+                    if round_index == 0:
+                        idx, cls, targets = region_svms.regression_pairs(rois[i, props], gt_b, gt_l, ridge.min_iou)
+                        box_x.append(boxes_f[i, props[idx]] * box_scale)
+                        box_y.append(targets)
+                        box_c.append(cls)
+            evicted = 0
+            for c in range(k):
+                pos_rows = np.stack(list(positives[c].values())) if positives[c] else np.zeros((0, w.shape[0]))
+                w[:, c], b[c] = region_svms.fit_linear_svm(pos_rows, cache.matrix(c, w.shape[0]), svm)
+                evicted += cache.evict(c, w[:, c], b[c], svm.evict_threshold)
+            summary["rounds"].append({"round": round_index + 1, "hard_negatives_added": int(added),
+                                      "evicted": int(evicted), "cache": len(cache)})
+            say(f"SVM round {round_index + 1}/{svm.rounds}: {added} hard negatives added, {evicted} "
+                f"easy ones evicted, cache {len(cache)}, positives "
+                f"{[len(p) for p in positives]}")
+        if scale is None:
+            raise ValueError("fit_region_stages: the data set gave no images")
+        self.svm_weights.assign(w.astype(np.float32))
+        self.svm_bias.assign(b.astype(np.float32))
+        self.svm_feature_scale.assign(np.float32(scale))
+        self.svms_trained.assign(1.0)
+        # ridge regression per class
+        bx = np.concatenate(box_x) if box_x else np.zeros((0, self.box_weights_matrix.shape[0]))
+        by = np.concatenate(box_y) if box_y else np.zeros((0, 4))
+        bc = np.concatenate(box_c) if box_c else np.zeros(0, np.int64)
+        weights = np.zeros(self.box_weights_matrix.shape, np.float32)
+        bias = np.zeros(self.box_bias.shape, np.float32)
+        pairs = []
+        for c in range(k):
+            fitted = region_svms.fit_ridge(bx[bc == c], by[bc == c], ridge.lam)
+            pairs.append(int((bc == c).sum()))
+            if fitted is not None:
+                weights[:, 4 * c:4 * c + 4], bias[4 * c:4 * c + 4] = fitted
+        self.box_weights_matrix.assign(weights)
+        self.box_bias.assign(bias)
+        self.box_feature_scale.assign(np.float32(box_scale))
+        summary.update(positives=[len(p) for p in positives], regression_pairs=pairs,
+                       seconds=time.perf_counter() - start)
+        say(f"box regression: {pairs} pairs per class (IoU > {ridge.min_iou}, lambda {ridge.lam:g}); "
+            f"post-hoc stages took {summary['seconds']:.0f} s")
+        return summary
+
+    def _features_with_ground_truth(self, batch):
+        """Features of [ground truth; proposals] per image: (svm features, box features, rois,
+        number of ground-truth rows, valid, gt boxes, gt labels)."""
+        images = self.input_images(batch)
+        shapes = batch_image_shapes(batch, images)
+        gt_boxes, gt_labels = ground_truth(batch)
+        proposals, valid = self.proposal_reader(batch)
+        rois = tf.concat([tf.cast(gt_boxes, tf.float32), proposals], axis=1)
+        valid = tf.concat([gt_labels >= 0, valid], axis=1)
+        svm_f, box_f, _ = self.region_features(images, rois, valid, shapes)
+        return svm_f, box_f, rois, tf.shape(gt_boxes)[1], valid, gt_boxes, gt_labels
