@@ -15,6 +15,7 @@ _CLASSES = {
     "RFCN": "kerasdet.models.rfcn",
     "OverFeatDetector": "kerasdet.models.overfeat",
     "RCNN": "kerasdet.models.rcnn",
+    "SPPNet": "kerasdet.models.sppnet",
     "RefineDet": "kerasdet.models.refinedet",
     "DeformableFasterRCNN": "kerasdet.models.deformable",
     "deformable_rfcn": "kerasdet.models.deformable",
