@@ -97,3 +97,32 @@ def test_detections_are_padded_and_bad_settings_or_inputs_are_refused(rcnn_data)
         RCNN(3, backbone="resnet50")
     with pytest.raises(TypeError):
         RCNN(3, **TINY, svm={"not_a_setting": 1})
+
+
+def test_kerasdet_train_runs_fine_tuning_then_the_svms_and_regressors(tmp_path, capsys):
+    """`kerasdet train` on an R-CNN config: fine-tuning, then the post-hoc stages, whose weights
+    reach the final weights file (the SVM flag is set in it)."""
+    import json
+
+    from kerasdet import cli
+
+    root = tmp_path / "data"
+    make_dataset(str(root / "train"), 6, seed=1, image_size=(64, 64), split="train", object_size=(12, 32))
+    make_dataset(str(root / "val"), 4, seed=2, image_size=(64, 64), split="val", object_size=(12, 32))
+    config = tmp_path / "rcnn.json"
+    config.write_text(json.dumps({"class": "kerasdet.models.rcnn:RCNN",
+                                  "arguments": {"num_classes": 3, **TINY, "svm": {"rounds": 1}},
+                                  "input": {"image_size": [64, 64]}}))
+    caches = str(tmp_path / "p_{split}.npz")
+    spec = ["--data", f"synthetic:{root}"]
+    assert cli.main(["proposals", *spec, "--out", caches, "--quiet", "--max-proposals", "100"]) == 0
+    run = tmp_path / "run"
+    assert cli.main(["train", str(config), *spec, "--batch-size", "2", "--out", str(run), "--epochs", "1",
+                     "--quiet", "--proposals", caches, "--max-proposals", "100"]) == 0
+    printed = capsys.readouterr().out
+    assert "post-hoc stages" in printed and "SVM round 1/1" in printed and "box regression" in printed
+    model = RCNN(3, **TINY)
+    model.build()
+    model.load_weights(str(run / "model.weights.h5"))
+    assert float(model.svms_trained.numpy()) == 1.0
+    assert json.loads((run / "metrics.json").read_text())["voc_map50"] >= 0.0

@@ -200,7 +200,8 @@ def test_warmup_step_schedule_matches_the_reference():
 
 # ----------------------------------------------------------------------------- shipped weights
 @pytest.mark.parametrize("name", ["faster_rcnn_tiny_fpn_synthetic", "ccnet_tiny_fpn_synthetic",
-                                  "overfeat_tiny_synthetic", "overfeat_tiny_localization_synthetic"])
+                                  "overfeat_tiny_synthetic", "overfeat_tiny_localization_synthetic",
+                                  "rcnn_tiny_synthetic"])
 def test_shipped_tiny_weights_reach_the_recorded_map(name, tmp_path):
     """Loads the committed weights (sha256-verified) and re-measures VOC mAP@0.5 (and for a
     localization entry its ILSVRC-style figures) on the held-out synthetic images regenerated from
@@ -217,7 +218,15 @@ def test_shipped_tiny_weights_reach_the_recorded_map(name, tmp_path):
     val = make_dataset(str(tmp_path / "val"), spec["val_images"], seed=spec["val_seed"], split="val",
                        **synthetic_generator_arguments(spec))
     model = zoo.load(name)
-    val_ds = engine.make_pipeline(val, entry["input"], 8, False)
+    extra = {}
+    if "proposals" in spec:  # R-CNN / SPP-net: the recorded proposal method on the regenerated images
+        from kerasdet.data.proposals import write_proposal_cache
+
+        settings = {k: v for k, v in spec["proposals"].items() if k != "method"}
+        cache = str(tmp_path / "proposals_val.npz")
+        write_proposal_cache(val, cache, method=spec["proposals"]["method"], progress=False, **settings)
+        extra = {"proposals": cache, "max_proposals": settings["max_proposals"]}
+    val_ds = engine.make_pipeline(val, entry["input"], 8, False, **extra)
     summary = engine.evaluate_detector(model, val_ds, val.class_names, quiet=True)
     print(f"shipped weights: VOC mAP@0.5 {summary['voc_map50']:.4f} (recorded {recorded})")
     assert summary["voc_map50"] == pytest.approx(recorded, abs=0.02)

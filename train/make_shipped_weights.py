@@ -36,14 +36,32 @@ def main(argv=None):
     data = parse_data_spec(f"{kind}:" + os.path.join(args.work, entry.dataset))
     model = zoo.build(args.entry)
     recipe = engine.TrainingRecipe(entry.recipe, epochs=args.epochs)
+    # Detectors on external proposals (R-CNN, SPP-net): the recipe names the proposal method; the
+    # caches are computed once per split in the work folder.
+    proposal_spec = entry.recipe.get("proposals")
+    caches = {"train": None, "val": None}
+    extra = {}
+    if proposal_spec:
+        from kerasdet.data.proposals import write_proposal_cache
+
+        settings_kw = {k: v for k, v in proposal_spec.items() if k not in ("method",)}
+        for split, records in (("train", data.train), ("val", data.val)):
+            caches[split] = os.path.join(args.work, entry.dataset, f"proposals_{split}.npz")
+            if not os.path.isfile(caches[split]):
+                write_proposal_cache(records, caches[split], method=proposal_spec["method"], **settings_kw)
+        extra = {"max_proposals": proposal_spec["max_proposals"]}
     train_ds = engine.make_pipeline(data.train, entry.input, recipe["batch_size"], True,
-                                      seed=args.seed)
-    val_ds = engine.make_pipeline(data.val, entry.input, recipe["batch_size"], False)
+                                      seed=args.seed, proposals=caches["train"], **extra)
+    val_ds = engine.make_pipeline(data.val, entry.input, recipe["batch_size"], False,
+                                  proposals=caches["val"], **extra)
     start = time.perf_counter()
     run = engine.train_model(model, train_ds, os.path.join(args.work, "run"), recipe, verbose=2)
-    seconds = time.perf_counter() - start
     if run["stopped_on_nan"]:
         raise SystemExit(run["message"])
+    if hasattr(model, "fit_region_stages"):  # R-CNN / SPP-net: SVMs and box regressors
+        model.fit_region_stages(engine.make_pipeline(data.train, entry.input, recipe["batch_size"], False,
+                                                     proposals=caches["train"], **extra))
+    seconds = time.perf_counter() - start
     summary = engine.evaluate_detector(model, val_ds, data.class_names,
                                          os.path.join(args.work, "run"), records=data.val)
     localization = None
@@ -77,6 +95,8 @@ def main(argv=None):
         # What tests/test_zoo.py regenerates to re-measure the metrics.
         "data": {"generator": "kerasdet.data.synthetic.make_dataset", **settings},
     }
+    if proposal_spec:
+        record["metrics"]["data"]["proposals"] = dict(proposal_spec)
     if localization is not None:
         record["metrics"]["localization"] = {k: (round(v, 4) if isinstance(v, float) else v)
                                              for k, v in localization.items()}

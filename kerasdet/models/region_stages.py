@@ -60,10 +60,11 @@ class RegionStages:
     # -- training (eager, after fine-tuning) ----------------------------------------------------
     def fit_region_stages(self, dataset, svm=None, ridge=None, say=print, max_images=None):
         """Trains the SVMs (hard negative mining over `svm.rounds` passes) and the ridge box
-        regressors on the batches of `dataset` (training images with their proposals, no
+        regressors (settings: kerasdet.heads.region_svms.SVMSettings / RidgeSettings) on the batches of `dataset` (training images with their proposals, no
         augmentation). Returns a summary dict (examples, cache sizes, seconds)."""
-        svm = svm or region_svms.SVMSettings()
-        ridge = ridge or region_svms.RidgeSettings()
+        # the model's own settings (its `svm` / `ridge` arguments) unless the call gives others
+        svm = svm or getattr(self, "svm_settings", None) or region_svms.SVMSettings()
+        ridge = ridge or getattr(self, "ridge_settings", None) or region_svms.RidgeSettings()
         self.build()
         extract = tf.function(self._features_with_ground_truth, reduce_retracing=True)
         k = self.num_classes
