@@ -30,7 +30,9 @@ network input. Per scale, each image's valid region is resized with tf.image.res
 to (round(h s / m), round(w s / m)), m = min(h, w), and padded to the batch's largest; the boxes
 are scaled by the actual per-axis factors of that resize, then projected with the backbone's
 stride and receptive-field offset (`feature_geometry`: ZF-5 conv5 is centred at input pixel
-16 m + 20, i.e. 20.5 in continuous coordinates).
+16 m + 20, i.e. 20.5 in continuous coordinates). The paper runs one image at a time; in a batch of
+differently sized images the smaller ones are padded per scale, so conv features within a
+receptive field of a padded border differ slightly from a one-image run (batch 1 is exact).
 """
 import keras
 import tensorflow as tf
@@ -159,6 +161,15 @@ class SPPNet(RegionStages, Detector):
         # building optimizer slots for the conv weights.
         self.backbone.trainable = self.train_conv
         stride, offset = feature_geometry(self.backbone, self.feature)
+        if self.train_conv:
+            # layers past the pooled feature (tiny's C4 / C5) get no gradient: freezing them keeps
+            # the optimizer from building slots for them and from warning about it every step
+            producer = self.backbone.output[self.feature]._keras_history.operation
+            past = False
+            for layer in self.backbone.layers:
+                if past:
+                    layer.trainable = False
+                past = past or layer is producer
         self.feature_stride = stride
         # +0.5: kerasdet boxes are continuous (pixel i spans [i, i + 1)), the offset is in indices
         self.feature_offset = offset + 0.5
