@@ -225,7 +225,9 @@ class SPPNet(RegionStages, Detector):
             # padded with zeros after removing the fill colour, i.e. padded with the fill colour
             return tf.pad(out, [[0, canvas[0] - nh], [0, canvas[1] - nw], [0, 0]]) + fill
 
-        return tf.map_fn(one, (images, valid, size), parallel_iterations=4,
+        # (parallel_iterations only means something in a graph; eagerly TF warns about it)
+        return tf.map_fn(one, (images, valid, size),
+                         parallel_iterations=1 if tf.executing_eagerly() else 4,
                          fn_output_signature=tf.TensorSpec([None, None, 3], tf.float32))
 
     def window_scales(self, rois, image_shapes):
