@@ -118,6 +118,20 @@ def test_window_features_equal_a_direct_reference():
             np.testing.assert_allclose(logits[b, r].numpy(), ref_logits[0].numpy(), rtol=1e-4, atol=1e-4)
 
 
+def test_vectorized_roi_spp_forward_equals_the_per_roi_loop(monkeypatch):
+    # the SPP-net detector's speed rests on the sparse-table forward of kerasdet.ops.spp
+    rng = np.random.default_rng(0)
+    features = tf.constant(rng.normal(size=(2, 23, 41, 8)), tf.float32)
+    n = 120
+    x1, y1 = rng.integers(-2, 41, n), rng.integers(0, 23, n)
+    rois = np.stack([x1, y1, x1 + rng.integers(0, 45, n), y1 + rng.integers(-1, 25, n)], 1)
+    index = rng.integers(0, 2, n)
+    fast = spp_ops.roi_spatial_pyramid_pool(features, rois, index)
+    monkeypatch.setattr(spp_ops, "TABLE_ELEMENT_BUDGET", 0)
+    loop = spp_ops.roi_spatial_pyramid_pool(features, rois, index)
+    np.testing.assert_array_equal(fast.numpy(), loop.numpy())
+
+
 def test_single_scale_mode_and_fc_only_fine_tuning_keeps_the_conv_layers(spp_data):
     train, _, caches = spp_data
     model = SPPNet(3, **dict(TINY, scales=(96,)))

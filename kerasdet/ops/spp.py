@@ -29,9 +29,10 @@ follow the paper's text):
 
 RoI SPP speed (2 CPU cores shared with other jobs, float32, tf.function graph): 2000 random RoIs
 (up to 40 x 30 cells) on a 1 x 60 x 80 x 256 map, levels (6, 3, 2, 1), output 2000 x 12800:
-forward 0.7 s to 1.4 s per call (3.8 s once under load); forward + gradient 6 s to 6.5 s. The
-forward is a tf.map_fn over the RoIs (each crops its window and runs the dense pooling); fast
-enough for SPP-net's ~2000 windows per image, slow next to a compiled RoIPool kernel.
+forward 0.1 s per call with the sparse-table forward (`_roi_values_table`: range maxima over
+power-of-two rectangles, four gathers per bin for all RoIs at once; 0.7 s to 1.4 s with the earlier
+tf.map_fn over the RoIs, which remains the fallback above TABLE_ELEMENT_BUDGET); forward + gradient
+6 s to 6.5 s (the arg-max backward is still a loop over the RoIs).
 """
 import tensorflow as tf
 
@@ -203,7 +204,81 @@ def roi_spatial_pyramid_pool(features, rois, box_indices=None, levels=SPP_LEVELS
     return pooled
 
 
+# Above this many table elements (levels_h x levels_w x B x H x W x C) the RoI forward falls back
+# to the per-RoI loop: ZF-5 conv5 of a 1200 x 1600 image (75 x 100 x 256, 7 x 7 table levels) has
+# 94 M, 377 MB in float32.
+TABLE_ELEMENT_BUDGET = 128 * 1024 * 1024
+
+
+def _floor_log2(v):
+    """floor(log2(v)) of int32 v >= 1, exact (the float estimate corrected by one either way)."""
+    k = tf.cast(tf.floor(tf.math.log(tf.cast(v, tf.float32)) / 0.6931471805599453), tf.int32)
+    k = tf.where(tf.bitwise.left_shift(1, k + 1) <= v, k + 1, k)
+    return tf.where(tf.bitwise.left_shift(1, k) > v, k - 1, k)
+
+
+def _range_tables(x, axis):
+    """[K, *x.shape], K = floor(log2(size)) + 1: level k at position i holds the max of x over
+    [i, i + 2^k) along `axis` (valid where i + 2^k <= size; the rest wraps around and is never
+    read). Any range's max is then the max of two overlapping power-of-two ranges."""
+    size = tf.shape(x)[axis]
+    count = _floor_log2(size) + 1
+    table = tf.TensorArray(x.dtype, size=count, element_shape=x.shape).write(0, x)
+
+    def body(k, previous, table):
+        step = tf.bitwise.left_shift(1, k - 1)
+        current = tf.maximum(previous, tf.roll(previous, -step, axis=axis))
+        return k + 1, current, table.write(k, current)
+
+    _, _, table = tf.while_loop(lambda k, *_: k < count, body, (tf.constant(1), x, table))
+    return table.stack()
+
+
+def _roi_values_table(features, windows, levels, dim):
+    """Vectorized RoI SPP forward: a 2-D sparse table of the map (range maxima over power-of-two
+    rectangles) makes every bin's max four gathers, for all RoIs and bins at once, instead of a
+    loop over the RoIs (about 20x faster on 2000 RoIs)."""
+    b, x1, y1, x2, y2 = windows
+    shape = tf.shape(features)
+    channels = features.shape[-1]
+    tables = _range_tables(_range_tables(features, axis=1), axis=3)  # [Kw, Kh, B, H, W, C]
+    kh_count = tf.shape(tables)[1]
+    flat = tf.reshape(tables, [-1, channels])
+
+    def ranges(lo, hi, n):
+        starts, window = _tensor_bins(hi - lo + 1, n)
+        k = _floor_log2(window)
+        first = lo[:, None] + starts  # [R, n]
+        return first, first + (window - tf.bitwise.left_shift(1, k))[:, None], k
+
+    parts = []
+    for n in levels:
+        ya, yb, kh = ranges(y1, y2, n)
+        xa, xb, kw = ranges(x1, x2, n)
+        base = (kw * kh_count + kh) * shape[0] + b  # [R]
+        values = None
+        for ys in (ya, yb):
+            for xs in (xa, xb):
+                index = ((base[:, None, None] * shape[1] + ys[:, :, None]) * shape[2]
+                         + xs[:, None, :])  # [R, n, n]
+                got = tf.gather(flat, index)
+                values = got if values is None else tf.maximum(values, got)
+        parts.append(tf.reshape(tf.transpose(values, [0, 3, 1, 2]), [-1, channels * n * n]))
+    return tf.concat(parts, axis=-1)
+
+
 def _roi_values(features, windows, levels, dim):
+    shape = tf.shape(features)
+    sides = tf.cast(shape[1:3], tf.float32)
+    table_size = ((tf.floor(tf.math.log(sides[0]) / 0.6931471805599453) + 1.0)
+                  * (tf.floor(tf.math.log(sides[1]) / 0.6931471805599453) + 1.0)
+                  * tf.cast(tf.reduce_prod(shape), tf.float32))
+    return tf.cond(table_size <= TABLE_ELEMENT_BUDGET,
+                   lambda: _roi_values_table(features, windows, levels, dim),
+                   lambda: _roi_values_loop(features, windows, levels, dim))
+
+
+def _roi_values_loop(features, windows, levels, dim):
     def one(args):
         b, x1, y1, x2, y2 = args
         return spatial_pyramid_pool(features[b, y1:y2 + 1, x1:x2 + 1][None], levels)[0]
