@@ -110,7 +110,8 @@ class AlexNet(Backbone):
         input_shape: (H, W, 3); default (227, 227, 3) (tiny: (64, 64, 3)). H, W may be None only
             without ``include_top``.
         input_normalization: "torchvision", "caffe", None, or "default": the variant's own
-            ("torchvision" for torchvision, "caffe" for caffe, None for tiny).
+            ("torchvision" for torchvision, "caffe" for caffe, None for tiny). None: the pixels
+            as given, except in the tiny variant, which scales them by 1 / 255.
     """
 
     def __init__(self, variant="torchvision", include_top=True, num_classes=1000, dropout=0.5,
@@ -142,6 +143,10 @@ class AlexNet(Backbone):
         norm = normalization_layer(input_normalization)
         if norm is not None:
             x = norm(x)
+        elif variant == "tiny":
+            # the tiny net (no checkpoint) sees [0, 1] pixels, as kerasdet's tiny backbone: raw
+            # 0..255 inputs overflow its float16 activations under mixed precision
+            x = keras.layers.Rescaling(1.0 / 255.0, name="rescale")(x)
         for i, (filters, kernel, stride, pad, groups, pooled) in enumerate(ALEXNET_CONVS[variant], 1):
             if pad:
                 # Explicit symmetric padding: Keras "same" with stride 4 would pad unevenly.

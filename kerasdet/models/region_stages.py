@@ -28,8 +28,10 @@ class RegionStages:
         k = self.num_classes
 
         def weight(name, shape, value=0.0):
+            # float32 under a mixed policy too (autocast=False): margins and box deltas are
+            # linear maps of float32 features, read outside the network's half-precision layers
             return self.add_weight(name=name, shape=shape, dtype="float32", trainable=False,
-                                   initializer=keras.initializers.Constant(value))
+                                   initializer=keras.initializers.Constant(value), autocast=False)
 
         self.svm_weights = weight("svm_weights", (int(svm_dim), k))
         self.svm_bias = weight("svm_bias", (k,), -1.0)
