@@ -35,6 +35,8 @@ import time
 
 import numpy as np
 
+from kerasdet.evaluation.voc import pairwise_iou_numpy
+
 __all__ = ["selective_search", "edge_boxes", "compute_proposals", "write_proposal_cache",
            "ProposalCache", "load_proposal_cache", "proposal_recall", "ProposalCacheError",
            "MissingProposalsError", "METHODS", "box_iou"]
@@ -435,18 +437,6 @@ def load_proposal_cache(cache):
     return cache if isinstance(cache, ProposalCache) else ProposalCache(cache)
 
 
-def box_iou(a, b):
-    """IoU matrix [len(a), len(b)] of (x1, y1, x2, y2) boxes (numpy)."""
-    a = np.asarray(a, np.float64).reshape(-1, 4)
-    b = np.asarray(b, np.float64).reshape(-1, 4)
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
-    area_a = np.prod(a[:, 2:] - a[:, :2], axis=1)
-    area_b = np.prod(b[:, 2:] - b[:, :2], axis=1)
-    return inter / np.maximum(area_a[:, None] + area_b[None] - inter, 1e-12)
-
-
 def proposal_recall(dataset, cache, thresholds=(0.5, 0.7), top_k=None):
     """Share of the ground-truth boxes (crowd regions excluded) that some proposal of their image
     overlaps at IoU >= t, for each t of ``thresholds``; ``top_k`` keeps each image's first k.
@@ -467,7 +457,7 @@ def proposal_recall(dataset, cache, thresholds=(0.5, 0.7), top_k=None):
         objects += len(gt)
         if len(gt) == 0 or len(boxes) == 0:
             continue
-        best = box_iou(gt, boxes).max(axis=1)
+        best = pairwise_iou_numpy(gt, boxes).max(axis=1)
         hits += np.array([(best >= t).sum() for t in thresholds])
     return {"recall": {f"{t:g}": (float(h) / objects if objects else float("nan"))
                        for t, h in zip(thresholds, hits)},
