@@ -39,7 +39,7 @@ from kerasdet.evaluation.voc import pairwise_iou_numpy
 
 __all__ = ["selective_search", "edge_boxes", "compute_proposals", "write_proposal_cache",
            "ProposalCache", "load_proposal_cache", "proposal_recall", "ProposalCacheError",
-           "MissingProposalsError", "METHODS", "box_iou"]
+           "MissingProposalsError", "METHODS"]
 
 METHODS = ("selective_search", "edge_boxes")
 _INSTALL_HINT = ("pip install 'kerasdet[proposals]' (opencv-contrib-python-headless). If it is installed "
