@@ -167,7 +167,8 @@ def test_sppnet_learns_with_selective_search_svms_and_box_regression(spp_data):
     assert history["cls"][-1] < 0.6 * history["cls"][0]
     assert all(p > 0 for p in summary["positives"]) and all(p > 0 for p in summary["regression_pairs"])
     assert float(model.svms_trained.numpy()) == 1.0
-    # measured: softmax 0.902, SVMs + box regression 0.895 (fine-tuning 22 s, stages 10 s)
+    # measured (two runs): softmax 0.902 / 0.899, SVMs + box regression 0.895 / 0.899
+    # (fine-tuning 22-27 s, stages 10-12 s)
     assert softmax_map >= 0.75 and svm_map >= 0.75
 
 
@@ -175,7 +176,7 @@ def test_weights_round_trip_and_from_classifier(spp_data, tmp_path):
     train, val, caches = spp_data
     model = SPPNet(3, **TINY, svm={"rounds": 1})
     model.build()
-    model.fit_region_stages(_pipeline(train, caches["train"], False), say=lambda *_: None, max_images=8)
+    model.fit_region_stages(_pipeline(train, caches["train"], False).take(2), say=lambda *_: None)
     path = str(tmp_path / "sppnet.weights.h5")
     model.save_weights(path)
     clone = SPPNet.from_config(model.get_config())
