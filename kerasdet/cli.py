@@ -101,6 +101,13 @@ def _add_data_args(parser, need_train):
                         help="class names in label order (default: from the data: VOC's 20 or the names "
                              "found in the annotations, COCO's categories; evaluate: the model's)")
     parser.add_argument("--classes-file", default=None, metavar="FILE", help="class names, one a line")
+    parser.add_argument("--on-bad", choices=("error", "skip"), default="error",
+                        help="bad records (missing / corrupt / undecodable images, malformed annotations): "
+                             "'error' (default) lists every one found, file and reason, and stops before "
+                             "training; 'skip' drops them and prints the counted list")
+    parser.add_argument("--max-image-pixels", type=int, default=None, metavar="N",
+                        help="refuse images declaring more than N pixels before decoding them "
+                             "(decompression bombs; default KERASDET_MAX_IMAGE_PIXELS or 100000000)")
 
 
 def _add_verbose_arg(parser, default):
@@ -161,6 +168,9 @@ def build_parser():
     train.add_argument("--decay-epochs", type=float, nargs="*", default=None,
                        help="default: the recipe's, scaled by --epochs / the recipe's epochs")
     train.add_argument("--resume", action="store_true", help="continue a stopped run in --out")
+    train.add_argument("--backup-steps", type=int, default=None, metavar="N",
+                       help="save the --resume state every N steps as well as every epoch (default "
+                            "100; 0: every epoch only): a killed run repeats at most N steps")
     train.add_argument("--no-pretrained", action="store_true",
                        help="start from a random backbone even when the zoo entry names a pretrained one "
                             "(by default such entries start from it, and training stops if it is unavailable)")
@@ -272,18 +282,45 @@ def _run_convert(args):
     return 0
 
 
+def _weights_cell(entry):
+    """What the entry's weights are (trained here / published / pretrained backbone / random) and, for
+    converted checkpoints, whether the converted file is already in KERASDET_HOME."""
+    from kerasdet.zoo import pretrained
+
+    kind = entry.weights_kind()
+    if entry.converts_checkpoint:
+        cached = pretrained.cached_weights(entry.name, entry.weights)[0]
+        return f"{kind}, {'converted' if cached else 'fetched on first load'}"
+    if entry.pretrained_backbone and not entry.has_weights:
+        return f"{kind} ({entry.pretrained_backbone})"
+    return kind
+
+
+def _published_cell(entry):
+    """The publisher's figures with their source; never kerasdet's own measurements."""
+    figures = entry.published_metrics
+    if not figures:
+        return "-"
+    labels = {"box_ap": "box AP", "mask_ap": "mask AP", "map50": "mAP@0.5"}
+    shown = ", ".join(f"{labels[key]} {value}" for key, value in figures.items() if key in labels)
+    return f"{shown} ({figures['source'].split(' (')[0]})"
+
+
 def _zoo_table(names):
-    """One line per entry: name, VOC mAP@0.5 (when measured), then the whole status text, in
-    columns as wide as their longest cell (the status, last, may run past the terminal)."""
+    """One line per entry: name, kind of weights, VOC mAP@0.5 measured here (when measured), the
+    publisher's reported figure and its source, then the whole status text, in columns as wide as
+    their longest cell (the status, last, may run past the terminal)."""
     from kerasdet import zoo
 
-    rows = [("entry", "voc_map50", "status")]
+    rows = [("entry", "weights", "voc_map50 (measured here)", "reported by publisher", "status")]
     for name in names:
         entry = zoo.registry.get_entry(name)
         metric = entry.metrics.get("voc_map50")
-        rows.append((name, "-" if metric is None else f"{metric:.4f}", entry.status()))
-    widths = [max(len(row[i]) for row in rows) for i in range(2)]
-    return "\n".join(f"{row[0]:<{widths[0]}}  {row[1]:>{widths[1]}}  {row[2]}" for row in rows)
+        rows.append((name, _weights_cell(entry), "-" if metric is None else f"{metric:.4f}",
+                     _published_cell(entry), entry.status()))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    return "\n".join(f"{row[0]:<{widths[0]}}  {row[1]:<{widths[1]}}  {row[2]:>{widths[2]}}  {row[3]:<{widths[3]}}  "
+                     f"{row[4]}" for row in rows)
 
 
 def _run_zoo(args):
@@ -324,7 +361,7 @@ def _run_evaluate(args):
     runs.evaluate(args.model, args.data, weights=args.weights, num_classes=args.num_classes,
                   val_split=args.val_split, batch_size=args.batch_size, classes=args.classes,
                   classes_file=args.classes_file, out=args.out, proposals=args.proposals,
-                  max_proposals=args.max_proposals)
+                  max_proposals=args.max_proposals, on_bad=args.on_bad)
     return 0
 
 
@@ -407,10 +444,14 @@ def main(argv=None):
     from kerasdet.data.proposals import MissingProposalsError
     from kerasdet.zoo import UnknownModelError, WeightsError
 
+    if getattr(args, "max_image_pixels", None) is not None:
+        from kerasdet.data.images import set_max_image_pixels
+
+        set_max_image_pixels(args.max_image_pixels)
     try:
         return _COMMANDS[args.command](args)
     except (UnknownModelError, WeightsError, FileNotFoundError, ValueError, ImportError,
-            MissingProposalsError) as error:
+            MissingProposalsError, OSError) as error:
         print(f"kerasdet {args.command}: error: {error}", file=sys.stderr)
         return 2
 

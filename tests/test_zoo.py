@@ -33,7 +33,7 @@ def test_list_holds_every_required_entry_and_info_describes_them():
         description = zoo.info(name)
         assert description["name"] == name
         assert description["class_names"] and description["input"]
-        assert description["status"].startswith(("trained weights", "random weights",
+        assert description["status"].startswith(("trained weights", "random weights", "backbone pretrained",
                                                  "not implemented yet"))
         if description["weights"] is None:  # no invented numbers for entries without weights
             assert description["metrics"] == {}

@@ -124,7 +124,8 @@ def test_any_backbone_variant_takes_the_weights(converted_home, monkeypatch):
 def test_zoo_load_starts_from_the_pretrained_backbone(converted_home, monkeypatch):
     home, _ = converted_home
     monkeypatch.setenv("KERASDET_HOME", str(home))
-    with pytest.warns(zoo.RandomWeightsWarning, match="backbone from mobilenet_v2_imagenet"):
+    with pytest.warns(zoo.RandomWeightsWarning,
+                      match=r"backbone pretrained \(ImageNet: mobilenet_v2_imagenet\), detection layers random"):
         model = zoo.load("faster_rcnn_mobilenet_v2_fpn_synthetic")
     assert model.kerasdet_backbone_weights == NAME
     random = zoo.load("faster_rcnn_mobilenet_v2_fpn_synthetic", weights=None)

@@ -91,7 +91,7 @@ def synthetic_generator_arguments(settings):
     return dict(image_size=tuple(settings["image_size"]), num_classes=settings["num_classes"], **extra)
 
 
-def _synthetic(root, need_train, class_names, kind="synthetic"):
+def _synthetic(root, need_train, class_names, kind="synthetic", on_bad="error"):
     from kerasdet.data.coco import load_coco
     from kerasdet.data.synthetic import make_dataset
 
@@ -104,7 +104,7 @@ def _synthetic(root, need_train, class_names, kind="synthetic"):
         folder = os.path.join(root, split)
         annotation = os.path.join(folder, "annotations", f"instances_{split}.json")
         if os.path.isfile(annotation):
-            sets[split] = load_coco(annotation, os.path.join(folder, "images"))
+            sets[split] = load_coco(annotation, os.path.join(folder, "images"), on_bad=on_bad)
         else:
             sets[split] = make_dataset(folder, count, seed=seed, split=split,
                                        **synthetic_generator_arguments(s))
@@ -134,7 +134,7 @@ def _coco_source(train, val, class_names, where, what):
     return DataSource(train, val, list(class_names), "given")
 
 
-def _voc(root, spec, train_split, val_split, need_train, class_names):
+def _voc(root, spec, train_split, val_split, need_train, class_names, on_bad="error"):
     from kerasdet.data.voc import VOC_CLASSES, discover_class_names, load_voc
 
     if not os.path.isdir(root):
@@ -146,25 +146,28 @@ def _voc(root, spec, train_split, val_split, need_train, class_names):
         source = "Pascal VOC's 20" if class_names == list(VOC_CLASSES) else "found in the annotations"
     else:
         source = "given"
-    train = load_voc(root, train_split, class_names=class_names) if need_train else None
-    val = load_voc(root, val_split, class_names=class_names)
+    train = load_voc(root, train_split, class_names=class_names, on_bad=on_bad) if need_train else None
+    val = load_voc(root, val_split, class_names=class_names, on_bad=on_bad)
     return DataSource(train, val, list(class_names), source)
 
 
-def parse_data_spec(spec, train_split="train", val_split="val", need_train=True, class_names=None):
+def parse_data_spec(spec, train_split="train", val_split="val", need_train=True, class_names=None,
+                    on_bad="error"):
     """Reads the data sets named by ``spec`` (see the module docstring) into a DataSource.
 
     ``class_names`` (e.g. from --classes) fixes the names and their order (label k = name k); by
     default they come from the data (VOC: `kerasdet.data.voc.discover_class_names` over both
-    splits; COCO: the categories in id order; synthetic: its shapes)."""
+    splits; COCO: the categories in id order; synthetic: its shapes). ``on_bad`` is the readers'
+    policy (--on-bad): "error" lists every bad record of a split in one error, "skip" drops them
+    and counts them in each data set's ``report``."""
     if not isinstance(spec, str) or ":" not in spec:
         raise ValueError(f"--data must look like voc:ROOT, coco:ANN.json:IMAGE_DIR or synthetic:DIR; "
                          f"got {spec!r}")
     kind, rest = spec.split(":", 1)
     if kind in ("synthetic", "synthetic-single"):
-        return _synthetic(rest, need_train, class_names, kind)
+        return _synthetic(rest, need_train, class_names, kind, on_bad)
     if kind == "voc":
-        return _voc(rest, spec, train_split, val_split, need_train, class_names)
+        return _voc(rest, spec, train_split, val_split, need_train, class_names, on_bad)
     if kind == "coco":
         from kerasdet.data.coco import load_coco
 
@@ -177,7 +180,7 @@ def parse_data_spec(spec, train_split="train", val_split="val", need_train=True,
             ann, images = annotation.replace("{split}", split), image_dir.replace("{split}", split)
             if not os.path.isfile(ann):
                 raise FileNotFoundError(f"--data {spec}: annotation file {ann!r} does not exist")
-            return load_coco(ann, images)
+            return load_coco(ann, images, on_bad=on_bad)
 
         if "{split}" not in annotation:
             warnings.warn(f"--data {spec}: no {{split}} in the annotation path, so training and "

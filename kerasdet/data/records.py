@@ -40,10 +40,16 @@ class BadInputReport:
     record names per reason so the warning says where to look.
     """
 
+    # The printed list of a report stops here per reason: the counts stay exact.
+    LIST_LIMIT = 200
+
     def __init__(self, source: str):
         self.source = source
         self.counts: Counter = Counter()
         self.examples: dict[str, list[str]] = {}
+        self.listed: dict[str, list[str]] = {}
+        self.errors: list[str] = []
+        self._seen: set = set()
 
     def add(self, reason: str, where: str, count: int = 1) -> None:
         if count <= 0:
@@ -52,6 +58,45 @@ class BadInputReport:
         self.examples.setdefault(reason, [])
         if len(self.examples[reason]) < 3:
             self.examples[reason].append(where)
+        listed = self.listed.setdefault(reason, [])
+        if len(listed) < self.LIST_LIMIT:
+            listed.append(where)
+
+    def add_once(self, reason: str, where: str, key) -> bool:
+        """``add`` unless ``key`` was added before (a record skipped again in every epoch counts
+        once); returns whether it was new."""
+        if (reason, key) in self._seen:
+            return False
+        self._seen.add((reason, key))
+        self.add(reason, where)
+        return True
+
+    def collect(self, error: Exception) -> None:
+        """Keep a bad record's error (on_bad="error") so that one pass names all of them."""
+        self.errors.append(str(error))
+
+    def raise_collected(self) -> None:
+        """Raise one BadInputError listing every collected error (each names its file and record)."""
+        if not self.errors:
+            return
+        shown = self.errors[:self.LIST_LIMIT]
+        more = len(self.errors) - len(shown)
+        raise BadInputError(
+            f"{self.source}: {len(self.errors)} bad record(s); fix them, or skip them with "
+            "on_bad='skip' (kerasdet train --on-bad skip):\n"
+            + "\n".join(f"  - {e}" for e in shown) + (f"\n  ... and {more} more" if more else ""))
+
+    def describe(self) -> str:
+        """The counted list: one line per reason with its count, then every record (up to
+        LIST_LIMIT per reason); "" when nothing was skipped or fixed."""
+        lines = []
+        for reason, n in sorted(self.counts.items()):
+            lines.append(f"{self.source}: {n} x {reason}")
+            listed = self.listed.get(reason, [])
+            lines += [f"  - {where}" for where in listed]
+            if n > len(listed) and len(listed) == self.LIST_LIMIT:
+                lines.append(f"  ... ({n - len(listed)} more)")
+        return "\n".join(lines)
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.counts)

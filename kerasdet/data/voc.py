@@ -13,7 +13,7 @@ import xml.etree.ElementTree as ET
 import numpy as np
 from PIL import Image
 
-from kerasdet.data.images import check_image
+from kerasdet.data.images import check_image, check_image_pixels
 from kerasdet.data.records import (BadInputError, BadInputReport, DetectionDataset, DetectionRecord,
                                    FatalInputError, check_on_bad, resolve_image_path,
                                    sanitize_boxes)
@@ -67,9 +67,17 @@ def _number(node, tag, where):
         raise BadInputError(f"{where}: <{tag}> is not a number: {child.text!r}") from exc
 
 
+def _size(node, tag, where):
+    value = _number(node, tag, f"{where} <size>")
+    if not np.isfinite(value) or abs(value) > 2 ** 31 - 1:
+        raise BadInputError(f"{where}: <size><{tag}> {value!r} is not a usable image size")
+    return int(value)
+
+
 def load_voc(root: str, split: str = "trainval", *, class_names=None, on_bad: str = "error",
              check_images: str = "header", keep_difficult: bool = True,
-             skip_empty: bool = False, load_masks: bool = False) -> DetectionDataset:
+             skip_empty: bool = False, load_masks: bool = False,
+             max_image_pixels: int | None = None) -> DetectionDataset:
     """Read a Pascal VOC style data set.
 
     Args:
@@ -91,6 +99,11 @@ def load_voc(root: str, split: str = "trainval", *, class_names=None, on_bad: st
             convention: pixel value i + 1 is the i-th <object> of the XML, 0 background, 255 the
             void border, taken as background); stored as COCO RLE in ``record.masks``. Images
             without such a file get ``masks=None``.
+        max_image_pixels: refuse images whose declared size (XML or header) is larger, before
+            decoding (see ``load_coco``).
+
+    With on_bad="error" the reader goes through the whole split and raises one BadInputError that
+    lists every bad record (XML file, image, reason).
     """
     check_on_bad(on_bad)
     class_names = discover_class_names(root, split) if class_names is None else list(class_names)
@@ -105,7 +118,7 @@ def load_voc(root: str, split: str = "trainval", *, class_names=None, on_bad: st
         where = f"{xml_path} (image {image_id})"
         try:
             record = _parse(xml_path, image_id, image_root, label_of, where, on_bad, report,
-                            check_images, keep_difficult)
+                            check_images, keep_difficult, max_image_pixels)
             if load_masks:
                 record = _attach_masks(record, os.path.join(root, "SegmentationObject",
                                                             f"{image_id}.png"), where)
@@ -113,20 +126,22 @@ def load_voc(root: str, split: str = "trainval", *, class_names=None, on_bad: st
                 record.masks = None
         except FatalInputError:
             raise
-        except BadInputError:
+        except BadInputError as exc:
             if on_bad == "error":
-                raise
-            report.add("missing or unreadable image or annotation skipped", where)
+                report.collect(exc)  # go on: the error lists every bad record, not the first
+            else:
+                report.add("missing or unreadable image or annotation skipped", where)
             continue
         if skip_empty and record.num_objects == 0:
             continue
         records.append(record)
+    report.raise_collected()
     report.warn()
     return DetectionDataset(records, class_names, image_root, None, report)
 
 
 def _parse(xml_path, image_id, image_root, label_of, where, on_bad, report, check_images,
-           keep_difficult):
+           keep_difficult, max_image_pixels=None):
     if not os.path.isfile(xml_path):
         raise BadInputError(f"{where}: annotation file not found")
     try:
@@ -140,11 +155,14 @@ def _parse(xml_path, image_id, image_root, label_of, where, on_bad, report, chec
     size = tree.find("size")
     expected = None
     if size is not None and size.findtext("width") and size.findtext("height"):
-        expected = (int(float(size.findtext("height"))), int(float(size.findtext("width"))))
+        expected = (_size(size, "height", where), _size(size, "width", where))
         if expected[0] <= 0 or expected[1] <= 0:
             expected = None  # some VOC-style tools write 0: trust the image instead
+    if expected is not None:
+        check_image_pixels(*expected, where, max_image_pixels)
     if check_images != "none":
-        height, width = check_image(path, expected, check_images, where)
+        height, width = check_image(path, expected, check_images, where,
+                                    max_image_pixels=max_image_pixels)
     elif expected is None:
         raise BadInputError(f"{where}: no <size> and check_images='none'")
     else:

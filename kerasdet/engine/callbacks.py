@@ -1,5 +1,6 @@
 """The callbacks of a training run: the NaN guard, per-epoch checkpoints of good epochs only, the
 resume state, and TensorBoard when it is installed."""
+import json
 import math
 import os
 import shutil
@@ -7,7 +8,63 @@ import sys
 
 import keras
 
-__all__ = ["StopOnNaN", "EpochCheckpoint", "GuardedBackupAndRestore", "tensorboard_callbacks"]
+__all__ = ["StopOnNaN", "EpochCheckpoint", "GuardedBackupAndRestore", "tensorboard_callbacks",
+           "save_weights_atomically", "copy_atomically", "DEFAULT_BACKUP_STEPS"]
+
+# BackupAndRestore's step frequency: a run killed mid-epoch repeats at most this many steps.
+DEFAULT_BACKUP_STEPS = 100
+_WEIGHTS_SUFFIX = ".weights.h5"
+
+
+def _partial_name(path):
+    # Keras insists on the .weights.h5 suffix; the leading dot and the pid keep a half-written file
+    # from looking like a checkpoint, and two processes from sharing one.
+    folder, name = os.path.split(os.path.abspath(path))
+    stem = name[:-len(_WEIGHTS_SUFFIX)] if name.endswith(_WEIGHTS_SUFFIX) else name
+    return os.path.join(folder, f".{stem}.partial-{os.getpid()}{_WEIGHTS_SUFFIX}")
+
+
+def _fsync(path):
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def save_weights_atomically(model, path):
+    """model.save_weights into a temporary file of the same folder, then rename: a process killed
+    during the save leaves the previous file (or none), never a truncated one under ``path``."""
+    partial = _partial_name(path)
+    try:
+        model.save_weights(partial)
+        _fsync(partial)
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+
+
+def copy_atomically(source, path):
+    """shutil.copyfile through a temporary file and a rename (see save_weights_atomically)."""
+    partial = _partial_name(path)
+    try:
+        shutil.copyfile(source, partial)
+        _fsync(partial)
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+
+
+def _write_text_atomically(path, text):
+    partial = f"{path}.partial-{os.getpid()}"
+    try:
+        with open(partial, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
 
 
 class StopOnNaN(keras.callbacks.Callback):
@@ -54,26 +111,67 @@ class EpochCheckpoint(keras.callbacks.Callback):
         if self.guard.stopped:
             return
         path = os.path.join(self.folder, f"epoch_{epoch + 1:03d}.weights.h5")
-        self.model.save_weights(path)
-        shutil.copyfile(path, os.path.join(self.folder, "last_good.weights.h5"))
+        save_weights_atomically(self.model, path)
+        copy_atomically(path, os.path.join(self.folder, "last_good.weights.h5"))
 
 
 class GuardedBackupAndRestore(keras.callbacks.BackupAndRestore):
     """BackupAndRestore that does not back up the state of an epoch that hit a NaN loss.
 
     ``writer=False`` (the non-chief workers of a multi-worker run) only restores: it reads the
-    chief's backup at the start and never writes or deletes it. Two copies of the state are kept
-    (``double_checkpoint``), so a process killed while writing leaves the previous one readable.
+    chief's backup at the start and never writes or deletes it.
+
+    ``save_freq``: "epoch", or a number of steps: the state is also saved every that many steps, so
+    a run killed mid-epoch loses at most that many (Keras restarts the interrupted epoch from its
+    first step with the weights of the last save).
+
+    Saves are atomic and self-consistent: the weights go to a new file named by a save counter,
+    then training_metadata.json (written through a rename) points at it, then older weights files
+    go. A process killed at any moment leaves a metadata file naming a complete weights file; the
+    previous state stays until the next one is complete.
     """
 
-    def __init__(self, backup_dir, guard, writer=True):
-        super().__init__(backup_dir, double_checkpoint=True)
+    def __init__(self, backup_dir, guard, writer=True, save_freq="epoch"):
+        super().__init__(backup_dir, save_freq=save_freq)
         self.guard = guard
         self.writer = writer
+        self._saves = 0
+
+    def _read_metadata(self):
+        if not os.path.isfile(self._training_metadata_path):
+            return None
+        with open(self._training_metadata_path, encoding="utf-8") as handle:
+            return json.load(handle)
+
+    def _load_model(self):
+        metadata = self._read_metadata()
+        if metadata is None or "weights" not in metadata:
+            return super()._load_model()  # no backup, or one written by plain BackupAndRestore
+        if self.model.optimizer is not None and not self.model.optimizer.built:
+            self.model.optimizer.build(self.model.trainable_variables)
+        self.model.load_weights(os.path.join(self.backup_dir, metadata["weights"]))
+        self.model._initial_epoch = int(metadata["epoch"])
+        self._saves = int(metadata.get("saves", 0))
+
+    def _save_model(self):
+        if self.guard.stopped:
+            return
+        os.makedirs(self.backup_dir, exist_ok=True)
+        self._saves += 1
+        name = f"state_{self._saves:08d}{_WEIGHTS_SUFFIX}"
+        save_weights_atomically(self.model, os.path.join(self.backup_dir, name))
+        _write_text_atomically(self._training_metadata_path, json.dumps(
+            {"epoch": self._current_epoch, "batch": self._last_batch_seen, "weights": name,
+             "saves": self._saves}))
+        for old in os.listdir(self.backup_dir):
+            if old.startswith("state_") and old.endswith(_WEIGHTS_SUFFIX) and old != name:
+                os.remove(os.path.join(self.backup_dir, old))
 
     def on_epoch_end(self, epoch, logs=None):
         if self.writer and not self.guard.stopped:
             super().on_epoch_end(epoch, logs)
+            if self.save_freq != "epoch":  # Keras saves either per epoch or per steps: do both
+                self._save_model()
 
     def on_train_batch_end(self, batch, logs=None):
         if self.writer:

@@ -18,7 +18,8 @@ from kerasdet.engine import anchor_fit
 from kerasdet.engine.alternating import train_alternating
 from kerasdet.engine.distribute import distributed_pipeline, make_strategy, worker_role
 from kerasdet.engine.inference import evaluate_detector, expand_image_paths, predict_images
-from kerasdet.engine.loop import make_pipeline, train_model
+from kerasdet.engine.callbacks import DEFAULT_BACKUP_STEPS
+from kerasdet.engine.loop import check_output_folder, make_pipeline, named_input_error, train_model
 from kerasdet.engine.model_spec import (DEFAULT_INPUT, class_names_of, describe_input, entry_recipe,
                                        from_scratch_backbone_config, give_data_to, input_settings_for,
                                        is_zoo_name, model_arguments, resolve_model)
@@ -66,6 +67,9 @@ class TrainingOptions:
     jit_compile: object = "auto"     # Keras' jit_compile: "auto" (models.base.Detector.compile), True, False
     proposals: str = None            # proposal cache file, "{split}" replaced by the split name
     max_proposals: int = 2000        # proposals per image the pipeline keeps
+    on_bad: str = "error"            # bad records: "error" lists them all and stops, "skip" drops them
+    max_image_pixels: int = None     # decompression-bomb limit (None: KERASDET_MAX_IMAGE_PIXELS or 1e8)
+    backup_steps: int = DEFAULT_BACKUP_STEPS  # resume state every N steps too (0: every epoch only)
 
 
 def _say(line):
@@ -231,12 +235,41 @@ def train(options):
             # into another precision's optimizer.
             raise ValueError(f"--resume: the run in {options.out} trained with --precision {trained_with}; "
                              f"resume it with the same precision, not {precision}")
+    from kerasdet.data import images
+
+    check_output_folder(options.out)  # before minutes of data loading: --out must be writable
     previous_policy = keras.config.dtype_policy()
     keras.config.set_dtype_policy(precision)
+    previous_limit = images._max_pixels_override
+    if options.max_image_pixels is not None:
+        images.set_max_image_pixels(options.max_image_pixels)
     try:
         return _train(options, precision)
     finally:
         keras.config.set_dtype_policy(previous_policy)
+        images.set_max_image_pixels(previous_limit)
+
+
+def _say_skipped(data, say, when):
+    """The counted list of what the readers (or the pipeline) skipped, dropped or fixed."""
+    for dataset in {id(d): d for d in (data.train, data.val) if d is not None}.values():
+        text = dataset.report.describe()
+        if text:
+            say(f"{when}:\n{text}")
+
+
+def _named(run, *args, **kwargs):
+    """``run(*args, **kwargs)`` with a TensorFlow error of the input pipeline replaced by the
+    BadInputError that names the file and record."""
+    import tensorflow as tf
+
+    try:
+        return run(*args, **kwargs)
+    except tf.errors.OpError as error:
+        named = named_input_error(error)
+        if named is None:
+            raise
+        raise named from error
 
 
 def _train(options, precision):
@@ -253,7 +286,10 @@ def _train(options, precision):
             + ("; dynamic loss scaling)" if precision == "mixed_float16" else ")"))
     keras.utils.set_random_seed(options.seed)
     data = parse_data_spec(options.data, options.train_split, options.val_split,
-                           class_names=read_class_names(options.classes, options.classes_file))
+                           class_names=read_class_names(options.classes, options.classes_file),
+                           on_bad=options.on_bad)
+    _say_skipped(data, say, "bad input skipped or fixed while reading (--on-bad "
+                 f"{options.on_bad})")
     say(f"classes ({len(data.class_names)}, {data.class_source}): {', '.join(data.class_names)}")
     previous = run_record_of(options.weights)
     if previous and previous.get("class_names"):
@@ -287,8 +323,12 @@ def _train(options, precision):
             model = make_model()
     backbone_weights = getattr(model, "kerasdet_backbone_weights", None)
     if options.weights is None:
-        say(f"backbone: {backbone_weights or 'random initialization'}"
-            + (" (--no-pretrained)" if options.no_pretrained and backbone_weights is None else ""))
+        if backbone_weights:
+            from kerasdet.zoo.pretrained import start_message
+
+            say(f"backbone: {start_message(backbone_weights)}")
+        else:
+            say("backbone: random initialization" + (" (--no-pretrained)" if options.no_pretrained else ""))
     for note in (scratch_note, anchor_note):
         if note:
             say(note)
@@ -344,7 +384,7 @@ def _train(options, precision):
     else:
         run = train_model(model, train_ds, options.out, recipe, steps_per_epoch=steps_per_epoch,
                           resume=options.resume, verbose=0 if options.quiet or not role.is_chief else 1,
-                          role=role, jit_compile=options.jit_compile)
+                          role=role, jit_compile=options.jit_compile, backup_steps=options.backup_steps)
     if run["stopped_on_nan"]:
         return {"stopped_on_nan": True, "message": run["message"], "metrics": None}
     if not role.is_chief:
@@ -365,24 +405,30 @@ def _train(options, precision):
                                   max_proposals=options.max_proposals)
         model.fit_region_stages(stages_ds, say=say)
         model.save_weights(os.path.join(options.out, "model.weights.h5"))
-    metrics = evaluate_detector(model, val_ds, data.class_names, options.out, records=data.val,
-                                split=options.val_split)
+    metrics = _named(evaluate_detector, model, val_ds, data.class_names, options.out, records=data.val,
+                     split=options.val_split)
+    _say_skipped(data, say, "bad input of this run, skipped or fixed (--on-bad "
+                 f"{options.on_bad}); the other records trained and evaluated")
     return {"stopped_on_nan": False, "message": None, "metrics": metrics}
 
 
 def evaluate(model_spec, data_spec, weights="default", num_classes=None, val_split="val", batch_size=None,
-             classes=None, classes_file=None, out=None, proposals=None, max_proposals=2000):
+             classes=None, classes_file=None, out=None, proposals=None, max_proposals=2000,
+             on_bad="error"):
     """Scores a model on the validation split of ``data_spec`` (printed; OUT/metrics.json when ``out``);
     returns the summary of `inference.evaluate_detector`. ``proposals``: the cache file (pattern)
     of a detector on external proposals."""
     model = model_for_inference(model_spec, weights, num_classes)
     cache = proposal_files(proposals, model, (val_split,), f"kerasdet evaluate {model_spec}")[val_split]
     data = parse_data_spec(data_spec, val_split=val_split, need_train=False,
-                           class_names=read_class_names(classes, classes_file))
+                           class_names=read_class_names(classes, classes_file), on_bad=on_bad)
     data = _check_model_classes(model, data, f"kerasdet evaluate {model_spec}")
     val_ds = make_pipeline(data.val, model.input_settings or DEFAULT_INPUT, batch_size or 8, False,
-                           proposals=cache, max_proposals=max_proposals)
-    return evaluate_detector(model, val_ds, data.class_names, out, records=data.val, split=val_split)
+                           proposals=cache, max_proposals=max_proposals, on_bad=on_bad)
+    summary = _named(evaluate_detector, model, val_ds, data.class_names, out, records=data.val,
+                     split=val_split)
+    _say_skipped(data, _say, f"bad input skipped or fixed (--on-bad {on_bad})")
+    return summary
 
 
 def predict(model_spec, images, out, weights="default", num_classes=None, score_threshold=0.3,

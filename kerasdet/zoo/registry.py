@@ -34,17 +34,36 @@ class ZooEntry:
     dataset: str
     class_names: object        # "coco" | "voc" | "synthetic:K" | list
     input: dict                # {"image_size": [H, W]} or {"min_size", "max_size"}; "stride"
-    weights: dict | None       # {"url", "sha256", "file"} or None (random initialisation)
+    weights: dict | None       # {"url", "sha256", "file"}, a published checkpoint to convert ({"url",
+                               # "sha256" or "sha256_prefix", "converter", "arch"}) or None (random)
     metrics: dict
     command: str | None
     recipe: dict
     notes: str
     source_file: str
     pretrained_backbone: str | None = None  # a zoo/backbones.json entry the backbone starts from
+    # Figures their publisher reports for published weights, with "source": never kerasdet's own
+    # measurements, which are `metrics`.
+    published_metrics: dict | None = None
 
     @property
     def has_weights(self):
         return bool(self.weights)
+
+    @property
+    def converts_checkpoint(self):
+        """The weights are a published PyTorch checkpoint, converted on first load."""
+        return bool(self.weights) and "converter" in self.weights
+
+    def weights_kind(self):
+        """"trained here", "published (<publisher>)", "pretrained backbone" or "random"."""
+        if self.converts_checkpoint:
+            return f"published ({self.weights.get('publisher', 'torchvision')})"
+        if self.has_weights:
+            return "trained here"
+        if self.pretrained_backbone:
+            return "pretrained backbone"
+        return "random"
 
     def model_class(self):
         """The Keras model class, or raises ImportError / AttributeError when not written yet."""
@@ -58,11 +77,15 @@ class ZooEntry:
             self.model_class()
         except (ImportError, AttributeError) as error:
             return f"not implemented yet ({self.class_path} is not available: {error})"
+        if self.converts_checkpoint:
+            return (f"published weights ({self.weights.get('publisher', 'torchvision')} checkpoint, converted "
+                    "on first load)")
         if self.has_weights:
             return "trained weights"
         if self.pretrained_backbone:
-            return (f"backbone pretrained ({self.pretrained_backbone}), detection layers random (no trained "
-                    "detector weights published for this entry)")
+            dataset = "ImageNet" if self.pretrained_backbone.endswith("_imagenet") else self.pretrained_backbone
+            return (f"backbone pretrained ({dataset}: {self.pretrained_backbone}), detection layers random "
+                    "(no trained detector weights published for this entry)")
         return "random weights (no trained weights published for this entry)"
 
 
@@ -95,14 +118,19 @@ def _parse_file(path):
         if missing:
             raise ValueError(f"zoo file {path}: entry {name!r} lacks {missing}")
         weights = spec.get("weights")
-        if weights is not None and not (weights.get("url") and weights.get("sha256")):
-            raise ValueError(f"zoo file {path}: entry {name!r}: weights need 'url' and 'sha256'")
+        if weights is not None and not (weights.get("url") and (
+                weights.get("sha256") or (weights.get("converter") and weights.get("sha256_prefix")))):
+            raise ValueError(f"zoo file {path}: entry {name!r}: weights need 'url' and 'sha256' (or, for a "
+                             "published checkpoint with a 'converter', its 'sha256_prefix')")
+        published = spec.get("published_metrics")
+        if published is not None and not published.get("source"):
+            raise ValueError(f"zoo file {path}: entry {name!r}: published_metrics must name their 'source'")
         parsed[name] = ZooEntry(
             name=name, family=family, class_path=spec["class"], arguments=dict(spec["arguments"]),
             dataset=spec["dataset"], class_names=spec["class_names"], input=dict(spec["input"]),
             weights=weights, metrics=dict(spec.get("metrics") or {}), command=spec.get("command"),
             recipe=dict(spec.get("recipe") or {}), notes=spec.get("notes", ""), source_file=path,
-            pretrained_backbone=spec.get("pretrained_backbone"))
+            pretrained_backbone=spec.get("pretrained_backbone"), published_metrics=published)
     return parsed
 
 

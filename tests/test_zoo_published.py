@@ -1,0 +1,223 @@
+"""Published PyTorch checkpoints in the zoo (kerasdet.zoo.pretrained): fetched by URL, hash-checked
+before they are read, converted once, cached atomically, verified on every later load without torch.
+
+Nothing is downloaded: the checkpoints are torchvision-format state dicts with random weights made by
+tests/torch_refs/ (the same reference runs as the converter parity tests), named like torch.hub names
+published files (<stem>-<first 8 hex digits of their sha256>.pth) and served through file:// URLs or a
+local HTTP server that breaks off mid-file.
+"""
+import http.server
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+from kerasdet import zoo
+from kerasdet.weights_files import WeightsError, WeightsHashError, sha256_of
+from kerasdet.zoo import pretrained
+
+ENTRY = "mnv2_published_test"
+
+
+def _published_copy(source, folder, stem):
+    """``source`` copied to ``folder`` under torch.hub's name: <stem>-<sha256 prefix>.pth."""
+    prefix = sha256_of(source)[:8]
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"{stem}-{prefix}.pth")
+    shutil.copyfile(source, path)
+    return path, prefix
+
+
+def _backbone_zoo(folder, url, prefix):
+    os.makedirs(folder, exist_ok=True)
+    spec = {"backbone": "mobilenet_v2", "converter": "mobilenet_v2", "dataset": "imagenet",
+            "source": {"url": url, "sha256_prefix": prefix, "publisher": "test"}}
+    with open(os.path.join(folder, "backbones.json"), "w", encoding="utf-8") as handle:
+        json.dump({"family": "backbones", "backbones": {ENTRY: spec}}, handle)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def mobilenet_checkpoint(torch_reference, tmp_path_factory):
+    """A random torchvision MobileNetV2 checkpoint (14 MB) under its published-style name."""
+    ref = torch_reference("mobilenet_v2")
+    return _published_copy(str(ref / "model.pth"), str(tmp_path_factory.mktemp("published")), "mobilenet_v2")
+
+
+@pytest.fixture
+def published(mobilenet_checkpoint, tmp_path, monkeypatch):
+    path, prefix = mobilenet_checkpoint
+    home = tmp_path / "home"
+    monkeypatch.setenv("KERASDET_HOME", str(home))
+    monkeypatch.delenv("KERASDET_WEIGHTS", raising=False)
+    monkeypatch.setenv("KERASDET_ZOO_DIR", _backbone_zoo(str(tmp_path / "zoo"), "file://" + path, prefix))
+    return path, prefix, home
+
+
+def _leftovers(home):
+    return sorted(name for folder in ("weights", "checkpoints") if (home / folder).is_dir()
+                  for name in os.listdir(home / folder) if ".part" in name or ".partial" in name)
+
+
+def test_first_load_downloads_checks_converts_and_records(published):
+    path, prefix, home = published
+    converted = pretrained.backbone_weights_file(ENTRY)
+    assert converted == str(home / "weights" / f"{ENTRY}.weights.h5")
+    assert sha256_of(home / "checkpoints" / os.path.basename(path)) == sha256_of(path)  # downloaded whole
+    record = json.loads((home / "weights" / f"{ENTRY}.json").read_text())
+    assert record["sha256"] == sha256_of(converted)
+    assert record["source_sha256"].startswith(prefix) and record["source"] == "file://" + path
+    assert _leftovers(home) == []
+    # The cached file holds the conversion: a backbone filled from it equals a direct conversion.
+    from kerasdet.backbones.mobilenet_v2 import MobileNetV2
+    from kerasdet.converters.mobilenet_v2 import convert_mobilenet_v2
+
+    backbone = pretrained.load_backbone_weights(MobileNetV2(input_shape=(64, 64, 3)), ENTRY)
+    reference = convert_mobilenet_v2(path, include_top=False, input_shape=(64, 64, 3))
+    image = np.random.default_rng(0).uniform(0, 255, (1, 64, 64, 3)).astype(np.float32)
+    np.testing.assert_allclose(backbone(image)["C5"].numpy(), reference(image)["C5"].numpy(), atol=1e-5)
+
+
+_SECOND_LOAD = """
+import sys
+from kerasdet.backbones.mobilenet_v2 import MobileNetV2
+from kerasdet.zoo import pretrained
+pretrained.load_backbone_weights(MobileNetV2(input_shape=(64, 64, 3)), sys.argv[1])
+assert "torch" not in sys.modules, "torch was imported"
+print("loaded without torch")
+"""
+
+
+def test_second_load_reads_the_cache_without_torch(published):
+    _, _, home = published
+    pretrained.backbone_weights_file(ENTRY)
+    stamp = os.path.getmtime(home / "weights" / f"{ENTRY}.weights.h5")
+    os.remove(home / "checkpoints" / os.listdir(home / "checkpoints")[0])  # not needed any more
+    done = subprocess.run([sys.executable, "-c", _SECOND_LOAD, ENTRY], capture_output=True, text=True,
+                          timeout=600, env=dict(os.environ))
+    assert done.returncode == 0 and "loaded without torch" in done.stdout, done.stderr[-3000:]
+    assert os.path.getmtime(home / "weights" / f"{ENTRY}.weights.h5") == stamp
+
+
+def test_a_wrong_prefix_is_refused_before_reading(published, tmp_path, monkeypatch):
+    path, prefix, home = published
+    wrong = "0123abcd"
+    impostor = tmp_path / f"mobilenet_v2-{wrong}.pth"
+    shutil.copyfile(path, impostor)
+    monkeypatch.setenv("KERASDET_ZOO_DIR", _backbone_zoo(str(tmp_path / "zoo2"), f"file://{impostor}", wrong))
+    monkeypatch.setattr(pretrained, "_convert", lambda *a: pytest.fail("a checkpoint with the wrong hash was read"))
+    with pytest.raises(WeightsHashError) as caught:
+        pretrained.backbone_weights_file(ENTRY)
+    message = str(caught.value)
+    assert ENTRY in message and impostor.name in message and wrong in message and sha256_of(path) in message
+    assert not any((home / "checkpoints").iterdir()) and not (home / "weights" / f"{ENTRY}.weights.h5").exists()
+
+
+def test_a_tampered_cache_file_is_an_error_and_nothing_is_loaded(published):
+    from kerasdet.backbones.mobilenet_v2 import MobileNetV2
+
+    _, _, home = published
+    converted = pretrained.backbone_weights_file(ENTRY)
+    recorded = json.loads((home / "weights" / f"{ENTRY}.json").read_text())["sha256"]
+    with open(converted, "r+b") as handle:
+        handle.seek(5000)
+        handle.write(b"\x00\x01\x02\x03")
+    backbone = MobileNetV2(input_shape=(64, 64, 3))
+    before = [w.numpy().copy() for w in backbone.weights]
+    with pytest.raises(WeightsHashError) as caught:
+        pretrained.load_backbone_weights(backbone, ENTRY)
+    message = str(caught.value)
+    assert converted in message and ENTRY in message and recorded in message and sha256_of(converted) in message
+    for old, weight in zip(before, backbone.weights):
+        np.testing.assert_array_equal(old, weight.numpy())
+
+
+class _HalfFile(http.server.BaseHTTPRequestHandler):
+    """Announces the whole file, sends half of it, then drops the connection."""
+    payload = b""
+
+    def do_GET(self):  # noqa: N802 - http.server's name
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(self.payload)))
+        self.end_headers()
+        self.wfile.write(self.payload[:len(self.payload) // 2])
+        self.wfile.flush()
+        self.close_connection = True
+
+    def log_message(self, *args):
+        pass
+
+
+def test_an_interrupted_download_leaves_nothing_a_later_load_accepts(published, tmp_path, monkeypatch):
+    path, prefix, home = published
+    with open(path, "rb") as handle:
+        _HalfFile.payload = handle.read()
+    server = http.server.HTTPServer(("127.0.0.1", 0), _HalfFile)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/{os.path.basename(path)}"
+        monkeypatch.setenv("KERASDET_ZOO_DIR", _backbone_zoo(str(tmp_path / "zoo_http"), url, prefix))
+        with pytest.raises(WeightsError, match="could not download"):
+            pretrained.backbone_weights_file(ENTRY)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert list((home / "checkpoints").iterdir()) == [] and not (home / "weights" / f"{ENTRY}.json").exists()
+    # A half file under the published name (as a killed non-atomic downloader would leave) is not
+    # accepted either: it is dropped and fetched again.
+    half = home / "checkpoints" / os.path.basename(path)
+    half.write_bytes(_HalfFile.payload[:len(_HalfFile.payload) // 2])
+    monkeypatch.setenv("KERASDET_ZOO_DIR", _backbone_zoo(str(tmp_path / "zoo_dead"),
+                                                         f"http://127.0.0.1:9/{half.name}", prefix))
+    with pytest.raises(WeightsError, match=f"place it at {half}") as caught:
+        pretrained.backbone_weights_file(ENTRY)
+    assert "KERASDET_WEIGHTS" in str(caught.value) and ENTRY in str(caught.value)
+    assert not half.exists()
+    # Offline, the file placed where the message says is accepted.
+    shutil.copyfile(path, half)
+    assert os.path.isfile(pretrained.backbone_weights_file(ENTRY))
+
+
+_CONCURRENT = """
+import sys
+from kerasdet.zoo import pretrained
+convert = pretrained._convert
+def counted(*args):
+    print("converted by this process")
+    return convert(*args)
+pretrained._convert = counted
+print(pretrained.backbone_weights_file(sys.argv[1]))
+"""
+
+
+def test_two_processes_loading_at_once_both_succeed_and_write_one_file(published):
+    _, _, home = published
+    procs = [subprocess.Popen([sys.executable, "-c", _CONCURRENT, ENTRY], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=dict(os.environ)) for _ in range(2)]
+    outputs = [proc.communicate(timeout=600) for proc in procs]
+    for proc, (out, err) in zip(procs, outputs):
+        assert proc.returncode == 0, err[-3000:]
+    converted = [out for out, _ in outputs if "converted by this process" in out]
+    assert len(converted) == 1  # the second process waited for the lock, then read the cache
+    target = str(home / "weights" / f"{ENTRY}.weights.h5")
+    assert all(out.strip().splitlines()[-1] == target for out, _ in outputs)
+    assert sorted(os.listdir(home / "weights")) == sorted([f"{ENTRY}.weights.h5", f"{ENTRY}.json", f"{ENTRY}.lock"])
+    assert json.loads((home / "weights" / f"{ENTRY}.json").read_text())["sha256"] == sha256_of(target)
+
+
+def test_offline_error_says_which_file_to_place_where(published, tmp_path, monkeypatch):
+    path, prefix, home = published
+    monkeypatch.setenv("KERASDET_ZOO_DIR", _backbone_zoo(str(tmp_path / "zoo_off"),
+                                                         f"https://download.invalid/{os.path.basename(path)}", prefix))
+    with pytest.raises(pretrained.BackboneWeightsUnavailable) as caught:
+        pretrained.backbone_weights_file(ENTRY)
+    message = str(caught.value)
+    assert str(home / "checkpoints" / os.path.basename(path)) in message and "KERASDET_WEIGHTS" in message
+    monkeypatch.setenv("KERASDET_WEIGHTS", path)  # the checkpoint itself, wherever it is
+    assert os.path.isfile(pretrained.backbone_weights_file(ENTRY))
