@@ -221,3 +221,69 @@ def test_offline_error_says_which_file_to_place_where(published, tmp_path, monke
     assert str(home / "checkpoints" / os.path.basename(path)) in message and "KERASDET_WEIGHTS" in message
     monkeypatch.setenv("KERASDET_WEIGHTS", path)  # the checkpoint itself, wherever it is
     assert os.path.isfile(pretrained.backbone_weights_file(ENTRY))
+
+
+# ----------------------------------------------------------------------------- a published detector
+def _detector_zoo(folder, name, url, prefix):
+    """A zoo folder holding only entry ``name`` as shipped, its checkpoint URL pointed at ``url``."""
+    entry = dict(zoo.registry.get_entry(name).__dict__)
+    with open(entry["source_file"], encoding="utf-8") as handle:
+        document = json.load(handle)
+    spec = document["entries"][name]
+    spec["weights"] = dict(spec["weights"], url=url, sha256_prefix=prefix)
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "published.json"), "w", encoding="utf-8") as handle:
+        json.dump({"family": document["family"], "entries": {name: spec}}, handle)
+    return folder
+
+
+def _kerasdet(*args, env, cwd):
+    done = subprocess.run([sys.executable, "-m", "kerasdet.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=1200, env=env)
+    assert done.returncode == 0, f"kerasdet {args[0]} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+    return done.stdout
+
+
+_LOAD_DETECTOR = """
+import sys, warnings
+warnings.simplefilter("error")  # no RandomWeightsWarning: the detector is the published one
+from kerasdet import zoo
+model = zoo.load(sys.argv[1])
+assert "torch" not in sys.modules, "torch was imported"
+print("loaded", model.kerasdet_entry, "without torch")
+"""
+
+
+def test_published_faster_rcnn_through_kerasdet_predict_matches_torchvision(torch_reference, tmp_path):
+    """First `kerasdet predict faster_rcnn_r50_fpn_coco` fetches the checkpoint (file://), checks its
+    prefix, converts and caches it, and predicts with the entry's own resize: torchvision's detections
+    on a photo that needs padding (the reference run of tests/test_predict_cli_parity.py). A second
+    process then loads the entry from the cache without importing torch."""
+    name = "faster_rcnn_r50_fpn_coco"
+    ref_dir = torch_reference("detector_photo", "fasterrcnn_resnet50_fpn")
+    ref = dict(np.load(ref_dir / "outputs.npz"))
+    checkpoint, prefix = _published_copy(str(ref_dir / "model.pth"), str(tmp_path / "published"),
+                                         "fasterrcnn_resnet50_fpn_coco")
+    home = tmp_path / "home"
+    env = dict(os.environ, KERASDET_HOME=str(home),
+               KERASDET_ZOO_DIR=_detector_zoo(str(tmp_path / "zoo"), name, "file://" + checkpoint, prefix))
+    env.pop("KERASDET_WEIGHTS", None)
+    _kerasdet("predict", name, str(ref_dir / "photo.png"), "--out", str(tmp_path / "pred"), "--score-threshold",
+              "0", env=env, cwd=tmp_path)
+    record = json.loads((home / "weights" / f"{name}.json").read_text())
+    assert record["sha256"] == sha256_of(home / "weights" / f"{name}.weights.h5")
+    assert record["source_sha256"].startswith(prefix)
+    with open(tmp_path / "pred" / "detections.json", encoding="utf-8") as handle:
+        detections = json.load(handle)[0]["detections"]
+    # kerasdet's class k is COCO category id k + 1, torchvision's label is the id itself.
+    ours = np.array([[d["class_id"] + 1, d["score"], *d["box_xyxy"]] for d in detections])
+    theirs = np.concatenate([ref["det_labels"][:, None], ref["det_scores"][:, None], ref["det_boxes"]], axis=1)
+    assert ours.shape == theirs.shape == (100, 6)
+    distance = np.abs(ours[:, None, :] - theirs[None, :, :]).max(-1)
+    worst = max(distance.min(1).max(), distance.min(0).max())
+    print(f"kerasdet predict {name} (fetched, converted) vs torchvision: max abs diff {worst:.3g}")
+    assert worst <= 1e-3
+    os.remove(checkpoint)  # the cache alone serves the second load
+    done = subprocess.run([sys.executable, "-c", _LOAD_DETECTOR, name], capture_output=True, text=True,
+                          timeout=1200, env=env)
+    assert done.returncode == 0 and "without torch" in done.stdout, done.stderr[-3000:]
