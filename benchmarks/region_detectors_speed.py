@@ -23,6 +23,10 @@ proposals repeated and jittered (gaussian, 5 % of the box size; the originals ke
 which only measures time (no mAP at that load).
 
     python benchmarks/region_detectors_speed.py [--quick] [--epochs 8] [--train 96] [--val 32]
+        [--large]
+
+--large adds the papers' network sizes, untrained (time only), on one 375 x 500 image with 2000
+random windows: R-CNN / AlexNet, SPP-net / ZF-5 at 1 and 5 scales, Fast R-CNN / ZF-5 at 600 px.
 
 Times are medians of `--repeats` passes (wall clock; the machine's 2 cores are shared, so the
 ratios are more telling than the absolute figures).
@@ -133,6 +137,36 @@ def time_per_image(model, inputs, repeats):
     return float(np.median(passes))
 
 
+def large_nets(repeats, load, rng):
+    """Test time of the papers' network sizes (random weights: time only) on one 375 x 500 image
+    (a VOC-sized photo) with `load` random windows: R-CNN on torchvision's AlexNet (227 px warps),
+    SPP-net on ZF-5 at 1 scale (688) and at the 5 scales, Fast R-CNN on ZF-5 conv5 with the
+    image at 600 px (its single scale) and 6 x 6 RoI pooling (ZF-5's pool5 grid)."""
+    image = tf.constant(rng.uniform(0, 255, (1, 375, 500, 3)), tf.float32)
+    xy = rng.uniform(0, [450, 325], (load, 2))
+    boxes = np.concatenate([xy, np.minimum(xy + rng.uniform(20, 300, (load, 2)), [500, 375])], 1)
+    boxes = tf.constant(boxes[None], tf.float32)
+    big = tf.image.resize(image, (600, 800))
+    cases = {
+        "rcnn_alexnet": (lambda: RCNN(20, backbone="alexnet", crop_batch=128),
+                         {"images": image, "proposals": boxes}),
+        "sppnet_zf5_1_scale": (lambda: SPPNet(20, scales=(688,)), {"images": image, "proposals": boxes}),
+        "sppnet_zf5_5_scales": (lambda: SPPNet(20), {"images": image, "proposals": boxes}),
+        "fast_rcnn_zf5": (lambda: FastRCNN(20, backbone="zf", feature="conv5", fc_dim=4096,
+                                           roi_output_size=6, seed=0),
+                          {"images": big, "proposals": boxes * 1.6}),
+    }
+    out = {}
+    for name, (make, inputs) in cases.items():
+        model = make()
+        model.build()
+        # R-CNN runs its 2000 warped windows through the whole net: one timed pass is enough
+        seconds = time_per_image(model, [inputs], 1 if name.startswith("rcnn") else repeats)
+        out[name] = {"seconds_per_image": round(seconds, 2), "params": int(model.count_params())}
+        print(json.dumps({name: out[name]}), file=sys.stderr, flush=True)
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small data, 3 epochs, 1 repeat")
@@ -143,6 +177,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--load", type=int, default=2000, help="windows per image of the heavy load")
     parser.add_argument("--models", default="rcnn,sppnet,sppnet_1sc,fast_rcnn")
+    parser.add_argument("--large", action="store_true",
+                        help="also time the papers' network sizes (untrained) on a 375 x 500 image")
     args = parser.parse_args()
     if args.quick:
         args.epochs, args.train, args.val, args.time_images, args.repeats = 3, 32, 8, 4, 1
@@ -206,6 +242,8 @@ def main():
         for key in ("seconds_per_image", f"seconds_per_image_{args.load}"):
             report.setdefault("speedup_over_rcnn", {})[key] = {
                 n: round(rows["rcnn"][key] / r[key], 1) for n, r in rows.items()}
+    if args.large:
+        report["large_nets_untrained"] = large_nets(args.repeats, args.load, rng)
     print(json.dumps(report, indent=2))
 
 
