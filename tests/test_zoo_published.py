@@ -287,3 +287,116 @@ def test_published_faster_rcnn_through_kerasdet_predict_matches_torchvision(torc
     done = subprocess.run([sys.executable, "-c", _LOAD_DETECTOR, name], capture_output=True, text=True,
                           timeout=1200, env=env)
     assert done.returncode == 0 and "without torch" in done.stdout, done.stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------- ImageNet backbones
+_IMAGENET_CHECKPOINTS = """
+import sys
+import numpy as np
+import torch
+import torchvision
+
+out = sys.argv[1]
+torch.manual_seed(0)
+probes = {}
+for stem, build, drop in (("resnet50", torchvision.models.resnet50, "fc."),
+                          ("resnet101", torchvision.models.resnet101, "fc."),
+                          ("vgg16", torchvision.models.vgg16, "classifier."),
+                          ("alexnet", torchvision.models.alexnet, "classifier.")):
+    # Without the classifier, which the backbone entries drop: smaller files, same conversion path.
+    state = {k: v for k, v in build(weights=None).state_dict().items() if not k.startswith(drop)}
+    torch.save(state, f"{out}/{stem}.pth")
+    convs = [k for k in state if k.endswith("weight") and state[k].ndim == 4]
+    first, last = convs[0], convs[-1]
+    probes[f"{stem}:{first}"] = state[first].numpy()
+    probes[f"{stem}:{last}"] = state[last].numpy()
+np.savez(f"{out}/probes.npz", **probes)
+"""
+
+# (backbone entry, published file stem, zoo entry that starts from it or None, [(torch key, Keras layer)])
+IMAGENET = [
+    ("resnet50_imagenet", "resnet50", "faster_rcnn_r50_fpn", [("conv1.weight", "conv1"),
+                                                             ("layer4.2.conv3.weight", "layer4_2_conv3")]),
+    ("resnet101_imagenet", "resnet101", "cascade_rcnn_r101", [("conv1.weight", "conv1"),
+                                                             ("layer4.2.conv3.weight", "layer4_2_conv3")]),
+    ("vgg16_imagenet", "vgg16", "faster_rcnn_vgg16", [("features.0.weight", "conv1_1"),
+                                                      ("features.28.weight", "conv5_3")]),
+    ("alexnet_imagenet", "alexnet", None, [("features.0.weight", "conv1"), ("features.10.weight", "conv5")]),
+]
+
+
+@pytest.fixture(scope="module")
+def imagenet_zoo(tmp_path_factory):
+    """A copy of the zoo whose ImageNet backbone entries point at random torchvision-format
+    checkpoints (file:// URLs, published-style names), and the probe arrays of those checkpoints."""
+    from kerasdet.zoo.registry import zoo_dir
+
+    made = tmp_path_factory.mktemp("imagenet_made")
+    done = subprocess.run([sys.executable, "-c", _IMAGENET_CHECKPOINTS, str(made)], capture_output=True, text=True,
+                          timeout=1200, env=dict(os.environ, OMP_NUM_THREADS="2"))
+    if done.returncode != 0 and "No module named 'torch" in done.stderr:
+        pytest.skip("torch / torchvision not importable")
+    assert done.returncode == 0, done.stderr[-3000:]
+    folder = tmp_path_factory.mktemp("imagenet_zoo")
+    for file_name in os.listdir(zoo_dir()):
+        if file_name.endswith(".json"):
+            shutil.copyfile(os.path.join(zoo_dir(), file_name), folder / file_name)
+    document = json.loads((folder / "backbones.json").read_text())
+    for backbone, stem, _, _ in IMAGENET:
+        path, prefix = _published_copy(str(made / f"{stem}.pth"), str(made / "published"), stem)
+        document["backbones"][backbone]["source"].update(url="file://" + path, sha256_prefix=prefix)
+    (folder / "backbones.json").write_text(json.dumps(document))
+    return str(folder), dict(np.load(made / "probes.npz"))
+
+
+@pytest.mark.parametrize("backbone, stem, entry, probes", IMAGENET, ids=[row[0] for row in IMAGENET])
+def test_entries_start_from_their_imagenet_backbone(backbone, stem, entry, probes, imagenet_zoo, tmp_path,
+                                                    monkeypatch):
+    import kerasdet.backbones as kd_backbones
+    from kerasdet.converters import core
+
+    folder, arrays = imagenet_zoo
+    monkeypatch.setenv("KERASDET_ZOO_DIR", folder)
+    monkeypatch.setenv("KERASDET_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("KERASDET_WEIGHTS", raising=False)
+    if entry is None:  # no zoo entry of this file family is owned here: the backbone itself
+        target = kd_backbones.get(pretrained.backbone_entries()[backbone]["backbone"], include_top=False)
+        target.build((1, 227, 227, 3))
+        pretrained.load_backbone_weights(target, backbone)
+    else:
+        assert zoo.registry.get_entry(entry).pretrained_backbone == backbone
+        with pytest.warns(zoo.RandomWeightsWarning,
+                          match=rf"backbone pretrained \(ImageNet: {backbone}\), detection layers random"):
+            model = zoo.load(entry)
+        assert model.kerasdet_backbone_weights == backbone
+        target = model.backbone
+        assert zoo.load(entry, weights=None).kerasdet_backbone_weights is None
+    for key, layer in probes:
+        np.testing.assert_array_equal(target.get_layer(layer).kernel.numpy(), core.conv_kernel(arrays[f"{stem}:{key}"]))
+
+
+def test_kerasdet_train_says_the_backbone_is_pretrained(mobilenet_checkpoint, tmp_path, monkeypatch, capsys):
+    """The start-of-run message and run record of `kerasdet train` for an entry whose pretrained backbone
+    is fetched by URL (here the MobileNetV2 entry pointed at a random checkpoint)."""
+    from kerasdet import cli
+    from kerasdet.zoo.registry import zoo_dir
+
+    path, prefix = mobilenet_checkpoint
+    folder = tmp_path / "zoo"
+    folder.mkdir()
+    for file_name in os.listdir(zoo_dir()):
+        if file_name.endswith(".json"):
+            shutil.copyfile(os.path.join(zoo_dir(), file_name), folder / file_name)
+    document = json.loads((folder / "backbones.json").read_text())
+    document["backbones"]["mobilenet_v2_imagenet"]["source"] = {"url": "file://" + path, "sha256_prefix": prefix}
+    (folder / "backbones.json").write_text(json.dumps(document))
+    monkeypatch.setenv("KERASDET_ZOO_DIR", str(folder))
+    monkeypatch.setenv("KERASDET_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("KERASDET_WEIGHTS", raising=False)
+    code = cli.main(["train", "faster_rcnn_mobilenet_v2_fpn_synthetic", "--data", f"synthetic:{tmp_path / 'data'}",
+                     "--out", str(tmp_path / "run"), "--epochs", "1", "--steps-per-epoch", "1", "--quiet"])
+    assert code == 0
+    assert ("backbone pretrained (ImageNet: mobilenet_v2_imagenet), detection layers random"
+            in capsys.readouterr().out)
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["backbone_weights"] == "mobilenet_v2_imagenet"
+    assert (tmp_path / "home" / "checkpoints" / os.path.basename(path)).is_file()

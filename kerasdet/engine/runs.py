@@ -326,7 +326,7 @@ def _train(options, precision):
         if backbone_weights:
             from kerasdet.zoo.pretrained import start_message
 
-            say(f"backbone: {start_message(backbone_weights)}")
+            say(start_message(backbone_weights))
         else:
             say("backbone: random initialization" + (" (--no-pretrained)" if options.no_pretrained else ""))
     for note in (scratch_note, anchor_note):
