@@ -340,6 +340,8 @@ def _training_options(args):
 
     values = {field.name: getattr(args, field.name) for field in dataclasses.fields(TrainingOptions)}
     values["jit_compile"] = {"auto": "auto", "on": True, "off": False}[args.jit_compile]
+    if values["backup_steps"] is None:
+        values.pop("backup_steps")
     return TrainingOptions(**values)
 
 

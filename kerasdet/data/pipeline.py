@@ -225,7 +225,16 @@ def _guarded(source, load, records, dataset, on_bad):
     # its parallel calls decode several records at once.
     guarded = source.interleave(attempt, cycle_length=AUTOTUNE, block_length=1,
                                 num_parallel_calls=AUTOTUNE, deterministic=True)
-    return guarded.filter(keep).map(lambda sample, ok, index: sample)
+    if on_bad == "skip":  # the length is unknown until the bad records are met
+        return guarded.filter(keep).map(lambda sample, ok, index: sample)
+
+    @_graph_fn
+    def checked(sample, ok, index):
+        with tf.control_dependencies([keep(sample, ok, index)]):
+            return tf.nest.map_structure(tf.identity, sample)
+
+    # Nothing is dropped: the source's length holds (an interleave forgets it).
+    return guarded.map(checked).apply(tf.data.experimental.assert_cardinality(source.cardinality()))
 
 
 def _why(path, record, where):

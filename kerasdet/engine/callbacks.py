@@ -160,9 +160,10 @@ class GuardedBackupAndRestore(keras.callbacks.BackupAndRestore):
         self._saves += 1
         name = f"state_{self._saves:08d}{_WEIGHTS_SUFFIX}"
         save_weights_atomically(self.model, os.path.join(self.backup_dir, name))
+        step = int(self.model.optimizer.iterations.numpy()) if self.model.optimizer is not None else None
         _write_text_atomically(self._training_metadata_path, json.dumps(
             {"epoch": self._current_epoch, "batch": self._last_batch_seen, "weights": name,
-             "saves": self._saves}))
+             "saves": self._saves, "step": step}))
         for old in os.listdir(self.backup_dir):
             if old.startswith("state_") and old.endswith(_WEIGHTS_SUFFIX) and old != name:
                 os.remove(os.path.join(self.backup_dir, old))
@@ -180,6 +181,30 @@ class GuardedBackupAndRestore(keras.callbacks.BackupAndRestore):
     def on_train_end(self, logs=None):
         if self.writer and not self.guard.stopped:  # keep the last good state for --resume
             super().on_train_end(logs)
+
+
+def backup_step(backup_dir):
+    """The training step (optimizer iterations) of the resume state in ``backup_dir``, or None."""
+    path = os.path.join(backup_dir, "training_metadata.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as handle:
+        step = json.load(handle).get("step")
+    return None if step is None else int(step)
+
+
+class StopAtStep(keras.callbacks.Callback):
+    """Ends fit when the optimizer has taken ``total`` steps: a run resumed mid-epoch restarts the
+    interrupted epoch (Keras counts whole epochs) and would otherwise train, and move the learning
+    rate schedule, past the run's end."""
+
+    def __init__(self, total):
+        super().__init__()
+        self.total = int(total)
+
+    def on_train_batch_end(self, batch, logs=None):
+        if int(self.model.optimizer.iterations.numpy()) >= self.total:
+            self.model.stop_training = True
 
 
 def tensorboard_callbacks(log_dir):

@@ -17,7 +17,8 @@ import keras
 import tensorflow as tf
 
 from kerasdet.engine.callbacks import (DEFAULT_BACKUP_STEPS, EpochCheckpoint, GuardedBackupAndRestore,
-                                       StopOnNaN, save_weights_atomically, tensorboard_callbacks)
+                                       StopAtStep, StopOnNaN, backup_step, save_weights_atomically,
+                                       tensorboard_callbacks)
 from kerasdet.engine.distribute import WorkerRole
 from kerasdet.engine.recipe import make_optimizer
 
@@ -80,7 +81,8 @@ def make_pipeline(dataset, input_settings, batch_size, training, seed=0, with_ma
 
 
 def train_model(model, train_ds, out_dir, recipe, steps_per_epoch=None, val_ds=None, resume=False,
-                callbacks=(), verbose=1, role=None, jit_compile="auto", backup_steps=DEFAULT_BACKUP_STEPS):
+                callbacks=(), verbose=1, role=None, jit_compile="auto", backup_steps=DEFAULT_BACKUP_STEPS,
+                exact_resume=False):
     """Compiles ``model`` with the recipe's optimizer and fits it with checkpoints, TensorBoard
     logs, BackupAndRestore and the NaN guard. Returns {"history", "stopped_on_nan", "message"}.
 
@@ -91,7 +93,12 @@ def train_model(model, train_ds, out_dir, recipe, steps_per_epoch=None, val_ds=N
 
     ``backup_steps``: the resume state is saved every that many steps as well as every epoch
     (None or 0: every epoch only); a killed run resumed with ``resume=True`` restarts the
-    interrupted epoch from the last save's weights, optimizer state and learning-rate position.
+    interrupted epoch from the last save's weights, optimizer state and learning-rate position, and
+    stops after the run's epochs x steps_per_epoch optimizer steps in all. ``exact_resume`` (a
+    tf.data.Dataset that repeats, with ``steps_per_epoch``): the resumed run also skips the batches
+    the saved state had trained on, so it sees the batches an uninterrupted run would and, with a
+    deterministic pipeline, ends with the same weights; the skipped batches are read and augmented
+    (not trained on), which costs the input pipeline's share of the lost time.
     An image that fails to decode stops the run with a BadInputError naming its file and record."""
     role = role or WorkerRole()
     writer = role.is_chief
@@ -125,6 +132,13 @@ def train_model(model, train_ds, out_dir, recipe, steps_per_epoch=None, val_ds=N
     elif resume:
         all_callbacks.append(GuardedBackupAndRestore(backup_dir, guard, writer=False))
     all_callbacks += list(callbacks)
+    resumed_at = backup_step(backup_dir) if resume else None
+    if resumed_at:
+        all_callbacks.append(StopAtStep(int(recipe["epochs"]) * steps_per_epoch))
+        if exact_resume:
+            if not isinstance(train_ds, tf.data.Dataset):
+                raise ValueError("exact_resume needs a tf.data.Dataset (not a distributed one)")
+            train_ds = train_ds.skip(resumed_at)
     try:
         history = model.fit(train_ds, epochs=int(recipe["epochs"]), steps_per_epoch=steps_per_epoch,
                             validation_data=val_ds, callbacks=all_callbacks, verbose=verbose)

@@ -346,6 +346,10 @@ def _train(options, precision):
         if steps_per_epoch < 1:
             raise ValueError(f"{len(data.train.records)} training images make no global batch of "
                              f"{batch_size}")
+    if options.on_bad == "skip" and steps_per_epoch is None:
+        # Records skipped in the pipeline make its length unknown: epochs of a repeated stream
+        # instead, as long as the data set's pass.
+        steps_per_epoch = -(-len(data.train.records) // batch_size)
     repeat = steps_per_epoch is not None
 
     augment = TrainingRecipe(recipe_source)["augment"]
@@ -358,12 +362,12 @@ def _train(options, precision):
     def pipeline(size, shard):
         built = make_pipeline(data.train, settings, size, True, seed=options.seed, shard=shard,
                               augment=augment, proposals=caches[options.train_split],
-                              max_proposals=options.max_proposals)
+                              max_proposals=options.max_proposals, on_bad=options.on_bad)
         return built.repeat() if repeat else built
 
     train_ds = distributed_pipeline(strategy, pipeline, batch_size)
     val_ds = make_pipeline(data.val, settings, batch_size, False, proposals=caches[options.val_split],
-                           max_proposals=options.max_proposals)
+                           max_proposals=options.max_proposals, on_bad=options.on_bad)
     steps = steps_per_epoch or int(train_ds.cardinality().numpy())
     recipe = adapt_recipe(
         recipe_source, steps, epochs=options.epochs, batch_size=options.batch_size,
