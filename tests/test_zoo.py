@@ -250,3 +250,54 @@ def test_other_num_classes_keeps_the_shipped_backbone_and_warns():
         np.testing.assert_array_equal(mine.numpy(), theirs.numpy())
     assert [tuple(w.shape) for w in model.box_predictor.weights] != \
         [tuple(w.shape) for w in shipped.box_predictor.weights]
+
+
+# ----------------------------------------------------------------------------- published checkpoints
+PUBLISHED = {"faster_rcnn_r50_fpn_coco": "fasterrcnn_resnet50_fpn", "mask_rcnn_r50_fpn_coco": "maskrcnn_resnet50_fpn"}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_published_entries_name_their_checkpoint_and_the_publishers_figures_apart(name):
+    """The converted checkpoint fits the entry's model (its arguments are the converter's), the URL is
+    torch.hub-named with the recorded prefix, and the publisher's figures are not kerasdet's metrics."""
+    from kerasdet.converters.torchvision import detector_config
+
+    entry = zoo.registry.get_entry(name)
+    assert entry.converts_checkpoint and entry.weights["arch"] == PUBLISHED[name]
+    assert entry.weights["url"].startswith("https://download.pytorch.org/models/")
+    assert entry.weights["url"].endswith(f"-{entry.weights['sha256_prefix']}.pth")
+    normalized = json.loads(json.dumps(detector_config(PUBLISHED[name])))
+    assert entry.arguments == normalized
+    description = zoo.info(name)
+    assert description["metrics"] == {} and "torchvision model card" in description["published_metrics"]["source"]
+    assert description["weights_kind"] == "published (torchvision)"
+    assert description["status"].startswith("published weights")
+
+
+def test_zoo_list_shows_weights_kind_and_the_publishers_figure(capsys):
+    from kerasdet import cli
+
+    assert cli.main(["zoo", "list"]) == 0
+    rows = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:]}
+    assert "published (torchvision), fetched on first load" in rows["faster_rcnn_r50_fpn_coco"]
+    assert "box AP 37.0 (torchvision model card)" in rows["faster_rcnn_r50_fpn_coco"]
+    assert "box AP 37.9, mask AP 34.6 (torchvision model card)" in rows["mask_rcnn_r50_fpn_coco"]
+    assert "pretrained backbone (resnet101_imagenet)" in rows["cascade_rcnn_r101"]
+    assert "trained here" in rows["faster_rcnn_tiny_fpn_synthetic"]
+
+
+def test_offline_published_entry_is_one_clear_error(monkeypatch, tmp_path):
+    """Offline (simulated, so a machine with internet does not fetch 160 MB here): the error names the
+    entry, the file, where to put it, and KERASDET_WEIGHTS; nothing is left in the cache."""
+    def offline(*args, **kwargs):
+        raise Exception("URL fetch failure on https://download.pytorch.org/models/...: None -- "
+                        "[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(keras.utils, "get_file", offline)
+    with pytest.raises(zoo.WeightsError) as caught:
+        zoo.load("faster_rcnn_r50_fpn_coco")
+    message = str(caught.value)
+    home = tmp_path / "home"
+    assert "faster_rcnn_r50_fpn_coco" in message and "KERASDET_WEIGHTS" in message
+    assert str(home / "checkpoints" / "fasterrcnn_resnet50_fpn_coco-258fb6c6.pth") in message
+    assert not (home / "weights" / "faster_rcnn_r50_fpn_coco.weights.h5").exists()

@@ -317,7 +317,13 @@ def backbone_weights_file(name):
     def convert(checkpoint, target):
         return _convert(name, spec, checkpoint, target)
 
-    return converted_weights_file(name, source, convert, owner=f"pretrained backbone {name!r}")
+    try:
+        return converted_weights_file(name, source, convert, owner=f"pretrained backbone {name!r}")
+    except BackboneWeightsUnavailable as error:
+        if "--no-pretrained" in str(error):
+            raise
+        raise BackboneWeightsUnavailable(f"{error} (or start from a random backbone: kerasdet train "
+                                         "--no-pretrained / zoo.load(..., pretrained_backbone=False))") from error
 
 
 def start_message(name):
