@@ -28,11 +28,10 @@ import numpy as np
 import tensorflow as tf
 
 from kerasdet import losses as kd_losses
-from kerasdet import ops
 from kerasdet.backbones.alexnet import AlexNet, DEFAULT_INPUT_SIZE
 from kerasdet.heads.proposals import ExternalProposals
 from kerasdet.heads.roi_sampler import sample_rois
-from kerasdet.models.base import Detector, batch_image_shapes, ground_truth
+from kerasdet.models.base import Detector, ground_truth, ground_truth_crowd
 from kerasdet.models.region_stages import RegionStages
 from kerasdet.ops.warp import warp_regions
 
@@ -137,7 +136,7 @@ class RCNN(RegionStages, Detector):
         proposals, valid = self.proposal_reader(batch)
         sampled = sample_rois(proposals, valid, gt_boxes, gt_labels, num_samples=self.roi_batch_size,
                               positive_fraction=self.positive_fraction, foreground_iou=self.foreground_iou,
-                              background_iou_low=0.0, seed=self._seed, gt_crowd=batch.get("iscrowd"))
+                              background_iou_low=0.0, seed=self._seed, gt_crowd=ground_truth_crowd(batch))
         rois, labels = sampled["rois"], sampled["labels"]
         b, s = tf.shape(rois)[0], tf.shape(rois)[1]
         used = labels >= 0
@@ -145,34 +144,6 @@ class RCNN(RegionStages, Detector):
         _, _, logits = self._network(images, tf.reshape(boxes, [-1, 4]), tf.repeat(tf.range(b), s), training)
         logits = tf.reshape(tf.cast(logits, tf.float32), [b, s, self.num_classes + 1])
         return {"cls": kd_losses.softmax_cross_entropy_loss(labels, logits)}
-
-    # -- inference ------------------------------------------------------------------------------
-    def detect(self, images, image_shapes, training=False, inputs=None):
-        proposals, valid = self.proposal_reader(inputs)
-        image_shapes = tf.cast(image_shapes, tf.float32)
-        fc7, pool5, logits = self.region_features(images, proposals, valid, image_shapes, training)
-        scores = self.region_scores(fc7, logits) * tf.cast(valid, tf.float32)[..., None]  # [B, P, K]
-        deltas = self.region_deltas(pool5)  # [B, P, K, 4]
-        b, p, k = tf.shape(scores)[0], tf.shape(scores)[1], self.num_classes
-        # every (proposal, class) pair is a candidate; NMS runs per class on the unregressed boxes
-        pair_boxes = tf.reshape(tf.tile(proposals[:, :, None], [1, 1, k, 1]), [b, -1, 4])
-        pair_classes = tf.reshape(tf.broadcast_to(tf.range(k)[None, None], [b, p, k]), [b, -1])
-        pairs = ops.batched_nms_padded(pair_boxes, tf.reshape(scores, [b, -1]), pair_classes,
-                                       self.nms_iou, self.max_detections,
-                                       score_threshold=self.score_threshold,
-                                       pre_nms_top_k=self.pre_nms_top_k)
-        live = pairs["indices"] >= 0
-        safe = tf.maximum(pairs["indices"], 0)
-        kept_boxes = tf.gather(pair_boxes, safe, batch_dims=1)
-        kept_deltas = tf.gather(tf.reshape(deltas, [b, -1, 4]), safe, batch_dims=1)
-        moved = ops.clip_boxes(ops.decode_boxes(kept_deltas, kept_boxes, weights=(1.0, 1.0, 1.0, 1.0)),
-                               image_shapes)
-        return {"boxes": tf.where(live[..., None], moved, 0.0), "scores": pairs["scores"],
-                "classes": pairs["classes"], "num_detections": pairs["num_detections"]}
-
-    def call(self, inputs, training=False):
-        images = self.input_images(inputs)
-        return self.detect(images, batch_image_shapes(inputs, images), training=training, inputs=inputs)
 
     def build(self, input_shape=None):
         if self.built:

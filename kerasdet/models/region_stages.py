@@ -3,9 +3,11 @@ class-specific ridge box regression on its pool5 features (kerasdet.heads.region
 after the network's fine-tuning by a pass (or a few, for hard negative mining) over the training
 images, and applied in the graph at test time.
 
-A detector using them provides `region_features(images, rois, image_shapes)` ->
-(svm features [B, R, D], box features [B, R, D5]) and calls `build_region_stages(D, D5)` when it
-builds. The learned values live in non-trainable variables, so save_weights / load_weights and
+A detector using them provides `proposal_reader(batch)` -> (proposals, valid), the settings
+`nms_iou`, `score_threshold`, `max_detections`, `pre_nms_top_k`, and
+`region_features(images, rois, valid, image_shapes, training=False)` -> (svm features [B, R, D],
+box features [B, R, D5], logits [B, R, K + 1]), and calls `build_region_stages(D, D5)` when it
+builds; `detect` / `call` (the test-time path) come from here. The learned values live in non-trainable variables, so save_weights / load_weights and
 SavedModel export carry them. Until `fit_region_stages` has run, `region_scores` falls back to the
 fine-tuned network's softmax (flag `svms_trained`), and no box correction is applied.
 """
@@ -15,6 +17,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from kerasdet import ops
 from kerasdet.heads import region_svms
 from kerasdet.models.base import batch_image_shapes, ground_truth
 
@@ -59,6 +62,36 @@ class RegionStages:
         out = tf.linalg.matmul(x, self.box_weights_matrix) + self.box_bias
         return tf.reshape(out, tf.concat([tf.shape(out)[:-1], [self.num_classes, 4]], 0))
 
+    def detect(self, images, image_shapes, training=False, inputs=None):
+        """R-CNN's test time: every (proposal, class) pair scored, greedy per-class NMS at
+        `nms_iou` on the unregressed proposals (the paper's order), then the kept boxes moved by
+        their class's regressor and clipped. The predict dict, padded to `max_detections`."""
+        proposals, valid = self.proposal_reader(inputs)
+        image_shapes = tf.cast(image_shapes, tf.float32)
+        svm_features, box_features, logits = self.region_features(images, proposals, valid, image_shapes,
+                                                                  training)
+        scores = self.region_scores(svm_features, logits) * tf.cast(valid, tf.float32)[..., None]
+        deltas = self.region_deltas(box_features)  # [B, P, K, 4]
+        b, p, k = tf.shape(scores)[0], tf.shape(scores)[1], self.num_classes
+        pair_boxes = tf.reshape(tf.tile(proposals[:, :, None], [1, 1, k, 1]), [b, -1, 4])
+        pair_classes = tf.reshape(tf.broadcast_to(tf.range(k)[None, None], [b, p, k]), [b, -1])
+        pairs = ops.batched_nms_padded(pair_boxes, tf.reshape(scores, [b, -1]), pair_classes,
+                                       self.nms_iou, self.max_detections,
+                                       score_threshold=self.score_threshold,
+                                       pre_nms_top_k=self.pre_nms_top_k)
+        live = pairs["indices"] >= 0
+        safe = tf.maximum(pairs["indices"], 0)
+        kept_boxes = tf.gather(pair_boxes, safe, batch_dims=1)
+        kept_deltas = tf.gather(tf.reshape(deltas, [b, -1, 4]), safe, batch_dims=1)
+        moved = ops.clip_boxes(ops.decode_boxes(kept_deltas, kept_boxes, weights=(1.0, 1.0, 1.0, 1.0)),
+                               image_shapes)
+        return {"boxes": tf.where(live[..., None], moved, 0.0), "scores": pairs["scores"],
+                "classes": pairs["classes"], "num_detections": pairs["num_detections"]}
+
+    def call(self, inputs, training=False):
+        images = self.input_images(inputs)
+        return self.detect(images, batch_image_shapes(inputs, images), training=training, inputs=inputs)
+
     # -- training (eager, after fine-tuning) ----------------------------------------------------
     def fit_region_stages(self, dataset, svm=None, ridge=None, say=print, max_images=None):
         """Trains the SVMs (hard negative mining over `svm.rounds` passes) and the ridge box
@@ -83,6 +116,8 @@ class RegionStages:
             added = 0
             images_seen = 0
             for batch in dataset:
+                if max_images is not None and images_seen >= max_images:
+                    break
                 out = extract(batch)
                 feats, boxes_f, rois, n_gt, valid = (v.numpy() for v in out[:5])
                 gt_boxes, gt_labels = (v.numpy() for v in out[5:])

@@ -42,7 +42,6 @@ from kerasdet.backbones import registry as backbones
 from kerasdet.heads.proposals import ExternalProposals
 from kerasdet.heads.roi_sampler import sample_rois
 from kerasdet.models.base import Detector, batch_image_shapes, ground_truth, ground_truth_crowd
-from kerasdet.models.rcnn import RCNN
 from kerasdet.models.region_stages import RegionStages
 from kerasdet.models.spp_classifier import _BACKBONES
 from kerasdet.ops import spp as spp_ops
@@ -300,11 +299,8 @@ class SPPNet(RegionStages, Detector):
                                             batch_image_shapes(batch, images), training)
         return {"cls": kd_losses.softmax_cross_entropy_loss(labels, logits)}
 
-    # -- inference ------------------------------------------------------------------------------
-    # Test time is R-CNN's word for word once region_features is given (score every (window,
-    # class) pair, per-class NMS, regress the kept boxes), so the method is shared, not copied.
-    detect = RCNN.detect
-    call = RCNN.call
+    # Test time (`detect` / `call`) is R-CNN's, from RegionStages: every (window, class) pair
+    # scored, per-class NMS, the kept boxes regressed.
 
     def build(self, input_shape=None):
         if self.built:
