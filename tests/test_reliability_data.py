@@ -280,3 +280,40 @@ def test_thousands_of_boxes_are_capped_with_a_counted_warning(tmp_path):
         warnings.simplefilter("error")
         ds = pipeline.build_dataset(dataset, 2, image_size=64, max_boxes=5000)  # raised: no cut
     assert next(iter(ds))["bounding_boxes"]["boxes"].shape == (2, 5000, 4)
+
+
+# ----------------------------------------------------------------------------- (9) TFRecord files
+@pytest.mark.parametrize("damage", ["truncated", "flipped byte"])
+def test_corrupt_tfrecord_names_the_file_and_the_record(tmp_path, damage):
+    import tensorflow as tf
+
+    from kerasdet.data.pipeline import build_dataset, named_input_error
+    from kerasdet.data.tfrecord import check_tfrecord, read_tfrecord, write_tfrecord
+
+    records = []
+    for i in range(3):
+        _png(str(tmp_path / f"{i}.png"), i)
+        records.append(DetectionRecord(i, f"{i}.png", 64, 64, [[2, 2, 30, 30]], [0]))
+    dataset = DetectionDataset(records, ["thing"], str(tmp_path))
+    good, bad = (str(tmp_path / f"{n}.tfrecord") for n in ("good", "bad"))
+    write_tfrecord(dataset, good)
+    write_tfrecord(dataset, bad)
+    data = bytearray(open(bad, "rb").read())
+    sizes = [os.path.getsize(str(tmp_path / f"{i}.png")) for i in range(3)]
+    if damage == "truncated":
+        data = data[:len(data) - 40]  # the third record loses its tail
+    else:
+        data[len(data) - sizes[2] // 2 - 200] ^= 0xFF  # a byte inside the third record's image
+    open(bad, "wb").write(bytes(data))
+    assert check_tfrecord(good) == 3
+    with pytest.raises(BadInputError, match=r"bad.tfrecord: TFRecord record 2 \(0-based; 2 good records"):
+        check_tfrecord(bad)
+    with pytest.raises(BadInputError, match=r"bad.tfrecord: TFRecord record 2"):
+        read_tfrecord([good, bad], verify=True)
+    ds = build_dataset([good, bad], 2, image_size=64)
+    with pytest.raises(tf.errors.OpError) as caught:
+        for _ in ds:
+            pass
+    assert "bad.tfrecord" not in str(caught.value)  # what TensorFlow says alone
+    named = named_input_error(caught.value)
+    assert named is not None and "bad.tfrecord: TFRecord record 2" in str(named)

@@ -177,7 +177,9 @@ def named_input_error(error):
     for named in reversed(_raised_in_graph):
         if str(named) in text:
             return named
-    return None
+    from kerasdet.data.tfrecord import named_tfrecord_error
+
+    return named_tfrecord_error(error)
 
 
 def _guarded(source, load, records, dataset, on_bad):

@@ -169,9 +169,43 @@ def parse_example(serialized, with_masks: bool = False, mask_size: int = DEFAULT
     return sample
 
 
+# Files handed to read_tfrecord in this process: a DataLossError met while iterating names neither
+# the file nor the record, so `named_tfrecord_error` re-reads them one by one to find it.
+_opened_files: list = []
+
+
+def check_tfrecord(path) -> int:
+    """Read every record of one TFRecord file (framing and CRCs, no decoding); returns the count.
+
+    Raises BadInputError naming the file and the position of the first corrupt or truncated record.
+    """
+    path = os.fspath(path)
+    count = 0
+    try:
+        for _ in tf.data.TFRecordDataset(path):
+            count += 1
+    except tf.errors.OpError as exc:
+        raise BadInputError(f"{path}: TFRecord record {count} (0-based; {count} good records before "
+                            f"it) is corrupt or truncated: {exc.message}") from exc
+    return count
+
+
+def named_tfrecord_error(error):
+    """The BadInputError naming file and record position behind a TensorFlow DataLossError met while
+    reading TFRecord files of this process, or None."""
+    if not isinstance(error, tf.errors.DataLossError):
+        return None
+    for path in list(dict.fromkeys(_opened_files)):
+        try:
+            check_tfrecord(path)
+        except BadInputError as named:
+            return named
+    return None
+
+
 def read_tfrecord(paths, *, with_masks: bool = False, shuffle: bool = False, seed=None,
                   shuffle_buffer: int = 1024, repeat: bool = False,
-                  mask_size: int = DEFAULT_GRID_SIZE) -> tf.data.Dataset:
+                  mask_size: int = DEFAULT_GRID_SIZE, verify: bool = False) -> tf.data.Dataset:
     """Samples (see kerasdet.data.augment) from TFRecord file(s) written by ``write_tfrecord``.
 
     Args:
@@ -180,6 +214,11 @@ def read_tfrecord(paths, *, with_masks: bool = False, shuffle: bool = False, see
             ``mask_size`` x ``mask_size`` grids over the boxes.
         shuffle: shuffle the serialized records with a buffer of ``shuffle_buffer`` (seeded by ``seed``).
         repeat: repeat forever.
+        verify: read every file once first (``check_tfrecord``: framing and CRCs, no decoding), so
+            that a corrupt or truncated file stops here, named with its record position. Without
+            it such a file fails while iterating with TensorFlow's DataLossError;
+            ``kerasdet.data.pipeline.named_input_error`` (used by the training loop) maps that to
+            the same named error.
     """
     paths = [os.fspath(paths)] if isinstance(paths, (str, os.PathLike)) else [os.fspath(p) for p in paths]
     if not paths:
@@ -187,6 +226,10 @@ def read_tfrecord(paths, *, with_masks: bool = False, shuffle: bool = False, see
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
         raise FileNotFoundError(f"TFRecord file(s) not found: {missing}")
+    if verify:
+        for path in paths:
+            check_tfrecord(path)
+    _opened_files[:] = list(dict.fromkeys(_opened_files + [os.path.abspath(p) for p in paths]))[-1000:]
     ds = tf.data.TFRecordDataset(paths, num_parallel_reads=min(len(paths), 4) if len(paths) > 1
                                  else None)
     if shuffle:
