@@ -201,7 +201,7 @@ def test_warmup_step_schedule_matches_the_reference():
 # ----------------------------------------------------------------------------- shipped weights
 @pytest.mark.parametrize("name", ["faster_rcnn_tiny_fpn_synthetic", "ccnet_tiny_fpn_synthetic",
                                   "overfeat_tiny_synthetic", "overfeat_tiny_localization_synthetic",
-                                  "rcnn_tiny_synthetic"])
+                                  "rcnn_tiny_synthetic", "sppnet_tiny_synthetic"])
 def test_shipped_tiny_weights_reach_the_recorded_map(name, tmp_path):
     """Loads the committed weights (sha256-verified) and re-measures VOC mAP@0.5 (and for a
     localization entry its ILSVRC-style figures) on the held-out synthetic images regenerated from
