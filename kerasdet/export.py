@@ -81,7 +81,8 @@ def _to_od_api(outputs, image_info):
     return result
 
 
-def export_saved_model(model, export_dir, portable=True, image_size=None, verbose=False):
+def export_saved_model(model, export_dir, portable=True, image_size=None, verbose=False,
+                       max_image_pixels=None):
     """Writes ``model`` as a SavedModel with the `serving_default` (uint8 batch) and
     `serving_bytes` (encoded images) signatures described in the module docstring.
 
@@ -93,6 +94,12 @@ def export_saved_model(model, export_dir, portable=True, image_size=None, verbos
         False keeps the compiled kernels (faster; the serving process must load kerasdet's .so).
       image_size: the network input (H, W) to resize into; default: the zoo entry's input settings.
       verbose: let Keras list the exported variables.
+      max_image_pixels: `serving_bytes` refuses images whose header declares more pixels, before
+        decoding them (default: kerasdet.data.images.max_image_pixels(), 100 megapixels).
+
+    Bad requests (an empty batch, a zero-sized image, bytes that are not an image, a decompression
+    bomb; a wrong dtype or rank is refused by the signature) get an InvalidArgumentError naming the
+    signature and input, and the serving process goes on.
 
     Returns:
       export_dir.
@@ -113,8 +120,17 @@ def export_saved_model(model, export_dir, portable=True, image_size=None, verbos
         outputs = model({"images": images, "image_info": image_info}, training=False)
         return _to_od_api(outputs, image_info)
 
+    def check_batch(images, signature):
+        # Errors, not crashes, for what a serving client can send: an empty batch, an empty image.
+        shape = tf.shape(images)
+        return [tf.debugging.assert_positive(shape[0], message=f"{signature}: empty batch (0 images)"),
+                tf.debugging.assert_positive(tf.reduce_min(shape[1:3]) if images.shape.rank == 4
+                                             else tf.constant(1),
+                                             message=f"{signature}: an image has height or width 0")]
+
     def serve_images(images):
-        images = tf.cast(images, tf.float32)
+        with tf.control_dependencies(check_batch(images, "serving_default")):
+            images = tf.cast(images, tf.float32)
         padded, info = tf.map_fn(
             lambda image: _prepare_one(image, rule, canvas), images,
             fn_output_signature=(tf.TensorSpec([canvas[0], canvas[1], 3], tf.float32),
@@ -122,12 +138,25 @@ def export_saved_model(model, export_dir, portable=True, image_size=None, verbos
         return detect(padded, info)
 
     def serve_bytes(encoded_images):
-        def decode(data):
-            image = tf.io.decode_image(data, channels=3, expand_animations=False)
+        from kerasdet.data.decode import check_encoded_size, encoded_image_size
+
+        def decode(data_and_index):
+            data, index = data_and_index
+            where = tf.strings.format("serving_bytes: input {}", index)
+            known = tf.debugging.Assert(tf.reduce_all(encoded_image_size(data) > 0), [
+                where, "is not a JPEG, PNG, GIF or BMP image (or declares a zero size)"])
+            # A few KB declaring 50000 x 50000 would make the decoder allocate gigabytes.
+            bomb = check_encoded_size(data, max_image_pixels, "serving_bytes: ")
+            with tf.control_dependencies([known, bomb]):
+                image = tf.io.decode_image(data, channels=3, expand_animations=False)
             return _prepare_one(tf.cast(image, tf.float32), rule, canvas)
 
+        count = tf.shape(encoded_images)[0]
+        with tf.control_dependencies([tf.debugging.assert_positive(
+                count, message="serving_bytes: empty batch (0 images)")]):
+            indices = tf.range(count)
         padded, info = tf.map_fn(
-            decode, encoded_images,
+            decode, (encoded_images, indices),
             fn_output_signature=(tf.TensorSpec([canvas[0], canvas[1], 3], tf.float32),
                                  tf.TensorSpec([6], tf.float32)))
         return detect(padded, info)

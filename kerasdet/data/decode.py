@@ -4,13 +4,77 @@ import tensorflow as tf
 from kerasdet.data.images import read_image
 
 
-def decode_image_bytes(contents):
+def _bytes_at(contents, start, count):
+    """int64 [count] of the bytes at ``start`` (zeros where the string is shorter)."""
+    part = tf.strings.substr(contents, start, count)
+    padded = tf.strings.join([part, tf.strings.substr(tf.constant(b"\0" * count), 0,
+                                                       count - tf.strings.length(part))])
+    return tf.cast(tf.io.decode_raw(padded, tf.uint8), tf.int64)
+
+
+def _big_endian(b):
+    return b[0] * 16777216 + b[1] * 65536 + b[2] * 256 + b[3]
+
+
+def encoded_image_size(contents):
+    """int64 [2] (height, width) that the header of JPEG / PNG / GIF / BMP bytes declares, read
+    without decoding the pixels; [0, 0] for other bytes (the decoder then refuses them)."""
+    contents = tf.convert_to_tensor(contents, tf.string)
+    head = tf.strings.substr(contents, 0, 4)
+
+    def png():
+        b = _bytes_at(contents, 16, 8)
+        return tf.stack([_big_endian(b[4:]), _big_endian(b[:4])])
+
+    def gif():
+        b = _bytes_at(contents, 6, 4)
+        return tf.stack([b[2] + 256 * b[3], b[0] + 256 * b[1]])
+
+    def bmp():
+        b = _bytes_at(contents, 18, 8)
+        width = b[0] + 256 * b[1] + 65536 * b[2] + 16777216 * b[3]
+        height = b[4] + 256 * b[5] + 65536 * b[6] + 16777216 * b[7]
+        height = tf.where(height >= 2 ** 31, 2 ** 32 - height, height)  # negative: top-down rows
+        return tf.stack([height, width])
+
+    def jpeg():
+        return tf.cast(tf.io.extract_jpeg_shape(contents)[:2], tf.int64)
+
+    return tf.case([(tf.io.is_jpeg(contents), jpeg),
+                    (tf.equal(head, b"\x89PNG"), png),
+                    (tf.equal(tf.strings.substr(contents, 0, 3), b"GIF"), gif),
+                    (tf.equal(tf.strings.substr(contents, 0, 2), b"BM"), bmp)],
+                   default=lambda: tf.zeros([2], tf.int64), exclusive=False)
+
+
+def check_encoded_size(contents, max_pixels=None, name=""):
+    """An op that fails, naming ``name`` and the limit, when the header of ``contents`` declares more
+    than ``max_pixels`` pixels (default: kerasdet.data.images.max_image_pixels() at trace time):
+    decoding would allocate what the header says (decompression bombs)."""
+    from kerasdet.data.images import max_image_pixels
+
+    limit = max_image_pixels() if max_pixels is None else int(max_pixels)
+    size = encoded_image_size(contents)
+    return tf.debugging.Assert(
+        size[0] * size[1] <= limit,
+        [f"{name}the image declares (height, width)", size,
+         f"more pixels than the limit of {limit} (a decompression bomb, or raise max_image_pixels / "
+         "KERASDET_MAX_IMAGE_PIXELS)"])
+
+
+def decode_image_bytes(contents, max_pixels=None, name=""):
     """uint8 [h, w, 3] RGB from encoded JPEG / PNG (8 or 16 bit) / BMP / GIF bytes.
 
     JPEGs use the accurate integer IDCT: measured, tf.io's default (fast) IDCT differs from Pillow /
     libjpeg's by up to 6 levels on RGB, gray and CMYK files, the accurate one by 0, so images decoded
     here and by read_image (e.g. at inference time) are identical.
+
+    The header's size is checked against ``max_pixels`` first (see ``check_encoded_size``), so a
+    few KB declaring 50000 x 50000 fail before anything of that size is allocated.
     """
+    with tf.control_dependencies([check_encoded_size(contents, max_pixels, name)]):
+        contents = tf.identity(contents)
+
     def jpeg():
         return tf.io.decode_jpeg(contents, channels=3, dct_method="INTEGER_ACCURATE")
 
