@@ -226,8 +226,7 @@ def test_offline_error_says_which_file_to_place_where(published, tmp_path, monke
 # ----------------------------------------------------------------------------- a published detector
 def _detector_zoo(folder, name, url, prefix):
     """A zoo folder holding only entry ``name`` as shipped, its checkpoint URL pointed at ``url``."""
-    entry = dict(zoo.registry.get_entry(name).__dict__)
-    with open(entry["source_file"], encoding="utf-8") as handle:
+    with open(zoo.registry.get_entry(name).source_file, encoding="utf-8") as handle:
         document = json.load(handle)
     spec = document["entries"][name]
     spec["weights"] = dict(spec["weights"], url=url, sha256_prefix=prefix)

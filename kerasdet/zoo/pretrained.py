@@ -33,7 +33,8 @@ from kerasdet.zoo.registry import zoo_dir
 from kerasdet.zoo.weights import cache_dir
 
 __all__ = ["BackboneWeightsUnavailable", "backbone_entries", "backbone_weights_file", "load_backbone_weights",
-           "availability", "start_message", "converted_weights_file", "detector_weights_file", "checkpoint_file", "describe_source", "cached_weights"]
+           "availability", "start_message", "converted_weights_file", "detector_weights_file", "checkpoint_file",
+           "cached_weights"]
 
 _FILE = "backbones.json"
 # torch.hub names files <stem>-<first 8 hex digits of sha256>.pth; fewer digits would be a weak check.
@@ -58,15 +59,6 @@ def _entry(name):
     if name not in table:
         raise KeyError(f"unknown pretrained backbone {name!r}; available: {', '.join(sorted(table)) or 'none'}")
     return table[name]
-
-
-def describe_source(source):
-    """"torchvision (download.pytorch.org)"-style short name of where a source's checkpoint comes from."""
-    if source.get("publisher"):
-        return source["publisher"]
-    if source.get("url"):
-        return source["url"].split("://", 1)[-1].split("/", 1)[0] or "local file"
-    return f"PyPI package {source.get('distribution', source.get('package'))}"
 
 
 # ----------------------------------------------------------------------------- checkpoint hashes

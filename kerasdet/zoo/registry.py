@@ -122,6 +122,11 @@ def _parse_file(path):
                 weights.get("sha256") or (weights.get("converter") and weights.get("sha256_prefix")))):
             raise ValueError(f"zoo file {path}: entry {name!r}: weights need 'url' and 'sha256' (or, for a "
                              "published checkpoint with a 'converter', its 'sha256_prefix')")
+        prefix = (weights or {}).get("sha256_prefix")
+        if prefix and not weights.get("sha256") and f"-{prefix}" not in os.path.basename(weights["url"]):
+            # torch.hub's convention: the prefix is part of the published name; a mismatch is a typo.
+            raise ValueError(f"zoo file {path}: entry {name!r}: sha256_prefix {prefix!r} is not in the file name "
+                             f"of {weights['url']}")
         published = spec.get("published_metrics")
         if published is not None and not published.get("source"):
             raise ValueError(f"zoo file {path}: entry {name!r}: published_metrics must name their 'source'")
