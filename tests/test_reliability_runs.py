@@ -228,3 +228,34 @@ def test_cli_on_bad_lists_every_bad_record_or_skips_and_trains(tmp_path, capsys)
     assert "the other records trained and evaluated" in printed
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0.0 <= metrics["voc_map50"] <= 1.0 and (out / "model.weights.h5").is_file()
+
+
+def test_cli_max_image_pixels_and_evaluate_names_an_undecodable_image(tmp_path, capsys):
+    from kerasdet import cli
+    from kerasdet.data import images as image_module
+
+    setup = write_cli_setup(tmp_path / "data", {
+        "num_classes": 3, "backbone": "tiny", "fpn_channels": 16, "fc_dim": 32,
+        "anchor_sizes": [[16], [32], [64], [128], [256]], "rpn_pre_nms_top_k_test": 100,
+        "rpn_post_nms_top_k_test": 50, "seed": 0})
+    try:
+        code = cli.main(["train", setup["config"], "--data", setup["spec"], "--out", str(tmp_path / "run"),
+                         "--epochs", "1", "--quiet", "--max-image-pixels", "4000"])
+    finally:
+        image_module.set_max_image_pixels(None)
+    err = capsys.readouterr().err
+    assert code == 2 and "8 bad record(s)" in err and "the image declares 64 x 64" in err
+    assert "limit of 4,000" in err
+
+    images = setup["root"] / "val" / "images"
+    name = sorted(os.listdir(images))[1]
+    corrupt = bytearray((images / name).read_bytes())
+    corrupt[100:160] = b"\0" * 60
+    (images / name).write_bytes(bytes(corrupt))
+    args = ["evaluate", setup["config"], "--weights", "none", "--data", setup["spec"], "--batch-size", "2"]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert f"{name}): cannot decode the image during the run" in err and "record 1" in err
+    assert cli.main(args + ["--on-bad", "skip"]) == 0
+    out = capsys.readouterr().out
+    assert "1 x undecodable image skipped in the pipeline" in out and name in out
