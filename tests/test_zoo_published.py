@@ -316,6 +316,8 @@ np.savez(f"{out}/probes.npz", **probes)
 IMAGENET = [
     ("resnet50_imagenet", "resnet50", "faster_rcnn_r50_fpn", [("conv1.weight", "conv1"),
                                                              ("layer4.2.conv3.weight", "layer4_2_conv3")]),
+    ("resnet50_imagenet", "resnet50", "faster_rcnn_r50_c4", [("conv1.weight", "conv1"),
+                                                            ("layer4.2.conv3.weight", "layer4_2_conv3")]),
     ("resnet101_imagenet", "resnet101", "cascade_rcnn_r101", [("conv1.weight", "conv1"),
                                                              ("layer4.2.conv3.weight", "layer4_2_conv3")]),
     ("vgg16_imagenet", "vgg16", "faster_rcnn_vgg16", [("features.0.weight", "conv1_1"),
@@ -348,7 +350,7 @@ def imagenet_zoo(tmp_path_factory):
     return str(folder), dict(np.load(made / "probes.npz"))
 
 
-@pytest.mark.parametrize("backbone, stem, entry, probes", IMAGENET, ids=[row[0] for row in IMAGENET])
+@pytest.mark.parametrize("backbone, stem, entry, probes", IMAGENET, ids=[row[2] or row[0] for row in IMAGENET])
 def test_entries_start_from_their_imagenet_backbone(backbone, stem, entry, probes, imagenet_zoo, tmp_path,
                                                     monkeypatch):
     import kerasdet.backbones as kd_backbones
@@ -360,18 +362,20 @@ def test_entries_start_from_their_imagenet_backbone(backbone, stem, entry, probe
     monkeypatch.delenv("KERASDET_WEIGHTS", raising=False)
     if entry is None:  # no zoo entry of this file family is owned here: the backbone itself
         target = kd_backbones.get(pretrained.backbone_entries()[backbone]["backbone"], include_top=False)
-        target.build((1, 227, 227, 3))
         pretrained.load_backbone_weights(target, backbone)
+        parts = [target]
     else:
         assert zoo.registry.get_entry(entry).pretrained_backbone == backbone
         with pytest.warns(zoo.RandomWeightsWarning,
                           match=rf"backbone pretrained \(ImageNet: {backbone}\), detection layers random"):
             model = zoo.load(entry)
         assert model.kerasdet_backbone_weights == backbone
-        target = model.backbone
         assert zoo.load(entry, weights=None).kerasdet_backbone_weights is None
+        parts = [model.backbone, model.box_head]  # the C4 model's layer4 is its res5 box head
     for key, layer in probes:
-        np.testing.assert_array_equal(target.get_layer(layer).kernel.numpy(), core.conv_kernel(arrays[f"{stem}:{key}"]))
+        found = [each for part in parts for each in getattr(part, "layers", []) if each.name == layer]
+        assert len(found) == 1, f"{layer} in {[part.name for part in parts]}"
+        np.testing.assert_array_equal(found[0].kernel.numpy(), core.conv_kernel(arrays[f"{stem}:{key}"]))
 
 
 def test_kerasdet_train_says_the_backbone_is_pretrained(mobilenet_checkpoint, tmp_path, monkeypatch, capsys):

@@ -150,6 +150,7 @@ def _pretrained_module():
 def _start_from_pretrained_backbone(model, entry, pretrained_backbone):
     """Loads the entry's pretrained backbone into ``model.backbone`` as the caller asked; returns its
     name, or None when none was loaded."""
+    from kerasdet.backbones.resnet import ResNetConv5Head
     from kerasdet.zoo import pretrained
 
     if pretrained_backbone is False or not entry.pretrained_backbone:
@@ -157,11 +158,13 @@ def _start_from_pretrained_backbone(model, entry, pretrained_backbone):
             raise ValueError(f"zoo entry {entry.name!r} names no pretrained backbone")
         return None
     name = entry.pretrained_backbone
+    # The C4 design runs the backbone's last stage as its box head: it starts from the same network.
+    parts = [model.box_head] if isinstance(getattr(model, "box_head", None), ResNetConv5Head) else []
     if pretrained_backbone is None:
         available, reason = pretrained.availability(name)
         if available:
             try:
-                pretrained.load_backbone_weights(model.backbone, name)
+                pretrained.load_backbone_weights(model.backbone, name, parts)
             except pretrained.BackboneWeightsUnavailable as error:  # e.g. offline: the URL did not answer
                 available, reason = False, str(error)
         if not available:
@@ -169,7 +172,7 @@ def _start_from_pretrained_backbone(model, entry, pretrained_backbone):
                           stacklevel=3)
             return None
     else:
-        pretrained.load_backbone_weights(model.backbone, name)
+        pretrained.load_backbone_weights(model.backbone, name, parts)
     model.kerasdet_backbone_weights = name
     return name
 

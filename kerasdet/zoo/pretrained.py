@@ -343,9 +343,12 @@ def availability(name):
         return False, str(error)
 
 
-def load_backbone_weights(backbone, name):
+def load_backbone_weights(backbone, name, extra_parts=()):
     """Fills ``backbone`` (a built kerasdet Backbone of the entry's architecture) with the pretrained
-    weights of ``name``; returns ``backbone``. Every weighted layer of the backbone must be filled."""
+    weights of ``name``; returns ``backbone``. Every weighted layer of the backbone must be filled.
+
+    ``extra_parts``: other built parts holding layers of the same network under the same names, e.g.
+    the C4 detectors' res5 box head (torchvision's layer4), filled in the same all-or-nothing pass."""
     import kerasdet.backbones as kd_backbones
 
     spec = _entry(name)
@@ -359,7 +362,7 @@ def load_backbone_weights(backbone, name):
     source.load_weights(path)
     donors = {layer.name: layer for layer in source.layers if layer.weights}
     missing, pairs = [], []
-    for layer in backbone.layers:
+    for layer in [layer for part in (backbone, *extra_parts) for layer in part.layers]:
         if not layer.weights:
             continue
         donor = donors.get(layer.name)
