@@ -96,7 +96,8 @@ def load(name, weights="default", num_classes=None, pretrained_backbone=None, **
 
     Args:
       name: entry name (``list()``).
-      weights: "default" (the entry's published weights, fetched and sha256-verified; an entry
+      weights: "default" (the entry's published weights, fetched and sha256-verified; a published
+        PyTorch checkpoint is converted on first load and cached, see kerasdet.zoo.pretrained; an entry
         without any builds with random weights and warns), None (random weights), or the path of a
         .weights.h5 file.
       num_classes: another number of classes than the entry's. With default weights, every layer

@@ -7,7 +7,9 @@ below the converters, which write such files.
 Where files live:
   KERASDET_HOME      cache root (default ~/.kerasdet); weights go to KERASDET_HOME/weights/.
   KERASDET_WEIGHTS   a .weights.h5 file, or a folder holding files by their registry name,
-                     checked before any download (for machines without internet).
+                     checked before any download (for machines without internet). It may also
+                     point at a published PyTorch checkpoint (or its folder) that an entry converts:
+                     see kerasdet.zoo.pretrained, which keeps those in KERASDET_HOME/checkpoints/.
 """
 import os
 
