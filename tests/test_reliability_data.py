@@ -317,3 +317,23 @@ def test_corrupt_tfrecord_names_the_file_and_the_record(tmp_path, damage):
     assert "bad.tfrecord" not in str(caught.value)  # what TensorFlow says alone
     named = named_input_error(caught.value)
     assert named is not None and "bad.tfrecord: TFRecord record 2" in str(named)
+
+
+def test_data_spec_lists_the_bad_records_of_both_splits(tmp_path):
+    from kerasdet.data.data_spec import parse_data_spec
+
+    for split in ("train", "val"):
+        folder = tmp_path / split
+        os.makedirs(folder)
+        root, images, annotations = _coco(folder, 3)
+        os.remove(root / "1.png")
+        _write_json(folder, images, annotations, name="instances.json")
+    spec = f"coco:{tmp_path}/{{split}}/instances.json:{tmp_path}/{{split}}/img"
+    with pytest.raises(BadInputError) as caught:
+        parse_data_spec(spec)
+    message = str(caught.value)
+    assert "train/instances.json: 1 bad record(s)" in message
+    assert "val/instances.json: 1 bad record(s)" in message
+    with pytest.warns(BadInputWarning):
+        data = parse_data_spec(spec, on_bad="skip")
+    assert len(data.train) == 2 and len(data.val) == 2

@@ -112,6 +112,24 @@ def _synthetic(root, need_train, class_names, kind="synthetic", on_bad="error"):
                         "the synthetic shapes")
 
 
+def _read_splits(read, train_split, val_split, need_train):
+    """(training set or None, validation set): both splits are read even when the first has bad
+    records, so that one error lists the bad records of both."""
+    from kerasdet.data.records import BadInputError, FatalInputError
+
+    sets, errors = {}, []
+    for split in ([train_split] if need_train else []) + [val_split]:
+        try:
+            sets[split] = read(split)
+        except FatalInputError:
+            raise
+        except BadInputError as error:
+            errors.append(str(error))
+    if errors:
+        raise BadInputError("\n".join(errors))
+    return sets.get(train_split) if need_train else None, sets[val_split]
+
+
 def align_classes(data, names, where, what):
     """Relabels ``data`` (a DataSource) to the label order of ``names`` (e.g. a model's classes);
     a data set with classes outside them is a ValueError naming both lists."""
@@ -146,8 +164,8 @@ def _voc(root, spec, train_split, val_split, need_train, class_names, on_bad="er
         source = "Pascal VOC's 20" if class_names == list(VOC_CLASSES) else "found in the annotations"
     else:
         source = "given"
-    train = load_voc(root, train_split, class_names=class_names, on_bad=on_bad) if need_train else None
-    val = load_voc(root, val_split, class_names=class_names, on_bad=on_bad)
+    train, val = _read_splits(lambda split: load_voc(root, split, class_names=class_names, on_bad=on_bad),
+                              train_split, val_split, need_train)
     return DataSource(train, val, list(class_names), source)
 
 
@@ -185,7 +203,6 @@ def parse_data_spec(spec, train_split="train", val_split="val", need_train=True,
         if "{split}" not in annotation:
             warnings.warn(f"--data {spec}: no {{split}} in the annotation path, so training and "
                           "validation use the same images", stacklevel=2)
-        train = read(train_split) if need_train else None
-        val = read(val_split)
+        train, val = _read_splits(read, train_split, val_split, need_train)
         return _coco_source(train, val, class_names, f"--data {spec}", "the annotation file's categories")
     raise ValueError(f"--data {spec}: unknown kind {kind!r} (use voc, coco, synthetic or synthetic-single)")
