@@ -337,3 +337,19 @@ def test_data_spec_lists_the_bad_records_of_both_splits(tmp_path):
     with pytest.warns(BadInputWarning):
         data = parse_data_spec(spec, on_bad="skip")
     assert len(data.train) == 2 and len(data.val) == 2
+
+
+def test_an_undecodable_image_inside_a_tfrecord_is_named(tmp_path):
+    import tensorflow as tf
+
+    from kerasdet.data.pipeline import build_dataset, named_input_error
+    from kerasdet.data.tfrecord import write_tfrecord
+
+    dataset = _dataset_with_corrupt_pixels(tmp_path)  # 2.png: valid header, corrupt pixels
+    path = str(tmp_path / "set.tfrecord")
+    write_tfrecord(dataset, path)
+    with pytest.raises(tf.errors.OpError) as caught:
+        for _ in build_dataset(path, 2, image_size=64):
+            pass
+    named = named_input_error(caught.value)
+    assert named is not None and "set.tfrecord: TFRecord record 2 (image/filename '2.png')" in str(named)

@@ -193,12 +193,13 @@ def named_input_error(error):
 
     from kerasdet.data.tfrecord import named_tfrecord_error
 
+    text = str(error).lower()
+    if not isinstance(error, tf.errors.DataLossError) and not any(word in text for word in _DECODE_WORDS):
+        return None
     named = named_tfrecord_error(error)
     if named is not None:
         return named
-    text = str(error).lower()
-    if not isinstance(error, (tf.errors.InvalidArgumentError, tf.errors.UnknownError)) or not any(
-            word in text for word in _DECODE_WORDS):
+    if not isinstance(error, (tf.errors.InvalidArgumentError, tf.errors.UnknownError)):
         return None
     for unshuffled, load, records, dataset in reversed(_plain_pipelines):
         found = []

@@ -190,16 +190,43 @@ def check_tfrecord(path) -> int:
     return count
 
 
-def named_tfrecord_error(error):
-    """The BadInputError naming file and record position behind a TensorFlow DataLossError met while
-    reading TFRecord files of this process, or None."""
-    if not isinstance(error, tf.errors.DataLossError):
-        return None
-    for path in list(dict.fromkeys(_opened_files)):
+def _check_tfrecord_images(path):
+    """BadInputError naming the file, record position and image file name of the first record of
+    ``path`` whose Example does not parse or whose image does not decode; None when all do."""
+    for position, serialized in enumerate(tf.data.TFRecordDataset(path)):
         try:
-            check_tfrecord(path)
-        except BadInputError as named:
-            return named
+            parse_example(serialized)
+        except tf.errors.OpError as exc:
+            try:
+                name = tf.train.Example.FromString(serialized.numpy()).features.feature[
+                    "image/filename"].bytes_list.value[0].decode()
+            except Exception:  # the Example itself is broken
+                name = "?"
+            return BadInputError(f"{path}: TFRecord record {position} (image/filename {name!r}) does not "
+                                 f"parse or decode: {exc.message.splitlines()[0]}")
+    return None
+
+
+def named_tfrecord_error(error):
+    """The BadInputError naming file and record position behind a TensorFlow error met while reading
+    TFRecord files of this process (a DataLossError of a corrupt or truncated file; a decoding error
+    of a record's image, found by parsing the records again in order), or None."""
+    paths = list(dict.fromkeys(_opened_files))
+    if isinstance(error, tf.errors.DataLossError):
+        for path in paths:
+            try:
+                check_tfrecord(path)
+            except BadInputError as named:
+                return named
+        return None
+    if isinstance(error, tf.errors.InvalidArgumentError):
+        for path in paths:
+            try:
+                named = _check_tfrecord_images(path)
+            except tf.errors.OpError:
+                continue  # a corrupt file: the DataLossError's business
+            if named is not None:
+                return named
     return None
 
 
