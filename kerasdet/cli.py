@@ -171,6 +171,10 @@ def build_parser():
     train.add_argument("--backup-steps", type=int, default=None, metavar="N",
                        help="save the --resume state every N steps as well as every epoch (default "
                             "100; 0: every epoch only): a killed run repeats at most N steps")
+    train.add_argument("--exact-resume", action="store_true",
+                       help="with --resume and --steps-per-epoch: replay the data stream up to the saved "
+                            "step (read and augmented, not trained on), so the resumed run sees the "
+                            "batches an uninterrupted run would and ends with its weights")
     train.add_argument("--no-pretrained", action="store_true",
                        help="start from a random backbone even when the zoo entry names a pretrained one "
                             "(by default such entries start from it, and training stops if it is unavailable)")

@@ -259,3 +259,11 @@ def test_cli_max_image_pixels_and_evaluate_names_an_undecodable_image(tmp_path, 
     assert cli.main(args + ["--on-bad", "skip"]) == 0
     out = capsys.readouterr().out
     assert "1 x undecodable image skipped in the pipeline" in out and name in out
+
+
+def test_cli_exact_resume_needs_a_repeated_stream(setup, tmp_path, capsys):
+    from kerasdet import cli
+
+    code = cli.main(["train", setup["config"], "--data", setup["spec"], "--out", str(tmp_path / "run"),
+                     "--epochs", "1", "--batch-size", "2", "--quiet", "--resume", "--exact-resume"])
+    assert code == 2 and "--exact-resume needs --steps-per-epoch" in capsys.readouterr().err

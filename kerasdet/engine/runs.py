@@ -70,6 +70,7 @@ class TrainingOptions:
     on_bad: str = "error"            # bad records: "error" lists them all and stops, "skip" drops them
     max_image_pixels: int = None     # decompression-bomb limit (None: KERASDET_MAX_IMAGE_PIXELS or 1e8)
     backup_steps: int = DEFAULT_BACKUP_STEPS  # resume state every N steps too (0: every epoch only)
+    exact_resume: bool = False       # --resume replays the data stream to the saved step (see loop)
 
 
 def _say(line):
@@ -258,6 +259,17 @@ def _say_skipped(data, say, when):
             say(f"{when}:\n{text}")
 
 
+def _exact_resume(options, strategy, repeat):
+    """Whether --exact-resume can replay the stream: one device and a repeated stream (with
+    --steps-per-epoch), where batch k of the run is batch k of the pipeline."""
+    if not options.exact_resume:
+        return False
+    if strategy is not None or not repeat:
+        raise ValueError("--exact-resume needs --steps-per-epoch (a repeated data stream) and no "
+                         "--strategy")
+    return True
+
+
 def _named(run, *args, **kwargs):
     """``run(*args, **kwargs)`` with a TensorFlow error of the input pipeline replaced by the
     BadInputError that names the file and record."""
@@ -388,7 +400,8 @@ def _train(options, precision):
     else:
         run = train_model(model, train_ds, options.out, recipe, steps_per_epoch=steps_per_epoch,
                           resume=options.resume, verbose=0 if options.quiet or not role.is_chief else 1,
-                          role=role, jit_compile=options.jit_compile, backup_steps=options.backup_steps)
+                          role=role, jit_compile=options.jit_compile, backup_steps=options.backup_steps,
+                          exact_resume=_exact_resume(options, strategy, repeat))
     if run["stopped_on_nan"]:
         return {"stopped_on_nan": True, "message": run["message"], "metrics": None}
     if not role.is_chief:
