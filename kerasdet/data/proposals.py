@@ -35,7 +35,7 @@ import time
 
 import numpy as np
 
-from kerasdet.evaluation.voc import pairwise_iou_numpy
+from kerasdet.numpy_boxes import pairwise_iou_numpy
 
 __all__ = ["selective_search", "edge_boxes", "compute_proposals", "write_proposal_cache",
            "ProposalCache", "load_proposal_cache", "proposal_recall", "ProposalCacheError",

@@ -12,7 +12,7 @@ ranks them by their best detection score. A class's box is its highest-scoring d
 import numpy as np
 import tensorflow as tf
 
-from kerasdet.evaluation.voc import pairwise_iou_numpy
+from kerasdet.numpy_boxes import pairwise_iou_numpy
 
 __all__ = ["evaluate_localization", "localization_guesses"]
 

@@ -18,6 +18,7 @@ match test is IoU >= threshold, as in the MATLAB devkit (VOCevaldet) and pycocot
 import numpy as np
 
 from kerasdet.evaluation._inputs import check_detections, check_ground_truths, check_same_length
+from kerasdet.numpy_boxes import pairwise_iou_numpy  # noqa: F401  (kerasdet.evaluation's public name)
 
 __all__ = ["voc_ap", "voc_evaluate", "pairwise_iou_numpy"]
 
@@ -60,21 +61,6 @@ def voc_ap(recall, precision, use_07_metric=False):
     mpre = np.maximum.accumulate(mpre[::-1])[::-1]
     steps = np.flatnonzero(mrec[1:] != mrec[:-1])
     return float(np.sum((mrec[steps + 1] - mrec[steps]) * mpre[steps + 1]))
-
-
-def pairwise_iou_numpy(boxes1, boxes2):
-    """IoU matrix [N, M] of (x1, y1, x2, y2) boxes, continuous coordinates; 0 where the union is 0."""
-    boxes1 = np.asarray(boxes1, np.float64).reshape(-1, 4)
-    boxes2 = np.asarray(boxes2, np.float64).reshape(-1, 4)
-    ix1 = np.maximum(boxes1[:, None, 0], boxes2[None, :, 0])
-    iy1 = np.maximum(boxes1[:, None, 1], boxes2[None, :, 1])
-    ix2 = np.minimum(boxes1[:, None, 2], boxes2[None, :, 2])
-    iy2 = np.minimum(boxes1[:, None, 3], boxes2[None, :, 3])
-    inter = np.clip(ix2 - ix1, 0, None) * np.clip(iy2 - iy1, 0, None)
-    area1 = (boxes1[:, 2] - boxes1[:, 0]) * (boxes1[:, 3] - boxes1[:, 1])
-    area2 = (boxes2[:, 2] - boxes2[:, 0]) * (boxes2[:, 3] - boxes2[:, 1])
-    union = area1[:, None] + area2[None, :] - inter
-    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
 def _match_image(det, gt, iou_threshold):

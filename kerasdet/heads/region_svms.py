@@ -22,7 +22,7 @@ import dataclasses
 
 import numpy as np
 
-from kerasdet.evaluation.voc import pairwise_iou_numpy
+from kerasdet.numpy_boxes import pairwise_iou_numpy
 
 __all__ = ["SVMSettings", "RidgeSettings", "svm_examples", "regression_pairs", "regression_targets",
            "fit_linear_svm", "fit_ridge", "feature_scale", "HardNegativeCache"]
