@@ -55,3 +55,26 @@ def test_a_keras_file_with_python_code_is_refused_in_safe_mode(tmp_path):
     model = load_model(path, safe_mode=False)
     np.testing.assert_allclose(model(np.ones((1, 4), np.float32)), 2.0)
     assert os.path.getsize(path) > 0
+
+
+def test_an_entity_expansion_bomb_in_voc_xml_is_refused_naming_the_file(tmp_path):
+    """"Billion laughs": nested entities that expand a few hundred bytes into gigabytes. Python's expat
+    (>= 2.4) stops the amplification; the reader names the file, and under on_bad='skip' the other
+    records load."""
+    from kerasdet.data.records import BadInputError
+    from kerasdet.data.synthetic import make_dataset
+    from kerasdet.data.voc import load_voc
+
+    make_dataset(str(tmp_path), 3, seed=1, image_size=(32, 32), format="voc", object_size=(8, 16),
+                 min_objects=1)
+    entities = "".join(f'<!ENTITY lol{i} "{("&lol%d;" % (i - 1)) * 10 if i > 1 else "lol" * 10}">'
+                       for i in range(1, 10))
+    bomb = (f'<?xml version="1.0"?><!DOCTYPE annotation [{entities}]>'
+            "<annotation><filename>&lol9;</filename></annotation>")
+    target = tmp_path / "Annotations" / "000001.xml"
+    target.write_text(bomb)
+    with pytest.raises(BadInputError, match="000001.xml"):
+        load_voc(str(tmp_path), "train")
+    with pytest.warns(Warning):
+        survivors = load_voc(str(tmp_path), "train", on_bad="skip")
+    assert len(survivors) == 2
