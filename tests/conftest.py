@@ -18,6 +18,20 @@ def _seed():
     yield
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _free_keras_state():
+    """Each test process runs many files; without this, the models and traced functions of every
+    finished file stay reachable through Keras' global state and a process grew to 14 GB (a test
+    worker was killed for memory). No model outlives its file: session fixtures hold data only."""
+    yield
+    import gc
+
+    import keras
+
+    keras.backend.clear_session()
+    gc.collect()
+
+
 @pytest.fixture(scope="session")
 def synthetic_data(tmp_path_factory):
     """The held-out learning benchmark every detector's "it learns" test uses: 3 shape classes on

@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from kerasdet.evaluation import pairwise_iou_numpy, voc_ap, voc_evaluate
+from kerasdet.evaluation import voc_ap, voc_evaluate
+from kerasdet.numpy_boxes import pairwise_iou_numpy
 
 
 def _box(i, size=10.0):

@@ -6,7 +6,7 @@ detections needs only numpy and pycocotools.
 """
 import importlib
 
-from kerasdet.evaluation.voc import pairwise_iou_numpy, voc_ap, voc_evaluate  # noqa: F401
+from kerasdet.evaluation.voc import voc_ap, voc_evaluate  # noqa: F401
 
 _LAZY = {
     "coco_evaluate": "kerasdet.evaluation.coco",
@@ -26,7 +26,7 @@ _LAZY = {
     "metrics_to_logs": "kerasdet.evaluation.callback",
 }
 
-__all__ = ["voc_ap", "voc_evaluate", "pairwise_iou_numpy", *_LAZY]
+__all__ = ["voc_ap", "voc_evaluate", *_LAZY]
 
 
 def __getattr__(name):

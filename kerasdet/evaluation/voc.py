@@ -18,9 +18,9 @@ match test is IoU >= threshold, as in the MATLAB devkit (VOCevaldet) and pycocot
 import numpy as np
 
 from kerasdet.evaluation._inputs import check_detections, check_ground_truths, check_same_length
-from kerasdet.numpy_boxes import pairwise_iou_numpy  # noqa: F401  (kerasdet.evaluation's public name)
+from kerasdet.numpy_boxes import pairwise_iou_numpy
 
-__all__ = ["voc_ap", "voc_evaluate", "pairwise_iou_numpy"]
+__all__ = ["voc_ap", "voc_evaluate"]
 
 
 def voc_ap(recall, precision, use_07_metric=False):
