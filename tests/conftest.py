@@ -29,6 +29,12 @@ def _free_keras_state():
     import keras
 
     keras.backend.clear_session()
+    # the pipelines' records of what this process read (to name a decoder failure) start empty for
+    # each file, as in a fresh run
+    from kerasdet.data import pipeline, tfrecord
+
+    pipeline._plain_pipelines.clear()
+    tfrecord._opened_files.clear()
     gc.collect()
 
 
