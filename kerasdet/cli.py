@@ -127,10 +127,12 @@ def _add_input_args(parser):
                              "a level joined by commas: '16 32 64 128 256' (FPN), '64,128,256' (C4)")
 
 
-def _add_proposal_args(parser):
+def _add_proposal_args(parser, predict=False):
     parser.add_argument("--proposals", default=None, metavar="FILE",
                         help="region proposal cache of `kerasdet proposals` for detectors on external "
-                             "proposals (Fast R-CNN); '{split}' in FILE is replaced by the split name")
+                             "proposals (Fast R-CNN, R-CNN, SPP-net); '{split}' in FILE is replaced by the "
+                             "split name" + ("; or selective_search / edge_boxes to compute each image's "
+                                             "proposals here" if predict else ""))
     parser.add_argument("--max-proposals", type=int, default=2000, metavar="N",
                         help="proposals per image read from the cache (its first N)")
 
@@ -209,7 +211,7 @@ def build_parser():
                                                    "(quote them: 'photos/*.jpg')")
     predict.add_argument("--out", required=True)
     predict.add_argument("--score-threshold", type=float, default=0.3)
-    _add_proposal_args(predict)
+    _add_proposal_args(predict, predict=True)
 
     proposals = sub.add_parser("proposals", help="compute the region proposals of a data set into a cache "
                                                  "(selective search / EdgeBoxes; needs kerasdet[proposals])")

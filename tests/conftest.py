@@ -51,6 +51,25 @@ def synthetic_data(tmp_path_factory):
     return train, val
 
 
+@pytest.fixture(scope="session")
+def shapes_with_proposals(tmp_path_factory):
+    """The region detectors' learning set (R-CNN, SPP-net): 96 training and 24 held-out 96x96
+    images of the shapes with their selective-search proposals (at most 300 per image) cached once:
+    (train, val, {"train": cache file, "val": cache file})."""
+    from kerasdet.data.proposals import write_proposal_cache
+    from kerasdet.data.synthetic import make_dataset
+
+    root = tmp_path_factory.mktemp("shapes_with_proposals")
+    train = make_dataset(str(root / "train"), 96, seed=1, image_size=(96, 96), object_size=(16, 48))
+    val = make_dataset(str(root / "val"), 24, seed=2, image_size=(96, 96), object_size=(16, 48),
+                       split="val")
+    caches = {}
+    for name, data in (("train", train), ("val", val)):
+        caches[name] = str(root / f"proposals_{name}.npz")
+        write_proposal_cache(data, caches[name], progress=False, max_proposals=300)
+    return train, val, caches
+
+
 # -- torchvision references ----------------------------------------------------------------------
 # torchvision segfaults when imported into a process that has already loaded TensorFlow (measured
 # with torch 2.14.1 / torchvision 0.29.1), so the reference side of every parity test runs in its own

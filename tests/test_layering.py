@@ -16,6 +16,7 @@ PACKAGE = os.path.join(ROOT, "kerasdet")
 # The layer table. Level 0 imports nothing of kerasdet; the command line and the demo are on top.
 LEVELS = {
     "kerasdet.ops": 0, "kerasdet.visualize": 0, "kerasdet.weights_files": 0, "kerasdet.numpy_boxes": 0,
+    "kerasdet.atomic_files": 0,
     "kerasdet.layers": 1, "kerasdet.losses": 1, "kerasdet.data": 1,
     "kerasdet.backbones": 2, "kerasdet.necks": 2, "kerasdet.heads": 2, "kerasdet.evaluation": 2,
     "kerasdet.models": 3,

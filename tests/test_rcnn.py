@@ -6,10 +6,8 @@ import time
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from kerasdet.data.pipeline import build_dataset
-from kerasdet.data.proposals import write_proposal_cache
 from kerasdet.data.synthetic import make_dataset
 from kerasdet.evaluation import evaluate_model
 from kerasdet.models.rcnn import RCNN
@@ -17,17 +15,9 @@ from kerasdet.models.rcnn import RCNN
 TINY = dict(backbone="alexnet_tiny", roi_batch_size=32, crop_batch=64, seed=0)
 
 
-@pytest.fixture(scope="module")
-def rcnn_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("rcnn")
-    train = make_dataset(str(root / "train"), 96, seed=1, image_size=(96, 96), object_size=(16, 48))
-    val = make_dataset(str(root / "val"), 24, seed=2, image_size=(96, 96), object_size=(16, 48),
-                       split="val")
-    caches = {}
-    for name, data in (("train", train), ("val", val)):
-        caches[name] = str(root / f"proposals_{name}.npz")
-        write_proposal_cache(data, caches[name], progress=False, max_proposals=300)
-    return train, val, caches
+@pytest.fixture
+def rcnn_data(shapes_with_proposals):
+    return shapes_with_proposals
 
 
 def _pipeline(data, cache, training, max_proposals=300):
@@ -125,4 +115,16 @@ def test_kerasdet_train_runs_fine_tuning_then_the_svms_and_regressors(tmp_path, 
     model.build()
     model.load_weights(str(run / "model.weights.h5"))
     assert float(model.svms_trained.numpy()) == 1.0
-    assert json.loads((run / "metrics.json").read_text())["voc_map50"] >= 0.0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics) >= {"voc_map50", "coco_ap"}  # the run ended with its evaluation
+    # a photo in no cache, of a size that is no multiple of anything: its proposals computed here
+    from PIL import Image
+
+    photo = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (70, 93, 3), dtype=np.uint8)).save(photo)
+    assert cli.main(["predict", str(config), str(photo), "--weights", str(run / "model.weights.h5"),
+                     "--proposals", "selective_search", "--score-threshold", "0",
+                     "--out", str(tmp_path / "pred")]) == 0
+    found = json.loads((tmp_path / "pred" / "detections.json").read_text())[0]["detections"]
+    assert found and all(0 <= d["box_xyxy"][0] <= d["box_xyxy"][2] <= 93 and
+                         0 <= d["box_xyxy"][1] <= d["box_xyxy"][3] <= 70 for d in found)

@@ -10,8 +10,6 @@ import pytest
 import tensorflow as tf
 
 from kerasdet.data.pipeline import build_dataset
-from kerasdet.data.proposals import write_proposal_cache
-from kerasdet.data.synthetic import make_dataset
 from kerasdet.evaluation import evaluate_model
 from kerasdet.models.spp_classifier import SPPClassifier
 from kerasdet.models.sppnet import SPPNet, feature_geometry
@@ -22,17 +20,9 @@ TINY = dict(backbone="tiny", feature="C3", scales=(64, 96, 144, 192), target=48.
             levels=(4, 2, 1), fc_dims=(128, 128), roi_batch_size=32, seed=0)
 
 
-@pytest.fixture(scope="module")
-def spp_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sppnet")
-    train = make_dataset(str(root / "train"), 96, seed=1, image_size=(96, 96), object_size=(16, 48))
-    val = make_dataset(str(root / "val"), 24, seed=2, image_size=(96, 96), object_size=(16, 48),
-                       split="val")
-    caches = {}
-    for name, data in (("train", train), ("val", val)):
-        caches[name] = str(root / f"proposals_{name}.npz")
-        write_proposal_cache(data, caches[name], progress=False, max_proposals=300)
-    return train, val, caches
+@pytest.fixture
+def spp_data(shapes_with_proposals):
+    return shapes_with_proposals
 
 
 def _pipeline(data, cache, training, max_proposals=300):

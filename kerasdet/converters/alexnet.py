@@ -11,7 +11,6 @@ whose Caffe checkpoint is not available offline (so there is no converter for it
 The checkpoint expects RGB normalized by the ImageNet mean / std: ``input_normalization="torchvision"``
 (the variant's default).
 """
-import os
 
 from kerasdet.converters import core
 
@@ -72,12 +71,7 @@ def convert_alexnet(state_dict_or_path, include_top=True, **backbone_kwargs):
     if variant != "torchvision":
         raise ValueError(f"convert_alexnet: torchvision checkpoints fit only variant='torchvision' "
                          f"(64/192/384/256/256 channels), not {variant!r}; the caffe variant has no converter")
-    source = "state dict"
-    if isinstance(state_dict_or_path, (str, os.PathLike)):
-        source = os.path.basename(os.fspath(state_dict_or_path))
-        state_dict = core.read_torch_checkpoint(state_dict_or_path)
-    else:
-        state_dict = state_dict_or_path
+    state_dict, source = core.state_dict_and_source(state_dict_or_path)
     backbone = AlexNet(variant="torchvision", include_top=include_top, **backbone_kwargs)
     ignore = [] if include_top else ["classifier."]
     core.assign(alexnet_key_map(backbone), state_dict, source=source, ignore=ignore)

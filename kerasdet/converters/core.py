@@ -95,6 +95,14 @@ def read_torch_checkpoint(path):
     return state
 
 
+def state_dict_and_source(state_dict_or_path):
+    """(state dict, name for messages) of a converter's input: a checkpoint path (read with
+    `read_torch_checkpoint`, named by its file name) or a state dict already in memory."""
+    if isinstance(state_dict_or_path, (str, os.PathLike)):
+        return read_torch_checkpoint(state_dict_or_path), os.path.basename(os.fspath(state_dict_or_path))
+    return state_dict_or_path, "state dict"
+
+
 def assign(key_map, state_dict, source="checkpoint", ignore=(), skip_mismatch=False):
     """Copies ``state_dict`` into the variables of ``key_map`` ({key: Target}).
 

@@ -11,7 +11,6 @@ layer type:
   Dense            <- {module}.weight (core.dense_kernel: [out, in] -> [in, out]) and {module}.bias
 ``num_batches_tracked`` has no Keras counterpart and is ignored.
 """
-import os
 
 import keras
 
@@ -81,12 +80,7 @@ def convert_mobilenet_v2(state_dict_or_path, include_top=True, **backbone_kwargs
     """
     from kerasdet.backbones.mobilenet_v2 import MobileNetV2
 
-    source = "state dict"
-    if isinstance(state_dict_or_path, (str, os.PathLike)):
-        source = os.path.basename(os.fspath(state_dict_or_path))
-        state_dict = core.read_torch_checkpoint(state_dict_or_path)
-    else:
-        state_dict = state_dict_or_path
+    state_dict, source = core.state_dict_and_source(state_dict_or_path)
     backbone = MobileNetV2(include_top=include_top, **backbone_kwargs)
     ignore = [_is_num_batches_tracked]
     if not include_top:

@@ -15,7 +15,6 @@ are new layers and keep their initialization; fc8 is not used.
 torchvision's VGG-16 takes RGB images normalized by the ImageNet mean / std, so the converted
 backbone is built with ``input_normalization="torchvision"`` (the default here).
 """
-import os
 
 import numpy as np
 
@@ -101,12 +100,7 @@ def convert_vgg16(state_dict_or_path, reduced_style="refinedet", input_normaliza
     """
     from kerasdet.backbones.vgg import VGG16
 
-    source = "state dict"
-    if isinstance(state_dict_or_path, (str, os.PathLike)):
-        source = os.path.basename(os.fspath(state_dict_or_path))
-        state_dict = core.read_torch_checkpoint(state_dict_or_path)
-    else:
-        state_dict = state_dict_or_path
+    state_dict, source = core.state_dict_and_source(state_dict_or_path)
     reduced = reduced_style is not None
     backbone = VGG16(reduced=reduced, reduced_style=reduced_style or "ssd",
                      input_normalization=input_normalization, **backbone_kwargs)

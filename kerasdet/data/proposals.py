@@ -35,6 +35,7 @@ import time
 
 import numpy as np
 
+from kerasdet.atomic_files import replaced_atomically
 from kerasdet.numpy_boxes import pairwise_iou_numpy
 
 __all__ = ["selective_search", "edge_boxes", "compute_proposals", "write_proposal_cache",
@@ -259,18 +260,11 @@ def _save_npz(path, ids, paths, chunks, metadata):
     offsets = np.zeros(len(chunks) + 1, np.int64)
     offsets[1:] = np.cumsum([len(c) for c in chunks])
     boxes = np.concatenate(chunks).astype(np.float32) if chunks else np.zeros([0, 4], np.float32)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    temporary = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
+    with replaced_atomically(path) as temporary:
         with open(temporary, "wb") as handle:  # a file object: np.savez would append .npz to a name
             np.savez(handle, ids=np.array(ids, dtype=str), paths=np.array(paths, dtype=str),
                      offsets=offsets, boxes=boxes.reshape(-1, 4),
                      metadata=np.array(json.dumps(metadata)))
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
 
 
 def _partial_path(path):

@@ -8,6 +8,8 @@ import sys
 
 import keras
 
+from kerasdet.atomic_files import replaced_atomically
+
 __all__ = ["StopOnNaN", "EpochCheckpoint", "GuardedBackupAndRestore", "tensorboard_callbacks",
            "save_weights_atomically", "copy_atomically", "DEFAULT_BACKUP_STEPS"]
 
@@ -16,55 +18,23 @@ DEFAULT_BACKUP_STEPS = 100
 _WEIGHTS_SUFFIX = ".weights.h5"
 
 
-def _partial_name(path):
-    # Keras insists on the .weights.h5 suffix; the leading dot and the pid keep a half-written file
-    # from looking like a checkpoint, and two processes from sharing one.
-    folder, name = os.path.split(os.path.abspath(path))
-    stem = name[:-len(_WEIGHTS_SUFFIX)] if name.endswith(_WEIGHTS_SUFFIX) else name
-    return os.path.join(folder, f".{stem}.partial-{os.getpid()}{_WEIGHTS_SUFFIX}")
-
-
-def _fsync(path):
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
-
-
 def save_weights_atomically(model, path):
-    """model.save_weights into a temporary file of the same folder, then rename: a process killed
-    during the save leaves the previous file (or none), never a truncated one under ``path``."""
-    partial = _partial_name(path)
-    try:
+    """model.save_weights through kerasdet.atomic_files: a process killed during the save leaves
+    the previous file (or none), never a truncated one under ``path``."""
+    with replaced_atomically(path) as partial:
         model.save_weights(partial)
-        _fsync(partial)
-        os.replace(partial, path)
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
 
 
 def copy_atomically(source, path):
-    """shutil.copyfile through a temporary file and a rename (see save_weights_atomically)."""
-    partial = _partial_name(path)
-    try:
+    """shutil.copyfile through kerasdet.atomic_files (see save_weights_atomically)."""
+    with replaced_atomically(path) as partial:
         shutil.copyfile(source, partial)
-        _fsync(partial)
-        os.replace(partial, path)
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
 
 
 def _write_text_atomically(path, text):
-    partial = f"{path}.partial-{os.getpid()}"
-    try:
+    with replaced_atomically(path) as partial:
         with open(partial, "w", encoding="utf-8") as handle:
             handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(partial, path)
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
 
 
 class StopOnNaN(keras.callbacks.Callback):

@@ -69,10 +69,10 @@ def evaluate_detector(model, val_ds, class_names=None, out_dir=None, with_masks=
     return summary
 
 
-def _proposals_in_input(cache, path, info, max_proposals):
-    """[1, max_proposals, 4] float32: an image file's cached proposals in network-input pixels (the
-    pipeline's layout: scaled like the boxes, clipped to the resized image, zero rows pad)."""
-    boxes = np.asarray(cache.for_file(path), np.float32)[:max_proposals]
+def _proposals_in_input(boxes, info, max_proposals):
+    """[1, max_proposals, 4] float32: an image's proposals (original pixels) in network-input pixels
+    (the pipeline's layout: scaled like the boxes, clipped to the resized image, zero rows pad)."""
+    boxes = np.asarray(boxes, np.float32)[:max_proposals]
     info = np.asarray(info, np.float32)
     boxes = boxes * np.array([info[3], info[2], info[3], info[2]], np.float32)
     boxes = np.clip(boxes, 0.0, [info[5], info[4], info[5], info[4]])
@@ -86,12 +86,18 @@ def predict_images(model, image_paths, out_dir, class_names=None, score_threshol
     """Runs the detector on image files; writes OUT/<stem>.png with the boxes drawn and
     OUT/detections.json (boxes in the original image's pixels). Returns the JSON records.
 
-    ``proposals``: a proposal cache (kerasdet.data.proposals) for detectors on external proposals;
-    an image's entry is the one cached for its file name (or its stem as the image id)."""
-    if proposals is not None:
-        from kerasdet.data.proposals import load_proposal_cache
+    ``proposals``: for detectors on external proposals, a proposal cache (kerasdet.data.proposals;
+    an image's entry is the one cached for its file name, or its stem as the image id), or a method
+    name ("selective_search", "edge_boxes") to compute each image's proposals here."""
+    from kerasdet.data import proposals as proposal_source
 
-        proposals = load_proposal_cache(proposals)
+    if isinstance(proposals, str) and proposals in proposal_source.METHODS:
+        method = proposals
+        proposals_of = lambda path, image: proposal_source.compute_proposals(  # noqa: E731
+            image, method, max_proposals=max_proposals)
+    elif proposals is not None:
+        cache = proposal_source.load_proposal_cache(proposals)
+        proposals_of = lambda path, image: cache.for_file(path)  # noqa: E731
     settings = input_settings or getattr(model, "input_settings", None)
     if not settings:
         raise ValueError("the model carries no input settings (it was not made by kerasdet.zoo.load or "
@@ -108,7 +114,7 @@ def predict_images(model, image_paths, out_dir, class_names=None, score_threshol
         canvas, info = rule.prepare(tf.constant(image))
         inputs = {"images": canvas[None], "image_info": info[None]}
         if proposals is not None:
-            inputs["proposals"] = _proposals_in_input(proposals, path, info.numpy(), max_proposals)
+            inputs["proposals"] = _proposals_in_input(proposals_of(path, image), info.numpy(), max_proposals)
         out = model.predict_on_batch(inputs)
         n = int(np.asarray(out["num_detections"])[0])
         boxes = boxes_to_original(np.asarray(out["boxes"])[0, :n], info.numpy())

@@ -452,7 +452,8 @@ def predict(model_spec, images, out, weights="default", num_classes=None, score_
             proposals=None, max_proposals=2000):
     """Draws a model's detections on image files, folders of images and glob patterns into ``out``;
     returns the records of OUT/detections.json. ``proposals``: a cache file holding the images'
-    entries (by file name), for a detector on external proposals."""
+    entries (by file name), or a method name (selective_search, edge_boxes) computing each image's,
+    for a detector on external proposals."""
     paths = expand_image_paths(images)
     model = model_for_inference(model_spec, weights, num_classes)
     if proposals is not None and "{split}" in proposals:

@@ -145,15 +145,8 @@ class RCNN(RegionStages, Detector):
         logits = tf.reshape(tf.cast(logits, tf.float32), [b, s, self.num_classes + 1])
         return {"cls": kd_losses.softmax_cross_entropy_loss(labels, logits)}
 
-    def build(self, input_shape=None):
-        if self.built:
-            return
-        with self.distribute_strategy.scope():
-            fc7_dim = self.backbone.output["fc7"].shape[-1]
-            pool5_dim = int(np.prod(self.backbone.output["pool5"].shape[1:]))
-            self.build_region_stages(fc7_dim, pool5_dim)
-            self.call(ExternalProposals.example_inputs(tf.zeros([1, 64, 64, 3], self.compute_dtype)))
-        self.built = True
+    def region_feature_dims(self):
+        return (self.backbone.output["fc7"].shape[-1], int(np.prod(self.backbone.output["pool5"].shape[1:])))
 
     def get_config(self):
         config = super().get_config()

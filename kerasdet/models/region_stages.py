@@ -4,10 +4,10 @@ after the network's fine-tuning by a pass (or a few, for hard negative mining) o
 images, and applied in the graph at test time.
 
 A detector using them provides `proposal_reader(batch)` -> (proposals, valid), the settings
-`nms_iou`, `score_threshold`, `max_detections`, `pre_nms_top_k`, and
+`nms_iou`, `score_threshold`, `max_detections`, `pre_nms_top_k`,
 `region_features(images, rois, valid, image_shapes, training=False)` -> (svm features [B, R, D],
-box features [B, R, D5], logits [B, R, K + 1]), and calls `build_region_stages(D, D5)` when it
-builds; `detect` / `call` (the test-time path) come from here. The learned values live in non-trainable variables, so save_weights / load_weights and
+box features [B, R, D5], logits [B, R, K + 1]) and `region_feature_dims()` -> (D, D5); `build`,
+`detect` and `call` come from here. The learned values live in non-trainable variables, so save_weights / load_weights and
 SavedModel export carry them. Until `fit_region_stages` has run, `region_scores` falls back to the
 fine-tuned network's softmax (flag `svms_trained`), and no box correction is applied.
 """
@@ -19,6 +19,7 @@ import tensorflow as tf
 
 from kerasdet import ops
 from kerasdet.heads import region_svms
+from kerasdet.heads.proposals import ExternalProposals
 from kerasdet.models.base import batch_image_shapes, ground_truth
 
 __all__ = ["RegionStages"]
@@ -43,6 +44,16 @@ class RegionStages:
         self.box_weights_matrix = weight("box_regression_weights", (int(box_dim), 4 * k))
         self.box_bias = weight("box_regression_bias", (4 * k,))
         self.box_feature_scale = weight("box_feature_scale", (), 1.0)
+
+    def build(self, input_shape=None):
+        """Creates the network's weights (one call on a blank image and one proposal) and the
+        stages' variables, sized by `region_feature_dims()` -> (svm dim, box dim)."""
+        if self.built:
+            return
+        with self.distribute_strategy.scope():
+            self.build_region_stages(*self.region_feature_dims())
+            self.call(ExternalProposals.example_inputs(tf.zeros([1, 64, 64, 3], self.compute_dtype)))
+        self.built = True
 
     # -- test time ------------------------------------------------------------------------------
     def svm_margins(self, svm_features):

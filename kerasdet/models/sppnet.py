@@ -302,13 +302,8 @@ class SPPNet(RegionStages, Detector):
     # Test time (`detect` / `call`) is R-CNN's, from RegionStages: every (window, class) pair
     # scored, per-class NMS, the kept boxes regressed.
 
-    def build(self, input_shape=None):
-        if self.built:
-            return
-        with self.distribute_strategy.scope():
-            self.build_region_stages(self.fc_dims[-1], spp_ops.spp_output_dim(self.channels, self.levels))
-            self.call(ExternalProposals.example_inputs(tf.zeros([1, 64, 64, 3], self.compute_dtype)))
-        self.built = True
+    def region_feature_dims(self):
+        return self.fc_dims[-1], spp_ops.spp_output_dim(self.channels, self.levels)
 
     def get_config(self):
         config = super().get_config()

@@ -30,7 +30,8 @@ import uuid
 
 from kerasdet.weights_files import WeightsError, WeightsHashError, sha256_of, verify_sha256
 from kerasdet.zoo.registry import zoo_dir
-from kerasdet.zoo.weights import cache_dir
+from kerasdet.atomic_files import replaced_atomically
+from kerasdet.zoo.weights import _local_candidates, cache_dir
 
 __all__ = ["BackboneWeightsUnavailable", "backbone_entries", "backbone_weights_file", "load_backbone_weights",
            "availability", "start_message", "converted_weights_file", "detector_weights_file", "checkpoint_file",
@@ -120,16 +121,6 @@ def _checkpoint_folder():
     return os.path.join(cache_dir(), "checkpoints")
 
 
-def _offline_candidates(file_name):
-    override = os.environ.get("KERASDET_WEIGHTS")
-    if override:
-        if os.path.isdir(override):
-            yield os.path.join(override, file_name)
-        elif os.path.basename(override) == file_name:
-            yield override
-    yield os.path.join(_checkpoint_folder(), file_name)
-
-
 def _download(owner, source):
     import keras
 
@@ -172,7 +163,7 @@ def checkpoint_file(owner, source):
     if "package" in source:
         return _check_checkpoint(_package_file(owner, source), owner, source)
     file_name = _checkpoint_name(source)
-    for candidate in _offline_candidates(file_name):
+    for candidate in _local_candidates(file_name, folder="checkpoints"):
         if not os.path.isfile(candidate):
             continue
         if candidate.startswith(_checkpoint_folder() + os.sep) and not _hash_matches(sha256_of(candidate), source):
@@ -245,24 +236,16 @@ def converted_weights_file(name, source, convert, owner=None):
         if cached:
             return _verified(owner, cached, record)
         checkpoint = checkpoint_file(owner, source)
-        unique = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        partial = os.path.join(folder, f"{name}.partial-{unique}.weights.h5")
-        try:
+        # Weights first, then the record that vouches for them: a crash between the two leaves an
+        # old record whose hash the new file fails (re-converted), never an unchecked file.
+        with replaced_atomically(target) as partial:
             digest = convert(checkpoint, partial)
-            made = {"name": name, "sha256": digest, "source_sha256": sha256_of(checkpoint),
-                    "source": source.get("url") or os.path.basename(checkpoint),
-                    "converter": source.get("converter") or convert.__name__}
-            record_partial = os.path.join(folder, f"{name}.partial-{unique}.json")
+        made = {"name": name, "sha256": digest, "source_sha256": sha256_of(checkpoint),
+                "source": source.get("url") or os.path.basename(checkpoint),
+                "converter": source.get("converter") or convert.__name__}
+        with replaced_atomically(record_path) as record_partial:
             with open(record_partial, "w", encoding="utf-8") as handle:
                 json.dump(made, handle, indent=1)
-            # Weights first, then the record that vouches for them: a crash between the two leaves an
-            # old record whose hash the new file fails (re-converted), never an unchecked file.
-            os.replace(partial, target)
-            os.replace(record_partial, record_path)
-        finally:
-            for leftover in (partial, os.path.join(folder, f"{name}.partial-{unique}.json")):
-                if os.path.isfile(leftover):
-                    os.remove(leftover)
     return _verified(owner, target, made)
 
 

@@ -24,14 +24,16 @@ def cache_dir():
     return os.path.abspath(home)
 
 
-def _local_candidates(file_name):
+def _local_candidates(file_name, folder="weights"):
+    """Where a file placed by hand is looked for: KERASDET_WEIGHTS (the file or its folder), then
+    KERASDET_HOME/<folder>."""
     override = os.environ.get("KERASDET_WEIGHTS")
     if override:
         if os.path.isdir(override):
             yield os.path.join(override, file_name)
         elif os.path.basename(override) == file_name:
             yield override
-    yield os.path.join(cache_dir(), "weights", file_name)
+    yield os.path.join(cache_dir(), folder, file_name)
 
 
 def _is_plain_path(url):
