@@ -4,8 +4,8 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = (
-    "backbones", "converters", "data", "engine", "evaluation", "export", "heads", "layers", "losses",
-    "models", "necks", "ops", "visualize", "weights_files", "zoo",
+    "atomic_files", "backbones", "converters", "data", "engine", "evaluation", "export", "heads", "layers",
+    "losses", "models", "necks", "numpy_boxes", "ops", "visualize", "weights_files", "zoo",
 )
 # Top-level shortcuts: name -> (module, attribute).
 _SHORTCUTS = {"export_saved_model": ("kerasdet.export", "export_saved_model"),

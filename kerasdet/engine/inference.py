@@ -9,8 +9,10 @@ import numpy as np
 import tensorflow as tf
 
 from kerasdet.data.images import read_image
+from kerasdet.data.masks import segmentation_to_mask
 from kerasdet.data.resize import ResizeRule, boxes_to_original
 from kerasdet.evaluation import evaluate_model, format_metrics_table
+from kerasdet.evaluation.masks import masks_to_original_rles
 from kerasdet.visualize import draw_detections, save_png
 
 __all__ = ["metrics_summary", "evaluate_detector", "predict_images", "IMAGE_SUFFIXES", "expand_image_paths"]
@@ -83,8 +85,9 @@ def _proposals_in_input(boxes, info, max_proposals):
 
 def predict_images(model, image_paths, out_dir, class_names=None, score_threshold=0.3,
                    input_settings=None, proposals=None, max_proposals=2000):
-    """Runs the detector on image files; writes OUT/<stem>.png with the boxes drawn and
-    OUT/detections.json (boxes in the original image's pixels). Returns the JSON records.
+    """Runs the detector on image files; writes OUT/<stem>.png with the boxes (and masks) drawn and
+    OUT/detections.json (boxes in the original image's pixels; a mask model's detections carry their
+    mask as a COCO RLE "segmentation" at the image's size). Returns the JSON records.
 
     ``proposals``: for detectors on external proposals, a proposal cache (kerasdet.data.proposals;
     an image's entry is the one cached for its file name, or its stem as the image id), or a method
@@ -121,16 +124,25 @@ def predict_images(model, image_paths, out_dir, class_names=None, score_threshol
         scores = np.asarray(out["scores"])[0, :n]
         classes = np.asarray(out["classes"])[0, :n]
         keep = scores >= score_threshold
-        picture = draw_detections(image, boxes[keep], classes[keep], scores[keep],
+        segmentations = image_masks = None
+        if out.get("masks") is not None:  # instance masks: COCO RLEs in the photo's pixels, and drawn
+            segmentations = masks_to_original_rles(np.asarray(out["masks"])[0, :n][keep], boxes[keep],
+                                                   info.numpy(), tuple(canvas.shape[:2]))
+            height, width = image.shape[:2]
+            image_masks = (np.stack([segmentation_to_mask(rle, height, width) for rle in segmentations])
+                           if segmentations else None)
+        picture = draw_detections(image, boxes[keep], classes[keep], scores[keep], masks=image_masks,
                                   class_names=class_names)
         stem = os.path.splitext(os.path.basename(path))[0]
         png = os.path.join(out_dir, f"{stem}.png")
         save_png(picture, png)
-        records.append({"image": path, "output": png, "detections": [
-            {"box_xyxy": [float(v) for v in boxes[i]], "score": float(scores[i]),
-             "class_id": int(classes[i]),
-             "class_name": class_names[int(classes[i])] if class_names else None}
-            for i in np.flatnonzero(keep)]})
+        detections = [{"box_xyxy": [float(v) for v in boxes[i]], "score": float(scores[i]),
+                       "class_id": int(classes[i]),
+                       "class_name": class_names[int(classes[i])] if class_names else None}
+                      for i in np.flatnonzero(keep)]
+        for detection, rle in zip(detections, segmentations or ()):
+            detection["segmentation"] = rle
+        records.append({"image": path, "output": png, "detections": detections})
     with open(os.path.join(out_dir, "detections.json"), "w", encoding="utf-8") as handle:
         json.dump(records, handle, indent=2)
     return records

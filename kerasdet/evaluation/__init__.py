@@ -18,6 +18,7 @@ _LAZY = {
     "as_rles": "kerasdet.evaluation.coco",
     "COCO_METRIC_NAMES": "kerasdet.evaluation.coco",
     "paste_masks": "kerasdet.evaluation.masks",
+    "masks_to_original_rles": "kerasdet.evaluation.masks",
     "format_metrics_table": "kerasdet.evaluation.table",
     "EvaluationCallback": "kerasdet.evaluation.callback",
     "evaluate_model": "kerasdet.evaluation.callback",

@@ -22,8 +22,8 @@ import numpy as np
 from kerasdet.data.masks import masks_for_record
 from kerasdet.data.records import DetectionDataset
 from kerasdet.data.resize import boxes_to_original
-from kerasdet.evaluation.coco import coco_evaluate, encode_masks, save_coco_results
-from kerasdet.evaluation.masks import paste_masks
+from kerasdet.evaluation.coco import coco_evaluate, save_coco_results
+from kerasdet.evaluation.masks import masks_to_original_rles, paste_masks
 from kerasdet.evaluation.table import format_metrics_table
 from kerasdet.evaluation.voc import voc_evaluate
 
@@ -34,9 +34,6 @@ _METRICS = ("voc", "coco")
 # The COCO numbers that go into the logs (all twelve would crowd the progress bar; the full set
 # stays in the results dict).
 _LOGGED_COCO = ("AP", "AP50", "AP75", "APs", "APm", "APl")
-# Masks are pasted at the original image size this many at a time, then run-length encoded:
-# a hundred 800x1333 float masks at once would take 400 MB.
-_PASTE_CHUNK = 16
 
 
 def _numpy(value):
@@ -174,36 +171,13 @@ def _image_frames(batch, count, records):
     return canvas, info, indices
 
 
-def _encode(masks, threshold):
-    masks = np.asarray(masks)
-    return encode_masks(masks, threshold) if masks.shape[0] else []
-
-
-def _masks_to_original(masks, boxes, info, canvas, threshold):
-    """RLEs at the original image size of masks predicted or batched in the network input.
-
-    ``masks`` are either canvas-sized [K, H, W] (their valid region, the resized image, spans the
-    whole original image) or per-box grids [K, M, M] that cover ``boxes`` (original pixels).
-    """
-    height, width = int(round(info[0])), int(round(info[1]))
-    masks = np.asarray(masks)
-    if tuple(masks.shape[1:]) == tuple(canvas):
-        masks = masks[:, :int(round(info[4])), :int(round(info[5]))]
-        boxes = np.tile([0.0, 0.0, width, height], (masks.shape[0], 1))
-    rles = []
-    for start in range(0, masks.shape[0], _PASTE_CHUNK):
-        chunk = slice(start, start + _PASTE_CHUNK)
-        rles += _encode(paste_masks(masks[chunk], boxes[chunk], (height, width)), threshold)
-    return rles
-
-
 def _to_original(record, info, canvas, threshold):
     """A detection or batch ground-truth dict moved from the network input to original pixels."""
     out = dict(record)
     out["boxes"] = boxes_to_original(np.asarray(record["boxes"], np.float64).reshape(-1, 4), info)
     out["image_size"] = (int(round(info[0])), int(round(info[1])))
     if record.get("masks") is not None:
-        out["masks"] = _masks_to_original(record["masks"], out["boxes"], info, canvas, threshold)
+        out["masks"] = masks_to_original_rles(record["masks"], out["boxes"], info, canvas, threshold)
     return out
 
 

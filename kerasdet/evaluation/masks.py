@@ -12,7 +12,11 @@ sampling at the exact box coordinates does not.
 """
 import numpy as np
 
-__all__ = ["paste_masks"]
+__all__ = ["paste_masks", "masks_to_original_rles"]
+
+# Masks are pasted at the original image size this many at a time, then run-length encoded:
+# a hundred 800x1333 float masks at once would take 400 MB.
+_PASTE_CHUNK = 16
 
 
 def paste_masks(masks, boxes, image_size):
@@ -51,3 +55,29 @@ def paste_masks(masks, boxes, image_size):
         bottom = mask[v1][:, u0] * (1 - fu) + mask[v1][:, u1] * fu
         out[k, rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1] = top * (1 - fv) + bottom * fv
     return out
+
+
+def masks_to_original_rles(masks, boxes, info, canvas, threshold=0.5):
+    """COCO RLEs at the original image size of masks predicted in the network input.
+
+    Args:
+      masks: canvas-sized [K, H, W] (their valid region, the resized image, spans the whole
+        original image) or per-box grids [K, M, M] that cover ``boxes``.
+      boxes: [K, 4] (x1, y1, x2, y2) in the original image's pixels.
+      info: the image's image_info row (original height, width, ..., resized height, width).
+      canvas: (height, width) of the network input.
+      threshold: mask probability from which a pixel belongs to the object.
+    """
+    from kerasdet.evaluation.coco import encode_masks
+
+    height, width = int(round(info[0])), int(round(info[1]))
+    masks = np.asarray(masks)
+    if tuple(masks.shape[1:]) == tuple(canvas):
+        masks = masks[:, :int(round(info[4])), :int(round(info[5]))]
+        boxes = np.tile([0.0, 0.0, width, height], (masks.shape[0], 1))
+    rles = []
+    for start in range(0, masks.shape[0], _PASTE_CHUNK):
+        chunk = slice(start, start + _PASTE_CHUNK)
+        pasted = paste_masks(masks[chunk], boxes[chunk], (height, width))
+        rles += encode_masks(pasted, threshold) if pasted.shape[0] else []
+    return rles

@@ -51,6 +51,7 @@ def info(name):
         "weights": dict(entry.weights) if entry.weights else None,
         "metrics": copy.deepcopy(entry.metrics), "published_metrics": copy.deepcopy(entry.published_metrics),
         "weights_kind": entry.weights_kind(), "pretrained_backbone": entry.pretrained_backbone,
+        "pretrained_backbone_new_layers": builtins.list(entry.pretrained_backbone_new_layers),
         "command": entry.command,
         "recipe": copy.deepcopy(entry.recipe), "notes": entry.notes, "status": entry.status(),
         "config_file": entry.source_file,
@@ -159,13 +160,14 @@ def _start_from_pretrained_backbone(model, entry, pretrained_backbone):
             raise ValueError(f"zoo entry {entry.name!r} names no pretrained backbone")
         return None
     name = entry.pretrained_backbone
-    # The C4 design runs the backbone's last stage as its box head: it starts from the same network.
-    parts = [model.box_head] if isinstance(getattr(model, "box_head", None), ResNetConv5Head) else []
+    # The C4 designs run the backbone's last stage as their box head (CC-Net: one copy per cascade
+    # stage): each copy starts from the same network.
+    parts = [part for part in model.layers if isinstance(part, ResNetConv5Head)]
     if pretrained_backbone is None:
         available, reason = pretrained.availability(name)
         if available:
             try:
-                pretrained.load_backbone_weights(model.backbone, name, parts)
+                pretrained.load_backbone_weights(model.backbone, name, parts, entry.pretrained_backbone_new_layers)
             except pretrained.BackboneWeightsUnavailable as error:  # e.g. offline: the URL did not answer
                 available, reason = False, str(error)
         if not available:
@@ -173,7 +175,7 @@ def _start_from_pretrained_backbone(model, entry, pretrained_backbone):
                           stacklevel=3)
             return None
     else:
-        pretrained.load_backbone_weights(model.backbone, name, parts)
+        pretrained.load_backbone_weights(model.backbone, name, parts, entry.pretrained_backbone_new_layers)
     model.kerasdet_backbone_weights = name
     return name
 

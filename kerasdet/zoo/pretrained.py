@@ -251,8 +251,9 @@ def converted_weights_file(name, source, convert, owner=None):
 
 # ----------------------------------------------------------------------------- backbone entries
 def _backbone_converter(name, spec):
-    """{converter name: function(checkpoint) -> converted Keras backbone without its classifier}."""
-    kind = spec["converter"]
+    """{converter name: function(checkpoint) -> converted Keras backbone}. ``converter_config`` of the
+    entry passes on what the converter offers beyond the checkpoint (e.g. AlexNet's fc6 / fc7)."""
+    kind, config = spec["converter"], dict(spec.get("converter_config") or {})
     if kind == "mobilenet_v2":
         from kerasdet.converters.mobilenet_v2 import convert_mobilenet_v2
 
@@ -264,11 +265,13 @@ def _backbone_converter(name, spec):
     if kind == "vgg16":
         from kerasdet.converters.vgg import convert_vgg16
 
-        return lambda checkpoint: convert_vgg16(checkpoint, reduced_style=None, input_normalization="torchvision")
+        # reduced_style None: the 13 convs; "refinedet" / "ssd": conv_fc6 / conv_fc7 decimated from fc6 / fc7.
+        return lambda checkpoint: convert_vgg16(checkpoint, reduced_style=config.get("reduced_style"),
+                                                input_normalization="torchvision")
     if kind == "alexnet":
         from kerasdet.converters.alexnet import convert_alexnet
 
-        return lambda checkpoint: convert_alexnet(checkpoint, include_top=False)
+        return lambda checkpoint: convert_alexnet(checkpoint, include_top=bool(config.get("include_top", False)))
     raise ValueError(f"pretrained backbone {name!r}: unknown converter {kind!r}")
 
 
@@ -326,12 +329,32 @@ def availability(name):
         return False, str(error)
 
 
-def load_backbone_weights(backbone, name, extra_parts=()):
+def _relative_path(weight, layer):
+    """A weight's path inside its layer ("kernel", "offset_conv/kernel"): the key that pairs the
+    weights of a layer and its donor (names alone repeat in layers with sub-layers)."""
+    path = getattr(weight, "path", None) or weight.name
+    marker = f"{layer.name}/"
+    return path.split(marker, 1)[1] if marker in path else weight.name
+
+
+def _is_new(layer, relative, patterns):
+    import fnmatch
+
+    full = f"{layer.name}/{relative}"
+    return any(fnmatch.fnmatchcase(layer.name, p) or fnmatch.fnmatchcase(full, p) for p in patterns)
+
+
+def load_backbone_weights(backbone, name, extra_parts=(), new_layers=()):
     """Fills ``backbone`` (a built kerasdet Backbone of the entry's architecture) with the pretrained
-    weights of ``name``; returns ``backbone``. Every weighted layer of the backbone must be filled.
+    weights of ``name``; returns ``backbone``. Every weighted layer of the backbone must be filled,
+    except the ones ``new_layers`` states.
 
     ``extra_parts``: other built parts holding layers of the same network under the same names, e.g.
-    the C4 detectors' res5 box head (torchvision's layer4), filled in the same all-or-nothing pass."""
+    the C4 detectors' res5 box head (torchvision's layer4), filled in the same all-or-nothing pass.
+    ``new_layers``: fnmatch patterns of layer names, or of "<layer>/<weight path>" (e.g.
+    "*/offset_conv/*"), for weights the checkpoint has no counterpart for and that keep their
+    initialization (RefineDet's res6, a deformable conv's offset branch, R-CNN's new classifier fc8).
+    Each pattern must match a weight that is left out; a stale pattern is an error, not a silent pass."""
     import kerasdet.backbones as kd_backbones
 
     spec = _entry(name)
@@ -341,30 +364,48 @@ def load_backbone_weights(backbone, name, extra_parts=()):
         raise WeightsError(f"pretrained backbone {name!r} expects input_normalization={wanted!r}, but "
                            f"{backbone.name!r} was built with {backbone.input_normalization!r}; nothing was loaded")
     path = backbone_weights_file(name)
-    source = kd_backbones.get(spec["backbone"], include_top=False, **(spec.get("backbone_config") or {}))
+    source = kd_backbones.get(spec["backbone"], **{"include_top": False, **(spec.get("backbone_config") or {})})
     source.load_weights(path)
-    donors = {layer.name: layer for layer in source.layers if layer.weights}
-    missing, pairs = [], []
+    # Layers the converted backbone holds but the checkpoint does not fill (their values are the
+    # conversion's random initialization) are never handed on as pretrained.
+    unfilled = set(spec.get("unfilled_layers") or ())
+    donors = {layer.name: layer for layer in source.layers if layer.weights and layer.name not in unfilled}
+    missing, pairs, kept, used = [], [], [], set()
     for layer in [layer for part in (backbone, *extra_parts) for layer in part.layers]:
         if not layer.weights:
             continue
         donor = donors.get(layer.name)
-        if donor is None or len(donor.weights) != len(layer.weights):
-            missing.append(layer.name)
-            continue
-        # Match by weight name, not position: BatchNormalization and FrozenBatchNormalization
+        # Match by path inside the layer, not position: BatchNormalization and FrozenBatchNormalization
         # create their variables in different orders.
-        by_name = {w.name: w for w in donor.weights}
+        by_path = {_relative_path(w, donor): w for w in donor.weights} if donor is not None else {}
         for weight in layer.weights:
-            if weight.name not in by_name or tuple(by_name[weight.name].shape) != tuple(weight.shape):
-                missing.append(f"{layer.name}/{weight.name}")
+            relative = _relative_path(weight, layer)
+            found = by_path.get(relative)
+            if found is not None and tuple(found.shape) == tuple(weight.shape):
+                pairs.append((weight, found))
                 continue
-            pairs.append((weight, by_name[weight.name]))
-    if missing:
-        raise WeightsError(f"pretrained backbone {name!r} does not fit {backbone.name!r}: no weights for "
-                           f"{missing[:8]}{' ...' if len(missing) > 8 else ''}; nothing was loaded")
+            matched = [p for p in new_layers if _is_new(layer, relative, [p])]
+            if matched:
+                kept.append(f"{layer.name}/{relative}")
+                used.update(matched)
+            else:
+                missing.append(f"{layer.name}/{relative}")
+    stale = [p for p in new_layers if p not in used]
+    if missing or stale:
+        problems = []
+        if missing:
+            problems.append(f"no weights for {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+        if stale:
+            problems.append(f"the new-layer patterns {stale} match no weight left without a counterpart")
+        raise WeightsError(f"pretrained backbone {name!r} does not fit {backbone.name!r}: {'; '.join(problems)}; "
+                           "nothing was loaded")
     for weight, value in pairs:
         weight.assign(value.numpy())
+    if kept:
+        import logging
+
+        logging.getLogger("kerasdet").info("pretrained backbone %s: %d weights without a counterpart keep their "
+                                           "initialization: %s", name, len(kept), ", ".join(kept))
     return backbone
 
 

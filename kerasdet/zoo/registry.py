@@ -42,6 +42,9 @@ class ZooEntry:
     notes: str
     source_file: str
     pretrained_backbone: str | None = None  # a zoo/backbones.json entry the backbone starts from
+    # fnmatch patterns of the backbone's layers (or "<layer>/<weight path>") that have no counterpart in
+    # the pretrained checkpoint and keep their initialization; stated in the entry with a "why".
+    pretrained_backbone_new_layers: tuple = ()
     # Figures their publisher reports for published weights, with "source": never kerasdet's own
     # measurements, which are `metrics`.
     published_metrics: dict | None = None
@@ -130,12 +133,18 @@ def _parse_file(path):
         published = spec.get("published_metrics")
         if published is not None and not published.get("source"):
             raise ValueError(f"zoo file {path}: entry {name!r}: published_metrics must name their 'source'")
+        new_layers = spec.get("pretrained_backbone_new_layers")
+        if new_layers is not None and not (spec.get("pretrained_backbone") and new_layers.get("layers")
+                                           and new_layers.get("why")):
+            raise ValueError(f"zoo file {path}: entry {name!r}: pretrained_backbone_new_layers needs a "
+                             "'pretrained_backbone', a list of 'layers' and the 'why'")
         parsed[name] = ZooEntry(
             name=name, family=family, class_path=spec["class"], arguments=dict(spec["arguments"]),
             dataset=spec["dataset"], class_names=spec["class_names"], input=dict(spec["input"]),
             weights=weights, metrics=dict(spec.get("metrics") or {}), command=spec.get("command"),
             recipe=dict(spec.get("recipe") or {}), notes=spec.get("notes", ""), source_file=path,
-            pretrained_backbone=spec.get("pretrained_backbone"), published_metrics=published)
+            pretrained_backbone=spec.get("pretrained_backbone"), published_metrics=published,
+            pretrained_backbone_new_layers=tuple((new_layers or {}).get("layers") or ()))
     return parsed
 
 

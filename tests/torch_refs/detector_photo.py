@@ -5,8 +5,8 @@
 The randomized, calibrated model of detectors.py, run with torchvision's default transform
 (shorter side 800, longer side at most 1333, padded to a multiple of 32) on scikit-image's `chelsea`
 photo (300 x 451: resized to 800 x 1202, padded to 800 x 1216). Writes OUT_DIR/model.pth,
-OUT_DIR/photo.png and OUT_DIR/outputs.npz with the detections in the photo's pixels and the
-resized and padded sizes torchvision used.
+OUT_DIR/photo.png and OUT_DIR/outputs.npz with the detections in the photo's pixels (and, for Mask
+R-CNN, their binary masks at the photo's size) and the resized and padded sizes torchvision used.
 """
 import sys
 
@@ -32,6 +32,8 @@ def main(out_dir, arch):
         images, _ = model.transform([tensor])
         detections = model([tensor])[0]
     out = {f"det_{key}": detections[key].numpy() for key in ("boxes", "scores", "labels")}
+    if "masks" in detections:  # Mask R-CNN: torchvision's masks pasted into the photo, at its 0.5 threshold
+        out["det_masks"] = (detections["masks"][:, 0] >= 0.5).numpy()
     out["resized_size"] = np.array(images.image_sizes[0])
     out["padded_size"] = np.array(images.tensors.shape[-2:])
     np.savez(f"{out_dir}/outputs.npz", **out)
