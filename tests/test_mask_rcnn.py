@@ -467,3 +467,36 @@ def test_resnet50_fpn_parameter_count_matches_the_standard_architecture(num_clas
     count = model.count_params() - bn_stats
     print(f"Mask R-CNN R50-FPN, {num_classes} classes: {count:,} parameters")
     assert count == expected
+
+
+def test_mask_loss_on_the_foreground_count_equals_the_fixed_quota(monkeypatch):
+    """Outside XLA the mask head runs on the batch's largest foreground count only; under XLA on the
+    whole quota (16 here, 1 foreground RoI per image): same loss and gradients."""
+    import kerasdet.heads.mask_head as mask_head_module
+
+    model = MaskRCNN(3, **tiny_mask_settings(roi_batch_size=12))
+    batch = _one_object_batch()
+    model.build()
+    _, roi_features = model.features(batch["images"])
+    sampled = _sample(batch)
+    gt_boxes = batch["bounding_boxes"]["boxes"]
+    weights = model.mask_head.trainable_weights
+
+    def loss_and_grads():
+        @tf.function  # the choice is made while tracing, as in train_step
+        def run():
+            with tf.GradientTape() as tape:
+                loss = model.mask_loss(roi_features, sampled, batch["masks"], gt_boxes)
+            return loss, tape.gradient(loss, weights)
+        return run()
+
+    calls = []
+    real = mask_head_module.in_xla_context
+    monkeypatch.setattr(mask_head_module, "in_xla_context", lambda: calls.append(1) or real())
+    trimmed = loss_and_grads()
+    monkeypatch.setattr(mask_head_module, "in_xla_context", lambda: True)
+    fixed = loss_and_grads()
+    assert calls, "the mask loss no longer asks whether it is compiled by XLA"
+    assert float(trimmed[0]) == pytest.approx(float(fixed[0]), rel=1e-6) and float(fixed[0]) > 0.1
+    for a, b in zip(trimmed[1], fixed[1]):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-7)
