@@ -105,6 +105,7 @@ def torchvision_inference(name, repeats):
     import torchvision
 
     torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_flush_denormal(True)  # as TensorFlow's CPU threads do (see benchmarks/train_speed.py)
     model = getattr(torchvision.models.detection, name)(weights=None, weights_backbone=None,
                                                         num_classes=81, min_size=800,
                                                         max_size=1216).eval()
