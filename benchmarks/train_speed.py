@@ -19,6 +19,10 @@ machine both slow down by different, changing amounts (torch's OpenMP barriers w
 threads), so only a quiet machine gives a ratio to hold a goal against (docs/SPEED.md).
 
     python benchmarks/train_speed.py [--models faster_rcnn_fpn,mask_rcnn_fpn] [--repeats 5]
+        [--precision float32|mixed_bfloat16]
+
+--precision mixed_bfloat16 times both sides in bfloat16 compute (Keras' mixed_bfloat16 policy,
+torch.autocast on CPU), float32 weights and optimizer on both.
 """
 import argparse
 import json
@@ -103,7 +107,9 @@ def torchvision_model(name):
     return cls(backbone, num_classes=NUM_CLASSES + 1, min_size=HEIGHT, max_size=WIDTH)
 
 
-def torchvision_step_fn(name, problem, lr):
+def torchvision_step_fn(name, problem, lr, precision="float32"):
+    import contextlib
+
     import torch
 
     images, boxes, labels, masks = problem
@@ -118,8 +124,14 @@ def torchvision_step_fn(name, problem, lr):
             target["masks"] = torch.from_numpy(masks[b])
         targets.append(target)
 
+    def autocast():
+        if precision == "mixed_bfloat16":  # torch's counterpart of Keras' mixed_bfloat16 policy
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     def step():
-        loss = sum(model(tv_images, targets).values())
+        with autocast():
+            loss = sum(model(tv_images, targets).values())
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -130,11 +142,13 @@ def torchvision_step_fn(name, problem, lr):
 
 
 # -- kerasdet --------------------------------------------------------------------------------------
-def kerasdet_step_fn(name, problem, lr, jit_compile):
+def kerasdet_step_fn(name, problem, lr, jit_compile, precision="float32"):
     import importlib
 
     import keras
     import tensorflow as tf
+
+    keras.mixed_precision.set_global_policy(precision)
 
     from kerasdet.converters.torchvision import detector_config
     from kerasdet.data.mask_grids import crop_masks_to_boxes
@@ -172,7 +186,7 @@ def torchvision_only(args):
     # here: the figure would time denormal arithmetic, not the detector.
     torch.set_flush_denormal(True)
     tv_name = MODELS[args.torchvision_only][0]
-    step, params = torchvision_step_fn(tv_name, random_problem(), args.lr)
+    step, params = torchvision_step_fn(tv_name, random_problem(), args.lr, args.precision)
     seconds, times = timed(step, args.warmup, args.repeats, f"{args.torchvision_only} torchvision")
     print(json.dumps({"seconds": seconds, "times": times, "trainable_parameters": params,
                       "torch": torch.__version__, "torchvision": torchvision.__version__,
@@ -183,7 +197,7 @@ def torchvision_only(args):
 def run_torchvision(name, args):
     command = [sys.executable, os.path.abspath(__file__), "--torchvision-only", name,
                "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--lr", str(args.lr),
-               "--threads", str(args.threads)]
+               "--threads", str(args.threads), "--precision", args.precision]
     out = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -197,6 +211,9 @@ def main(argv=None):
                         help="SGD learning rate (small: random weights must not diverge to NaN)")
     parser.add_argument("--jit-compile", default="false", choices=["false", "true", "auto"],
                         help="kerasdet's compile(jit_compile=...); the RoI kernels are not XLA ops")
+    parser.add_argument("--precision", default="float32", choices=["float32", "mixed_bfloat16"],
+                        help="mixed_bfloat16: Keras' policy for kerasdet, torch.autocast(cpu, bfloat16) "
+                             "for torchvision")
     parser.add_argument("--output", default=None, help="also write the JSON to this file")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="torch.set_num_threads of the torchvision child (TensorFlow uses its "
@@ -213,7 +230,7 @@ def main(argv=None):
     report = {
         "benchmark": "train_speed", "input": [BATCH, HEIGHT, WIDTH, 3],
         "num_classes": NUM_CLASSES, "objects_per_image": NUM_OBJECTS,
-        "repeats": args.repeats, "warmup": args.warmup, "lr": args.lr,
+        "repeats": args.repeats, "warmup": args.warmup, "lr": args.lr, "precision": args.precision,
         "machine": {"cpu": _cpu_name(), "cpus": os.cpu_count(),
                     "load_average_start": list(os.getloadavg()),
                     "torch_threads": args.threads,
@@ -227,7 +244,7 @@ def main(argv=None):
         "models": {}}
     for name in args.models.split(","):
         before = run_torchvision(name, args)
-        kd_step, kd_params, _ = kerasdet_step_fn(name, problem, args.lr, jit)
+        kd_step, kd_params, _ = kerasdet_step_fn(name, problem, args.lr, jit, args.precision)
         kd, kd_all = timed(kd_step, args.warmup, args.repeats, f"{name} kerasdet")
         kd_load = list(os.getloadavg())
         del kd_step

@@ -104,6 +104,24 @@ def test_second_load_reads_the_cache_without_torch(published):
     assert os.path.getmtime(home / "weights" / f"{ENTRY}.weights.h5") == stamp
 
 
+def test_a_cache_made_by_another_converter_layout_is_converted_again(published, monkeypatch):
+    """A converted file from an older layout of the entry (e.g. AlexNet before its fc6 / fc7 were kept)
+    is not handed to a backbone of the new layout: its record names another converter."""
+    _, _, home = published
+    record_path = home / "weights" / f"{ENTRY}.json"
+    pretrained.backbone_weights_file(ENTRY)
+    record = json.loads(record_path.read_text())
+    assert record["converter"] == "mobilenet_v2"
+    record_path.write_text(json.dumps(dict(record, converter="mobilenet_v2 (an older layout)")))
+    calls = []
+    real = pretrained._convert
+    monkeypatch.setattr(pretrained, "_convert", lambda *a: calls.append(1) or real(*a))
+    pretrained.backbone_weights_file(ENTRY)
+    assert calls == [1] and json.loads(record_path.read_text())["converter"] == "mobilenet_v2"
+    pretrained.backbone_weights_file(ENTRY)
+    assert calls == [1]  # and then read from the cache again
+
+
 def test_a_wrong_prefix_is_refused_before_reading(published, tmp_path, monkeypatch):
     path, prefix, home = published
     wrong = "0123abcd"
@@ -348,6 +366,9 @@ for stem, build, drop in (("resnet50", torchvision.models.resnet50, "fc."),
         # SSD / RefineDet: keep every 4th fc unit and every 3rd of fc6's 7x7 taps (input channel-major).
         expected["vgg16:conv_fc6"] = conv(w["classifier.0.weight"].reshape(4096, 512, 7, 7)[::4, :, ::3, ::3])
         expected["vgg16:conv_fc7"] = conv(w["classifier.3.weight"][::4, ::4, None, None])
+        # Faster R-CNN's box head: fc6 reads the 7x7x512 RoI pool flattened as Keras does ([7, 7, 512]).
+        expected["vgg16:fc6"] = w["classifier.0.weight"][:8].reshape(8, 512, 7, 7).transpose(0, 2, 3, 1).reshape(8, -1).T
+        expected["vgg16:fc7"] = w["classifier.3.weight"][:8].T
     else:
         expected["alexnet:conv1"], expected["alexnet:conv5"] = conv(w["features.0.weight"]), conv(w["features.10.weight"])
         # fc6 reads pool5 flattened channel-major [256, 6, 6]; Keras flattens [6, 6, 256]. First 8 units.
@@ -370,7 +391,7 @@ IMAGENET = [
     ("resnet101_imagenet", "resnet101", "rfcn_r101", ["conv1", "layer4_2_conv3"]),
     ("resnet101_imagenet", "resnet101", "rfcn_r101_dcn", ["conv1", "layer4_2_conv2"]),
     ("resnet101_imagenet", "resnet101", "refinedet320_r101", ["conv1", "layer4_2_conv3"]),
-    ("vgg16_imagenet", "vgg16", "faster_rcnn_vgg16", ["conv1_1", "conv5_3"]),
+    ("vgg16_imagenet", "vgg16", "faster_rcnn_vgg16", ["conv1_1", "conv5_3", "fc6", "fc7"]),  # fc6/7: box head
     ("vgg16_reduced_imagenet", "vgg16", "refinedet320_vgg16", ["conv1_1", "conv5_3", "conv_fc6", "conv_fc7"]),
     ("alexnet_imagenet", "alexnet", None, ["conv1", "conv5"]),
     ("alexnet_imagenet", "alexnet", "rcnn_alexnet", ["conv1", "conv5", "fc6", "fc7"]),
@@ -426,7 +447,7 @@ def test_entries_start_from_their_imagenet_backbone(backbone, stem, entry, layer
         assert zoo.load(entry, weights=None).kerasdet_backbone_weights is None
         parts = [model.backbone, *[part for part in model.layers if part is not model.backbone]]
     for layer in layers:
-        found = [each for part in parts for each in getattr(part, "layers", []) if each.name == layer]
+        found = [each for part in parts for each in pretrained.part_layers(part) if each.name == layer]
         if entry and entry.startswith("ccnet"):
             assert len(found) == (4 if layer.startswith("layer4") else 1)  # each of the 4 stages' res5 head
         else:
@@ -434,7 +455,7 @@ def test_entries_start_from_their_imagenet_backbone(backbone, stem, entry, layer
         want = expected[f"{stem}:{layer}"]
         for each in found:
             np.testing.assert_array_equal(each.kernel.numpy()[..., :want.shape[-1]], want)
-    offsets = [w for part in parts for each in getattr(part, "layers", []) for w in each.weights
+    offsets = [w for part in parts for each in pretrained.part_layers(part) for w in each.weights
                if "offset_conv" in w.path]
     assert bool(offsets) == (entry is not None and entry.endswith("_dcn"))
     for weight in offsets:  # new layers keep their initialization (zero offsets: the plain conv)

@@ -52,6 +52,7 @@ def info(name):
         "metrics": copy.deepcopy(entry.metrics), "published_metrics": copy.deepcopy(entry.published_metrics),
         "weights_kind": entry.weights_kind(), "pretrained_backbone": entry.pretrained_backbone,
         "pretrained_backbone_new_layers": builtins.list(entry.pretrained_backbone_new_layers),
+        "pretrained_parts": builtins.list(entry.pretrained_parts),
         "command": entry.command,
         "recipe": copy.deepcopy(entry.recipe), "notes": entry.notes, "status": entry.status(),
         "config_file": entry.source_file,
@@ -163,6 +164,7 @@ def _start_from_pretrained_backbone(model, entry, pretrained_backbone):
     # The C4 designs run the backbone's last stage as their box head (CC-Net: one copy per cascade
     # stage): each copy starts from the same network.
     parts = [part for part in model.layers if isinstance(part, ResNetConv5Head)]
+    parts += [getattr(model, attribute) for attribute in entry.pretrained_parts]
     if pretrained_backbone is None:
         available, reason = pretrained.availability(name)
         if available:

@@ -208,6 +208,8 @@ def cached_weights(name, source):
         return None, None
     if not _source_matches_record(record.get("source_sha256"), source):
         return None, None
+    if source.get("converter") and record.get("converter") != source["converter"]:
+        return None, None  # converted by another converter or layout (an older kerasdet): convert again
     return target, record
 
 
@@ -265,9 +267,12 @@ def _backbone_converter(name, spec):
     if kind == "vgg16":
         from kerasdet.converters.vgg import convert_vgg16
 
-        # reduced_style None: the 13 convs; "refinedet" / "ssd": conv_fc6 / conv_fc7 decimated from fc6 / fc7.
-        return lambda checkpoint: convert_vgg16(checkpoint, reduced_style=config.get("reduced_style"),
-                                                input_normalization="torchvision")
+        # reduced_style None: the 13 convs (and fc6..fc8 with include_top, on a 224 x 224 input: a
+        # 7 x 7 pool5); "refinedet" / "ssd": conv_fc6 / conv_fc7 decimated from fc6 / fc7.
+        top = bool(config.get("include_top", False))
+        return lambda checkpoint: convert_vgg16(
+            checkpoint, reduced_style=config.get("reduced_style"), input_normalization="torchvision",
+            **({"include_top": True, "input_shape": (224, 224, 3)} if top else {}))
     if kind == "alexnet":
         from kerasdet.converters.alexnet import convert_alexnet
 
@@ -290,7 +295,10 @@ def _convert(name, spec, checkpoint, target):
 def backbone_weights_file(name):
     """Path of the verified, converted `.weights.h5` of pretrained backbone ``name`` (see module doc)."""
     spec = _entry(name)
-    source = dict(spec["source"], converter=spec["converter"])
+    # The converter's options are part of its name in the record: another layout is another file.
+    options = spec.get("converter_config")
+    label = spec["converter"] + (" " + json.dumps(options, sort_keys=True) if options else "")
+    source = dict(spec["source"], converter=label)
 
     def convert(checkpoint, target):
         return _convert(name, spec, checkpoint, target)
@@ -337,6 +345,14 @@ def _relative_path(weight, layer):
     return path.split(marker, 1)[1] if marker in path else weight.name
 
 
+def part_layers(part):
+    """The layers of a model part: a Functional part's layers, or a plain layer's direct sub-layers
+    (e.g. the fc6 / fc7 of a TwoFCHead box head)."""
+    if hasattr(part, "layers"):
+        return list(part.layers)
+    return list(part._flatten_layers(include_self=False, recursive=False))
+
+
 def _is_new(layer, relative, patterns):
     import fnmatch
 
@@ -350,7 +366,8 @@ def load_backbone_weights(backbone, name, extra_parts=(), new_layers=()):
     except the ones ``new_layers`` states.
 
     ``extra_parts``: other built parts holding layers of the same network under the same names, e.g.
-    the C4 detectors' res5 box head (torchvision's layer4), filled in the same all-or-nothing pass.
+    the C4 detectors' res5 box head (torchvision's layer4) or VGG-16 Faster R-CNN's fc6 / fc7 box
+    head, filled in the same all-or-nothing pass.
     ``new_layers``: fnmatch patterns of layer names, or of "<layer>/<weight path>" (e.g.
     "*/offset_conv/*"), for weights the checkpoint has no counterpart for and that keep their
     initialization (RefineDet's res6, a deformable conv's offset branch, R-CNN's new classifier fc8).
@@ -371,7 +388,7 @@ def load_backbone_weights(backbone, name, extra_parts=(), new_layers=()):
     unfilled = set(spec.get("unfilled_layers") or ())
     donors = {layer.name: layer for layer in source.layers if layer.weights and layer.name not in unfilled}
     missing, pairs, kept, used = [], [], [], set()
-    for layer in [layer for part in (backbone, *extra_parts) for layer in part.layers]:
+    for layer in [layer for part in (backbone, *extra_parts) for layer in part_layers(part)]:
         if not layer.weights:
             continue
         donor = donors.get(layer.name)

@@ -45,6 +45,9 @@ class ZooEntry:
     # fnmatch patterns of the backbone's layers (or "<layer>/<weight path>") that have no counterpart in
     # the pretrained checkpoint and keep their initialization; stated in the entry with a "why".
     pretrained_backbone_new_layers: tuple = ()
+    # Other parts of the detector (attribute names, e.g. "box_head") built from the same network
+    # and started from the same weights.
+    pretrained_parts: tuple = ()
     # Figures their publisher reports for published weights, with "source": never kerasdet's own
     # measurements, which are `metrics`.
     published_metrics: dict | None = None
@@ -144,7 +147,8 @@ def _parse_file(path):
             weights=weights, metrics=dict(spec.get("metrics") or {}), command=spec.get("command"),
             recipe=dict(spec.get("recipe") or {}), notes=spec.get("notes", ""), source_file=path,
             pretrained_backbone=spec.get("pretrained_backbone"), published_metrics=published,
-            pretrained_backbone_new_layers=tuple((new_layers or {}).get("layers") or ()))
+            pretrained_backbone_new_layers=tuple((new_layers or {}).get("layers") or ()),
+            pretrained_parts=tuple(spec.get("pretrained_parts") or ()))
     return parsed
 
 
