@@ -11,6 +11,7 @@ kerasdet / torchvision uses the mean of the two, so the two frameworks are compa
 cores at the same moment; the load averages go into the JSON.
 
     python benchmarks/models.py --models faster_rcnn_fpn,mask_rcnn_fpn --torchvision --repeats 5
+        [--precision float32|mixed_bfloat16]
 """
 import argparse
 import importlib
@@ -74,15 +75,19 @@ def median_seconds(fn, repeats):
     return statistics.median(times)
 
 
-def keras_inference(cls, kwargs, repeats):
+def keras_inference(cls, kwargs, repeats, precision="float32"):
+    import keras
+
+    keras.mixed_precision.set_global_policy(precision)
     kwargs = dict(kwargs)
     height, width = kwargs.pop("input_size", (800, 1216))  # single-shot models: their own size
     model = cls(kwargs.pop("num_classes", 80), **kwargs)
     model.build((1, height, width, 3))
     images = tf.random.uniform([1, height, width, 3], 0, 255, seed=0)
     predict = tf.function(lambda x: model(x, training=False))
-    return median_seconds(lambda: tf.nest.map_structure(lambda t: t.numpy(), predict(images)),
-                          repeats), model.count_params()
+    seconds = median_seconds(lambda: tf.nest.map_structure(lambda t: t.numpy(), predict(images)), repeats)
+    keras.mixed_precision.set_global_policy("float32")
+    return seconds, model.count_params()
 
 
 def keras_train_step(cls, kwargs, repeats):
@@ -100,7 +105,9 @@ def keras_train_step(cls, kwargs, repeats):
     return median_seconds(lambda: model.train_on_batch(batch), repeats)
 
 
-def torchvision_inference(name, repeats):
+def torchvision_inference(name, repeats, precision="float32"):
+    import contextlib
+
     import torch
     import torchvision
 
@@ -110,19 +117,21 @@ def torchvision_inference(name, repeats):
                                                         num_classes=81, min_size=800,
                                                         max_size=1216).eval()
     image = torch.rand(3, 800, 1216)
-    with torch.no_grad():
+    autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if precision == "mixed_bfloat16"
+                else contextlib.nullcontext())
+    with torch.no_grad(), autocast:
         return median_seconds(lambda: model([image]), repeats)
 
 
-def torchvision_child(name, repeats):
+def torchvision_child(name, repeats, precision="float32"):
     """Run in a child process: torchvision's inference seconds for `name`, as one JSON line."""
-    seconds = torchvision_inference(name, repeats)
+    seconds = torchvision_inference(name, repeats, precision)
     print(json.dumps({"seconds": seconds, "load_average": list(os.getloadavg())}))
 
 
-def torchvision_in_child(name, repeats):
+def torchvision_in_child(name, repeats, precision="float32"):
     out = subprocess.run([sys.executable, os.path.abspath(__file__), "--torchvision-child", name,
-                          "--repeats", str(repeats)], check=True, stdout=subprocess.PIPE,
+                          "--repeats", str(repeats), "--precision", precision], check=True, stdout=subprocess.PIPE,
                          text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -134,11 +143,14 @@ def main():
     parser.add_argument("--torchvision", action="store_true")
     parser.add_argument("--skip-inference", action="store_true")
     parser.add_argument("--skip-train", action="store_true", help="no tiny training step")
+    parser.add_argument("--precision", default="float32", choices=["float32", "mixed_bfloat16"],
+                        help="inference in bfloat16 compute: Keras' mixed_bfloat16 policy for kerasdet, "
+                             "torch.autocast(cpu, bfloat16) for torchvision")
     parser.add_argument("--torchvision-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.torchvision_child:
-        return torchvision_child(args.torchvision_child, args.repeats)
-    report = {"tensorflow": tf.__version__, "cpus": os.cpu_count(), "models": {}}
+        return torchvision_child(args.torchvision_child, args.repeats, args.precision)
+    report = {"tensorflow": tf.__version__, "cpus": os.cpu_count(), "precision": args.precision, "models": {}}
     for name in args.models.split(","):
         module, cls_name, big, tiny, tv_name = MODELS[name]
         entry = report["models"].setdefault(name, {})
@@ -149,18 +161,18 @@ def main():
             continue
         compare = args.torchvision and tv_name and not args.skip_inference
         if compare:
-            before = torchvision_in_child(tv_name, args.repeats)
+            before = torchvision_in_child(tv_name, args.repeats, args.precision)
         if not args.skip_inference:
             load = os.getloadavg()
             if tv_name:  # torchvision's settings (NMS sizes, thresholds, frozen BN, ...)
                 from kerasdet.converters.torchvision import detector_config
 
                 big = {k: v for k, v in detector_config(tv_name, 80).items() if k != "num_classes"}
-            seconds, params = keras_inference(cls, big, args.repeats)
+            seconds, params = keras_inference(cls, big, args.repeats, args.precision)
             entry.update(inference_800x1216_s=round(seconds, 3), parameters=params,
                          load_average=list(load))
         if compare:
-            after = torchvision_in_child(tv_name, args.repeats)
+            after = torchvision_in_child(tv_name, args.repeats, args.precision)
             tv = (before["seconds"] + after["seconds"]) / 2
             entry.update(torchvision_inference_before_s=round(before["seconds"], 3),
                          torchvision_inference_after_s=round(after["seconds"], 3),
