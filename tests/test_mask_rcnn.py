@@ -242,13 +242,17 @@ def _sample(batch):
             "matched_index": tf.constant([[0, 0, 0], [1, 2, 0]])}
 
 
-def test_mask_loss_uses_foreground_rois_and_the_ground_truth_class_channel_only():
-    model = MaskRCNN(3, **tiny_mask_settings(roi_batch_size=12))  # 3 leading mask slots
+def _mask_loss_case():
+    """A tiny Mask R-CNN (3 leading mask slots) with the RoI features and sample of a one-object batch."""
+    model = MaskRCNN(3, **tiny_mask_settings(roi_batch_size=12))
     batch = _one_object_batch()
     model.build()
     _, roi_features = model.features(batch["images"])
-    sampled = _sample(batch)
-    gt_boxes = batch["bounding_boxes"]["boxes"]
+    return model, batch, roi_features, _sample(batch), batch["bounding_boxes"]["boxes"]
+
+
+def test_mask_loss_uses_foreground_rois_and_the_ground_truth_class_channel_only():
+    model, batch, roi_features, sampled, gt_boxes = _mask_loss_case()
     loss = float(model.mask_loss(roi_features, sampled, batch["masks"], gt_boxes))
 
     logits = model.mask_logits(roi_features, sampled["rois"]).numpy()
@@ -271,12 +275,7 @@ def test_mask_loss_uses_foreground_rois_and_the_ground_truth_class_channel_only(
 
 
 def test_mask_loss_gradient_matches_the_sigmoid_cross_entropy_derivative():
-    model = MaskRCNN(3, **tiny_mask_settings(roi_batch_size=12))
-    batch = _one_object_batch()
-    model.build()
-    _, roi_features = model.features(batch["images"])
-    sampled = _sample(batch)
-    gt_boxes = batch["bounding_boxes"]["boxes"]
+    model, batch, roi_features, sampled, gt_boxes = _mask_loss_case()
     bias = model.mask_head.predictor.bias
     with tf.GradientTape() as tape:
         loss = model.mask_loss(roi_features, sampled, batch["masks"], gt_boxes)
@@ -474,12 +473,7 @@ def test_mask_loss_on_the_foreground_count_equals_the_fixed_quota(monkeypatch):
     whole quota (16 here, 1 foreground RoI per image): same loss and gradients."""
     import kerasdet.heads.mask_head as mask_head_module
 
-    model = MaskRCNN(3, **tiny_mask_settings(roi_batch_size=12))
-    batch = _one_object_batch()
-    model.build()
-    _, roi_features = model.features(batch["images"])
-    sampled = _sample(batch)
-    gt_boxes = batch["bounding_boxes"]["boxes"]
+    model, batch, roi_features, sampled, gt_boxes = _mask_loss_case()
     weights = model.mask_head.trainable_weights
 
     def loss_and_grads():
