@@ -10,6 +10,7 @@ TensorFlow's own cost model) give the fraction of the CPU's FMA peak reached (--
 both cores; see docs/SPEED.md for how it was measured).
 
     python benchmarks/profile_models.py --model mask_rcnn_fpn --mode inference [--top 25]
+        [--precision mixed_bfloat16]
 """
 import argparse
 import collections
@@ -98,7 +99,12 @@ def main(argv=None):
     parser.add_argument("--peak-gflops", type=float, default=None,
                         help="FMA peak of the machine (GFLOP/s, all cores), for the fraction")
     parser.add_argument("--logdir", default=None, help="keep the trace here (TensorBoard)")
+    parser.add_argument("--precision", default="float32", choices=["float32", "mixed_bfloat16"],
+                        help="Keras dtype policy of the profiled model")
     args = parser.parse_args(argv)
+    import keras
+
+    keras.mixed_precision.set_global_policy(args.precision)
     model = build(args.model)
     rng = np.random.default_rng(0)
     if args.mode == "inference":
@@ -107,8 +113,6 @@ def main(argv=None):
         concrete = fn.get_concrete_function(images)
         run = lambda: tf.nest.map_structure(lambda t: t.numpy(), fn(images))  # noqa: E731
     else:
-        import keras
-
         from train_speed import BATCH, HEIGHT, WIDTH, random_problem
         from kerasdet.data.mask_grids import crop_masks_to_boxes
 
@@ -138,7 +142,8 @@ def main(argv=None):
         run()
     profiled = (time.perf_counter() - start) / args.repeats
     tf.profiler.experimental.stop()
-    report = {"model": args.model, "mode": args.mode, "load_average": list(os.getloadavg()),
+    report = {"model": args.model, "mode": args.mode, "precision": args.precision,
+              "load_average": list(os.getloadavg()),
               "seconds_median_unprofiled": round(statistics.median(times), 3),
               "seconds_per_call_profiled": round(profiled, 3), "logdir": logdir}
     summary = summarise(logdir, args.top)

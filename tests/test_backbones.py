@@ -101,6 +101,46 @@ def test_frozen_bn_matches_numpy_and_ignores_training():
     np.testing.assert_allclose(layer.moving_variance.numpy(), var, rtol=1e-6)
 
 
+@pytest.mark.parametrize("axis,center,scale", [(-1, True, True), (1, True, True), (-1, False, False)])
+def test_frozen_bn_axis_center_scale_match_numpy(axis, center, scale):
+    rng = np.random.default_rng(3)
+    layer = FrozenBatchNormalization(axis=axis, center=center, scale=scale, epsilon=1e-3)
+    x = rng.normal(1.0, 2.0, (2, 5, 4, 6)).astype(np.float32)
+    layer.build(x.shape)
+    c = x.shape[axis]
+    gamma, beta = rng.uniform(0.5, 1.5, c), rng.normal(size=c)
+    mean, var = rng.normal(size=c), rng.uniform(0.1, 3.0, c)
+    layer.set_weights(([gamma] if scale else []) + ([beta] if center else []) + [mean, var])
+    shape = [1, 1, 1, 1]
+    shape[axis] = c
+    expected = (x - mean.reshape(shape)) / np.sqrt(var.reshape(shape) + 1e-3)
+    expected = expected * (gamma.reshape(shape) if scale else 1) + (beta.reshape(shape) if center else 0)
+    np.testing.assert_allclose(layer(x).numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_frozen_bn_stays_in_half_precision_under_mixed_policy():
+    # Under mixed_bfloat16 the affine map runs in bfloat16: same dtype out, values within bfloat16's
+    # rounding of the float32 result, and no float32 copy of the activations in the graph.
+    rng = np.random.default_rng(4)
+    layer = FrozenBatchNormalization(epsilon=1e-5, dtype="mixed_bfloat16")
+    x = rng.normal(0.0, 2.0, (2, 8, 8, 16)).astype(np.float32)
+    layer.build(x.shape)
+    layer.set_weights([rng.uniform(0.5, 1.5, 16), rng.normal(size=16), rng.normal(size=16),
+                       rng.uniform(0.1, 3.0, 16)])
+    reference = FrozenBatchNormalization(epsilon=1e-5)
+    reference.build(x.shape)
+    reference.set_weights(layer.get_weights())
+    xb = tf.cast(x, tf.bfloat16)
+    y = layer(xb)
+    assert y.dtype == tf.bfloat16 and layer.variable_dtype == "float32"
+    expected = reference(tf.cast(xb, tf.float32)).numpy()
+    np.testing.assert_allclose(tf.cast(y, tf.float32).numpy(), expected, rtol=2e-2, atol=2e-2)
+    graph = tf.function(layer).get_concrete_function(tf.TensorSpec(x.shape, tf.bfloat16)).graph
+    full_size_casts = [op for op in graph.get_operations() if op.type == "Cast"
+                       and op.outputs[0].shape.num_elements() == x.size]
+    assert full_size_casts == []
+
+
 def test_frozen_bn_has_no_trainable_weights_even_when_unfrozen():
     layer = FrozenBatchNormalization()
     model = keras.Sequential([keras.Input((3, 3, 4)), keras.layers.Conv2D(4, 1), layer])

@@ -49,7 +49,28 @@ class FrozenBatchNormalization(keras.layers.BatchNormalization):
         self._trainable = False
 
     def call(self, inputs, training=None, mask=None):
-        return super().call(inputs, training=False, mask=mask)
+        # The frozen statistics collapse to one per-channel scale and shift, computed in float32 on
+        # C values and applied in the layer's compute dtype. Keras' BatchNormalization instead casts
+        # half-precision activations to float32 and back around every BN (it must, for batch
+        # moments); for a frozen BN that is pure memory traffic: those casts were ~1 s of op time
+        # in a ~5 s bfloat16 Mask R-CNN R50-FPN training step (benchmarks/profile_models.py).
+        # In float32 this is the same arithmetic as tf.nn.batch_normalization.
+        scale = tf.math.rsqrt(tf.convert_to_tensor(self.moving_variance) + self.epsilon)
+        if self.scale:
+            scale = scale * self.gamma
+        shift = -tf.convert_to_tensor(self.moving_mean) * scale
+        if self.center:
+            shift = shift + self.beta
+        x = tf.convert_to_tensor(inputs)
+        if x.dtype != self.compute_dtype:
+            x = tf.cast(x, self.compute_dtype)
+        rank = x.shape.rank
+        axis = self.axis % rank if rank is not None else self.axis
+        if rank is not None and axis != rank - 1:
+            broadcast = [1] * rank
+            broadcast[axis] = -1
+            scale, shift = tf.reshape(scale, broadcast), tf.reshape(shift, broadcast)
+        return x * tf.cast(scale, x.dtype) + tf.cast(shift, x.dtype)
 
 
 @keras.saving.register_keras_serializable(package="kerasdet")
