@@ -17,9 +17,12 @@ run shows as a before/after gap instead of a wrong ratio. Each figure is the med
 steps after --warmup steps. Read the figures with the load averages the JSON carries: on a loaded
 machine both slow down by different, changing amounts (torch's OpenMP barriers wait for preempted
 threads), so only a quiet machine gives a ratio to hold a goal against (docs/SPEED.md).
+With --rounds R, kerasdet's steps are timed R times between R + 1 torchvision runs: each round's
+ratio uses its own neighbours, and the reported ratio is the median of the rounds' ratios, which
+holds up better against this host's drift (the same step moves by +-30 % within minutes).
 
     python benchmarks/train_speed.py [--models faster_rcnn_fpn,mask_rcnn_fpn] [--repeats 5]
-        [--precision float32|mixed_bfloat16]
+        [--precision float32|mixed_bfloat16] [--rounds 3]
 
 --precision mixed_bfloat16 times both sides in bfloat16 compute (Keras' mixed_bfloat16 policy,
 torch.autocast on CPU), float32 weights and optimizer on both.
@@ -214,6 +217,10 @@ def main(argv=None):
     parser.add_argument("--precision", default="float32", choices=["float32", "mixed_bfloat16"],
                         help="mixed_bfloat16: Keras' policy for kerasdet, torch.autocast(cpu, bfloat16) "
                              "for torchvision")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="alternate torchvision and kerasdet this many times (torchvision runs "
+                             "rounds + 1 times, first and last); the ratio is the median of the "
+                             "rounds' ratios")
     parser.add_argument("--output", default=None, help="also write the JSON to this file")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="torch.set_num_threads of the torchvision child (TensorFlow uses its "
@@ -243,29 +250,51 @@ def main(argv=None):
                     "tensorflow": tf.__version__},
         "models": {}}
     for name in args.models.split(","):
-        before = run_torchvision(name, args)
+        torchvision_runs = [run_torchvision(name, args)]
         kd_step, kd_params, _ = kerasdet_step_fn(name, problem, args.lr, jit, args.precision)
-        kd, kd_all = timed(kd_step, args.warmup, args.repeats, f"{name} kerasdet")
-        kd_load = list(os.getloadavg())
+        kd_rounds, kd_loads = [], []
+        for round_index in range(args.rounds):
+            # Only the first round warms up: the model and its traced step stay in this process.
+            kd_rounds.append(timed(kd_step, args.warmup if round_index == 0 else 0, args.repeats,
+                                   f"{name} kerasdet round {round_index + 1}/{args.rounds}"))
+            kd_loads.append(list(os.getloadavg()))
+            torchvision_runs.append(run_torchvision(name, args))
         del kd_step
-        after = run_torchvision(name, args)
-        tv = (before["seconds"] + after["seconds"]) / 2
+        rounds = []
+        for index, (kd_round, kd_load) in enumerate(zip(kd_rounds, kd_loads)):
+            before, after = torchvision_runs[index], torchvision_runs[index + 1]
+            tv = (before["seconds"] + after["seconds"]) / 2
+            rounds.append({"kerasdet_step_s": round(kd_round[0], 3),
+                           "torchvision_step_before_s": round(before["seconds"], 3),
+                           "torchvision_step_after_s": round(after["seconds"], 3),
+                           "ratio": round(kd_round[0] / tv, 3),
+                           "load_average": {"torchvision_before": before["load_average"],
+                                            "kerasdet": kd_load,
+                                            "torchvision_after": after["load_average"]}})
+        kd_all = [t for _, times in kd_rounds for t in times]
+        kd = statistics.median(kd_all)
+        tv_all = [t for run in torchvision_runs for t in run["times"]]
+        tv = statistics.median(tv_all)
+        before, after = torchvision_runs[0], torchvision_runs[-1]
         report["machine"].update(torch=before["torch"], torchvision=before["torchvision"])
         entry = {
-            "kerasdet_step_s": round(kd, 3), "torchvision_step_before_s": round(before["seconds"], 3),
+            # With one round: kerasdet's median over the mean of torchvision's before / after
+            # medians; with more, the median of the rounds' ratios, so a drift of the machine's
+            # speed between rounds moves both sides of each ratio together.
+            "ratio_kerasdet_over_torchvision": round(statistics.median([r["ratio"] for r in rounds]), 3),
+            "rounds": rounds,
+            "kerasdet_step_s": round(kd, 3),
+            "torchvision_step_s": round(tv, 3),
+            "torchvision_step_before_s": round(before["seconds"], 3),
             "torchvision_step_after_s": round(after["seconds"], 3),
-            "ratio_kerasdet_over_torchvision": round(kd / tv, 3),
             "kerasdet_steps_per_s": round(1 / kd, 3), "torchvision_steps_per_s": round(1 / tv, 3),
             "kerasdet_images_per_s": round(BATCH / kd, 3),
             "kerasdet_trainable_parameters": kd_params,
             "torchvision_trainable_parameters": before["trainable_parameters"],
             "kerasdet_jit_compile": jit,
             "times_s": {"kerasdet": [round(t, 3) for t in kd_all],
-                        "torchvision_before": [round(t, 3) for t in before["times"]],
-                        "torchvision_after": [round(t, 3) for t in after["times"]]},
-            "load_average": {"torchvision_before": before["load_average"],
-                             "kerasdet": kd_load,
-                             "torchvision_after": after["load_average"]},
+                        "torchvision": [[round(t, 3) for t in run["times"]]
+                                        for run in torchvision_runs]},
         }
         report["models"][name] = entry
         print(json.dumps({name: entry}), file=sys.stderr, flush=True)

@@ -8,6 +8,7 @@ names, constructor overrides (anchor sizes, from-scratch backbone settings) and 
 predict and export given weights from OUT (or OUT/checkpoints/) rebuild the model that run trained:
 its classes, input settings and overrides come from run.json.
 """
+import contextlib
 import dataclasses
 import json
 import os
@@ -198,6 +199,23 @@ def _anchor_fit_of(model, data, settings, anchors_fitted=False):
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 
 
+@contextlib.contextmanager
+def dtype_policy(precision, where):
+    """Keras' global dtype policy set to ``precision`` (None: float32) for the block, restored after
+    it: models built inside compute in that dtype and keep float32 variables."""
+    import keras
+
+    precision = precision or "float32"
+    if precision not in PRECISIONS:
+        raise ValueError(f"{where}: unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(precision)
+    try:
+        yield precision
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
 def _write_run_record(options, recipe, backbone_weights, scratch_note, overrides, settings, data, fit,
                       strategy, precision):
     os.makedirs(options.out, exist_ok=True)
@@ -219,11 +237,9 @@ def train(options):
     workers of a multi-worker run other than the chief, which evaluates).
 
     ``options.precision`` sets Keras' global dtype policy for the run (restored afterwards)."""
-    import keras
-
     precision = options.precision or "float32"
     if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+        raise ValueError(f"kerasdet train: unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if options.strategy not in (None, "none") and options.alternating:
         raise ValueError("--alternating trains four networks one after the other and does not run "
                          "under --strategy; train it on one device")
@@ -239,15 +255,13 @@ def train(options):
     from kerasdet.data import images
 
     check_output_folder(options.out)  # before minutes of data loading: --out must be writable
-    previous_policy = keras.config.dtype_policy()
-    keras.config.set_dtype_policy(precision)
     previous_limit = images._max_pixels_override
     if options.max_image_pixels is not None:
         images.set_max_image_pixels(options.max_image_pixels)
     try:
-        return _train(options, precision)
+        with dtype_policy(precision, "kerasdet train"):
+            return _train(options, precision)
     finally:
-        keras.config.set_dtype_policy(previous_policy)
         images.set_max_image_pixels(previous_limit)
 
 
@@ -431,11 +445,13 @@ def _train(options, precision):
 
 def evaluate(model_spec, data_spec, weights="default", num_classes=None, val_split="val", batch_size=None,
              classes=None, classes_file=None, out=None, proposals=None, max_proposals=2000,
-             on_bad="error"):
+             on_bad="error", precision=None):
     """Scores a model on the validation split of ``data_spec`` (printed; OUT/metrics.json when ``out``);
     returns the summary of `inference.evaluate_detector`. ``proposals``: the cache file (pattern)
-    of a detector on external proposals."""
-    model = model_for_inference(model_spec, weights, num_classes)
+    of a detector on external proposals. ``precision``: the Keras dtype policy the model computes
+    in (float32, mixed_bfloat16, mixed_float16; boxes and scores stay float32)."""
+    with dtype_policy(precision, "kerasdet evaluate"):
+        model = model_for_inference(model_spec, weights, num_classes)
     cache = proposal_files(proposals, model, (val_split,), f"kerasdet evaluate {model_spec}")[val_split]
     data = parse_data_spec(data_spec, val_split=val_split, need_train=False,
                            class_names=read_class_names(classes, classes_file), on_bad=on_bad)
@@ -449,13 +465,14 @@ def evaluate(model_spec, data_spec, weights="default", num_classes=None, val_spl
 
 
 def predict(model_spec, images, out, weights="default", num_classes=None, score_threshold=0.3,
-            proposals=None, max_proposals=2000):
+            proposals=None, max_proposals=2000, precision=None):
     """Draws a model's detections on image files, folders of images and glob patterns into ``out``;
     returns the records of OUT/detections.json. ``proposals``: a cache file holding the images'
     entries (by file name), or a method name (selective_search, edge_boxes) computing each image's,
-    for a detector on external proposals."""
+    for a detector on external proposals. ``precision``: as for `evaluate`."""
     paths = expand_image_paths(images)
-    model = model_for_inference(model_spec, weights, num_classes)
+    with dtype_policy(precision, "kerasdet predict"):
+        model = model_for_inference(model_spec, weights, num_classes)
     if proposals is not None and "{split}" in proposals:
         raise ValueError(f"kerasdet predict: --proposals {proposals}: give one cache file (no {{split}}) "
                          "holding the images' entries")
