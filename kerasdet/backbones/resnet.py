@@ -37,6 +37,7 @@ import keras
 from kerasdet.backbones.base import Backbone, check_input_shape, normalization_layer
 from kerasdet.layers.deform_layers import DeformConv2D
 from kerasdet.layers.normalization import FrozenBatchNormalization
+from kerasdet.layers.pointwise import PointwiseConv2D
 
 STAGE_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 STAGE_PLANES = (64, 128, 256, 512)
@@ -66,8 +67,10 @@ def _conv(x, filters, kernel_size, stride, name, initializer=None):
     else:
         # Stride 1 with an odd kernel: "same" already pads symmetrically.
         padding = "same"
-    return keras.layers.Conv2D(filters, kernel_size, strides=stride, padding=padding, use_bias=False,
-                               kernel_initializer=initializer or _conv_initializer(), name=name)(x)
+    # 1x1: the same layer, with matrix-product gradients in bfloat16 training (kerasdet.layers.pointwise).
+    layer = PointwiseConv2D if kernel_size == 1 else keras.layers.Conv2D
+    return layer(filters, kernel_size, strides=stride, padding=padding, use_bias=False,
+                 kernel_initializer=initializer or _conv_initializer(), name=name)(x)
 
 
 def bottleneck_block(x, prefix, planes, stride, downsample, frozen_bn, deformable=None,
@@ -92,9 +95,9 @@ def bottleneck_block(x, prefix, planes, stride, downsample, frozen_bn, deformabl
     y = _conv(y, planes * EXPANSION, 1, 1, f"{prefix}_conv3", initializer)
     y = _norm(f"{prefix}_bn3", frozen_bn)(y)
     if downsample:
-        shortcut = keras.layers.Conv2D(planes * EXPANSION, 1, strides=stride, use_bias=False,
-                                       kernel_initializer=initializer or _conv_initializer(),
-                                       name=f"{prefix}_downsample_0")(x)
+        shortcut = PointwiseConv2D(planes * EXPANSION, strides=stride, use_bias=False,
+                                   kernel_initializer=initializer or _conv_initializer(),
+                                   name=f"{prefix}_downsample_0")(x)
         shortcut = _norm(f"{prefix}_downsample_1", frozen_bn)(shortcut)
     y = keras.layers.Add(name=f"{prefix}_add")([y, shortcut])
     return keras.layers.ReLU(name=f"{prefix}_out")(y)

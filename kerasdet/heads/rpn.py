@@ -11,6 +11,7 @@ import tensorflow as tf
 from kerasdet import losses as kd_losses
 from kerasdet import ops
 from kerasdet.heads.part_config import part_config
+from kerasdet.layers.pointwise import PointwiseConv2D
 
 __all__ = ["AnchorConfig", "RPNConfig", "RPN", "RPNHead", "rpn_targets", "rpn_losses",
            "generate_proposals"]
@@ -119,9 +120,8 @@ class RPNHead(keras.layers.Layer):
         init = keras.initializers.RandomNormal(stddev=0.01)
         self.conv = keras.layers.Conv2D(self.channels, 3, padding="same", activation="relu",
                                         kernel_initializer=init, name="conv")
-        self.objectness = keras.layers.Conv2D(self.num_anchors, 1, kernel_initializer=init,
-                                              name="objectness")
-        self.box = keras.layers.Conv2D(4 * self.num_anchors, 1, kernel_initializer=init, name="box")
+        self.objectness = PointwiseConv2D(self.num_anchors, kernel_initializer=init, name="objectness")
+        self.box = PointwiseConv2D(4 * self.num_anchors, kernel_initializer=init, name="box")
 
     def build(self, input_shape):
         shape = input_shape[0] if isinstance(input_shape, (list, tuple)) and isinstance(

@@ -10,6 +10,7 @@ Layer names follow Detectron2 ("fpn_lateral{k}", "fpn_output{k}").
 import keras
 import tensorflow as tf
 
+from kerasdet.layers.pointwise import PointwiseConv2D
 from kerasdet.ops.xla import in_xla_context
 
 
@@ -65,8 +66,8 @@ class FPN(keras.layers.Layer):
             kernel_initializer or keras.initializers.VarianceScaling(1.0, "fan_in", "uniform"))
         self._ranks = ranks
         self.lateral_convs = [
-            keras.layers.Conv2D(self.channels, 1, kernel_initializer=self._init(), dtype=self.dtype_policy,
-                                name=f"fpn_lateral{k}") for k in ranks]
+            PointwiseConv2D(self.channels, kernel_initializer=self._init(), dtype=self.dtype_policy,
+                            name=f"fpn_lateral{k}") for k in ranks]
         self.output_convs = [
             keras.layers.Conv2D(self.channels, 3, padding="same", kernel_initializer=self._init(),
                                 dtype=self.dtype_policy, name=f"fpn_output{k}") for k in ranks]

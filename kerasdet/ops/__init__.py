@@ -11,3 +11,4 @@ from kerasdet.ops.sampling import *  # noqa: F401,F403
 from kerasdet.ops.roi import *  # noqa: F401,F403
 from kerasdet.ops.deform import *  # noqa: F401,F403
 from kerasdet.ops.masks import *  # noqa: F401,F403
+from kerasdet.ops.pointwise import *  # noqa: F401,F403
