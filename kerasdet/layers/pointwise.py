@@ -2,9 +2,9 @@
 
 Same weights, config and outputs as ``keras.layers.Conv2D(filters, 1, ...)``; only the gradient of
 a stride-1 layer computing in bfloat16 under ``training=True`` changes, to the matrix products of
-`kerasdet.ops.pointwise_conv2d` (measured 0.75x the time of TensorFlow's convolution gradients over
-ResNet-50 + FPN's 1x1 layers, and no faster in float32: see that module). Inference keeps the
-plain convolution, so grappler's conv + bias + activation fusions are unchanged.
+`kerasdet.ops.pointwise_conv2d` (0.70x the time of TensorFlow's convolution gradients over
+ResNet-50 + FPN's stride-1 1x1 layers, and no faster in float32: see that module). Inference keeps
+the plain convolution, so grappler's conv + bias + activation fusions are unchanged.
 
 Keras' weights files address the layers of a model by the snake_case of their class name
 ("layers/conv2d_7/vars"), not by the layers' own names, so the class answers to the name

@@ -3,13 +3,13 @@
 A 1x1 convolution over [B, H, W, Ci] multiplies the [B * H * W, Ci] matrix of pixels by the [Ci, Co]
 kernel, so its kernel gradient is pixels^T @ dy and its input gradient dy @ kernel^T. TensorFlow
 differentiates the convolution with oneDNN's convolution backward kernels instead. On the stride-1
-1x1 shapes of ResNet-50 and FPN at 800 x 1216 (batch 2), forward + both gradients took 0.36-0.91x
-the time as matrix products in bfloat16 (AMX), but about the same in float32 (0.78-1.28x, 1.05x
-summed over the model): `python benchmarks/pointwise_conv.py` prints the per-shape times. The
-strided (downsampling) 1x1 convolutions stay TensorFlow's: a strided variant (every s-th pixel,
-the input gradient by conv2d_transpose) measured 0.66-1.6x, no gain over the three of them. `kerasdet.layers.PointwiseConv2D`
-therefore uses this op for bfloat16 training only. The forward pass is the same convolution as
-`keras.layers.Conv2D`'s.
+1x1 shapes of ResNet-50 and FPN at 800 x 1216 (batch 2), forward + both gradients took 0.48-0.96x
+the time as matrix products in bfloat16 (AMX; 0.70x summed over the model's layers), but about
+the same in float32 (0.79-1.19x, 1.03x summed): `python benchmarks/pointwise_conv.py` prints the
+per-shape times. The strided (downsampling) 1x1 convolutions stay TensorFlow's: a strided variant
+(every s-th pixel, the input gradient by conv2d_transpose) measured 0.66-1.6x, no gain over the
+three of them. `kerasdet.layers.PointwiseConv2D` therefore uses this op for bfloat16 training only.
+The forward pass is the same convolution as `keras.layers.Conv2D`'s.
 """
 import tensorflow as tf
 
