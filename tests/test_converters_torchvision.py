@@ -51,9 +51,14 @@ def test_detector_stages_match_torchvision(torch_reference, arch):
     proposals = proposals[0].numpy()[valid[0].numpy()]
     assert proposals.shape == ref["proposals"].shape
     # The same set; the order may differ only where two scores tie (torchvision sorts float32
-    # sigmoid probabilities, which round distinct logits to one value near 1).
-    diff = _report(f"{arch} proposals max abs diff (px), as sets", _set_distance(proposals, ref["proposals"]))
-    assert diff <= 1e-3
+    # sigmoid probabilities, which round distinct logits to one value near 1). Features that agree
+    # to ~3e-6 can still swap a box whose logit ties the 1000th of its level before NMS (seen once
+    # in 1000 for Mask R-CNN once kerasdet folded the frozen BNs into the convs; the box head and
+    # the detections below stay exact), so at most 2 in 1000 may be unmatched.
+    distance = np.abs(proposals[:, None, :] - ref["proposals"][None, :, :]).max(-1)
+    unmatched = max(int((distance.min(1) > 1e-3).sum()), int((distance.min(0) > 1e-3).sum()))
+    _report(f"{arch} proposals without a counterpart within 1e-3 px", unmatched)
+    assert unmatched <= 2
 
     # The second stage on torchvision's own proposals: logits and per-class deltas.
     cls_logits, box_deltas = model.box_branch(roi_features, tf.constant(ref["proposals"][np.newaxis]))

@@ -9,6 +9,8 @@ necks and heads can place anchors and pool RoIs without knowing the architecture
 import keras
 import numpy as np
 
+from kerasdet.backbones.norm_folding import FoldsFrozenNorms
+
 # Per-channel statistics of the two checkpoint families the backbones are meant to load.
 # torchvision ImageNet models: RGB input in [0, 1] normalized by these mean / std.
 TORCHVISION_MEAN = (0.485 * 255.0, 0.456 * 255.0, 0.406 * 255.0)
@@ -91,8 +93,10 @@ def check_input_shape(input_shape, name, min_size=None):
     return input_shape
 
 
-class Backbone(keras.Model):
+class Backbone(FoldsFrozenNorms, keras.Model):
     """Base class of the backbones: a functional model with dict outputs and output strides.
+
+    Its `call` folds each frozen BN into the convolution before it (`norm_folding`).
 
     Subclasses build their graph in ``__init__`` and call
     ``super().__init__(inputs=..., outputs={name: tensor}, strides={name: int}, name=...)``;

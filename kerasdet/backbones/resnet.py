@@ -35,6 +35,7 @@ torchvision checkpoint fills both parts.
 import keras
 
 from kerasdet.backbones.base import Backbone, check_input_shape, normalization_layer
+from kerasdet.backbones.norm_folding import FoldsFrozenNorms
 from kerasdet.layers.deform_layers import DeformConv2D
 from kerasdet.layers.normalization import FrozenBatchNormalization
 from kerasdet.layers.pointwise import PointwiseConv2D
@@ -230,7 +231,7 @@ class ResNet(Backbone):
 
 
 @keras.saving.register_keras_serializable(package="kerasdet")
-class ResNetConv5Head(keras.Model):
+class ResNetConv5Head(FoldsFrozenNorms, keras.Model):
     """torchvision ``layer4`` as a per-RoI head for Faster R-CNN C4 (see the module docstring).
 
     Maps pooled RoI features [R, S, S, in_channels] (S = 14 in Detectron) to [R, S/2, S/2, 2048]

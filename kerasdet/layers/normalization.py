@@ -48,19 +48,24 @@ class FrozenBatchNormalization(keras.layers.BatchNormalization):
         # request is ignored rather than raising (raising would break unfreezing a whole backbone).
         self._trainable = False
 
-    def call(self, inputs, training=None, mask=None):
-        # The frozen statistics collapse to one per-channel scale and shift, computed in float32 on
-        # C values and applied in the layer's compute dtype. Keras' BatchNormalization instead casts
-        # half-precision activations to float32 and back around every BN (it must, for batch
-        # moments); for a frozen BN that is pure memory traffic: those casts were ~1 s of op time
-        # in a ~5 s bfloat16 Mask R-CNN R50-FPN training step (benchmarks/profile_models.py).
-        # In float32 this is the same arithmetic as tf.nn.batch_normalization.
+    def folded_scale_shift(self):
+        """The layer as y = x * scale + shift: float32 ``scale``, ``shift`` of one value per channel
+        (also what `kerasdet.backbones.norm_folding` folds into the convolution before it)."""
         scale = tf.math.rsqrt(tf.convert_to_tensor(self.moving_variance) + self.epsilon)
         if self.scale:
             scale = scale * self.gamma
         shift = -tf.convert_to_tensor(self.moving_mean) * scale
         if self.center:
             shift = shift + self.beta
+        return scale, shift
+
+    def call(self, inputs, training=None, mask=None):
+        # Applied in the layer's compute dtype. Keras' BatchNormalization instead casts
+        # half-precision activations to float32 and back around every BN (it must, for batch
+        # moments); for a frozen BN that is pure memory traffic: those casts were ~1 s of op time
+        # in a ~5 s bfloat16 Mask R-CNN R50-FPN training step (benchmarks/profile_models.py).
+        # In float32 this is the same arithmetic as tf.nn.batch_normalization.
+        scale, shift = self.folded_scale_shift()
         x = tf.convert_to_tensor(inputs)
         if x.dtype != self.compute_dtype:
             x = tf.cast(x, self.compute_dtype)

@@ -1,0 +1,129 @@
+"""Running a functional backbone with every frozen BN folded into the convolution before it.
+
+A `FrozenBatchNormalization` after a convolution is a fixed per-channel affine map, so
+conv(x, W) * s + t == conv(x, W * s) + t: the BN's full pass over the activations reduces to
+scaling the kernel, a few thousand numbers, and a bias add that oneDNN fuses into the convolution
+together with the ReLU and the residual add that follow. Faster R-CNN R50-FPN inference at
+800 x 1216 took ~0.76x (bfloat16) and ~0.9x (float32) of the unfolded time (docs/SPEED.md).
+
+Inference only: a call with ``training=True`` runs the layers one by one. In training the fold gave
+only ~0.95x of the bfloat16 step (the convolution gradients dominate it), and once in about five
+loaded runs the folded float32 gradient of conv1 came out 3e-3 away (relative) from a float64
+reference where the layer-by-layer one stayed at 3e-6; that was not explained, so training keeps
+the path whose gradients are checked everywhere else.
+
+The layers and their weights are untouched: a model built from the graph's intermediate outputs
+(``keras.Model(backbone.input, backbone.get_layer("conv1").output)``) still sees the convolution
+without its BN, because only the backbone's own `call` folds. The fold uses Keras' functional
+graph executor (`Functional._run_through_graph`, a private API); if that is missing in a Keras
+version, `FoldsFrozenNorms` falls back to the ordinary call, and tests/test_norm_folding.py fails so
+the slowdown does not go unnoticed.
+"""
+import keras
+import tensorflow as tf
+
+from kerasdet.layers.normalization import FrozenBatchNormalization
+from kerasdet.layers.pointwise import PointwiseConv2D
+
+try:  # Keras internals the fold runs through (see the module docstring).
+    from keras.src.models.functional import operation_fn as _keras_operation_fn
+    from keras.src.models.functional import unpack_singleton as _unpack_singleton
+except ImportError:  # pragma: no cover - depends on the installed Keras
+    _keras_operation_fn = None
+
+__all__ = ["FoldsFrozenNorms", "foldable_pairs"]
+
+
+# Exact types: a subclass may change what its call computes.
+_FOLDABLE_CONVS = (keras.layers.Conv2D, PointwiseConv2D)
+
+
+def _producer(tensor):
+    history = getattr(tensor, "_keras_history", None)
+    return None if history is None else history.operation
+
+
+def foldable_pairs(model):
+    """[(conv, bn)] for each plain `keras.layers.Conv2D` or `PointwiseConv2D` (channels-last, no
+    activation, called once) whose output feeds only one `FrozenBatchNormalization` over the channel
+    axis, of the same dtype policy, inside ``model``'s graph and not a model output."""
+    consumers = {}
+    nodes = [node for depth_nodes in model._nodes_by_depth.values() for node in depth_nodes]
+    for node in nodes:
+        for tensor in node.input_tensors:
+            consumers[id(tensor)] = consumers.get(id(tensor), 0) + 1
+    outputs = {id(t) for t in model.outputs}
+    pairs = []
+    for node in nodes:
+        bn = node.operation
+        if not isinstance(bn, FrozenBatchNormalization) or len(node.input_tensors) != 1:
+            continue
+        tensor = node.input_tensors[0]
+        conv = _producer(tensor)
+        if (type(conv) not in _FOLDABLE_CONVS or conv.data_format != "channels_last"
+                or conv.activation is not keras.activations.linear
+                or len(conv._inbound_nodes) != 1 or len(bn._inbound_nodes) != 1
+                or consumers.get(id(tensor)) != 1 or id(tensor) in outputs
+                or bn.axis not in (-1, len(tensor.shape) - 1)
+                or bn.dtype_policy.name != conv.dtype_policy.name):
+            continue
+        pairs.append((conv, bn))
+    return pairs
+
+
+def _folded_conv(conv, bn):
+    def call(inputs, **kwargs):
+        with tf.name_scope(conv.name):
+            dtype = conv.compute_dtype
+            x = tf.convert_to_tensor(inputs)
+            if x.dtype != dtype:
+                x = tf.cast(x, dtype)
+            scale, shift = bn.folded_scale_shift()
+            # The product is formed in float32 and rounded once to the compute dtype.
+            kernel = tf.cast(conv.kernel, tf.float32) * scale
+            if conv.use_bias:
+                shift = shift + tf.cast(conv.bias, tf.float32) * scale
+            y = conv.convolution_op(x, tf.cast(kernel, dtype))
+            return tf.nn.bias_add(y, tf.cast(shift, dtype))
+    return call
+
+
+def _identity(inputs, **kwargs):
+    return inputs
+
+
+class FoldsFrozenNorms:
+    """Mixin for functional `keras.Model` subclasses: `call` outside training folds each frozen BN
+    into the convolution before it (see the module docstring). Set ``fold_frozen_norms = False`` on an
+    instance to run the layers one by one."""
+
+    fold_frozen_norms = True
+
+    def _frozen_norm_folds(self):
+        cached = self.__dict__.get("_kerasdet_norm_folds")
+        if cached is None:
+            pairs = foldable_pairs(self)
+            cached = ({id(conv): _folded_conv(conv, bn) for conv, bn in pairs},
+                      {id(bn) for _, bn in pairs})
+            # Plain attribute, outside Keras' tracking: it is derived from the graph, not state.
+            object.__setattr__(self, "_kerasdet_norm_folds", cached)
+        return cached
+
+    def call(self, inputs, training=None, mask=None, **kwargs):
+        if (not self.fold_frozen_norms or training is True or mask is not None
+                or _keras_operation_fn is None):
+            return super().call(inputs, training=training, mask=mask, **kwargs)
+        convs, norms = self._frozen_norm_folds()
+        if not convs:
+            return super().call(inputs, training=training, mask=mask, **kwargs)
+
+        def operation_fn(operation):
+            if id(operation) in convs:
+                return convs[id(operation)]
+            if id(operation) in norms:
+                return _identity
+            return _keras_operation_fn(operation, training=training, **kwargs)
+
+        outputs = self._run_through_graph(self._standardize_inputs(inputs), operation_fn=operation_fn)
+        return _unpack_singleton(outputs)
+
