@@ -6,8 +6,10 @@ The trace (`tf.profiler.experimental`, the same data TensorBoard's profile tab s
 from its .xplane.pb; host ops are summed by their own duration. Container ops (function calls,
 loops, conditionals) are left out of the sums so nothing is counted twice. The total of a profiled
 call and the model's FLOPs (convolutions and matrix products of the traced graph, from
-TensorFlow's own cost model) give the fraction of the CPU's FMA peak reached (--peak-gflops,
-both cores; see docs/SPEED.md for how it was measured).
+TensorFlow's own cost model) give the rate reached, reported as a fraction of the rate of one
+large matrix product timed in the same run and precision ("gemm_gflops": what TensorFlow's oneDNN
+attains on this host, the practical ceiling for convolutions) and, with --peak-gflops, of the CPU's
+FMA peak (both cores; see docs/SPEED.md for how it was measured).
 
     python benchmarks/profile_models.py --model mask_rcnn_fpn --mode inference [--top 25]
         [--precision mixed_bfloat16]
@@ -90,6 +92,19 @@ def summarise(logdir, top):
             "by_scope_ms": rnd(by_scope), "by_op_ms": rnd(by_name)}
 
 
+def gemm_gflops(dtype, n=4096, repeats=5):
+    """GFLOP/s of the best of `repeats` n x n matrix products in `dtype` on this host."""
+    a = tf.cast(tf.random.stateless_normal((n, n), seed=(0, 0)), dtype)
+    product = tf.function(tf.linalg.matmul, autograph=False)
+    product(a, a).numpy()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        product(a, a).numpy()
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * n ** 3 / best / 1e9
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="faster_rcnn_fpn", choices=list(ARCH))
@@ -142,8 +157,10 @@ def main(argv=None):
         run()
     profiled = (time.perf_counter() - start) / args.repeats
     tf.profiler.experimental.stop()
+    from train_speed import _cpu_name
+
     report = {"model": args.model, "mode": args.mode, "precision": args.precision,
-              "load_average": list(os.getloadavg()),
+              "cpu": _cpu_name(), "load_average": list(os.getloadavg()),
               "seconds_median_unprofiled": round(statistics.median(times), 3),
               "seconds_per_call_profiled": round(profiled, 3), "logdir": logdir}
     summary = summarise(logdir, args.top)
@@ -155,9 +172,12 @@ def main(argv=None):
     if concrete is not None:
         flops = graph_flops(concrete)
         report["graph_gflops"] = round(flops / 1e9, 1)
+        rate = flops / statistics.median(times) / 1e9
+        gemm = gemm_gflops(tf.bfloat16 if args.precision == "mixed_bfloat16" else tf.float32)
+        report.update(gflops_per_second=round(rate, 1), gemm_gflops=round(gemm, 1),
+                      fraction_of_gemm_rate=round(rate / gemm, 3))
         if args.peak_gflops:
-            seconds = statistics.median(times)
-            report["fraction_of_fma_peak"] = round(flops / seconds / 1e9 / args.peak_gflops, 3)
+            report["fraction_of_fma_peak"] = round(rate / args.peak_gflops, 3)
     print(json.dumps(report, indent=1))
 
 

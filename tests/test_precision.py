@@ -317,3 +317,19 @@ def test_tiny_detector_trains_and_predicts_under_mixed_precision(family, name, t
     assert np.isfinite(out["boxes"]).all() and np.isfinite(out["scores"]).all()
     if "masks" in out:
         assert out["masks"].dtype in (np.uint8, np.float32)
+
+
+def test_run_drivers_check_the_precision_and_restore_the_policy():
+    from kerasdet.engine import runs
+
+    assert runs.checked_precision(None, "x") == "float32"
+    with pytest.raises(ValueError, match=r"kerasdet evaluate: unknown precision 'float8'.*mixed_bfloat16"):
+        runs.checked_precision("float8", "kerasdet evaluate")
+    before = keras.config.dtype_policy().name
+    with runs.dtype_policy("mixed_bfloat16", "kerasdet predict") as precision:
+        assert precision == "mixed_bfloat16" and keras.config.dtype_policy().name == "mixed_bfloat16"
+    assert keras.config.dtype_policy().name == before
+    with pytest.raises(ValueError, match="kerasdet predict"):
+        with runs.dtype_policy("half", "kerasdet predict"):
+            pass
+    assert keras.config.dtype_policy().name == before

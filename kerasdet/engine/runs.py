@@ -199,15 +199,22 @@ def _anchor_fit_of(model, data, settings, anchors_fitted=False):
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 
 
+def checked_precision(precision, where):
+    """``precision`` (None: "float32") if it is one of PRECISIONS; otherwise a ValueError naming
+    ``where`` and the choices."""
+    precision = precision or "float32"
+    if precision not in PRECISIONS:
+        raise ValueError(f"{where}: unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    return precision
+
+
 @contextlib.contextmanager
 def dtype_policy(precision, where):
     """Keras' global dtype policy set to ``precision`` (None: float32) for the block, restored after
     it: models built inside compute in that dtype and keep float32 variables."""
     import keras
 
-    precision = precision or "float32"
-    if precision not in PRECISIONS:
-        raise ValueError(f"{where}: unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    precision = checked_precision(precision, where)
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy(precision)
     try:
@@ -237,9 +244,7 @@ def train(options):
     workers of a multi-worker run other than the chief, which evaluates).
 
     ``options.precision`` sets Keras' global dtype policy for the run (restored afterwards)."""
-    precision = options.precision or "float32"
-    if precision not in PRECISIONS:
-        raise ValueError(f"kerasdet train: unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    precision = checked_precision(options.precision, "kerasdet train")
     if options.strategy not in (None, "none") and options.alternating:
         raise ValueError("--alternating trains four networks one after the other and does not run "
                          "under --strategy; train it on one device")
