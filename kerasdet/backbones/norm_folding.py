@@ -4,7 +4,8 @@ A `FrozenBatchNormalization` after a convolution is a fixed per-channel affine m
 conv(x, W) * s + t == conv(x, W * s) + t: the BN's full pass over the activations reduces to
 scaling the kernel, a few thousand numbers, and a bias add that oneDNN fuses into the convolution
 together with the ReLU and the residual add that follow. Faster R-CNN R50-FPN inference at
-800 x 1216 took ~0.76x (bfloat16) and ~0.9x (float32) of the unfolded time (docs/SPEED.md).
+800 x 1216 took ~0.76x (bfloat16) and ~0.9x (float32) of the unfolded time on an Intel host, 0.86x
+(bfloat16) on an AMD one (session measurements taking turns in one process; docs/SPEED.md).
 
 Inference only: a call with ``training=True`` runs the layers one by one. In training the fold gave
 only ~0.95x of the bfloat16 step (the convolution gradients dominate it), and once in about five
