@@ -25,6 +25,7 @@ import tensorflow as tf
 
 from kerasdet.layers.normalization import FrozenBatchNormalization
 from kerasdet.layers.pointwise import PointwiseConv2D
+from kerasdet.layers.winograd import WinogradConv2D
 
 try:  # Keras internals the fold runs through (see the module docstring).
     from keras.src.models.functional import operation_fn as _keras_operation_fn
@@ -36,7 +37,7 @@ __all__ = ["FoldsFrozenNorms", "foldable_pairs"]
 
 
 # Exact types: a subclass may change what its call computes.
-_FOLDABLE_CONVS = (keras.layers.Conv2D, PointwiseConv2D)
+_FOLDABLE_CONVS = (keras.layers.Conv2D, PointwiseConv2D, WinogradConv2D)
 
 
 def _producer(tensor):

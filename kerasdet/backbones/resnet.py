@@ -39,6 +39,7 @@ from kerasdet.backbones.norm_folding import FoldsFrozenNorms
 from kerasdet.layers.deform_layers import DeformConv2D
 from kerasdet.layers.normalization import FrozenBatchNormalization
 from kerasdet.layers.pointwise import PointwiseConv2D
+from kerasdet.layers.winograd import WinogradConv2D
 
 STAGE_BLOCKS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 STAGE_PLANES = (64, 128, 256, 512)
@@ -68,8 +69,9 @@ def _conv(x, filters, kernel_size, stride, name, initializer=None):
     else:
         # Stride 1 with an odd kernel: "same" already pads symmetrically.
         padding = "same"
-    # 1x1: the same layer, with matrix-product gradients in bfloat16 training (kerasdet.layers.pointwise).
-    layer = PointwiseConv2D if kernel_size == 1 else keras.layers.Conv2D
+    # 1x1: the same layer, with matrix-product gradients in bfloat16 training (kerasdet.layers.pointwise);
+    # 3x3: Winograd products for stride-1 float32 on the CPU (kerasdet.layers.winograd).
+    layer = {1: PointwiseConv2D, 3: WinogradConv2D}.get(kernel_size, keras.layers.Conv2D)
     return layer(filters, kernel_size, strides=stride, padding=padding, use_bias=False,
                  kernel_initializer=initializer or _conv_initializer(), name=name)(x)
 

@@ -21,6 +21,7 @@ Outputs: "conv4_3", "conv5_3", "fc7" (the output of conv_fc7) and "conv6_2".
 import keras
 
 from kerasdet.backbones.base import Backbone, check_input_shape, normalization_layer
+from kerasdet.layers.winograd import WinogradConv2D
 
 VGG16_BLOCKS = ((64, 2), (128, 2), (256, 3), (512, 3), (512, 3))
 # pool5 (size, stride) and conv_fc6 dilation of the reduced styles.
@@ -28,8 +29,9 @@ REDUCED_STYLES = {"ssd": (3, 1, 6), "refinedet": (2, 2, 3)}
 
 
 def _conv(x, filters, kernel_size, name, strides=1, dilation_rate=1, padding="same"):
-    return keras.layers.Conv2D(filters, kernel_size, strides=strides, dilation_rate=dilation_rate,
-                               padding=padding, activation="relu", name=name)(x)
+    layer = WinogradConv2D if kernel_size == 3 else keras.layers.Conv2D  # see kerasdet.layers.winograd
+    return layer(filters, kernel_size, strides=strides, dilation_rate=dilation_rate,
+                 padding=padding, activation="relu", name=name)(x)
 
 
 @keras.saving.register_keras_serializable(package="kerasdet")

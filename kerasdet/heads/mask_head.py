@@ -11,6 +11,7 @@ import tensorflow as tf
 
 from kerasdet import losses as kd_losses
 from kerasdet.heads.part_config import part_config
+from kerasdet.layers.winograd import WinogradConv2D
 from kerasdet.ops.masks import resample_masks
 from kerasdet.ops.xla import in_xla_context
 
@@ -133,9 +134,9 @@ class MaskHead(keras.layers.Layer):
         self.num_classes = int(num_classes)
         self.channels = int(channels)
         self.num_convs = int(num_convs)
-        self.convs = [keras.layers.Conv2D(self.channels, 3, padding="same", activation="relu",
-                                          kernel_initializer=_he_normal_fan_out(),
-                                          name=f"mask_fcn{i + 1}")
+        self.convs = [WinogradConv2D(self.channels, 3, padding="same", activation="relu",
+                                     kernel_initializer=_he_normal_fan_out(),
+                                     name=f"mask_fcn{i + 1}")
                       for i in range(self.num_convs)]
         self.deconv = keras.layers.Conv2DTranspose(self.channels, 2, strides=2, activation="relu",
                                                    kernel_initializer=_he_normal_fan_out(),

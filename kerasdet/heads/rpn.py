@@ -12,6 +12,7 @@ from kerasdet import losses as kd_losses
 from kerasdet import ops
 from kerasdet.heads.part_config import part_config
 from kerasdet.layers.pointwise import PointwiseConv2D
+from kerasdet.layers.winograd import WinogradConv2D
 
 __all__ = ["AnchorConfig", "RPNConfig", "RPN", "RPNHead", "rpn_targets", "rpn_losses",
            "generate_proposals"]
@@ -118,8 +119,8 @@ class RPNHead(keras.layers.Layer):
         self.num_anchors = int(num_anchors)
         self.channels = int(channels)
         init = keras.initializers.RandomNormal(stddev=0.01)
-        self.conv = keras.layers.Conv2D(self.channels, 3, padding="same", activation="relu",
-                                        kernel_initializer=init, name="conv")
+        self.conv = WinogradConv2D(self.channels, 3, padding="same", activation="relu",
+                                   kernel_initializer=init, name="conv")
         self.objectness = PointwiseConv2D(self.num_anchors, kernel_initializer=init, name="objectness")
         self.box = PointwiseConv2D(4 * self.num_anchors, kernel_initializer=init, name="box")
 

@@ -11,6 +11,7 @@ import keras
 import tensorflow as tf
 
 from kerasdet.layers.pointwise import PointwiseConv2D
+from kerasdet.layers.winograd import WinogradConv2D
 from kerasdet.ops.xla import in_xla_context
 
 
@@ -69,7 +70,7 @@ class FPN(keras.layers.Layer):
             PointwiseConv2D(self.channels, kernel_initializer=self._init(), dtype=self.dtype_policy,
                             name=f"fpn_lateral{k}") for k in ranks]
         self.output_convs = [
-            keras.layers.Conv2D(self.channels, 3, padding="same", kernel_initializer=self._init(),
+            WinogradConv2D(self.channels, 3, padding="same", kernel_initializer=self._init(),
                                 dtype=self.dtype_policy, name=f"fpn_output{k}") for k in ranks]
         self.extra_pool = keras.layers.MaxPooling2D(pool_size=1, strides=2, dtype=self.dtype_policy,
                                                     name=f"fpn_pool{ranks[-1] + 1}")

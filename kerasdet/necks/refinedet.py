@@ -18,6 +18,8 @@ the one above.
 import keras
 import tensorflow as tf
 
+from kerasdet.layers.winograd import WinogradConv2D
+
 
 @keras.saving.register_keras_serializable(package="kerasdet")
 class TransferConnectionBlocks(keras.layers.Layer):
@@ -48,8 +50,8 @@ class TransferConnectionBlocks(keras.layers.Layer):
         self.channels = int(channels)
 
         def conv(name, relu):
-            return keras.layers.Conv2D(self.channels, 3, padding="same", activation="relu" if relu else None,
-                                       dtype=self.dtype_policy, name=name)
+            return WinogradConv2D(self.channels, 3, padding="same", activation="relu" if relu else None,
+                                  dtype=self.dtype_policy, name=name)
 
         top = len(input_names) - 1
         self.first_convs, self.second_convs, self.output_convs, self.upsamplers = [], [], [], []

@@ -1,0 +1,458 @@
+// CPU kernels of the Winograd F(m x m, 3 x 3) tile transforms (registrations in winograd_ops.cc).
+//
+// All four ops are one of two loops with a different small matrix L:
+//   * Gather: for every tile, out[a, b] = sum_ij L[a, i] w[i, j] L[b, j] over the tile's S x S window
+//     w of an NHWC tensor (zero outside it): the input transform (L = B^T, S = m + 2) and the output
+//     transform's adjoint (L = A, S = m).
+//   * Scatter: for every tile, w[i, j] = sum_ab L[i, a] t[a, b] L[j, b] written into (or, where the
+//     windows overlap, summed into) the tile's window, cropped at the tensor's edge: the output
+//     transform (L = A^T, S = m) and the input transform's adjoint (L = B, S = m + 2).
+// Tiles live in [(m + 2)^2, tiles, channels]; each transform runs on a block of channels at a time
+// so the innermost loops are independent lanes the compiler vectorizes. The arithmetic is float32
+// whatever the tensor type (bfloat16 / half are converted on load and rounded once on store).
+//
+// Threading: Gather and the non-overlapping Scatter split (tile, channel block) units over the CPU
+// worker pool; the overlapping Scatter (input gradient) splits (image, channel block) units, each
+// owning its channels of one image, so no two workers write the same element (no atomics, and the
+// result does not depend on the number of threads).
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/register_types.h"
+#include "tensorflow/core/framework/tensor.h"
+#include "tensorflow/core/util/work_sharder.h"
+
+namespace kerasdet {
+namespace {
+
+using tensorflow::OpKernel;
+using tensorflow::OpKernelConstruction;
+using tensorflow::OpKernelContext;
+using tensorflow::Tensor;
+using tensorflow::TensorShape;
+using tensorflow::errors::InvalidArgument;
+
+// The transform matrices of Lavin & Gray (2016) for interpolation points 0, +-1 (m = 2) and
+// 0, +-1, +-2 (m = 4), row-major; G (the filter transform) is applied in Python (kerasdet.ops.winograd).
+constexpr float kBT2[4 * 4] = {1, 0, -1, 0,  //
+                               0, 1, 1,  0,  //
+                               0, -1, 1, 0,  //
+                               0, 1, 0,  -1};
+constexpr float kAT2[2 * 4] = {1, 1, 1, 0,  //
+                               0, 1, -1, -1};
+constexpr float kBT4[6 * 6] = {4, 0,  -5, 0,  1, 0,  //
+                               0, -4, -4, 1,  1, 0,  //
+                               0, 4,  -4, -1, 1, 0,  //
+                               0, -2, -1, 2,  1, 0,  //
+                               0, 2,  -1, -2, 1, 0,  //
+                               0, 4,  0,  -5, 0, 1};
+constexpr float kAT4[4 * 6] = {1, 1, 1,  1, 1,  0,  //
+                               0, 1, -1, 2, -2, 0,  //
+                               0, 1, 1,  4, 4,  0,  //
+                               0, 1, -1, 8, -8, 1};
+
+constexpr int kMaxSide = 6;
+constexpr int kBlock = 16;  // channels per unit: one AVX-512 register of float32
+
+// The tile grid laid over an NHWC tensor [n, h, w, c]: tile (ty, tx) of image b has its window's
+// top-left corner at (off_y + ty * stride, off_x + tx * stride) and side `window`; its transformed
+// values are the r x r tile at row (b * tiles_h + ty) * tiles_w + tx of [r * r, tiles, c].
+struct TileGrid {
+  int64_t n, h, w, c;
+  int64_t tiles_h, tiles_w;
+  int stride, off_y, off_x, window, r;
+  const float* L;  // gather: r x window; scatter: window x r (row-major)
+
+  int64_t tiles() const { return n * tiles_h * tiles_w; }
+  int64_t blocks() const { return (c + kBlock - 1) / kBlock; }
+};
+
+// Function multi-versioning as in the other kernels (see deform_conv_kernels.cc): TensorFlow's
+// portable flags alone would leave the channel loops at 128-bit SSE.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define KD_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define KD_CPU_CLONES
+#endif
+
+using Block = float[kMaxSide][kMaxSide][kBlock];
+
+// out[a][b] = sum_ij L[a, i] in[i][j] L[b, j] for L of rows x cols (row-major), lane by lane.
+// Not a template, so the instruction-set clones apply (GCC does not clone templates).
+KD_CPU_CLONES void Sandwich(const float* L, int rows, int cols, const Block& in, Block& out) {
+  float half[kMaxSide][kMaxSide][kBlock];  // (L in)[a][j]
+  for (int a = 0; a < rows; ++a) {
+    for (int j = 0; j < cols; ++j) {
+      float* h = half[a][j];
+      for (int k = 0; k < kBlock; ++k) h[k] = 0.f;
+      for (int i = 0; i < cols; ++i) {
+        const float l = L[a * cols + i];
+        if (l == 0.f) continue;
+        const float* v = in[i][j];
+        for (int k = 0; k < kBlock; ++k) h[k] += l * v[k];
+      }
+    }
+  }
+  for (int a = 0; a < rows; ++a) {
+    for (int b = 0; b < rows; ++b) {
+      float* o = out[a][b];
+      for (int k = 0; k < kBlock; ++k) o[k] = 0.f;
+      for (int j = 0; j < cols; ++j) {
+        const float l = L[b * cols + j];
+        if (l == 0.f) continue;
+        const float* h = half[a][j];
+        for (int k = 0; k < kBlock; ++k) o[k] += h[k] * l;
+      }
+    }
+  }
+}
+
+template <typename T>
+inline void LoadBlock(const T* src, int nc, float* dst) {
+  int k = 0;
+  for (; k < nc; ++k) dst[k] = static_cast<float>(src[k]);
+  for (; k < kBlock; ++k) dst[k] = 0.f;
+}
+
+template <typename T>
+inline void StoreBlock(const float* src, int nc, T* dst) {
+  for (int k = 0; k < nc; ++k) dst[k] = static_cast<T>(src[k]);
+}
+
+template <typename T>
+void Gather(const TileGrid& g, const T* x, T* out, int64_t begin, int64_t end) {
+  const int S = g.window, R = g.r;
+  const int64_t P = g.tiles();
+  Block win, tile;
+  for (int64_t unit = begin; unit < end; ++unit) {
+    const int64_t p = unit / g.blocks();
+    const int64_t c0 = (unit % g.blocks()) * kBlock;
+    const int nc = static_cast<int>(std::min<int64_t>(kBlock, g.c - c0));
+    const int64_t b = p / (g.tiles_h * g.tiles_w);
+    const int64_t ty = (p / g.tiles_w) % g.tiles_h, tx = p % g.tiles_w;
+    const int64_t y0 = g.off_y + ty * g.stride, x0 = g.off_x + tx * g.stride;
+    for (int i = 0; i < S; ++i) {
+      const int64_t y = y0 + i;
+      for (int j = 0; j < S; ++j) {
+        const int64_t xx = x0 + j;
+        if (y < 0 || y >= g.h || xx < 0 || xx >= g.w) {
+          std::fill(win[i][j], win[i][j] + kBlock, 0.f);
+        } else {
+          LoadBlock(x + ((b * g.h + y) * g.w + xx) * g.c + c0, nc, win[i][j]);
+        }
+      }
+    }
+    Sandwich(g.L, R, S, win, tile);
+    for (int a = 0; a < R; ++a) {
+      for (int bb = 0; bb < R; ++bb) {
+        StoreBlock(tile[a][bb], nc, out + (static_cast<int64_t>(a * R + bb) * P + p) * g.c + c0);
+      }
+    }
+  }
+}
+
+// One tile's window values for the channel block: w[i][j] = sum_ab L[i, a] t[a, b] L[j, b].
+template <typename T>
+inline void TileWindow(const TileGrid& g, const T* t, int64_t p, int64_t c0, int nc, Block& w) {
+  const int R = g.r;
+  const int64_t P = g.tiles();
+  Block tile;
+  for (int a = 0; a < R; ++a) {
+    for (int bb = 0; bb < R; ++bb) {
+      LoadBlock(t + (static_cast<int64_t>(a * R + bb) * P + p) * g.c + c0, nc, tile[a][bb]);
+    }
+  }
+  Sandwich(g.L, g.window, R, tile, w);
+}
+
+// Non-overlapping windows (stride == window): every output element is written by one tile.
+template <typename T>
+void ScatterAssign(const TileGrid& g, const T* t, T* y, int64_t begin, int64_t end) {
+  Block w;
+  for (int64_t unit = begin; unit < end; ++unit) {
+    const int64_t p = unit / g.blocks();
+    const int64_t c0 = (unit % g.blocks()) * kBlock;
+    const int nc = static_cast<int>(std::min<int64_t>(kBlock, g.c - c0));
+    TileWindow(g, t, p, c0, nc, w);
+    const int64_t b = p / (g.tiles_h * g.tiles_w);
+    const int64_t ty = (p / g.tiles_w) % g.tiles_h, tx = p % g.tiles_w;
+    const int64_t y0 = g.off_y + ty * g.stride, x0 = g.off_x + tx * g.stride;
+    for (int i = 0; i < g.window; ++i) {
+      const int64_t yy = y0 + i;
+      if (yy < 0 || yy >= g.h) continue;
+      for (int j = 0; j < g.window; ++j) {
+        const int64_t xx = x0 + j;
+        if (xx < 0 || xx >= g.w) continue;
+        T* dst = y + ((b * g.h + yy) * g.w + xx) * g.c + c0;
+        for (int k = 0; k < nc; ++k) dst[k] = static_cast<T>(w[i][j][k]);
+      }
+    }
+  }
+}
+
+// Overlapping windows: units are (image, channel block); the block's float32 sums live in `acc`
+// ([h, w, kBlock] per worker call) and are rounded to T once at the end.
+template <typename T>
+void ScatterAdd(const TileGrid& g, const T* t, T* y, int64_t begin, int64_t end) {
+  Block w;
+  std::vector<float> acc(static_cast<size_t>(g.h * g.w * kBlock));
+  for (int64_t unit = begin; unit < end; ++unit) {
+    const int64_t b = unit / g.blocks();
+    const int64_t c0 = (unit % g.blocks()) * kBlock;
+    const int nc = static_cast<int>(std::min<int64_t>(kBlock, g.c - c0));
+    std::fill(acc.begin(), acc.end(), 0.f);
+    for (int64_t ty = 0; ty < g.tiles_h; ++ty) {
+      for (int64_t tx = 0; tx < g.tiles_w; ++tx) {
+        const int64_t p = (b * g.tiles_h + ty) * g.tiles_w + tx;
+        TileWindow(g, t, p, c0, nc, w);
+        const int64_t y0 = g.off_y + ty * g.stride, x0 = g.off_x + tx * g.stride;
+        for (int i = 0; i < g.window; ++i) {
+          const int64_t yy = y0 + i;
+          if (yy < 0 || yy >= g.h) continue;
+          for (int j = 0; j < g.window; ++j) {
+            const int64_t xx = x0 + j;
+            if (xx < 0 || xx >= g.w) continue;
+            float* a = acc.data() + (yy * g.w + xx) * kBlock;
+            for (int k = 0; k < kBlock; ++k) a[k] += w[i][j][k];
+          }
+        }
+      }
+    }
+    for (int64_t q = 0; q < g.h * g.w; ++q) {
+      T* dst = y + (b * g.h * g.w + q) * g.c + c0;
+      const float* a = acc.data() + q * kBlock;
+      for (int k = 0; k < nc; ++k) dst[k] = static_cast<T>(a[k]);
+    }
+  }
+}
+
+// Transposes of the row-major transform matrices (the adjoint ops use L^T).
+struct Matrices {
+  float bt[36], b[36], at[24], a[24];
+  explicit Matrices(int m) {
+    const int r = m + 2;
+    const float* bt_src = m == 2 ? kBT2 : kBT4;
+    const float* at_src = m == 2 ? kAT2 : kAT4;
+    for (int i = 0; i < r; ++i) {
+      for (int j = 0; j < r; ++j) {
+        bt[i * r + j] = bt_src[i * r + j];
+        b[j * r + i] = bt_src[i * r + j];
+      }
+    }
+    for (int i = 0; i < m; ++i) {
+      for (int j = 0; j < r; ++j) {
+        at[i * r + j] = at_src[i * r + j];
+        a[j * m + i] = at_src[i * r + j];
+      }
+    }
+  }
+};
+
+int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+tensorflow::thread::ThreadPool* Workers(OpKernelContext* ctx, int* threads) {
+  auto* w = ctx->device()->tensorflow_cpu_worker_threads();
+  *threads = w->num_threads;
+  return w->workers;
+}
+
+// Reads an int32 shape vector of `rank` non-negative entries (the size inputs of the ops).
+bool ReadSizes(OpKernelContext* ctx, const Tensor& t, int rank, const char* what, int64_t* out) {
+  if (t.dims() != 1 || t.NumElements() != rank) {
+    ctx->CtxFailure(__FILE__, __LINE__, InvalidArgument(what, " must be a vector of ", rank,
+                                                        " int32, got shape ", t.shape().DebugString()));
+    return false;
+  }
+  auto v = t.flat<int32_t>();
+  for (int k = 0; k < rank; ++k) {
+    if (v(k) < 0) {
+      ctx->CtxFailure(__FILE__, __LINE__, InvalidArgument(what, " has a negative entry: ", v(k)));
+      return false;
+    }
+    out[k] = v(k);
+  }
+  return true;
+}
+
+class WinogradBase : public OpKernel {
+ public:
+  explicit WinogradBase(OpKernelConstruction* ctx, bool padded) : OpKernel(ctx), pads_{0, 0, 0, 0} {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("tile", &m_));
+    OP_REQUIRES(ctx, m_ == 2 || m_ == 4,
+                InvalidArgument("tile must be 2 (F(2x2, 3x3)) or 4 (F(4x4, 3x3)), got ", m_));
+    if (padded) {
+      OP_REQUIRES_OK(ctx, ctx->GetAttr("pad_top", &pads_[0]));
+      OP_REQUIRES_OK(ctx, ctx->GetAttr("pad_bottom", &pads_[1]));
+      OP_REQUIRES_OK(ctx, ctx->GetAttr("pad_left", &pads_[2]));
+      OP_REQUIRES_OK(ctx, ctx->GetAttr("pad_right", &pads_[3]));
+    }
+  }
+
+ protected:
+  // The grid of the input transform over the input [n, h, w, c] (or its adjoint), or sets an error.
+  bool InputGrid(OpKernelContext* ctx, int64_t n, int64_t h, int64_t w, int64_t c, TileGrid* g) {
+    const int64_t oh = h + pads_[0] + pads_[1] - 2, ow = w + pads_[2] + pads_[3] - 2;
+    if (oh < 1 || ow < 1) {
+      ctx->CtxFailure(__FILE__, __LINE__,
+                      InvalidArgument("a 3x3 convolution of a ", h, " x ", w, " input padded by (",
+                                      pads_[0], ", ", pads_[1], ") x (", pads_[2], ", ", pads_[3],
+                                      ") has no output"));
+      return false;
+    }
+    *g = TileGrid{n, h, w, c, CeilDiv(oh, m_), CeilDiv(ow, m_), m_, -pads_[0], -pads_[2], m_ + 2,
+                  m_ + 2, nullptr};
+    return true;
+  }
+
+  // The grid of the output transform over the output [n, oh, ow, k] (or its adjoint).
+  TileGrid OutputGrid(int64_t n, int64_t oh, int64_t ow, int64_t k) const {
+    return TileGrid{n, oh, ow, k, CeilDiv(oh, m_), CeilDiv(ow, m_), m_, 0, 0, m_, m_ + 2, nullptr};
+  }
+
+  // Checks that tiles [(m + 2)^2, P, C] has the P of grid g.
+  bool CheckTiles(OpKernelContext* ctx, const Tensor& t, const TileGrid& g, const char* what) {
+    const int64_t r2 = static_cast<int64_t>(m_ + 2) * (m_ + 2);
+    if (t.dims() != 3 || t.dim_size(0) != r2 || t.dim_size(1) != g.tiles()) {
+      ctx->CtxFailure(__FILE__, __LINE__,
+                      InvalidArgument(what, " must be [", r2, ", ", g.tiles(), ", channels] for ",
+                                      g.n, " images of ", g.tiles_h, " x ", g.tiles_w,
+                                      " tiles, got shape ", t.shape().DebugString()));
+      return false;
+    }
+    return true;
+  }
+
+  template <typename Fn>
+  static void Run(OpKernelContext* ctx, int64_t units, int64_t cost, Fn fn) {
+    int threads;
+    auto* workers = Workers(ctx, &threads);
+    tensorflow::Shard(threads, workers, units, cost, fn);
+  }
+
+  int m_;
+  int pads_[4];
+};
+
+template <typename T>
+class InputTransformOp : public WinogradBase {
+ public:
+  explicit InputTransformOp(OpKernelConstruction* ctx) : WinogradBase(ctx, true) {}
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& x = ctx->input(0);
+    OP_REQUIRES(ctx, x.dims() == 4,
+                InvalidArgument("input must be NHWC [N, H, W, C], got shape ", x.shape().DebugString()));
+    TileGrid g;
+    if (!InputGrid(ctx, x.dim_size(0), x.dim_size(1), x.dim_size(2), x.dim_size(3), &g)) return;
+    const Matrices mats(m_);
+    g.L = mats.bt;
+    Tensor* out = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({g.r * g.r, g.tiles(), g.c}), &out));
+    if (out->NumElements() == 0) return;
+    const T* src = x.flat<T>().data();
+    T* dst = out->flat<T>().data();
+    Run(ctx, g.tiles() * g.blocks(), 40 * kBlock * g.r * g.r,
+        [&](int64_t b, int64_t e) { Gather<T>(g, src, dst, b, e); });
+  }
+};
+
+template <typename T>
+class InputTransformGradOp : public WinogradBase {
+ public:
+  explicit InputTransformGradOp(OpKernelConstruction* ctx) : WinogradBase(ctx, true) {}
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& grad = ctx->input(0);
+    int64_t s[4];
+    if (!ReadSizes(ctx, ctx->input(1), 4, "input_shape", s)) return;
+    TileGrid g;
+    if (!InputGrid(ctx, s[0], s[1], s[2], s[3], &g)) return;
+    if (!CheckTiles(ctx, grad, g, "grad")) return;
+    OP_REQUIRES(ctx, grad.dim_size(2) == s[3],
+                InvalidArgument("grad has ", grad.dim_size(2), " channels, input_shape ", s[3]));
+    const Matrices mats(m_);
+    g.L = mats.b;
+    Tensor* out = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({s[0], s[1], s[2], s[3]}), &out));
+    if (out->NumElements() == 0) return;
+    const T* src = grad.flat<T>().data();
+    T* dst = out->flat<T>().data();
+    Run(ctx, g.n * g.blocks(), 40 * kBlock * g.r * g.r * g.tiles_h * g.tiles_w,
+        [&](int64_t b, int64_t e) { ScatterAdd<T>(g, src, dst, b, e); });
+  }
+};
+
+template <typename T>
+class OutputTransformOp : public WinogradBase {
+ public:
+  explicit OutputTransformOp(OpKernelConstruction* ctx) : WinogradBase(ctx, false) {}
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& t = ctx->input(0);
+    int64_t s[3];
+    if (!ReadSizes(ctx, ctx->input(1), 3, "output_size", s)) return;
+    OP_REQUIRES(ctx, t.dims() == 3,
+                InvalidArgument("input must be tiles [(tile + 2)^2, P, K], got shape ",
+                                t.shape().DebugString()));
+    TileGrid g = OutputGrid(s[0], s[1], s[2], t.dim_size(2));
+    if (!CheckTiles(ctx, t, g, "input")) return;
+    const Matrices mats(m_);
+    g.L = mats.at;
+    Tensor* out = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({s[0], s[1], s[2], g.c}), &out));
+    if (out->NumElements() == 0) return;
+    const T* src = t.flat<T>().data();
+    T* dst = out->flat<T>().data();
+    Run(ctx, g.tiles() * g.blocks(), 40 * kBlock * g.r * g.r,
+        [&](int64_t b, int64_t e) { ScatterAssign<T>(g, src, dst, b, e); });
+  }
+};
+
+template <typename T>
+class OutputTransformGradOp : public WinogradBase {
+ public:
+  explicit OutputTransformGradOp(OpKernelConstruction* ctx) : WinogradBase(ctx, false) {}
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& grad = ctx->input(0);
+    OP_REQUIRES(ctx, grad.dims() == 4,
+                InvalidArgument("grad must be NHWC [N, OH, OW, K], got shape ",
+                                grad.shape().DebugString()));
+    TileGrid g = OutputGrid(grad.dim_size(0), grad.dim_size(1), grad.dim_size(2), grad.dim_size(3));
+    const Matrices mats(m_);
+    g.L = mats.a;
+    Tensor* out = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({g.r * g.r, g.tiles(), g.c}), &out));
+    if (out->NumElements() == 0) return;
+    const T* src = grad.flat<T>().data();
+    T* dst = out->flat<T>().data();
+    Run(ctx, g.tiles() * g.blocks(), 40 * kBlock * g.r * g.r,
+        [&](int64_t b, int64_t e) { Gather<T>(g, src, dst, b, e); });
+  }
+};
+
+using tensorflow::DEVICE_CPU;
+#define KD_REGISTER_WINOGRAD(T)                                                                   \
+  REGISTER_KERNEL_BUILDER(                                                                        \
+      Name("KerasDet>WinogradInputTransform").Device(DEVICE_CPU).TypeConstraint<T>("T"),          \
+      InputTransformOp<T>);                                                                       \
+  REGISTER_KERNEL_BUILDER(                                                                        \
+      Name("KerasDet>WinogradInputTransformGrad").Device(DEVICE_CPU).TypeConstraint<T>("T"),      \
+      InputTransformGradOp<T>);                                                                   \
+  REGISTER_KERNEL_BUILDER(                                                                        \
+      Name("KerasDet>WinogradOutputTransform").Device(DEVICE_CPU).TypeConstraint<T>("T"),         \
+      OutputTransformOp<T>);                                                                      \
+  REGISTER_KERNEL_BUILDER(                                                                        \
+      Name("KerasDet>WinogradOutputTransformGrad").Device(DEVICE_CPU).TypeConstraint<T>("T"),     \
+      OutputTransformGradOp<T>);
+
+KD_REGISTER_WINOGRAD(float)
+KD_REGISTER_WINOGRAD(Eigen::bfloat16)
+KD_REGISTER_WINOGRAD(Eigen::half)
+#undef KD_REGISTER_WINOGRAD
+
+}  // namespace
+}  // namespace kerasdet

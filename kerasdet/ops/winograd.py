@@ -1,0 +1,146 @@
+"""Stride-1 3x3 convolutions as Winograd F(4x4, 3x3) products, for float32 on the CPU.
+
+Lavin & Gray ("Fast Algorithms for Convolutional Neural Networks", 2016) compute a 4x4 block of a
+3x3 correlation from its 6x6 input window d as Y = A^T [(G g G^T) * (B^T d B)] A: 36 products per
+channel pair instead of 144. Over a whole layer the products become 36 independent matrix products
+[tiles, Ci] @ [Ci, Co], which TensorFlow's MatMul (oneDNN) runs at the machine's GEMM rate, and the
+transforms around them are the compiled kernels of ``custom_ops/winograd`` (memory-bound passes).
+All the pieces are linear, so the gradients are again transforms around matrix products (the
+kernels' adjoints are registered below): training gains as well.
+
+Where it pays (``python benchmarks/winograd.py``): on the 2-core AMD EPYC host of this change, the
+FPN's P2 3x3 convolution (1 x 200 x 304 x 256 -> 256) took ~0.46x the time of TensorFlow's float32
+convolution. It is not used for bfloat16 / float16: rounding the transformed tiles to 8 mantissa bits
+left errors of ~1e-1 of the output's range with F(4x4, 3x3) (the transforms multiply values by up to
+25 before the products and the output transform cancels them again), and F(2x2, 3x3), accurate
+enough, was no faster than oneDNN's bfloat16 convolution there. Nor on a GPU (cuDNN picks its own
+algorithms), under XLA (the kernels have no XLA form), or under ``_kernels.pure_tf()``.
+`winograd_applies` is that rule; `kerasdet.layers.WinogradConv2D` asks it at trace time.
+"""
+import functools
+
+import numpy as np
+import tensorflow as tf
+
+from kerasdet.ops import _kernels
+from kerasdet.ops.xla import in_xla_context
+
+__all__ = ["winograd_conv3x3", "winograd_applies", "WINOGRAD_MIN_CHANNELS"]
+
+# Filter transforms G (Lavin & Gray, interpolation points 0, +-1 and 0, +-1, +-2); B^T and A^T live
+# in the C++ kernels (the tests rebuild all three from the paper's definition).
+_G = {
+    2: np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], np.float64),
+    4: np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
+                 [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]], np.float64),
+}
+
+# Below this many input or output channels the matrix products are too thin to win over oneDNN's
+# direct convolution (see benchmarks/winograd.py).
+WINOGRAD_MIN_CHANNELS = 64
+
+
+@functools.lru_cache(maxsize=None)
+def _gpu_visible():
+    return bool(tf.config.list_logical_devices("GPU"))
+
+
+def winograd_applies(dtype, kernel_size, strides=(1, 1), dilation_rate=(1, 1), groups=1,
+                     channels_in=None, channels_out=None):
+    """Whether a convolution with these settings, traced now, runs as `winograd_conv3x3`."""
+    return (tf.as_dtype(dtype) == tf.float32 and tuple(kernel_size) == (3, 3)
+            and tuple(strides) == (1, 1) and tuple(dilation_rate) == (1, 1) and groups == 1
+            and channels_in is not None and channels_in >= WINOGRAD_MIN_CHANNELS
+            and channels_out is not None and channels_out >= WINOGRAD_MIN_CHANNELS
+            and _kernels.use_kernels() and not in_xla_context() and not _gpu_visible())
+
+
+def _padding(padding):
+    """(top, bottom, left, right) of a 3x3 stride-1 convolution."""
+    if isinstance(padding, str):
+        mode = padding.upper()
+        if mode == "SAME":
+            return 1, 1, 1, 1
+        if mode == "VALID":
+            return 0, 0, 0, 0
+        raise ValueError(f"winograd_conv3x3: padding must be 'SAME', 'VALID' or four ints, got {padding!r}")
+    pads = tuple(int(p) for p in padding)
+    if len(pads) != 4 or min(pads) < 0:
+        raise ValueError(f"winograd_conv3x3: padding must be 'SAME', 'VALID' or four ints >= 0 "
+                         f"(top, bottom, left, right), got {padding!r}")
+    return pads
+
+
+def filter_transform(kernel, tile=4):
+    """G g G^T of a [3, 3, Ci, Co] kernel as [(tile + 2)^2, Ci, Co], computed in float32."""
+    g = tf.constant(_G[tile], tf.float32)
+    u = tf.einsum("ai,ijck,bj->abck", g, tf.cast(kernel, tf.float32), g)
+    r = tile + 2
+    return tf.reshape(u, [r * r, tf.shape(kernel)[2], tf.shape(kernel)[3]])
+
+
+def winograd_conv3x3(inputs, kernel, padding="SAME", tile=4):
+    """``tf.nn.conv2d(inputs, kernel, 1, padding)`` for a [3, 3, Ci, Co] kernel on channels-last
+    [B, H, W, Ci] inputs, computed as Winograd F(tile x tile, 3x3) (tile 4, or 2: fewer operations
+    saved, smaller rounding errors). ``padding``: "SAME", "VALID" or (top, bottom, left, right).
+    Needs the compiled kernels (`winograd_applies` says when to call it); differentiable."""
+    lib = _kernels.library()
+    if lib is None:
+        raise _kernels.KernelsUnavailableError(
+            "winograd_conv3x3 needs the compiled kerasdet kernels (build them with `make kernels`)")
+    inputs = tf.convert_to_tensor(inputs)
+    kernel = tf.convert_to_tensor(kernel, dtype_hint=inputs.dtype)
+    if inputs.shape.rank != 4:
+        raise ValueError(f"winograd_conv3x3: inputs must be [B, H, W, C] (channels last), got {inputs.shape}")
+    if kernel.shape.rank != 4 or tuple(kernel.shape[:2]) != (3, 3):
+        raise ValueError(f"winograd_conv3x3: the kernel must have shape [3, 3, Ci, Co], got {kernel.shape}")
+    if inputs.dtype != kernel.dtype:
+        raise TypeError(f"winograd_conv3x3: inputs are {inputs.dtype.name} but the kernel is {kernel.dtype.name}")
+    if inputs.shape[-1] is not None and kernel.shape[2] != inputs.shape[-1]:
+        raise ValueError(f"winograd_conv3x3: inputs have {inputs.shape[-1]} channels, the kernel expects "
+                         f"{kernel.shape[2]}")
+    if tile not in _G:
+        raise ValueError(f"winograd_conv3x3: tile must be 2 or 4, got {tile!r}")
+    top, bottom, left, right = _padding(padding)
+    tiles = lib.kerasdet_winograd_input_transform(inputs, tile=tile, pad_top=top, pad_bottom=bottom,
+                                                  pad_left=left, pad_right=right)
+    products = tf.linalg.matmul(tiles, tf.cast(filter_transform(kernel, tile), inputs.dtype))
+    shape = tf.shape(inputs)
+    size = tf.stack([shape[0], shape[1] + top + bottom - 2, shape[2] + left + right - 2])
+    return lib.kerasdet_winograd_output_transform(products, size, tile=tile)
+
+
+def _register_gradients():
+    def attrs(op, names):
+        return {n: op.get_attr(n) for n in names}
+
+    pads = ("tile", "pad_top", "pad_bottom", "pad_left", "pad_right")
+
+    def lib():
+        return _kernels.library()
+
+    def input_transform_grad(op, grad):
+        return [lib().kerasdet_winograd_input_transform_grad(
+            grad=grad, input_shape=tf.shape(op.inputs[0]), **attrs(op, pads))]
+
+    def input_transform_grad_grad(op, grad):  # the adjoint of the adjoint is the transform
+        return [lib().kerasdet_winograd_input_transform(grad, **attrs(op, pads)), None]
+
+    def output_transform_grad(op, grad):
+        return [lib().kerasdet_winograd_output_transform_grad(grad, tile=op.get_attr("tile")), None]
+
+    def output_transform_grad_grad(op, grad):
+        shape = tf.shape(op.inputs[0])
+        return [lib().kerasdet_winograd_output_transform(grad, shape[:3], tile=op.get_attr("tile"))]
+
+    for name, fn in (("KerasDet>WinogradInputTransform", input_transform_grad),
+                     ("KerasDet>WinogradInputTransformGrad", input_transform_grad_grad),
+                     ("KerasDet>WinogradOutputTransform", output_transform_grad),
+                     ("KerasDet>WinogradOutputTransformGrad", output_transform_grad_grad)):
+        try:
+            tf.RegisterGradient(name)(fn)
+        except KeyError:  # already registered (module reloaded)
+            pass
+
+
+_register_gradients()
