@@ -180,7 +180,8 @@ def registered_device_types(op_name):
         op_name).kernel})
 
 
-# Every op custom_ops/ registers (REGISTER_OP), each with CPU and GPU kernels.
+# Every op custom_ops/ registers (REGISTER_OP) with CPU and GPU kernels. Not the Winograd tile
+# transforms: CPU-only by design (on a GPU, WinogradConv2D runs cuDNN's convolution; docs/KERNELS.md).
 KERNEL_OPS = tuple(f"KerasDet>{name}{suffix}" for name in (
     "RoIPool", "PSRoIPool", "RoIAlign", "PSRoIAlign", "DeformRoIPool", "DeformPSRoIPool",
     "DeformConv2D") for suffix in ("", "Grad"))

@@ -8,6 +8,7 @@ import tensorflow as tf
 
 from kerasdet.layers import WinogradConv2D
 from kerasdet.ops import _kernels, winograd_conv3x3
+from kerasdet.ops import winograd as winograd_module
 from kerasdet.ops.winograd import WINOGRAD_MIN_CHANNELS
 
 pytestmark = pytest.mark.skipif(_kernels.library() is None, reason="needs the compiled kernels")
@@ -77,6 +78,31 @@ def test_numeric_gradient_check():
         np.testing.assert_allclose(t, n, rtol=0, atol=1e-3 * np.abs(n).max())
 
 
+@pytest.mark.parametrize("relu", [False, True])
+def test_fused_bias_and_relu_match_the_separate_ops_with_gradients(relu):
+    x, w = _problem(12, (2, 7, 9, 8), 6)
+    bias = np.random.default_rng(13).normal(size=6).astype(np.float32)
+    dy = np.random.default_rng(14).normal(size=(2, 7, 9, 6)).astype(np.float32)
+
+    def run(fn):
+        xs, ws, bs = tf.constant(x), tf.constant(w), tf.constant(bias)
+        with tf.GradientTape() as tape:
+            tape.watch([xs, ws, bs])
+            y = fn(xs, ws, bs)
+            loss = tf.reduce_sum(y * dy)
+        return [y.numpy()] + [g.numpy() for g in tape.gradient(loss, [xs, ws, bs])]
+
+    def separate(a, b, c):
+        y = tf.nn.bias_add(tf.nn.conv2d(a, b, 1, "SAME"), c)
+        return tf.nn.relu(y) if relu else y
+
+    ours = run(lambda a, b, c: winograd_conv3x3(a, b, bias=c, relu=relu))
+    for o, r in zip(ours, run(separate)):
+        np.testing.assert_allclose(o, r, rtol=0, atol=2e-5 * np.abs(r).max())
+    if relu:
+        assert ours[0].min() == 0.0
+
+
 @pytest.mark.parametrize("tile", [2, 4])
 def test_transform_kernels_and_their_adjoints_agree(tile):
     """<T(x), v> == <x, T*(v)> for both transform pairs: the registered gradients are the adjoints."""
@@ -92,7 +118,7 @@ def test_transform_kernels_and_their_adjoints_agree(tile):
 
     m = tf.constant(rng.normal(size=((tile + 2) ** 2, 2 * 3 * 4, 5)), tf.float32)
     size = tf.constant([2, 3 * tile - 1, 4 * tile - 1], tf.int32)  # cropped last tiles
-    y = lib.kerasdet_winograd_output_transform(m, size, tile=tile)
+    y = lib.kerasdet_winograd_output_transform(m, size, tf.zeros([0]), tile=tile)
     probe = tf.constant(rng.normal(size=y.shape), tf.float32)
     back = lib.kerasdet_winograd_output_transform_grad(probe, tile=tile)
     lhs, rhs = tf.reduce_sum(y * probe).numpy(), tf.reduce_sum(m * back).numpy()
@@ -126,6 +152,7 @@ def test_unknown_batch_and_spatial_sizes_trace():
     (dict(tile=3), ValueError, "tile must be 2 or 4"),
     (dict(padding="FULL"), ValueError, "padding must be 'SAME', 'VALID' or four ints"),
     (dict(padding=(1, 1, -1, 0)), ValueError, "four ints >= 0"),
+    (dict(bias=(3,)), ValueError, r"the bias must have shape \[2\]"),
     (dict(x=(1, 2, 6, 4), padding="VALID"), tf.errors.InvalidArgumentError,
      r"a 3x3 convolution of a 2 x 6 input padded by \(0, 0\) x \(0, 0\) has no output"),
 ])
@@ -133,13 +160,22 @@ def test_bad_inputs_are_named(args, error, match):
     x = tf.zeros(args.get("x", (1, 6, 6, 4)))
     w = tf.zeros(args.get("w", (3, 3, 4, 2)), args.get("kernel_dtype", tf.float32))
     with pytest.raises(error, match=match):
-        winograd_conv3x3(x, w, padding=args.get("padding", "SAME"), tile=args.get("tile", 4))
+        winograd_conv3x3(x, w, padding=args.get("padding", "SAME"), tile=args.get("tile", 4),
+                         bias=tf.zeros(args["bias"]) if "bias" in args else None)
 
 
 def test_output_transform_checks_the_tile_count():
     lib = _kernels.library()
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"input must be \[36, 4, channels\]"):
-        lib.kerasdet_winograd_output_transform(tf.zeros([36, 5, 3]), [1, 8, 8], tile=4)
+        lib.kerasdet_winograd_output_transform(tf.zeros([36, 5, 3]), [1, 8, 8], tf.zeros([0]), tile=4)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"bias must be \[3\] \(one per output channel\)"):
+        lib.kerasdet_winograd_output_transform(tf.zeros([36, 4, 3]), [1, 8, 8], tf.zeros([2]), tile=4)
+
+
+@pytest.fixture
+def any_size(monkeypatch):
+    """Small test images take the Winograd form too (the size rule has its own test)."""
+    monkeypatch.setattr(winograd_module, "WINOGRAD_MIN_TILES", 0)
 
 
 def _layer_pair(x, filters, **kwargs):
@@ -155,9 +191,9 @@ def _layer_pair(x, filters, **kwargs):
 
 
 @pytest.mark.parametrize("padding", ["same", "valid"])
-def test_layer_equals_conv2d_in_outputs_and_gradients(padding):
+def test_layer_equals_conv2d_in_outputs_and_gradients(padding, any_size):
     x = tf.constant(_problem(9, (2, 11, 13, WINOGRAD_MIN_CHANNELS), 1)[0])
-    ours, plain = _layer_pair(x, 72, padding=padding, activation="relu")
+    ours, plain = _layer_pair(x, WINOGRAD_MIN_CHANNELS + 8, padding=padding, activation="relu")
     assert ours.uses_winograd(x)
     results = []
     for layer in (ours, plain):
@@ -175,22 +211,39 @@ def _graph_ops(fn, *args):
 
 
 def test_layer_takes_the_winograd_form_only_where_it_pays():
-    x = tf.zeros((1, 8, 8, WINOGRAD_MIN_CHANNELS))
-    assert WinogradConv2D(64, padding="same").uses_winograd(x)
-    assert not WinogradConv2D(WINOGRAD_MIN_CHANNELS - 1, padding="same").uses_winograd(x)
-    assert not WinogradConv2D(64, padding="same").uses_winograd(x[..., :WINOGRAD_MIN_CHANNELS - 1])
-    assert not WinogradConv2D(64, strides=2).uses_winograd(x)
-    assert not WinogradConv2D(64, dilation_rate=2).uses_winograd(x)
-    assert not WinogradConv2D(64, padding="same").uses_winograd(tf.cast(x, tf.bfloat16))
+    c = WINOGRAD_MIN_CHANNELS
+    x = tf.zeros((1, 8, 8, c))
+    assert WinogradConv2D(c, padding="same").uses_winograd(x)
+    assert not WinogradConv2D(c - 1, padding="same").uses_winograd(x)
+    assert not WinogradConv2D(c, padding="same").uses_winograd(x[..., :c - 1])
+    assert not WinogradConv2D(c, strides=2).uses_winograd(x)
+    assert not WinogradConv2D(c, dilation_rate=2).uses_winograd(x)
+    assert not WinogradConv2D(c, padding="same").uses_winograd(tf.cast(x, tf.bfloat16))
     with _kernels.pure_tf():
-        assert not WinogradConv2D(64, padding="same").uses_winograd(x)
+        assert not WinogradConv2D(c, padding="same").uses_winograd(x)
     with pytest.raises(ValueError, match="WinogradConv2D is a 3x3 convolution"):
         WinogradConv2D(8, 5)
 
 
-def test_xla_and_pure_tf_traces_use_the_plain_convolution_with_the_same_result():
-    x = tf.constant(_problem(10, (1, 9, 9, 64), 1)[0])
-    layer, _ = _layer_pair(x, 64)
+def test_small_outputs_keep_the_direct_convolution_decided_at_run_time_when_the_size_is_unknown():
+    c = WINOGRAD_MIN_CHANNELS
+    layer, plain = _layer_pair(tf.zeros((1, 8, 8, c)), c, padding="same", activation="relu")
+    side = 4 * int(np.ceil(np.sqrt(winograd_module.WINOGRAD_MIN_TILES)))  # enough 4x4 tiles
+    small, big = (tf.constant(_problem(15, (1, s, s, c), 1)[0]) for s in (8, side))
+    for x, expected in ((small, False), (big, True)):
+        traced = tf.function(lambda a: layer(a))
+        assert ("KerasDet>WinogradInputTransform" in _graph_ops(traced, x)) is expected
+    dynamic = tf.function(lambda a: layer(a), input_signature=[tf.TensorSpec([None, None, None, c])])
+    ops = _graph_ops(dynamic)
+    assert any(t in ops for t in ("If", "StatelessIf"))
+    for x in (small, big):
+        expected = plain(x).numpy()
+        np.testing.assert_allclose(dynamic(x).numpy(), expected, rtol=0, atol=3e-5 * np.abs(expected).max())
+
+
+def test_xla_and_pure_tf_traces_use_the_plain_convolution_with_the_same_result(any_size):
+    x = tf.constant(_problem(10, (1, 9, 9, WINOGRAD_MIN_CHANNELS), 1)[0])
+    layer, _ = _layer_pair(x, WINOGRAD_MIN_CHANNELS)
     eager = layer(x).numpy()
     plain_fn = tf.function(lambda a: layer(a))
     assert any(t.startswith("KerasDet>Winograd") for t in _graph_ops(plain_fn, x))
@@ -210,7 +263,7 @@ def test_layer_round_trips_through_its_config():
     assert type(again) is WinogradConv2D and again.padding == "same" and again.kernel_size == (3, 3)
 
 
-def test_fpn_weights_files_move_between_plain_conv2d_and_winograd_layers(tmp_path, monkeypatch):
+def test_fpn_weights_files_move_between_plain_conv2d_and_winograd_layers(tmp_path, monkeypatch, any_size):
     """An FPN .weights.h5 written when its output convolutions were keras.layers.Conv2D loads into
     today's FPN (Keras addresses layers by class-name paths), and the Winograd outputs match."""
     from kerasdet.necks import fpn
@@ -223,7 +276,7 @@ def test_fpn_weights_files_move_between_plain_conv2d_and_winograd_layers(tmp_pat
                 for k in (2, 3, 4, 5)}
     def model():
         inputs = {k: keras.Input(v.shape[1:], name=k) for k, v in features.items()}
-        neck = fpn.FPN(channels=64)
+        neck = fpn.FPN(channels=WINOGRAD_MIN_CHANNELS)
         return keras.Model(inputs, neck(inputs)), neck
 
     monkeypatch.setattr(fpn, "WinogradConv2D", plain)
@@ -231,7 +284,7 @@ def test_fpn_weights_files_move_between_plain_conv2d_and_winograd_layers(tmp_pat
     expected = old(features)
     path = str(tmp_path / "old.weights.h5")
     old.save_weights(path)
-    monkeypatch.undo()
+    monkeypatch.setattr(fpn, "WinogradConv2D", WinogradConv2D)
     new, neck = model()
     assert sum(type(layer) is WinogradConv2D for layer in neck.output_convs) == 4
     new.load_weights(path)
@@ -241,3 +294,27 @@ def test_fpn_weights_files_move_between_plain_conv2d_and_winograd_layers(tmp_pat
         np.testing.assert_allclose(np.asarray(got[key]), np.asarray(value), rtol=0, atol=2e-5 * scale)
     traced = tf.function(lambda f: new(f))
     assert "KerasDet>WinogradInputTransform" in _graph_ops(traced, features)
+
+
+def test_faster_rcnn_fpn_learns_with_winograd_convolutions(synthetic_data, monkeypatch):
+    """The tiny FPN detector (64 channels, small images) with the size rule lowered so that its FPN
+    outputs and RPN conv train and predict as Winograd products: it learns as the plain run of
+    tests/test_faster_rcnn.py does. Measured (AMD EPYC host): mAP@0.5 0.688, loss 0.779 -> 0.292;
+    the plain run there: 0.708, loss 0.780 -> 0.320."""
+    from learning import fit_and_evaluate, tiny_fpn_settings
+
+    from kerasdet.models.faster_rcnn import FasterRCNN
+
+    monkeypatch.setattr(winograd_module, "WINOGRAD_MIN_CHANNELS", 64)
+    monkeypatch.setattr(winograd_module, "WINOGRAD_MIN_TILES", 0)
+    model = FasterRCNN(3, **tiny_fpn_settings())
+    history, results, seconds = fit_and_evaluate(model, synthetic_data, epochs=5)
+    convs = [layer.name for layer in model._flatten_layers() if isinstance(layer, WinogradConv2D)]
+    assert len(convs) == 5, convs  # fpn_output2..5 and the RPN conv shared over the levels
+    traced = tf.function(lambda images: model(images, training=False))
+    assert "KerasDet>WinogradInputTransform" in _graph_ops(traced, tf.zeros((1, 64, 64, 3)))
+    losses = history["loss"]
+    print(f"Faster R-CNN FPN tiny, Winograd 3x3: mAP@0.5 {results['voc']['mAP']:.3f} after {seconds:.0f}s, "
+          f"loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    assert losses[-1] < 0.6 * losses[0]
+    assert results["voc"]["mAP"] >= 0.5

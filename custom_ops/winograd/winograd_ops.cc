@@ -106,12 +106,15 @@ REGISTER_OP("KerasDet>WinogradInputTransformGrad")
 REGISTER_OP("KerasDet>WinogradOutputTransform")
     .Input("input: T")
     .Input("output_size: int32")
+    .Input("bias: T")
     .Output("output: T")
     .Attr("T: {float, bfloat16, half}")
     .Attr("tile: int")
+    .Attr("relu: bool = false")
     .SetShapeFn(kerasdet::OutputTransformShape)
     .Doc("Tiles [(tile + 2)^2, N * th * tw, K] -> NHWC [N, OH, OW, K] (output_size = [N, OH, OW]): "
-         "A^T m A of every tile, cropped at the output's edge.");
+         "A^T m A of every tile, cropped at the output's edge, plus bias ([K], or [0] for none), "
+         "clamped at 0 when relu is set.");
 
 REGISTER_OP("KerasDet>WinogradOutputTransformGrad")
     .Input("grad: T")

@@ -85,6 +85,8 @@ def _folded_conv(conv, bn):
             kernel = tf.cast(conv.kernel, tf.float32) * scale
             if conv.use_bias:
                 shift = shift + tf.cast(conv.bias, tf.float32) * scale
+            if isinstance(conv, WinogradConv2D):  # the shift rides on the output transform's pass
+                return conv.biased_convolution_op(x, tf.cast(kernel, dtype), tf.cast(shift, dtype))
             y = conv.convolution_op(x, tf.cast(kernel, dtype))
             return tf.nn.bias_add(y, tf.cast(shift, dtype))
     return call

@@ -4,14 +4,15 @@ as Winograd F(4x4, 3x3) (`kerasdet.ops.winograd_conv3x3`; when and why in that m
 Same weights, config and outputs (to float32 rounding, ~1e-5 of the output's range) as
 ``keras.layers.Conv2D(filters, 3, ...)``; every other case (strides, dilation, groups, bfloat16 /
 float16, fewer than `WINOGRAD_MIN_CHANNELS` channels, XLA, a GPU, `_kernels.pure_tf()`) runs the
-plain convolution, decided when the layer is traced. Like `PointwiseConv2D` the class answers to
+plain convolution, decided when the layer is traced; so does an output of fewer than
+`WINOGRAD_MIN_TILES` 4x4 tiles, decided at run time when the image size is not known before. Like `PointwiseConv2D` the class answers to
 the name "Conv2D", because Keras' weights files address layers by the snake_case of their class
 name: every .weights.h5 written with plain Conv2D layers still loads, and back. Its serialized config
 keeps its registered name, "kerasdet>WinogradConv2D".
 """
 import keras
 
-from kerasdet.ops.winograd import winograd_applies, winograd_conv3x3
+from kerasdet.ops.winograd import select, winograd_applies, winograd_conv3x3, winograd_pays
 
 __all__ = ["WinogradConv2D"]
 
@@ -31,11 +32,33 @@ class WinogradConv2D(keras.layers.Conv2D):
                 and winograd_applies(inputs.dtype, self.kernel_size, self.strides, self.dilation_rate,
                                      self.groups, inputs.shape[-1], self.filters))
 
-    # Also what the frozen-BN fold of the backbones calls (norm_folding), with the folded kernel.
+    def call(self, inputs):
+        relu = self.activation is keras.activations.relu
+        if not self.uses_winograd(inputs) or not (relu or self.activation in (None, keras.activations.linear)):
+            return super().call(inputs)
+        # Bias and ReLU ride on the output transform's pass instead of two more passes over the output.
+        return select(winograd_pays(inputs),
+                      lambda: winograd_conv3x3(inputs, self.kernel, self.padding.upper(),
+                                               bias=self.bias if self.use_bias else None, relu=relu),
+                      lambda: keras.layers.Conv2D.call(self, inputs))
+
     def convolution_op(self, inputs, kernel):
-        if self.uses_winograd(inputs):
-            return winograd_conv3x3(inputs, kernel, self.padding.upper())
-        return super().convolution_op(inputs, kernel)
+        if not self.uses_winograd(inputs):
+            return super().convolution_op(inputs, kernel)
+        return select(winograd_pays(inputs),
+                      lambda: winograd_conv3x3(inputs, kernel, self.padding.upper()),
+                      lambda: keras.layers.Conv2D.convolution_op(self, inputs, kernel))
+
+    def biased_convolution_op(self, inputs, kernel, bias):
+        """convolution_op(inputs, kernel) + bias, in one pass where Winograd applies (the frozen-BN
+        fold of the backbones calls it with the folded kernel and shift)."""
+        def direct():
+            return keras.ops.add(keras.layers.Conv2D.convolution_op(self, inputs, kernel), bias)
+
+        if not self.uses_winograd(inputs):
+            return direct()
+        return select(winograd_pays(inputs),
+                      lambda: winograd_conv3x3(inputs, kernel, self.padding.upper(), bias=bias), direct)
 
 
 # See the module docstring: weights-file paths come from the class name.

@@ -25,7 +25,8 @@ import tensorflow as tf
 from kerasdet.ops import _kernels
 from kerasdet.ops.xla import in_xla_context
 
-__all__ = ["winograd_conv3x3", "winograd_applies", "WINOGRAD_MIN_CHANNELS"]
+__all__ = ["winograd_conv3x3", "winograd_applies", "winograd_pays", "WINOGRAD_MIN_CHANNELS",
+           "WINOGRAD_MIN_TILES"]
 
 # Filter transforms G (Lavin & Gray, interpolation points 0, +-1 and 0, +-1, +-2); B^T and A^T live
 # in the C++ kernels (the tests rebuild all three from the paper's definition).
@@ -35,9 +36,11 @@ _G = {
                  [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]], np.float64),
 }
 
-# Below this many input or output channels the matrix products are too thin to win over oneDNN's
-# direct convolution (see benchmarks/winograd.py).
-WINOGRAD_MIN_CHANNELS = 64
+# Below this many input or output channels, or this many 4x4 output tiles per call, the matrix
+# products are too thin to win over oneDNN's direct convolution (benchmarks/winograd.py: ResNet's
+# 64-channel layer1 and its 25 x 38 layer4 at 800 x 1216 ran slower as Winograd products).
+WINOGRAD_MIN_CHANNELS = 128
+WINOGRAD_MIN_TILES = 200
 
 
 @functools.lru_cache(maxsize=None)
@@ -53,6 +56,24 @@ def winograd_applies(dtype, kernel_size, strides=(1, 1), dilation_rate=(1, 1), g
             and channels_in is not None and channels_in >= WINOGRAD_MIN_CHANNELS
             and channels_out is not None and channels_out >= WINOGRAD_MIN_CHANNELS
             and _kernels.use_kernels() and not in_xla_context() and not _gpu_visible())
+
+
+def winograd_pays(inputs, tile=4):
+    """Whether the output of `inputs` has at least `WINOGRAD_MIN_TILES` tiles: a Python bool when the
+    batch and spatial sizes are known at trace time, else a scalar bool tensor (see `select`)."""
+    n, h, w = inputs.shape[:3]
+    if None not in (n, h, w):
+        return n * (-(-h // tile)) * (-(-w // tile)) >= WINOGRAD_MIN_TILES
+    size = tf.shape(inputs)
+    return size[0] * ((size[1] + tile - 1) // tile) * ((size[2] + tile - 1) // tile) >= WINOGRAD_MIN_TILES
+
+
+def select(pays, winograd_fn, direct_fn):
+    """winograd_fn() or direct_fn() by `winograd_pays`: chosen at trace time when it is a bool, by a
+    tf.cond at run time otherwise (images whose size is only known then)."""
+    if isinstance(pays, bool):
+        return winograd_fn() if pays else direct_fn()
+    return tf.cond(pays, winograd_fn, direct_fn)
 
 
 def _padding(padding):
@@ -79,10 +100,11 @@ def filter_transform(kernel, tile=4):
     return tf.reshape(u, [r * r, tf.shape(kernel)[2], tf.shape(kernel)[3]])
 
 
-def winograd_conv3x3(inputs, kernel, padding="SAME", tile=4):
+def winograd_conv3x3(inputs, kernel, padding="SAME", tile=4, bias=None, relu=False):
     """``tf.nn.conv2d(inputs, kernel, 1, padding)`` for a [3, 3, Ci, Co] kernel on channels-last
     [B, H, W, Ci] inputs, computed as Winograd F(tile x tile, 3x3) (tile 4, or 2: fewer operations
     saved, smaller rounding errors). ``padding``: "SAME", "VALID" or (top, bottom, left, right).
+    ``bias`` ([Co]) and ``relu`` are applied in the output transform's pass (a layer's epilogue).
     Needs the compiled kernels (`winograd_applies` says when to call it); differentiable."""
     lib = _kernels.library()
     if lib is None:
@@ -101,13 +123,21 @@ def winograd_conv3x3(inputs, kernel, padding="SAME", tile=4):
                          f"{kernel.shape[2]}")
     if tile not in _G:
         raise ValueError(f"winograd_conv3x3: tile must be 2 or 4, got {tile!r}")
+    if bias is None:
+        bias = tf.zeros([0], inputs.dtype)
+    else:
+        bias = tf.convert_to_tensor(bias, dtype_hint=inputs.dtype)
+        if bias.dtype != inputs.dtype:
+            raise TypeError(f"winograd_conv3x3: inputs are {inputs.dtype.name} but the bias is {bias.dtype.name}")
+        if bias.shape.rank != 1 or (bias.shape[0] is not None and bias.shape[0] != kernel.shape[3]):
+            raise ValueError(f"winograd_conv3x3: the bias must have shape [{kernel.shape[3]}], got {bias.shape}")
     top, bottom, left, right = _padding(padding)
     tiles = lib.kerasdet_winograd_input_transform(inputs, tile=tile, pad_top=top, pad_bottom=bottom,
                                                   pad_left=left, pad_right=right)
     products = tf.linalg.matmul(tiles, tf.cast(filter_transform(kernel, tile), inputs.dtype))
     shape = tf.shape(inputs)
     size = tf.stack([shape[0], shape[1] + top + bottom - 2, shape[2] + left + right - 2])
-    return lib.kerasdet_winograd_output_transform(products, size, tile=tile)
+    return lib.kerasdet_winograd_output_transform(products, size, bias, tile=tile, relu=bool(relu))
 
 
 def _register_gradients():
@@ -127,11 +157,17 @@ def _register_gradients():
         return [lib().kerasdet_winograd_input_transform(grad, **attrs(op, pads)), None]
 
     def output_transform_grad(op, grad):
-        return [lib().kerasdet_winograd_output_transform_grad(grad, tile=op.get_attr("tile")), None]
+        if op.get_attr("relu"):
+            grad = grad * tf.cast(op.outputs[0] > 0, grad.dtype)
+        bias = op.inputs[2]
+        grad_bias = None if bias.shape[0] == 0 else tf.reduce_sum(grad, axis=[0, 1, 2])
+        return [lib().kerasdet_winograd_output_transform_grad(grad, tile=op.get_attr("tile")), None,
+                grad_bias]
 
     def output_transform_grad_grad(op, grad):
         shape = tf.shape(op.inputs[0])
-        return [lib().kerasdet_winograd_output_transform(grad, shape[:3], tile=op.get_attr("tile"))]
+        return [lib().kerasdet_winograd_output_transform(grad, shape[:3], tf.zeros([0], grad.dtype),
+                                                         tile=op.get_attr("tile"))]
 
     for name, fn in (("KerasDet>WinogradInputTransform", input_transform_grad),
                      ("KerasDet>WinogradInputTransformGrad", input_transform_grad_grad),
