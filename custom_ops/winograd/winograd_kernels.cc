@@ -122,84 +122,47 @@ __attribute__((always_inline)) inline void StoreBlock(const float* src, int nc, 
   for (int k = 0; k < nc; ++k) dst[k] = static_cast<T>(src[k]);
 }
 
-// Gather and ScatterAssign work on runs of kRun consecutive tiles of one tile row, all channels,
-// staged in a per-worker buffer: the tiles' values of one of the (m + 2)^2 planes are then one
-// contiguous stretch (kRun * channels), copied in a single pass. Writing (or reading) the 36 planes
-// a channel block at a time instead means 36 concurrent streams whose addresses are a multiple of
-// 4 KiB apart for most layer sizes, which all land in the same L1 set. The staging rows are padded
-// by kPad elements for the same reason.
-constexpr int kRun = 8;
-constexpr int kPad = 16;
-
-struct Runs {
-  int64_t per_row, units;
-  explicit Runs(const TileGrid& g)
-      : per_row((g.tiles_w + kRun - 1) / kRun), units(g.n * g.tiles_h * ((g.tiles_w + kRun - 1) / kRun)) {}
-};
-
-// Unit u of the runs: first tile p0 (flat), its image b, tile row ty, first column tx0, and count.
-struct Run {
-  int64_t p0, b, ty, tx0;
-  int count;
-  Run(const TileGrid& g, const Runs& runs, int64_t u) {
-    b = u / (g.tiles_h * runs.per_row);
-    ty = (u / runs.per_row) % g.tiles_h;
-    tx0 = (u % runs.per_row) * kRun;
-    count = static_cast<int>(std::min<int64_t>(kRun, g.tiles_w - tx0));
-    p0 = (b * g.tiles_h + ty) * g.tiles_w + tx0;
-  }
-};
-
 template <typename T>
 __attribute__((always_inline)) inline void Gather(const TileGrid& g, const T* x, T* out, int64_t begin, int64_t end) {
   const int S = g.window, R = g.r;
   const int64_t P = g.tiles();
-  const Runs runs(g);
-  const int64_t row = kRun * g.c + kPad;  // staging stride between planes
-  std::vector<T> stage(static_cast<size_t>(R * R * row));
   Block win, tile;
   for (int64_t unit = begin; unit < end; ++unit) {
-    const Run run(g, runs, unit);
-    for (int t = 0; t < run.count; ++t) {
-      const int64_t y0 = g.off_y + run.ty * g.stride, x0 = g.off_x + (run.tx0 + t) * g.stride;
-      for (int64_t c0 = 0; c0 < g.c; c0 += kBlock) {
-        const int nc = static_cast<int>(std::min<int64_t>(kBlock, g.c - c0));
-        for (int i = 0; i < S; ++i) {
-          const int64_t y = y0 + i;
-          for (int j = 0; j < S; ++j) {
-            const int64_t xx = x0 + j;
-            if (y < 0 || y >= g.h || xx < 0 || xx >= g.w) {
-              std::fill(win[i][j], win[i][j] + kBlock, 0.f);
-            } else {
-              LoadBlock(x + ((run.b * g.h + y) * g.w + xx) * g.c + c0, nc, win[i][j]);
-            }
-          }
-        }
-        Sandwich(g.L, R, S, win, tile);
-        for (int a = 0; a < R; ++a) {
-          for (int bb = 0; bb < R; ++bb) {
-            StoreBlock(tile[a][bb], nc, stage.data() + (a * R + bb) * row + t * g.c + c0);
-          }
+    const int64_t p = unit / g.blocks();
+    const int64_t c0 = (unit % g.blocks()) * kBlock;
+    const int nc = static_cast<int>(std::min<int64_t>(kBlock, g.c - c0));
+    const int64_t b = p / (g.tiles_h * g.tiles_w);
+    const int64_t ty = (p / g.tiles_w) % g.tiles_h, tx = p % g.tiles_w;
+    const int64_t y0 = g.off_y + ty * g.stride, x0 = g.off_x + tx * g.stride;
+    for (int i = 0; i < S; ++i) {
+      const int64_t y = y0 + i;
+      for (int j = 0; j < S; ++j) {
+        const int64_t xx = x0 + j;
+        if (y < 0 || y >= g.h || xx < 0 || xx >= g.w) {
+          std::fill(win[i][j], win[i][j] + kBlock, 0.f);
+        } else {
+          LoadBlock(x + ((b * g.h + y) * g.w + xx) * g.c + c0, nc, win[i][j]);
         }
       }
     }
-    for (int plane = 0; plane < R * R; ++plane) {
-      std::memcpy(out + (plane * P + run.p0) * g.c, stage.data() + plane * row,
-                  sizeof(T) * run.count * g.c);
+    Sandwich(g.L, R, S, win, tile);
+    for (int a = 0; a < R; ++a) {
+      for (int bb = 0; bb < R; ++bb) {
+        StoreBlock(tile[a][bb], nc, out + (static_cast<int64_t>(a * R + bb) * P + p) * g.c + c0);
+      }
     }
   }
 }
 
-// One tile's window values for the channel block: w[i][j] = sum_ab L[i, a] t[a, b] L[j, b], the
-// tile's (a, b) values read at t + (a * R + b) * plane_stride + c0.
+// One tile's window values for the channel block: w[i][j] = sum_ab L[i, a] t[a, b] L[j, b].
 template <typename T>
-__attribute__((always_inline)) inline void TileWindow(const TileGrid& g, const T* t, int64_t plane_stride,
-                                                      int64_t c0, int nc, Block& w) {
+__attribute__((always_inline)) inline void TileWindow(const TileGrid& g, const T* t, int64_t p, int64_t c0, int nc, Block& w) {
   const int R = g.r;
+  const int64_t P = g.tiles();
   Block tile;
   for (int a = 0; a < R; ++a) {
     for (int bb = 0; bb < R; ++bb) {
-      LoadBlock(t + (a * R + bb) * plane_stride + c0, nc, tile[a][bb]);
+      LoadBlock(t + (static_cast<int64_t>(a * R + bb) * P + p) * g.c + c0, nc, tile[a][bb]);
     }
   }
   Sandwich(g.L, g.window, R, tile, w);
@@ -210,41 +173,31 @@ __attribute__((always_inline)) inline void TileWindow(const TileGrid& g, const T
 template <typename T>
 __attribute__((always_inline)) inline void ScatterAssign(const TileGrid& g, const T* t, const T* bias, bool relu, T* y,
                                                          int64_t begin, int64_t end) {
-  const int R = g.r;
-  const int64_t P = g.tiles();
-  const Runs runs(g);
-  const int64_t row = kRun * g.c + kPad;
-  std::vector<T> stage(static_cast<size_t>(R * R * row));
-  const float floor = relu ? 0.f : -std::numeric_limits<float>::infinity();
   Block w;
   float shift[kBlock];
   for (int64_t unit = begin; unit < end; ++unit) {
-    const Run run(g, runs, unit);
-    for (int plane = 0; plane < R * R; ++plane) {
-      std::memcpy(stage.data() + plane * row, t + (plane * P + run.p0) * g.c,
-                  sizeof(T) * run.count * g.c);
+    const int64_t p = unit / g.blocks();
+    const int64_t c0 = (unit % g.blocks()) * kBlock;
+    const int nc = static_cast<int>(std::min<int64_t>(kBlock, g.c - c0));
+    TileWindow(g, t, p, c0, nc, w);
+    if (bias != nullptr) {
+      LoadBlock(bias + c0, nc, shift);
+    } else {
+      std::fill(shift, shift + kBlock, 0.f);
     }
-    for (int64_t c0 = 0; c0 < g.c; c0 += kBlock) {
-      const int nc = static_cast<int>(std::min<int64_t>(kBlock, g.c - c0));
-      if (bias != nullptr) {
-        LoadBlock(bias + c0, nc, shift);
-      } else {
-        std::fill(shift, shift + kBlock, 0.f);
-      }
-      for (int tt = 0; tt < run.count; ++tt) {
-        TileWindow(g, stage.data() + tt * g.c, row, c0, nc, w);
-        const int64_t y0 = g.off_y + run.ty * g.stride, x0 = g.off_x + (run.tx0 + tt) * g.stride;
-        for (int i = 0; i < g.window; ++i) {
-          const int64_t yy = y0 + i;
-          if (yy < 0 || yy >= g.h) continue;
-          for (int j = 0; j < g.window; ++j) {
-            const int64_t xx = x0 + j;
-            if (xx < 0 || xx >= g.w) continue;
-            float* v = w[i][j];
-            for (int k = 0; k < kBlock; ++k) v[k] = std::max(v[k] + shift[k], floor);
-            StoreBlock(v, nc, y + ((run.b * g.h + yy) * g.w + xx) * g.c + c0);
-          }
-        }
+    const float floor = relu ? 0.f : -std::numeric_limits<float>::infinity();
+    const int64_t b = p / (g.tiles_h * g.tiles_w);
+    const int64_t ty = (p / g.tiles_w) % g.tiles_h, tx = p % g.tiles_w;
+    const int64_t y0 = g.off_y + ty * g.stride, x0 = g.off_x + tx * g.stride;
+    for (int i = 0; i < g.window; ++i) {
+      const int64_t yy = y0 + i;
+      if (yy < 0 || yy >= g.h) continue;
+      for (int j = 0; j < g.window; ++j) {
+        const int64_t xx = x0 + j;
+        if (xx < 0 || xx >= g.w) continue;
+        float* v = w[i][j];
+        for (int k = 0; k < kBlock; ++k) v[k] = std::max(v[k] + shift[k], floor);
+        StoreBlock(v, nc, y + ((b * g.h + yy) * g.w + xx) * g.c + c0);
       }
     }
   }
@@ -278,7 +231,7 @@ __attribute__((always_inline)) inline void ScatterAdd(const TileGrid& g, const T
     for (int64_t ty = 0; ty < g.tiles_h; ++ty) {
       for (int64_t tx = 0; tx < g.tiles_w; ++tx) {
         const int64_t p = (b * g.tiles_h + ty) * g.tiles_w + tx;
-        TileWindow(g, t + p * g.c, g.tiles() * g.c, c0, nc, w);
+        TileWindow(g, t, p, c0, nc, w);
         const int64_t y0 = g.off_y + ty * g.stride, x0 = g.off_x + tx * g.stride;
         for (int i = 0; i < g.window; ++i) {
           const int64_t yy = y0 + i;
@@ -430,7 +383,7 @@ class InputTransformOp : public WinogradBase {
     if (out->NumElements() == 0) return;
     const T* src = x.flat<T>().data();
     T* dst = out->flat<T>().data();
-    Run(ctx, Runs(g).units, 40 * kRun * g.c * g.r * g.r,
+    Run(ctx, g.tiles() * g.blocks(), 40 * kBlock * g.r * g.r,
         [&](int64_t b, int64_t e) { GatherRange(g, src, dst, b, e); });
   }
 };
@@ -489,7 +442,7 @@ class OutputTransformOp : public WinogradBase {
     const T* src = t.flat<T>().data();
     T* dst = out->flat<T>().data();
     const T* shift = bias.dim_size(0) > 0 ? bias.flat<T>().data() : nullptr;
-    Run(ctx, Runs(g).units, 40 * kRun * g.c * g.r * g.r,
+    Run(ctx, g.tiles() * g.blocks(), 40 * kBlock * g.r * g.r,
         [&](int64_t b, int64_t e) { ScatterAssignRange(g, src, shift, relu_, dst, b, e); });
   }
 
@@ -515,7 +468,7 @@ class OutputTransformGradOp : public WinogradBase {
     if (out->NumElements() == 0) return;
     const T* src = grad.flat<T>().data();
     T* dst = out->flat<T>().data();
-    Run(ctx, Runs(g).units, 40 * kRun * g.c * g.r * g.r,
+    Run(ctx, g.tiles() * g.blocks(), 40 * kBlock * g.r * g.r,
         [&](int64_t b, int64_t e) { GatherRange(g, src, dst, b, e); });
   }
 };

@@ -9,7 +9,7 @@ All the pieces are linear, so the gradients are again transforms around matrix p
 kernels' adjoints are registered below): training gains as well.
 
 Where it pays (``python benchmarks/winograd.py``): on the 2-core AMD EPYC host of this change, the
-FPN's P2 3x3 convolution (1 x 200 x 304 x 256 -> 256) took ~0.46x the time of TensorFlow's float32
+FPN's P2 3x3 convolution (1 x 200 x 304 x 256 -> 256, with bias and ReLU) took 0.54x the time of TensorFlow's float32
 convolution. It is not used for bfloat16 / float16: rounding the transformed tiles to 8 mantissa bits
 left errors of ~1e-1 of the output's range with F(4x4, 3x3) (the transforms multiply values by up to
 25 before the products and the output transform cancels them again), and F(2x2, 3x3), accurate
@@ -26,7 +26,7 @@ from kerasdet.ops import _kernels
 from kerasdet.ops.xla import in_xla_context
 
 __all__ = ["winograd_conv3x3", "winograd_applies", "winograd_pays", "WINOGRAD_MIN_CHANNELS",
-           "WINOGRAD_MIN_TILES"]
+           "WINOGRAD_MIN_TILES", "WINOGRAD_TRAIN_MIN_CHANNELS"]
 
 # Filter transforms G (Lavin & Gray, interpolation points 0, +-1 and 0, +-1, +-2); B^T and A^T live
 # in the C++ kernels (the tests rebuild all three from the paper's definition).
@@ -37,10 +37,18 @@ _G = {
 }
 
 # Below this many input or output channels, or this many 4x4 output tiles per call, the matrix
-# products are too thin to win over oneDNN's direct convolution (benchmarks/winograd.py: ResNet's
-# 64-channel layer1 and its 25 x 38 layer4 at 800 x 1216 ran slower as Winograd products).
-WINOGRAD_MIN_CHANNELS = 128
+# products are too thin to win over oneDNN's direct convolution. benchmarks/winograd.py, float32,
+# 2-core AMD EPYC, time over TensorFlow's at 800 x 1216 (ResNet-50 layer1..4 = 64, 128, 256, 512
+# channels, 3800 / 950 / 247 / 70 tiles per image):
+#   inference (batch 1, + bias + ReLU): layer1 1.56, layer2 1.03, layer3 0.83, layer4 1.64;
+#     FPN / RPN 3x3 at P2 / P3 / P4 0.54 / 0.62 / 0.77; the mask head (100 RoIs of 14 x 14) 0.77;
+#   training (batch 2, forward and both gradients): layer1 0.96, layer2 0.58, layer3 0.43,
+#     layer4 0.49; P2 / P3 / P4 0.41 / 0.35 / 0.46; the mask head 0.57; 32 channels 1.45.
+# oneDNN's convolution gradients are slower than its forward convolution, so layers that are
+# trained take the Winograd form from fewer channels and at any size.
+WINOGRAD_MIN_CHANNELS = 256
 WINOGRAD_MIN_TILES = 200
+WINOGRAD_TRAIN_MIN_CHANNELS = 128
 
 
 @functools.lru_cache(maxsize=None)
@@ -49,18 +57,23 @@ def _gpu_visible():
 
 
 def winograd_applies(dtype, kernel_size, strides=(1, 1), dilation_rate=(1, 1), groups=1,
-                     channels_in=None, channels_out=None):
-    """Whether a convolution with these settings, traced now, runs as `winograd_conv3x3`."""
+                     channels_in=None, channels_out=None, training=False):
+    """Whether a convolution with these settings, traced now, runs as `winograd_conv3x3` (given
+    enough tiles: `winograd_pays`). ``training``: the layer is being trained (gradients follow)."""
+    least = WINOGRAD_TRAIN_MIN_CHANNELS if training else WINOGRAD_MIN_CHANNELS
     return (tf.as_dtype(dtype) == tf.float32 and tuple(kernel_size) == (3, 3)
             and tuple(strides) == (1, 1) and tuple(dilation_rate) == (1, 1) and groups == 1
-            and channels_in is not None and channels_in >= WINOGRAD_MIN_CHANNELS
-            and channels_out is not None and channels_out >= WINOGRAD_MIN_CHANNELS
+            and channels_in is not None and channels_in >= least
+            and channels_out is not None and channels_out >= least
             and _kernels.use_kernels() and not in_xla_context() and not _gpu_visible())
 
 
-def winograd_pays(inputs, tile=4):
-    """Whether the output of `inputs` has at least `WINOGRAD_MIN_TILES` tiles: a Python bool when the
-    batch and spatial sizes are known at trace time, else a scalar bool tensor (see `select`)."""
+def winograd_pays(inputs, tile=4, training=False):
+    """Whether the output of `inputs` has at least `WINOGRAD_MIN_TILES` tiles (always in training):
+    a Python bool when the batch and spatial sizes are known at trace time, else a scalar bool
+    tensor (see `select`)."""
+    if training:
+        return True
     n, h, w = inputs.shape[:3]
     if None not in (n, h, w):
         return n * (-(-h // tile)) * (-(-w // tile)) >= WINOGRAD_MIN_TILES
@@ -93,11 +106,17 @@ def _padding(padding):
 
 
 def filter_transform(kernel, tile=4):
-    """G g G^T of a [3, 3, Ci, Co] kernel as [(tile + 2)^2, Ci, Co], computed in float32."""
-    g = tf.constant(_G[tile], tf.float32)
-    u = tf.einsum("ai,ijck,bj->abck", g, tf.cast(kernel, tf.float32), g)
+    """G g G^T of a [3, 3, Ci, Co] kernel as [(tile + 2)^2, Ci, Co], computed in float32.
+
+    One [(tile + 2)^2, 9] @ [9, Ci * Co] product with the Kronecker product G (x) G: a three-operand
+    einsum of the same took ~10 ms per 256 x 256 layer (oneDNN's einsum), the product well under 1.
+    """
+    g = _G[tile]
     r = tile + 2
-    return tf.reshape(u, [r * r, tf.shape(kernel)[2], tf.shape(kernel)[3]])
+    kernel = tf.cast(kernel, tf.float32)
+    shape = tf.shape(kernel)
+    u = tf.linalg.matmul(tf.constant(np.kron(g, g), tf.float32), tf.reshape(kernel, [9, -1]))
+    return tf.reshape(u, [r * r, shape[2], shape[3]])
 
 
 def winograd_conv3x3(inputs, kernel, padding="SAME", tile=4, bias=None, relu=False):
