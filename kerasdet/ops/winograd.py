@@ -176,8 +176,8 @@ def _register_gradients():
         return [lib().kerasdet_winograd_input_transform(grad, **attrs(op, pads)), None]
 
     def output_transform_grad(op, grad):
-        if op.get_attr("relu"):
-            grad = grad * tf.cast(op.outputs[0] > 0, grad.dtype)
+        if op.get_attr("relu"):  # one pass, where a compare, a cast and a product took three
+            grad = tf.raw_ops.ReluGrad(gradients=grad, features=op.outputs[0])
         bias = op.inputs[2]
         grad_bias = None if bias.shape[0] == 0 else tf.reduce_sum(grad, axis=[0, 1, 2])
         return [lib().kerasdet_winograd_output_transform_grad(grad, tile=op.get_attr("tile")), None,
