@@ -221,13 +221,6 @@ def test_layer_takes_the_winograd_form_only_where_it_pays():
     assert not WinogradConv2D(c, padding="same").uses_winograd(tf.cast(x, tf.bfloat16))
     with _kernels.pure_tf():
         assert not WinogradConv2D(c, padding="same").uses_winograd(x)
-    # A layer being trained takes it from fewer channels (oneDNN's gradients are the slower part).
-    t = winograd_module.WINOGRAD_TRAIN_MIN_CHANNELS
-    trained = WinogradConv2D(t, padding="same")
-    assert t < c and trained.uses_winograd(x[..., :t], training=True)
-    assert not trained.uses_winograd(x[..., :t]) and not trained.uses_winograd(x[..., :t], training=False)
-    trained.trainable = False
-    assert not trained.uses_winograd(x[..., :t], training=True)
     with pytest.raises(ValueError, match="WinogradConv2D is a 3x3 convolution"):
         WinogradConv2D(8, 5)
 
@@ -248,10 +241,10 @@ def test_small_outputs_keep_the_direct_convolution_decided_at_run_time_when_the_
         np.testing.assert_allclose(dynamic(x).numpy(), expected, rtol=0, atol=3e-5 * np.abs(expected).max())
 
 
-def test_training_calls_take_the_winograd_form_at_any_size():
-    c = winograd_module.WINOGRAD_TRAIN_MIN_CHANNELS
+def test_training_calls_take_the_winograd_form_at_any_size_unless_the_layer_is_frozen():
+    c = WINOGRAD_MIN_CHANNELS
     layer, plain = _layer_pair(tf.zeros((1, 8, 8, c)), c, padding="same", activation="relu")
-    x = tf.constant(_problem(16, (1, 8, 8, c), 1)[0])  # 4 tiles, far below WINOGRAD_MIN_TILES
+    x = tf.constant(_problem(16, (1, 8, 8, c), 1)[0])  # 4 tiles, below WINOGRAD_MIN_TILES
     assert 4 < WINOGRAD_MIN_TILES
     train = tf.function(lambda a: layer(a, training=True))
     infer = tf.function(lambda a: layer(a, training=False))
@@ -259,6 +252,9 @@ def test_training_calls_take_the_winograd_form_at_any_size():
     assert "KerasDet>WinogradInputTransform" not in _graph_ops(infer, x)
     expected = plain(x).numpy()
     np.testing.assert_allclose(train(x).numpy(), expected, rtol=0, atol=3e-5 * np.abs(expected).max())
+    layer.trainable = False  # no gradients follow: the inference rule
+    frozen = tf.function(lambda a: layer(a, training=True))
+    assert "KerasDet>WinogradInputTransform" not in _graph_ops(frozen, x)
 
 
 def test_xla_and_pure_tf_traces_use_the_plain_convolution_with_the_same_result(any_size):
@@ -326,7 +322,6 @@ def test_faster_rcnn_fpn_learns_with_winograd_convolutions(synthetic_data, monke
     from kerasdet.models.faster_rcnn import FasterRCNN
 
     monkeypatch.setattr(winograd_module, "WINOGRAD_MIN_CHANNELS", 64)  # the tiny FPN has 64
-    monkeypatch.setattr(winograd_module, "WINOGRAD_TRAIN_MIN_CHANNELS", 64)
     monkeypatch.setattr(winograd_module, "WINOGRAD_MIN_TILES", 0)
     model = FasterRCNN(3, **tiny_fpn_settings())
     history, results, seconds = fit_and_evaluate(model, synthetic_data, epochs=5)

@@ -3,10 +3,9 @@ as Winograd F(4x4, 3x3) (`kerasdet.ops.winograd_conv3x3`; when and why in that m
 
 Same weights, config and outputs (to float32 rounding, ~1e-5 of the output's range) as
 ``keras.layers.Conv2D(filters, 3, ...)``; every other case (strides, dilation, groups, bfloat16 /
-float16, fewer than `WINOGRAD_MIN_CHANNELS` channels (`WINOGRAD_TRAIN_MIN_CHANNELS` for a layer
-being trained), XLA, a GPU, `_kernels.pure_tf()`) runs the plain convolution, decided when the
-layer is traced; so does an inference output of fewer than `WINOGRAD_MIN_TILES` 4x4 tiles, decided
-at run time when the image size is not known before. Like `PointwiseConv2D` the class answers to
+float16, fewer than `WINOGRAD_MIN_CHANNELS` channels, XLA, a GPU, `_kernels.pure_tf()`) runs the
+plain convolution, decided when the layer is traced; so does, outside training, an output of fewer
+than `WINOGRAD_MIN_TILES` 4x4 tiles, decided at run time when the image size is not known before. Like `PointwiseConv2D` the class answers to
 the name "Conv2D", because Keras' weights files address layers by the snake_case of their class
 name: every .weights.h5 written with plain Conv2D layers still loads, and back. Its serialized config
 keeps its registered name, "kerasdet>WinogradConv2D".
@@ -27,13 +26,12 @@ class WinogradConv2D(keras.layers.Conv2D):
             raise ValueError(f"WinogradConv2D is a 3x3 convolution; got kernel_size={kernel_size!r}")
         super().__init__(filters, 3, **kwargs)
 
-    def uses_winograd(self, inputs, training=False):
+    def uses_winograd(self, inputs):
         """Whether calling the layer on `inputs` now may take the Winograd form (see
-        `kerasdet.ops.winograd.winograd_applies`); ``training``: called with training=True."""
+        `kerasdet.ops.winograd.winograd_applies`; the size rule, `winograd_pays`, comes on top)."""
         return (self.data_format == "channels_last"
                 and winograd_applies(inputs.dtype, self.kernel_size, self.strides, self.dilation_rate,
-                                     self.groups, inputs.shape[-1], self.filters,
-                                     training=self._learning(training)))
+                                     self.groups, inputs.shape[-1], self.filters))
 
     def _learning(self, training):
         # Gradients follow only for a trained layer: a frozen one runs the inference rule.
@@ -41,7 +39,7 @@ class WinogradConv2D(keras.layers.Conv2D):
 
     def call(self, inputs, training=None):
         relu = self.activation is keras.activations.relu
-        if (not self.uses_winograd(inputs, training)
+        if (not self.uses_winograd(inputs)
                 or not (relu or self.activation in (None, keras.activations.linear))):
             return super().call(inputs)
         # Bias and ReLU ride on the output transform's pass instead of two more passes over the output.

@@ -9,7 +9,7 @@ All the pieces are linear, so the gradients are again transforms around matrix p
 kernels' adjoints are registered below): training gains as well.
 
 Where it pays (``python benchmarks/winograd.py``): on the 2-core AMD EPYC host of this change, the
-FPN's P2 3x3 convolution (1 x 200 x 304 x 256 -> 256, with bias and ReLU) took 0.54x the time of TensorFlow's float32
+FPN's P2 3x3 convolution (1 x 200 x 304 x 256 -> 256, with bias and ReLU) took 0.48x the time of TensorFlow's float32
 convolution. It is not used for bfloat16 / float16: rounding the transformed tiles to 8 mantissa bits
 left errors of ~1e-1 of the output's range with F(4x4, 3x3) (the transforms multiply values by up to
 25 before the products and the output transform cancels them again), and F(2x2, 3x3), accurate
@@ -26,7 +26,7 @@ from kerasdet.ops import _kernels
 from kerasdet.ops.xla import in_xla_context
 
 __all__ = ["winograd_conv3x3", "winograd_applies", "winograd_pays", "WINOGRAD_MIN_CHANNELS",
-           "WINOGRAD_MIN_TILES", "WINOGRAD_TRAIN_MIN_CHANNELS"]
+           "WINOGRAD_MIN_TILES"]
 
 # Filter transforms G (Lavin & Gray, interpolation points 0, +-1 and 0, +-1, +-2); B^T and A^T live
 # in the C++ kernels (the tests rebuild all three from the paper's definition).
@@ -36,19 +36,19 @@ _G = {
                  [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]], np.float64),
 }
 
-# Below this many input or output channels, or this many 4x4 output tiles per call, the matrix
-# products are too thin to win over oneDNN's direct convolution. benchmarks/winograd.py, float32,
-# 2-core AMD EPYC, time over TensorFlow's at 800 x 1216 (ResNet-50 layer1..4 = 64, 128, 256, 512
-# channels, 3800 / 950 / 247 / 70 tiles per image):
-#   inference (batch 1, + bias + ReLU): layer1 1.56, layer2 1.03, layer3 0.83, layer4 1.64;
-#     FPN / RPN 3x3 at P2 / P3 / P4 0.54 / 0.62 / 0.77; the mask head (100 RoIs of 14 x 14) 0.77;
+# Below this many input or output channels, or (inference only) this many 4x4 output tiles per
+# call, the matrix products are too thin to win over oneDNN's direct convolution.
+# benchmarks/winograd.py, float32, 2-core AMD EPYC, time over TensorFlow's at 800 x 1216 (ResNet-50
+# layer1..4 = 64, 128, 256, 512 channels, 3800 / 950 / 247 / 70 tiles per image):
+#   inference (batch 1, + bias + ReLU): layer1 1.24, layer2 0.81, layer3 0.58, layer4 0.69;
+#     FPN / RPN 3x3 at P2 / P3 / P4 0.48 / 0.57 / 0.61; the mask head (100 RoIs of 14 x 14) 0.74;
+#     32 channels 1.53;
 #   training (batch 2, forward and both gradients): layer1 0.96, layer2 0.58, layer3 0.43,
 #     layer4 0.49; P2 / P3 / P4 0.41 / 0.35 / 0.46; the mask head 0.57; 32 channels 1.45.
-# oneDNN's convolution gradients are slower than its forward convolution, so layers that are
-# trained take the Winograd form from fewer channels and at any size.
-WINOGRAD_MIN_CHANNELS = 256
-WINOGRAD_MIN_TILES = 200
-WINOGRAD_TRAIN_MIN_CHANNELS = 128
+# Fewer tiles than layer4's 70 were not measured at inference; in training (oneDNN's convolution
+# gradients are the slower part) the layer4 figure stands for any size.
+WINOGRAD_MIN_CHANNELS = 128
+WINOGRAD_MIN_TILES = 64
 
 
 @functools.lru_cache(maxsize=None)
@@ -57,10 +57,10 @@ def _gpu_visible():
 
 
 def winograd_applies(dtype, kernel_size, strides=(1, 1), dilation_rate=(1, 1), groups=1,
-                     channels_in=None, channels_out=None, training=False):
+                     channels_in=None, channels_out=None):
     """Whether a convolution with these settings, traced now, runs as `winograd_conv3x3` (given
-    enough tiles: `winograd_pays`). ``training``: the layer is being trained (gradients follow)."""
-    least = WINOGRAD_TRAIN_MIN_CHANNELS if training else WINOGRAD_MIN_CHANNELS
+    enough tiles: `winograd_pays`)."""
+    least = WINOGRAD_MIN_CHANNELS
     return (tf.as_dtype(dtype) == tf.float32 and tuple(kernel_size) == (3, 3)
             and tuple(strides) == (1, 1) and tuple(dilation_rate) == (1, 1) and groups == 1
             and channels_in is not None and channels_in >= least
@@ -69,7 +69,8 @@ def winograd_applies(dtype, kernel_size, strides=(1, 1), dilation_rate=(1, 1), g
 
 
 def winograd_pays(inputs, tile=4, training=False):
-    """Whether the output of `inputs` has at least `WINOGRAD_MIN_TILES` tiles (always in training):
+    """Whether the output of `inputs` has at least `WINOGRAD_MIN_TILES` tiles (always true for a
+    layer being trained, ``training``):
     a Python bool when the batch and spatial sizes are known at trace time, else a scalar bool
     tensor (see `select`)."""
     if training:
