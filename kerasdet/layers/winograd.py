@@ -5,10 +5,10 @@ Same weights, config and outputs (to float32 rounding, ~1e-5 of the output's ran
 ``keras.layers.Conv2D(filters, 3, ...)``; every other case (strides, dilation, groups, bfloat16 /
 float16, fewer than `WINOGRAD_MIN_CHANNELS` channels, XLA, a GPU, `_kernels.pure_tf()`) runs the
 plain convolution, decided when the layer is traced; so does, outside training, an output of fewer
-than `WINOGRAD_MIN_TILES` 4x4 tiles, decided at run time when the image size is not known before. Like `PointwiseConv2D` the class answers to
-the name "Conv2D", because Keras' weights files address layers by the snake_case of their class
-name: every .weights.h5 written with plain Conv2D layers still loads, and back. Its serialized config
-keeps its registered name, "kerasdet>WinogradConv2D".
+than `WINOGRAD_MIN_TILES` 4x4 tiles, decided at run time when the image size is not known before.
+Like `PointwiseConv2D` the class answers to the name "Conv2D", because Keras' weights files address
+layers by the snake_case of their class name: every .weights.h5 written with plain Conv2D layers
+still loads, and back. Its serialized config keeps its registered name, "kerasdet>WinogradConv2D".
 """
 import keras
 

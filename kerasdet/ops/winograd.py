@@ -9,12 +9,13 @@ All the pieces are linear, so the gradients are again transforms around matrix p
 kernels' adjoints are registered below): training gains as well.
 
 Where it pays (``python benchmarks/winograd.py``): on the 2-core AMD EPYC host of this change, the
-FPN's P2 3x3 convolution (1 x 200 x 304 x 256 -> 256, with bias and ReLU) took 0.48x the time of TensorFlow's float32
-convolution. It is not used for bfloat16 / float16: rounding the transformed tiles to 8 mantissa bits
-left errors of ~1e-1 of the output's range with F(4x4, 3x3) (the transforms multiply values by up to
-25 before the products and the output transform cancels them again), and F(2x2, 3x3), accurate
-enough, was no faster than oneDNN's bfloat16 convolution there. Nor on a GPU (cuDNN picks its own
-algorithms), under XLA (the kernels have no XLA form), or under ``_kernels.pure_tf()``.
+FPN's P2 3x3 convolution (1 x 200 x 304 x 256 -> 256, with bias and ReLU) took 0.48x the time of
+TensorFlow's float32 convolution (0.41x with both gradients, batch 2). It is not used for bfloat16
+/ float16: rounding the transformed tiles to 8 mantissa bits left errors of ~1e-1 of the output's
+range with F(4x4, 3x3) (the transforms multiply values by up to 25 before the products and the
+output transform cancels them again), and F(2x2, 3x3), accurate enough, was no faster than oneDNN's
+bfloat16 convolution there. Nor on a GPU (cuDNN picks its own algorithms), under XLA (the kernels
+have no XLA form), or under ``_kernels.pure_tf()``.
 `winograd_applies` is that rule; `kerasdet.layers.WinogradConv2D` asks it at trace time.
 """
 import functools
@@ -29,7 +30,7 @@ __all__ = ["winograd_conv3x3", "winograd_applies", "winograd_pays", "WINOGRAD_MI
            "WINOGRAD_MIN_TILES"]
 
 # Filter transforms G (Lavin & Gray, interpolation points 0, +-1 and 0, +-1, +-2); B^T and A^T live
-# in the C++ kernels (the tests rebuild all three from the paper's definition).
+# in the C++ kernels. The tests check the composition against the correlation's own definition.
 _G = {
     2: np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], np.float64),
     4: np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
@@ -45,8 +46,9 @@ _G = {
 #     32 channels 1.53;
 #   training (batch 2, forward and both gradients): layer1 0.96, layer2 0.58, layer3 0.43,
 #     layer4 0.49; P2 / P3 / P4 0.41 / 0.35 / 0.46; the mask head 0.57; 32 channels 1.45.
-# Fewer tiles than layer4's 70 were not measured at inference; in training (oneDNN's convolution
-# gradients are the slower part) the layer4 figure stands for any size.
+# Fewer tiles than layer4's 70 were not measured at inference. In training, where oneDNN's
+# convolution gradients are the slower part, the tile rule is not applied (smallest measured:
+# layer4's 140 tiles at batch 2).
 WINOGRAD_MIN_CHANNELS = 128
 WINOGRAD_MIN_TILES = 64
 
@@ -60,19 +62,17 @@ def winograd_applies(dtype, kernel_size, strides=(1, 1), dilation_rate=(1, 1), g
                      channels_in=None, channels_out=None):
     """Whether a convolution with these settings, traced now, runs as `winograd_conv3x3` (given
     enough tiles: `winograd_pays`)."""
-    least = WINOGRAD_MIN_CHANNELS
     return (tf.as_dtype(dtype) == tf.float32 and tuple(kernel_size) == (3, 3)
             and tuple(strides) == (1, 1) and tuple(dilation_rate) == (1, 1) and groups == 1
-            and channels_in is not None and channels_in >= least
-            and channels_out is not None and channels_out >= least
+            and channels_in is not None and channels_in >= WINOGRAD_MIN_CHANNELS
+            and channels_out is not None and channels_out >= WINOGRAD_MIN_CHANNELS
             and _kernels.use_kernels() and not in_xla_context() and not _gpu_visible())
 
 
 def winograd_pays(inputs, tile=4, training=False):
     """Whether the output of `inputs` has at least `WINOGRAD_MIN_TILES` tiles (always true for a
-    layer being trained, ``training``):
-    a Python bool when the batch and spatial sizes are known at trace time, else a scalar bool
-    tensor (see `select`)."""
+    layer being trained, ``training``): a Python bool when the batch and spatial sizes are known at
+    trace time, else a scalar bool tensor (see `select`)."""
     if training:
         return True
     n, h, w = inputs.shape[:3]
