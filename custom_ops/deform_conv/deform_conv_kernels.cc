@@ -14,11 +14,11 @@
 #include <functional>
 #include <vector>
 
+#include "common/cpu_parallel.h"
 #include "deform_conv/deform_conv_core.h"
 #include "deform_conv/deform_conv_gemm.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/tensor.h"
-#include "tensorflow/core/util/work_sharder.h"
 
 #if GOOGLE_CUDA
 // The CUDA stream comes from the stream executor as a void* handle, so this file needs no CUDA
@@ -43,16 +43,7 @@ using tensorflow::errors::InvalidArgument;
 constexpr int64_t kMaxColumnFloats = int64_t{1} << 24;
 
 // ------------------------------------------------------------------------------------------ CPU
-// The sampling loops are compiled for AVX-512, AVX2 and baseline x86-64 and picked at load time
-// (GCC function multi-versioning): the library itself is built with TensorFlow's portable flags,
-// which alone would leave these channel loops at 128-bit SSE. The clones are named by instruction
-// set, not "arch=skylake-avx512" / "arch=haswell": an arch= clone is chosen only on that very
-// Intel CPU model (__builtin_cpu_is), so AVX-512 AMD CPUs (Zen 4) ran the SSE copy.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define KD_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define KD_CPU_CLONES
-#endif
+// The sampling loops are KD_CPU_CLONES (common/cpu_parallel.h).
 
 // Columns of output rows [row0 + begin, row0 + end) (columns points at row0's row).
 KD_CPU_CLONES void Im2ColRange(const Geometry& geo, const float* input, const float* offset,
@@ -154,8 +145,7 @@ KD_CPU_CLONES void BackwardRange(const Geometry& geo, const float* input, const 
 struct CpuBackend {
   static void Shard(OpKernelContext* ctx, int64_t total, int64_t cost,
                     const std::function<void(int64_t, int64_t)>& work) {
-    auto* workers = ctx->device()->tensorflow_cpu_worker_threads();
-    tensorflow::Shard(workers->num_threads, workers->workers, total, cost, work);
+    ShardOnCpu(ctx, total, cost, work);
   }
 
   static bool Im2Col(OpKernelContext* ctx, const Geometry& geo, const float* input,
@@ -188,7 +178,7 @@ struct CpuBackend {
     const int64_t P = geo.positions(), image = int64_t{geo.height} * geo.width * geo.channels;
     const int64_t first_image = row0 / P, images = (row0 + rows - 1) / P - first_image + 1;
     const int64_t chunk_floats = images * image;
-    const int threads = ctx->device()->tensorflow_cpu_worker_threads()->num_threads;
+    const int threads = CpuThreads(ctx);
     const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(threads, rows));
     Tensor copies;
     float* extra = nullptr;

@@ -14,11 +14,11 @@
 #include <cstring>
 #include <cstdlib>
 
+#include "common/cpu_parallel.h"
 #include "common/roi_inputs.h"
 #include "roi_align/roi_align_core.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/tensor.h"
-#include "tensorflow/core/util/work_sharder.h"
 
 namespace kerasdet {
 namespace {
@@ -197,14 +197,8 @@ __attribute__((always_inline)) inline void BackwardOffsetsUnit(const RoIAlignPar
   go[1] = sum_y * g.inv_count * p.gamma * g.roi_h;
 }
 
-// The loops below run in a copy for AVX-512, one for AVX2 and a baseline one, picked at load time
-// by instruction set (GCC function multi-versioning; see deform_conv_kernels.cc for why not arch=
-// names): TensorFlow's portable compile flags alone would leave the channel loops at 128-bit SSE.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define KD_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define KD_CPU_CLONES
-#endif
+// The loops below are KD_CPU_CLONES (common/cpu_parallel.h): TensorFlow's portable compile flags
+// alone would leave the channel loops at 128-bit SSE.
 
 // Forward of the plain ops over the bins [begin, end) (flat r * ph * pw + i * pw + j).
 KD_CPU_CLONES void ForwardBins(const RoIAlignParams& p, const float* features, const float* boxes,
@@ -428,12 +422,6 @@ class RoIAlignFamilyBase : public OpKernel {
     return p;
   }
 
-  static tensorflow::thread::ThreadPool* Workers(OpKernelContext* ctx, int* threads) {
-    auto* w = ctx->device()->tensorflow_cpu_worker_threads();
-    *threads = w->num_threads;
-    return w->workers;
-  }
-
   int pooled_h_, pooled_w_, sampling_ratio_;
   float spatial_scale_, gamma_;
   bool aligned_;
@@ -477,27 +465,25 @@ class RoIAlignFamilyOp : public RoIAlignFamilyBase<PS, Deform> {
       std::memset(out, 0, output->NumElements() * sizeof(float));
       return;
     }
-    int threads;
-    auto* workers = this->Workers(ctx, &threads);
     if (PS) {  // bin-major transposed copy (see TransposeBins), then bin-major units
       Tensor transposed;
       OP_REQUIRES_OK(ctx, ctx->allocate_temp(tensorflow::DT_FLOAT,
                                              TensorShape({features.NumElements()}), &transposed));
       float* t = transposed.flat<float>().data();
       const int64_t pixels = features.NumElements() / p.channels;
-      tensorflow::Shard(threads, workers, pixels, 3 * p.channels,
-                        [&](int64_t begin, int64_t end) { TransposeBins(p, f, t, begin, end); });
+      ShardOnCpu(ctx, pixels, 3 * p.channels,
+                 [&](int64_t begin, int64_t end) { TransposeBins(p, f, t, begin, end); });
       const int64_t units = static_cast<int64_t>(p.num_rois) * p.pooled_h * p.pooled_w;
-      tensorflow::Shard(threads, workers, units, 40 * p.out_channels,
-                        [&](int64_t begin, int64_t end) {
-                          PSForward(p, t, b, bi, off, out, begin, end);
+      ShardOnCpu(ctx, units, 40 * p.out_channels,
+                 [&](int64_t begin, int64_t end) {
+                   PSForward(p, t, b, bi, off, out, begin, end);
                         });
       return;
     }
     const int64_t units = static_cast<int64_t>(p.num_rois) * p.pooled_h * p.pooled_w;
-    tensorflow::Shard(threads, workers, units, /*cost_per_unit=*/40 * p.out_channels,
-                      [&](int64_t begin, int64_t end) {
-                        ForwardBins(p, f, b, bi, off, out, begin, end);
+    ShardOnCpu(ctx, units, /*cost_per_unit=*/40 * p.out_channels,
+               [&](int64_t begin, int64_t end) {
+                 ForwardBins(p, f, b, bi, off, out, begin, end);
                       });
   }
 };
@@ -582,8 +568,6 @@ class RoIAlignFamilyGradOp : public RoIAlignFamilyBase<PS, Deform> {
       std::memset(gf, 0, grad_features->NumElements() * sizeof(float));
       return;
     }
-    int threads;
-    auto* workers = this->Workers(ctx, &threads);
     const float* f = Deform ? features->flat<float>().data() : nullptr;
     const int groups = NumGroups(p);
     const int cpg = p.out_channels / groups;
@@ -598,32 +582,33 @@ class RoIAlignFamilyGradOp : public RoIAlignFamilyBase<PS, Deform> {
                                              TensorShape({Deform ? 2 * n : n}), &transposed));
       float* gt = transposed.flat<float>().data();
       float* ft = Deform ? gt + n : nullptr;
-      tensorflow::Shard(threads, workers, pixels, 3 * p.channels,
-                        [&](int64_t begin, int64_t end) {
-                          std::fill(gt + begin * p.channels, gt + end * p.channels, 0.f);
+      ShardOnCpu(ctx, pixels, 3 * p.channels,
+                 [&](int64_t begin, int64_t end) {
+                   std::fill(gt + begin * p.channels, gt + end * p.channels, 0.f);
                           if (Deform) TransposeBins(p, f, ft, begin, end);
                         });
-      tensorflow::Shard(threads, workers, bins, int64_t{80} * p.num_rois * p.out_channels,
-                        [&](int64_t begin, int64_t end) {
-                          PSBackward(p, g, ft, b, bi, off, gt, goff, begin, end);
+      ShardOnCpu(ctx, bins, int64_t{80} * p.num_rois * p.out_channels,
+                 [&](int64_t begin, int64_t end) {
+                   PSBackward(p, g, ft, b, bi, off, gt, goff, begin, end);
                         });
-      tensorflow::Shard(threads, workers, pixels, 3 * p.channels,
-                        [&](int64_t begin, int64_t end) { UntransposeBins(p, gt, gf, begin, end); });
+      ShardOnCpu(ctx, pixels, 3 * p.channels,
+                 [&](int64_t begin, int64_t end) { UntransposeBins(p, gt, gf, begin, end); });
       return;
     }
     std::memset(gf, 0, grad_features->NumElements() * sizeof(float));
+    const int threads = CpuThreads(ctx);
     // One block of channels per thread: every block walks all RoIs and scatters into the whole
     // gradient map, so fewer, wider blocks mean fewer passes over memory and fewer tap
     // computations than many narrow blocks.
     const int block = std::max(1, (cpg + threads - 1) / std::max(1, threads));
     const int64_t units = static_cast<int64_t>(groups) * ((cpg + block - 1) / block);
     const int64_t cost = static_cast<int64_t>(p.num_rois) * bins * 40 * block;
-    tensorflow::Shard(threads, workers, units, cost, [&](int64_t begin, int64_t end) {
+    ShardOnCpu(ctx, units, cost, [&](int64_t begin, int64_t end) {
       BackwardFeatures(p, g, b, bi, off, gf, block, begin, end);
     });
     if (Deform) {
       const int64_t bin_units = static_cast<int64_t>(p.num_rois) * bins * groups;
-      tensorflow::Shard(threads, workers, bin_units, 80 * cpg, [&](int64_t begin, int64_t end) {
+      ShardOnCpu(ctx, bin_units, 80 * cpg, [&](int64_t begin, int64_t end) {
         BackwardOffsets(p, g, f, b, bi, off, goff, begin, end);
       });
     }

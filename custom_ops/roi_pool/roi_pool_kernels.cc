@@ -12,11 +12,11 @@
 #include <cstring>
 #include <string>
 
+#include "common/cpu_parallel.h"
 #include "common/roi_inputs.h"
 #include "roi_pool/roi_pool_core.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/tensor.h"
-#include "tensorflow/core/util/work_sharder.h"
 
 namespace kerasdet {
 namespace {
@@ -176,12 +176,12 @@ class RoIPoolFamilyBase : public OpKernel {
   // Feature-gradient work split over channel blocks.
   template <typename Fn>
   void ShardChannels(OpKernelContext* ctx, const RoIPoolParams& p, Fn fn) {
-    auto* w = ctx->device()->tensorflow_cpu_worker_threads();
+    const int threads = CpuThreads(ctx);
     // One block of channels per thread: each block walks every RoI (see roi_align_kernels.cc).
-    const int block = std::max(1, (p.out_channels + w->num_threads - 1) / std::max(1, w->num_threads));
+    const int block = std::max(1, (p.out_channels + threads - 1) / std::max(1, threads));
     const int64_t units = (p.out_channels + block - 1) / block;
     const int64_t cost = static_cast<int64_t>(p.num_rois) * p.pooled_h * p.pooled_w * 20 * block;
-    tensorflow::Shard(w->num_threads, w->workers, units, cost, [&](int64_t begin, int64_t end) {
+    ShardOnCpu(ctx, units, cost, [&](int64_t begin, int64_t end) {
       fn(static_cast<int>(begin * block),
          static_cast<int>(std::min<int64_t>(end * block, p.out_channels)));
     });
@@ -263,12 +263,8 @@ class RoIPoolOp : public RoIPoolFamilyBase<false> {
       argmax->flat<int32_t>().setConstant(-1);
       return;
     }
-    auto* w = ctx->device()->tensorflow_cpu_worker_threads();
-    tensorflow::Shard(w->num_threads, w->workers,
-                      static_cast<int64_t>(p.num_rois) * p.pooled_h * p.pooled_w,
-                      40 * p.channels, [&](int64_t begin, int64_t end) {
-                        RoIPoolForward(p, f, b, bi, out, arg, begin, end);
-                      });
+    ShardOnCpu(ctx, static_cast<int64_t>(p.num_rois) * p.pooled_h * p.pooled_w, 40 * p.channels,
+               [&](int64_t begin, int64_t end) { RoIPoolForward(p, f, b, bi, out, arg, begin, end); });
   }
 };
 
@@ -339,12 +335,8 @@ class PSRoIPoolOp : public RoIPoolFamilyBase<true> {
       output->flat<float>().setZero();
       return;
     }
-    auto* w = ctx->device()->tensorflow_cpu_worker_threads();
-    tensorflow::Shard(w->num_threads, w->workers,
-                      static_cast<int64_t>(p.num_rois) * p.pooled_h * p.pooled_w,
-                      40 * p.out_channels, [&](int64_t begin, int64_t end) {
-                        PSRoIPoolForward(p, f, b, bi, out, begin, end);
-                      });
+    ShardOnCpu(ctx, static_cast<int64_t>(p.num_rois) * p.pooled_h * p.pooled_w, 40 * p.out_channels,
+               [&](int64_t begin, int64_t end) { PSRoIPoolForward(p, f, b, bi, out, begin, end); });
   }
 };
 

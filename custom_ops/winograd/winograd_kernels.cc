@@ -21,10 +21,10 @@
 #include <limits>
 #include <vector>
 
+#include "common/cpu_parallel.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/register_types.h"
 #include "tensorflow/core/framework/tensor.h"
-#include "tensorflow/core/util/work_sharder.h"
 
 namespace kerasdet {
 namespace {
@@ -70,14 +70,6 @@ struct TileGrid {
   int64_t tiles() const { return n * tiles_h * tiles_w; }
   int64_t blocks() const { return (c + kBlock - 1) / kBlock; }
 };
-
-// Function multi-versioning as in the other kernels (see deform_conv_kernels.cc): TensorFlow's
-// portable flags alone would leave the channel loops at 128-bit SSE.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define KD_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define KD_CPU_CLONES
-#endif
 
 using Block = float[kMaxSide][kMaxSide][kBlock];
 
@@ -282,12 +274,6 @@ struct Matrices {
 
 int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-tensorflow::thread::ThreadPool* Workers(OpKernelContext* ctx, int* threads) {
-  auto* w = ctx->device()->tensorflow_cpu_worker_threads();
-  *threads = w->num_threads;
-  return w->workers;
-}
-
 // Reads an int32 shape vector of `rank` non-negative entries (the size inputs of the ops).
 bool ReadSizes(OpKernelContext* ctx, const Tensor& t, int rank, const char* what, int64_t* out) {
   if (t.dims() != 1 || t.NumElements() != rank) {
@@ -354,11 +340,18 @@ class WinogradBase : public OpKernel {
     return true;
   }
 
-  template <typename Fn>
-  static void Run(OpKernelContext* ctx, int64_t units, int64_t cost, Fn fn) {
-    int threads;
-    auto* workers = Workers(ctx, &threads);
-    tensorflow::Shard(threads, workers, units, cost, fn);
+  // The gather ops (the input transform, the output transform's adjoint): tiles [r^2, P, c] of
+  // `in` over grid g with the matrix L.
+  template <typename T>
+  void GatherTiles(OpKernelContext* ctx, TileGrid g, const float* L, const Tensor& in) {
+    g.L = L;
+    Tensor* out = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({g.r * g.r, g.tiles(), g.c}), &out));
+    if (out->NumElements() == 0) return;
+    const T* src = in.flat<T>().data();
+    T* dst = out->flat<T>().data();
+    ShardOnCpu(ctx, g.tiles() * g.blocks(), 40 * kBlock * g.r * g.r,
+               [&](int64_t b, int64_t e) { GatherRange(g, src, dst, b, e); });
   }
 
   int m_;
@@ -376,15 +369,7 @@ class InputTransformOp : public WinogradBase {
                 InvalidArgument("input must be NHWC [N, H, W, C], got shape ", x.shape().DebugString()));
     TileGrid g;
     if (!InputGrid(ctx, x.dim_size(0), x.dim_size(1), x.dim_size(2), x.dim_size(3), &g)) return;
-    const Matrices mats(m_);
-    g.L = mats.bt;
-    Tensor* out = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({g.r * g.r, g.tiles(), g.c}), &out));
-    if (out->NumElements() == 0) return;
-    const T* src = x.flat<T>().data();
-    T* dst = out->flat<T>().data();
-    Run(ctx, g.tiles() * g.blocks(), 40 * kBlock * g.r * g.r,
-        [&](int64_t b, int64_t e) { GatherRange(g, src, dst, b, e); });
+    GatherTiles<T>(ctx, g, Matrices(m_).bt, x);
   }
 };
 
@@ -409,7 +394,7 @@ class InputTransformGradOp : public WinogradBase {
     if (out->NumElements() == 0) return;
     const T* src = grad.flat<T>().data();
     T* dst = out->flat<T>().data();
-    Run(ctx, g.n * g.blocks(), 40 * kBlock * g.r * g.r * g.tiles_h * g.tiles_w,
+    ShardOnCpu(ctx, g.n * g.blocks(), 40 * kBlock * g.r * g.r * g.tiles_h * g.tiles_w,
         [&](int64_t b, int64_t e) { ScatterAddRange(g, src, dst, b, e); });
   }
 };
@@ -442,7 +427,7 @@ class OutputTransformOp : public WinogradBase {
     const T* src = t.flat<T>().data();
     T* dst = out->flat<T>().data();
     const T* shift = bias.dim_size(0) > 0 ? bias.flat<T>().data() : nullptr;
-    Run(ctx, g.tiles() * g.blocks(), 40 * kBlock * g.r * g.r,
+    ShardOnCpu(ctx, g.tiles() * g.blocks(), 40 * kBlock * g.r * g.r,
         [&](int64_t b, int64_t e) { ScatterAssignRange(g, src, shift, relu_, dst, b, e); });
   }
 
@@ -460,16 +445,8 @@ class OutputTransformGradOp : public WinogradBase {
     OP_REQUIRES(ctx, grad.dims() == 4,
                 InvalidArgument("grad must be NHWC [N, OH, OW, K], got shape ",
                                 grad.shape().DebugString()));
-    TileGrid g = OutputGrid(grad.dim_size(0), grad.dim_size(1), grad.dim_size(2), grad.dim_size(3));
-    const Matrices mats(m_);
-    g.L = mats.a;
-    Tensor* out = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({g.r * g.r, g.tiles(), g.c}), &out));
-    if (out->NumElements() == 0) return;
-    const T* src = grad.flat<T>().data();
-    T* dst = out->flat<T>().data();
-    Run(ctx, g.tiles() * g.blocks(), 40 * kBlock * g.r * g.r,
-        [&](int64_t b, int64_t e) { GatherRange(g, src, dst, b, e); });
+    const TileGrid g = OutputGrid(grad.dim_size(0), grad.dim_size(1), grad.dim_size(2), grad.dim_size(3));
+    GatherTiles<T>(ctx, g, Matrices(m_).a, grad);
   }
 };
 

@@ -148,6 +148,18 @@ def pure_tf():
             _pure_tf_depth[0] -= 1
 
 
+def register_gradients(functions):
+    """tf.RegisterGradient(name)(fn) for each op name -> fn of the compiled ops. TensorFlow's registry
+    refuses a second registration: when a module is reloaded, the first functions stay."""
+    import tensorflow as tf
+
+    for name, fn in functions.items():
+        try:
+            tf.RegisterGradient(name)(fn)
+        except KeyError:
+            pass
+
+
 def status():
     """What was loaded, from where, and why not: for bug reports and `kerasdet` diagnostics."""
     library_loaded = False

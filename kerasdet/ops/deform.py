@@ -239,21 +239,14 @@ def _deform_conv2d_pure_tf(inputs, offsets, kernel, mask, strides, padding, dila
     return tf.tensordot(columns, weights, axes=[[3], [0]])
 
 
-def _register_gradient():
+def _deform_conv2d_grad(op, grad):
     """Gradient of the compiled op through its own gradient kernel (one pass for all four inputs)."""
-    try:
-        @tf.RegisterGradient(_OP_NAME)
-        def _deform_conv2d_grad(op, grad):
-            lib = _kernels.library()
-            grads = lib.keras_det_deform_conv2d_grad(
-                input=op.inputs[0], offset=op.inputs[1], mask=op.inputs[2], kernel=op.inputs[3],
-                grad_output=grad, strides=op.get_attr("strides"), pads=op.get_attr("pads"),
-                dilations=op.get_attr("dilations"),
-                deformable_groups=op.get_attr("deformable_groups"),
-                has_mask=op.get_attr("has_mask"))
-            return list(grads)
-    except KeyError:  # already registered (module reloaded)
-        pass
+    grads = _kernels.library().keras_det_deform_conv2d_grad(
+        input=op.inputs[0], offset=op.inputs[1], mask=op.inputs[2], kernel=op.inputs[3],
+        grad_output=grad, strides=op.get_attr("strides"), pads=op.get_attr("pads"),
+        dilations=op.get_attr("dilations"), deformable_groups=op.get_attr("deformable_groups"),
+        has_mask=op.get_attr("has_mask"))
+    return list(grads)
 
 
-_register_gradient()
+_kernels.register_gradients({_OP_NAME: _deform_conv2d_grad})

@@ -13,6 +13,8 @@ The forward pass is the same convolution as `keras.layers.Conv2D`'s.
 """
 import tensorflow as tf
 
+from kerasdet.ops.conv_args import checked_conv_arguments
+
 __all__ = ["pointwise_conv2d"]
 
 
@@ -20,17 +22,7 @@ def pointwise_conv2d(inputs, kernel):
     """``tf.nn.conv2d(inputs, kernel, 1, "VALID")`` for a [1, 1, Ci, Co] kernel on channels-last
     [B, H, W, Ci] inputs ("SAME" is the same for a 1x1 kernel), with its gradients computed as matrix
     products (see the module docstring)."""
-    inputs = tf.convert_to_tensor(inputs)
-    kernel = tf.convert_to_tensor(kernel, dtype_hint=inputs.dtype)
-    if kernel.shape.rank != 4 or tuple(kernel.shape[:2]) != (1, 1):
-        raise ValueError(f"pointwise_conv2d: the kernel must have shape [1, 1, Ci, Co], got {kernel.shape}")
-    if inputs.shape.rank != 4:
-        raise ValueError(f"pointwise_conv2d: inputs must be [B, H, W, C] (channels last), got {inputs.shape}")
-    if inputs.dtype != kernel.dtype:
-        raise TypeError(f"pointwise_conv2d: inputs are {inputs.dtype.name} but the kernel is {kernel.dtype.name}")
-    if inputs.shape[-1] is not None and kernel.shape[2] != inputs.shape[-1]:
-        raise ValueError(f"pointwise_conv2d: inputs have {inputs.shape[-1]} channels, the kernel expects "
-                         f"{kernel.shape[2]}")
+    inputs, kernel = checked_conv_arguments("pointwise_conv2d", inputs, kernel, 1)
     return _pointwise(inputs, kernel)
 
 

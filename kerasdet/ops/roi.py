@@ -615,15 +615,11 @@ def _register_gradients():
             offsets=op.inputs[3], **_attrs(op, align_attrs + ("gamma",)))
         return [gf, None, None, go]
 
-    for name, fn in (("KerasDet>RoIPool", roi_pool_grad), ("KerasDet>PSRoIPool", ps_roi_pool_grad),
-                     ("KerasDet>RoIAlign", roi_align_grad),
-                     ("KerasDet>PSRoIAlign", ps_roi_align_grad),
-                     ("KerasDet>DeformRoIPool", deform_roi_pool_grad),
-                     ("KerasDet>DeformPSRoIPool", deform_ps_roi_pool_grad)):
-        try:
-            tf.RegisterGradient(name)(fn)
-        except KeyError:  # already registered (module reloaded)
-            pass
+    _kernels.register_gradients({
+        "KerasDet>RoIPool": roi_pool_grad, "KerasDet>PSRoIPool": ps_roi_pool_grad,
+        "KerasDet>RoIAlign": roi_align_grad, "KerasDet>PSRoIAlign": ps_roi_align_grad,
+        "KerasDet>DeformRoIPool": deform_roi_pool_grad,
+        "KerasDet>DeformPSRoIPool": deform_ps_roi_pool_grad})
 
 
 _register_gradients()

@@ -24,6 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from kerasdet.ops import _kernels
+from kerasdet.ops.conv_args import checked_conv_arguments
 from kerasdet.ops.xla import in_xla_context
 
 __all__ = ["winograd_conv3x3", "winograd_applies", "winograd_pays", "WINOGRAD_MIN_CHANNELS",
@@ -130,17 +131,7 @@ def winograd_conv3x3(inputs, kernel, padding="SAME", tile=4, bias=None, relu=Fal
     if lib is None:
         raise _kernels.KernelsUnavailableError(
             "winograd_conv3x3 needs the compiled kerasdet kernels (build them with `make kernels`)")
-    inputs = tf.convert_to_tensor(inputs)
-    kernel = tf.convert_to_tensor(kernel, dtype_hint=inputs.dtype)
-    if inputs.shape.rank != 4:
-        raise ValueError(f"winograd_conv3x3: inputs must be [B, H, W, C] (channels last), got {inputs.shape}")
-    if kernel.shape.rank != 4 or tuple(kernel.shape[:2]) != (3, 3):
-        raise ValueError(f"winograd_conv3x3: the kernel must have shape [3, 3, Ci, Co], got {kernel.shape}")
-    if inputs.dtype != kernel.dtype:
-        raise TypeError(f"winograd_conv3x3: inputs are {inputs.dtype.name} but the kernel is {kernel.dtype.name}")
-    if inputs.shape[-1] is not None and kernel.shape[2] != inputs.shape[-1]:
-        raise ValueError(f"winograd_conv3x3: inputs have {inputs.shape[-1]} channels, the kernel expects "
-                         f"{kernel.shape[2]}")
+    inputs, kernel = checked_conv_arguments("winograd_conv3x3", inputs, kernel, 3)
     if tile not in _G:
         raise ValueError(f"winograd_conv3x3: tile must be 2 or 4, got {tile!r}")
     if bias is None:
@@ -189,14 +180,11 @@ def _register_gradients():
         return [lib().kerasdet_winograd_output_transform(grad, shape[:3], tf.zeros([0], grad.dtype),
                                                          tile=op.get_attr("tile"))]
 
-    for name, fn in (("KerasDet>WinogradInputTransform", input_transform_grad),
-                     ("KerasDet>WinogradInputTransformGrad", input_transform_grad_grad),
-                     ("KerasDet>WinogradOutputTransform", output_transform_grad),
-                     ("KerasDet>WinogradOutputTransformGrad", output_transform_grad_grad)):
-        try:
-            tf.RegisterGradient(name)(fn)
-        except KeyError:  # already registered (module reloaded)
-            pass
+    _kernels.register_gradients({
+        "KerasDet>WinogradInputTransform": input_transform_grad,
+        "KerasDet>WinogradInputTransformGrad": input_transform_grad_grad,
+        "KerasDet>WinogradOutputTransform": output_transform_grad,
+        "KerasDet>WinogradOutputTransformGrad": output_transform_grad_grad})
 
 
 _register_gradients()
