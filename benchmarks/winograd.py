@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """The stride-1 3x3 convolutions of Faster / Mask R-CNN R50-FPN at 800 x 1216 through TensorFlow's
-convolution (oneDNN) against `kerasdet.ops.winograd_conv3x3` (Winograd F(4x4, 3x3) and F(2x2, 3x3):
+convolution (oneDNN) against `kerasdet.ops.winograd_conv3x3` (Winograd F(4x4, 3x3), F(2x2, 3x3) and F(6x6, 3x3):
 compiled tile transforms around batched matrix products), printed as JSON.
 
     python benchmarks/winograd.py [--repeats 7] [--dtypes float32,bfloat16] [--batch 1] [--train]
@@ -76,6 +76,7 @@ def main(argv=None):
                 "tensorflow": lambda a, c, d: tf.nn.relu(tf.nn.bias_add(tf.nn.conv2d(a, c, 1, "SAME"), d)),
                 "winograd4": lambda a, c, d: winograd_conv3x3(a, c, bias=d, relu=True, tile=4),
                 "winograd2": lambda a, c, d: winograd_conv3x3(a, c, bias=d, relu=True, tile=2),
+                "winograd6": lambda a, c, d: winograd_conv3x3(a, c, bias=d, relu=True, tile=6),
             }
             fns = {}
             for form, f in forms.items():

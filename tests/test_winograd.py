@@ -37,7 +37,7 @@ def _problem(seed, shape, filters):
 PADDINGS = {"SAME": (1, 1, 1, 1), "VALID": (0, 0, 0, 0), (0, 2, 1, 0): (0, 2, 1, 0)}
 
 
-@pytest.mark.parametrize("tile", [2, 4])
+@pytest.mark.parametrize("tile", [2, 4, 6])
 @pytest.mark.parametrize("padding", list(PADDINGS))
 @pytest.mark.parametrize("shape,filters", [((1, 13, 17, 5), 7), ((2, 8, 11, 20), 3), ((1, 3, 3, 33), 17)])
 def test_values_match_the_correlation_in_numpy(tile, padding, shape, filters):
@@ -45,12 +45,13 @@ def test_values_match_the_correlation_in_numpy(tile, padding, shape, filters):
     y = winograd_conv3x3(x, w, padding=padding, tile=tile).numpy()
     ref = _correlation(x, w, PADDINGS[padding])
     assert y.shape == ref.shape and y.dtype == np.float32
-    # F(4x4, 3x3)'s transforms scale values by up to 25 before the products: a few ulps more.
-    tolerance = {2: 1e-6, 4: 1e-5}[tile] * np.abs(ref).max()
+    # F(4x4, 3x3)'s transforms scale values by up to 25 before the products, F(6x6, 3x3)'s by up
+    # to ~100 (and its output transform by 32): a few ulps more each.
+    tolerance = {2: 1e-6, 4: 1e-5, 6: 3e-5}[tile] * np.abs(ref).max()
     np.testing.assert_allclose(y, ref, rtol=0, atol=tolerance)
 
 
-@pytest.mark.parametrize("tile", [2, 4])
+@pytest.mark.parametrize("tile", [2, 4, 6])
 def test_gradients_match_tensorflows_float64_convolution(tile):
     x, w = _problem(1, (2, 9, 10, 6), 5)
     dy = np.random.default_rng(2).normal(size=(2, 9, 10, 5))
@@ -103,7 +104,7 @@ def test_fused_bias_and_relu_match_the_separate_ops_with_gradients(relu):
         assert ours[0].min() == 0.0
 
 
-@pytest.mark.parametrize("tile", [2, 4])
+@pytest.mark.parametrize("tile", [2, 4, 6])
 def test_transform_kernels_and_their_adjoints_agree(tile):
     """<T(x), v> == <x, T*(v)> for both transform pairs: the registered gradients are the adjoints."""
     lib = _kernels.library()
@@ -149,7 +150,7 @@ def test_unknown_batch_and_spatial_sizes_trace():
     (dict(w=(5, 5, 4, 2)), ValueError, r"kernel must have shape \[3, 3, Ci, Co\]"),
     (dict(w=(3, 3, 6, 2)), ValueError, "inputs have 4 channels, the kernel expects 6"),
     (dict(kernel_dtype=tf.float16), TypeError, "inputs are float32 but the kernel is float16"),
-    (dict(tile=3), ValueError, "tile must be 2 or 4"),
+    (dict(tile=3), ValueError, "tile must be 2, 4 or 6"),
     (dict(padding="FULL"), ValueError, "padding must be 'SAME', 'VALID' or four ints"),
     (dict(padding=(1, 1, -1, 0)), ValueError, "four ints >= 0"),
     (dict(bias=(3,)), ValueError, r"the bias must have shape \[2\]"),
@@ -241,6 +242,45 @@ def test_small_outputs_keep_the_direct_convolution_decided_at_run_time_when_the_
         np.testing.assert_allclose(dynamic(x).numpy(), expected, rtol=0, atol=3e-5 * np.abs(expected).max())
 
 
+@pytest.mark.parametrize("shape,large", [
+    ((1, 200, 304), True),   # FPN P2 at 800 x 1216: 1734 6x6 tiles, 0.81x the products of 4x4 ones
+    ((2, 50, 76), True),     # ResNet layer3 at batch 2: 234 tiles
+    ((1, 50, 76), False),    # the same at batch 1: 117 tiles, too few
+    ((2, 25, 38), False),    # layer4 at batch 2: 70 tiles
+    ((100, 14, 14), False),  # the mask head: 14 pads to 16 or 18, the same number of products
+])
+def test_large_tiles_where_they_save_products_on_enough_tiles(shape, large):
+    x = tf.zeros((*shape, 1))
+    assert winograd_module.winograd_large_tiles(x) is large
+
+    def at_run_time(a):
+        decision = winograd_module.winograd_large_tiles(a)
+        assert isinstance(decision, tf.Tensor)  # sizes unknown while tracing
+        return decision
+
+    fn = tf.function(at_run_time, input_signature=[tf.TensorSpec([None, None, None, 1])])
+    assert bool(fn(x)) is large
+
+
+def _tiles_in_graph(fn, *args):
+    return {op.get_attr("tile") for op in fn.get_concrete_function(*args).graph.get_operations()
+            if op.type == "KerasDet>WinogradInputTransform"}
+
+
+def test_layer_takes_6x6_tiles_on_large_outputs_also_when_the_size_is_known_only_at_run_time(monkeypatch):
+    c = WINOGRAD_MIN_CHANNELS
+    monkeypatch.setattr(winograd_module, "WINOGRAD6_MIN_TILES", 4)
+    layer, plain = _layer_pair(tf.zeros((1, 8, 8, c)), c, padding="same", activation="relu")
+    small, big = (tf.constant(_problem(17, (1, s, s, c), 1)[0]) for s in (16, 24))  # 9 / 16 tiles
+    assert _tiles_in_graph(tf.function(lambda a: layer(a, training=True)), small) == {4}
+    assert _tiles_in_graph(tf.function(lambda a: layer(a, training=True)), big) == {6}
+    dynamic = tf.function(lambda a: layer(a, training=True),
+                          input_signature=[tf.TensorSpec([None, None, None, c])])
+    for x in (small, big):
+        expected = plain(x).numpy()
+        np.testing.assert_allclose(dynamic(x).numpy(), expected, rtol=0, atol=5e-5 * np.abs(expected).max())
+
+
 def test_training_calls_take_the_winograd_form_at_any_size_unless_the_layer_is_frozen():
     c = WINOGRAD_MIN_CHANNELS
     layer, plain = _layer_pair(tf.zeros((1, 8, 8, c)), c, padding="same", activation="relu")
@@ -312,25 +352,30 @@ def test_fpn_weights_files_move_between_plain_conv2d_and_winograd_layers(tmp_pat
     assert "KerasDet>WinogradInputTransform" in _graph_ops(traced, features)
 
 
-def test_faster_rcnn_fpn_learns_with_winograd_convolutions(synthetic_data, monkeypatch):
+@pytest.mark.parametrize("tile", [4, 6])
+def test_faster_rcnn_fpn_learns_with_winograd_convolutions(tile, synthetic_data, monkeypatch):
     """The tiny FPN detector (64 channels, small images) with the size rule lowered so that its FPN
-    outputs and RPN conv train and predict as Winograd products: it learns as the plain run of
-    tests/test_faster_rcnn.py does. Measured (AMD EPYC host): mAP@0.5 0.634, loss 0.779 -> 0.275;
-    the plain run there: 0.708, loss 0.780 -> 0.320."""
+    outputs and RPN conv train and predict as Winograd products, all F(4x4, 3x3) or all F(6x6, 3x3):
+    it learns as the plain run of tests/test_faster_rcnn.py does. Measured (AMD EPYC host): mAP@0.5
+    0.634, loss 0.779 -> 0.275 (4x4); 0.641, loss 0.780 -> 0.285 (6x6); the plain run there: 0.708, loss
+    0.780 -> 0.320."""
+    from kerasdet.layers import winograd as winograd_layers
+
     from learning import fit_and_evaluate, tiny_fpn_settings
 
     from kerasdet.models.faster_rcnn import FasterRCNN
 
     monkeypatch.setattr(winograd_module, "WINOGRAD_MIN_CHANNELS", 64)  # the tiny FPN has 64
     monkeypatch.setattr(winograd_module, "WINOGRAD_MIN_TILES", 0)
+    monkeypatch.setattr(winograd_layers, "winograd_large_tiles", lambda inputs: tile == 6)
     model = FasterRCNN(3, **tiny_fpn_settings())
     history, results, seconds = fit_and_evaluate(model, synthetic_data, epochs=5)
     convs = [layer.name for layer in model._flatten_layers() if isinstance(layer, WinogradConv2D)]
     assert len(convs) == 5, convs  # fpn_output2..5 and the RPN conv shared over the levels
     traced = tf.function(lambda images: model(images, training=False))
-    assert "KerasDet>WinogradInputTransform" in _graph_ops(traced, tf.zeros((1, 64, 64, 3)))
+    assert _tiles_in_graph(traced, tf.zeros((1, 64, 64, 3))) == {tile}
     losses = history["loss"]
-    print(f"Faster R-CNN FPN tiny, Winograd 3x3: mAP@0.5 {results['voc']['mAP']:.3f} after {seconds:.0f}s, "
+    print(f"Faster R-CNN FPN tiny, Winograd F({tile}x{tile}, 3x3): mAP@0.5 {results['voc']['mAP']:.3f} after {seconds:.0f}s, "
           f"loss {losses[0]:.3f} -> {losses[-1]:.3f}")
     assert losses[-1] < 0.6 * losses[0]
     assert results["voc"]["mAP"] >= 0.5

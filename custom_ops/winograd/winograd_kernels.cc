@@ -36,26 +36,78 @@ using tensorflow::Tensor;
 using tensorflow::TensorShape;
 using tensorflow::errors::InvalidArgument;
 
-// The transform matrices of Lavin & Gray (2016) for interpolation points 0, +-1 (m = 2) and
-// 0, +-1, +-2 (m = 4), row-major; G (the filter transform) is applied in Python (kerasdet.ops.winograd).
-constexpr float kBT2[4 * 4] = {1, 0, -1, 0,  //
-                               0, 1, 1,  0,  //
-                               0, -1, 1, 0,  //
-                               0, 1, 0,  -1};
-constexpr float kAT2[2 * 4] = {1, 1, 1, 0,  //
-                               0, 1, -1, -1};
-constexpr float kBT4[6 * 6] = {4, 0,  -5, 0,  1, 0,  //
-                               0, -4, -4, 1,  1, 0,  //
-                               0, 4,  -4, -1, 1, 0,  //
-                               0, -2, -1, 2,  1, 0,  //
-                               0, 2,  -1, -2, 1, 0,  //
-                               0, 4,  0,  -5, 0, 1};
-constexpr float kAT4[4 * 6] = {1, 1, 1,  1, 1,  0,  //
-                               0, 1, -1, 2, -2, 0,  //
-                               0, 1, 1,  4, 4,  0,  //
-                               0, 1, -1, 8, -8, 1};
+// The transform matrices of Lavin & Gray (2016) for interpolation points 0, +-1 (m = 2),
+// 0, +-1, +-2 (m = 4) and 0, +-1, +-2, +-1/2 (m = 6; the Toom-Cook construction of the paper's
+// section 4, the points NNPACK uses for F(6x6, 3x3) too), row-major: B^T is r x r and A^T m x r
+// (r = m + 2). G (the filter transform) is applied in Python (kerasdet.ops.winograd); the tests
+// check each triple against the correlation's definition.
+struct F2 {
+  static constexpr int m = 2, r = 4;
+  static constexpr float bt[r * r] = {1, 0, -1, 0,  //
+                                      0, 1, 1,  0,  //
+                                      0, -1, 1, 0,  //
+                                      0, 1, 0,  -1};
+  static constexpr float at[m * r] = {1, 1, 1, 0,  //
+                                      0, 1, -1, -1};
+};
+struct F4 {
+  static constexpr int m = 4, r = 6;
+  static constexpr float bt[r * r] = {4, 0,  -5, 0,  1, 0,  //
+                                      0, -4, -4, 1,  1, 0,  //
+                                      0, 4,  -4, -1, 1, 0,  //
+                                      0, -2, -1, 2,  1, 0,  //
+                                      0, 2,  -1, -2, 1, 0,  //
+                                      0, 4,  0,  -5, 0, 1};
+  static constexpr float at[m * r] = {1, 1, 1,  1, 1,  0,  //
+                                      0, 1, -1, 2, -2, 0,  //
+                                      0, 1, 1,  4, 4,  0,  //
+                                      0, 1, -1, 8, -8, 1};
+};
+struct F6 {
+  static constexpr int m = 6, r = 8;
+  static constexpr float bt[r * r] = {1, 0,     -5.25f, 0,      5.25f,  0,      -1, 0,  //
+                                      0, 1,     1,      -4.25f, -4.25f, 1,      1,  0,  //
+                                      0, -1,    1,      4.25f,  -4.25f, -1,     1,  0,  //
+                                      0, 0.5f,  0.25f,  -2.5f,  -1.25f, 2,      1,  0,  //
+                                      0, -0.5f, 0.25f,  2.5f,   -1.25f, -2,     1,  0,  //
+                                      0, 2,     4,      -2.5f,  -5,     0.5f,   1,  0,  //
+                                      0, -2,    4,      2.5f,   -5,     -0.5f,  1,  0,  //
+                                      0, -1,    0,      5.25f,  0,      -5.25f, 0,  1};
+  static constexpr float at[m * r] = {1, 1, 1,  1,  1,   1,        1,         0,  //
+                                      0, 1, -1, 2,  -2,  0.5f,     -0.5f,     0,  //
+                                      0, 1, 1,  4,  4,   0.25f,    0.25f,     0,  //
+                                      0, 1, -1, 8,  -8,  0.125f,   -0.125f,   0,  //
+                                      0, 1, 1,  16, 16,  0.0625f,  0.0625f,   0,  //
+                                      0, 1, -1, 32, -32, 0.03125f, -0.03125f, 1};
+};
 
-constexpr int kMaxSide = 6;
+// The matrix L each op applies on both sides (out = L in L^T), as a compile-time operand: with the
+// loops below unrolled, every entry is a constant, the zero ones vanish and a tile's lanes stay in
+// registers. The first version read L from memory inside runtime-bounded loops and was
+// compute-bound at ~650 ns per 16-channel tile (the same per tile whether the tensors fitted in L2
+// or not), 3x the time the memory traffic needs.
+template <class F>
+struct InputL {  // B^T: r x r (the input transform)
+  static constexpr int rows = F::r, cols = F::r;
+  static constexpr float at(int a, int i) { return F::bt[a * F::r + i]; }
+};
+template <class F>
+struct InputAdjointL {  // B: r x r (the input transform's adjoint)
+  static constexpr int rows = F::r, cols = F::r;
+  static constexpr float at(int a, int i) { return F::bt[i * F::r + a]; }
+};
+template <class F>
+struct OutputL {  // A^T: m x r (the output transform)
+  static constexpr int rows = F::m, cols = F::r;
+  static constexpr float at(int a, int i) { return F::at[a * F::r + i]; }
+};
+template <class F>
+struct OutputAdjointL {  // A: r x m (the output transform's adjoint)
+  static constexpr int rows = F::r, cols = F::m;
+  static constexpr float at(int a, int i) { return F::at[i * F::r + a]; }
+};
+
+constexpr int kMaxSide = 8;
 constexpr int kBlock = 16;  // channels per unit: one AVX-512 register of float32
 
 // The tile grid laid over an NHWC tensor [n, h, w, c]: tile (ty, tx) of image b has its window's
@@ -65,7 +117,6 @@ struct TileGrid {
   int64_t n, h, w, c;
   int64_t tiles_h, tiles_w;
   int stride, off_y, off_x, window, r;
-  const float* L;  // gather: r x window; scatter: window x r (row-major)
 
   int64_t tiles() const { return n * tiles_h * tiles_w; }
   int64_t blocks() const { return (c + kBlock - 1) / kBlock; }
@@ -73,37 +124,46 @@ struct TileGrid {
 
 using Block = float[kMaxSide][kMaxSide][kBlock];
 
-// out[a][b] = sum_ij L[a, i] in[i][j] L[b, j] for L of rows x cols (row-major), lane by lane.
-__attribute__((always_inline)) inline void Sandwich(const float* L, int rows, int cols, const Block& in, Block& out) {
-  float half[kMaxSide][kMaxSide][kBlock];  // (L in)[a][j]
-  for (int a = 0; a < rows; ++a) {
-    for (int j = 0; j < cols; ++j) {
-      float* h = half[a][j];
-      for (int k = 0; k < kBlock; ++k) h[k] = 0.f;
-      for (int i = 0; i < cols; ++i) {
-        const float l = L[a * cols + i];
+// out[a][b] = sum_ij L(a, i) in[i][j] L(b, j) for L of L::rows x L::cols, lane by lane.
+template <class L>
+__attribute__((always_inline)) inline void Sandwich(const Block& in, Block& out) {
+  float half[L::rows][L::cols][kBlock];  // (L in)[a][j]
+#pragma GCC unroll 8
+  for (int a = 0; a < L::rows; ++a) {
+#pragma GCC unroll 8
+    for (int j = 0; j < L::cols; ++j) {
+      float h[kBlock] = {};
+#pragma GCC unroll 8
+      for (int i = 0; i < L::cols; ++i) {
+        const float l = L::at(a, i);
         if (l == 0.f) continue;
-        const float* v = in[i][j];
-        for (int k = 0; k < kBlock; ++k) h[k] += l * v[k];
+        for (int k = 0; k < kBlock; ++k) h[k] += l * in[i][j][k];
       }
+      for (int k = 0; k < kBlock; ++k) half[a][j][k] = h[k];
     }
   }
-  for (int a = 0; a < rows; ++a) {
-    for (int b = 0; b < rows; ++b) {
-      float* o = out[a][b];
-      for (int k = 0; k < kBlock; ++k) o[k] = 0.f;
-      for (int j = 0; j < cols; ++j) {
-        const float l = L[b * cols + j];
+#pragma GCC unroll 8
+  for (int a = 0; a < L::rows; ++a) {
+#pragma GCC unroll 8
+    for (int b = 0; b < L::rows; ++b) {
+      float o[kBlock] = {};
+#pragma GCC unroll 8
+      for (int j = 0; j < L::cols; ++j) {
+        const float l = L::at(b, j);
         if (l == 0.f) continue;
-        const float* h = half[a][j];
-        for (int k = 0; k < kBlock; ++k) o[k] += h[k] * l;
+        for (int k = 0; k < kBlock; ++k) o[k] += half[a][j][k] * l;
       }
+      for (int k = 0; k < kBlock; ++k) out[a][b][k] = o[k];
     }
   }
 }
 
 template <typename T>
 __attribute__((always_inline)) inline void LoadBlock(const T* src, int nc, float* dst) {
+  if (nc == kBlock) {  // the common case, a fixed-length loop the compiler turns into one vector load
+    for (int k = 0; k < kBlock; ++k) dst[k] = static_cast<float>(src[k]);
+    return;
+  }
   int k = 0;
   for (; k < nc; ++k) dst[k] = static_cast<float>(src[k]);
   for (; k < kBlock; ++k) dst[k] = 0.f;
@@ -111,18 +171,38 @@ __attribute__((always_inline)) inline void LoadBlock(const T* src, int nc, float
 
 template <typename T>
 __attribute__((always_inline)) inline void StoreBlock(const float* src, int nc, T* dst) {
+  if (nc == kBlock) {
+    for (int k = 0; k < kBlock; ++k) dst[k] = static_cast<T>(src[k]);
+    return;
+  }
   for (int k = 0; k < nc; ++k) dst[k] = static_cast<T>(src[k]);
 }
 
-template <typename T>
+// Requests the cache lines of tile p's channel block c0 in the [r * r, P, c] tiles tensor ahead of
+// their use: a tile's values lie in r * r = 16 to 64 streams P * c apart, more than the hardware
+// prefetchers follow. kPrefetchUnits ahead of the unit being transformed.
+constexpr int64_t kPrefetchUnits = 2;
+
+template <bool kWrite, typename T>
+__attribute__((always_inline)) inline void PrefetchTile(const TileGrid& g, const T* t, int64_t p, int64_t c0) {
+  const int64_t P = g.tiles();
+  if (p >= P) return;
+  for (int ab = 0; ab < g.r * g.r; ++ab) {
+    __builtin_prefetch(t + (static_cast<int64_t>(ab) * P + p) * g.c + c0, kWrite ? 1 : 0, 3);
+  }
+}
+
+template <typename T, class L>
 __attribute__((always_inline)) inline void Gather(const TileGrid& g, const T* x, T* out, int64_t begin, int64_t end) {
-  const int S = g.window, R = g.r;
+  constexpr int S = L::cols, R = L::rows;
   const int64_t P = g.tiles();
   Block win, tile;
   for (int64_t unit = begin; unit < end; ++unit) {
     const int64_t p = unit / g.blocks();
     const int64_t c0 = (unit % g.blocks()) * kBlock;
     const int nc = static_cast<int>(std::min<int64_t>(kBlock, g.c - c0));
+    const int64_t ahead = unit + kPrefetchUnits;
+    PrefetchTile<true>(g, out, ahead / g.blocks(), (ahead % g.blocks()) * kBlock);
     const int64_t b = p / (g.tiles_h * g.tiles_w);
     const int64_t ty = (p / g.tiles_w) % g.tiles_h, tx = p % g.tiles_w;
     const int64_t y0 = g.off_y + ty * g.stride, x0 = g.off_x + tx * g.stride;
@@ -137,7 +217,7 @@ __attribute__((always_inline)) inline void Gather(const TileGrid& g, const T* x,
         }
       }
     }
-    Sandwich(g.L, R, S, win, tile);
+    Sandwich<L>(win, tile);
     for (int a = 0; a < R; ++a) {
       for (int bb = 0; bb < R; ++bb) {
         StoreBlock(tile[a][bb], nc, out + (static_cast<int64_t>(a * R + bb) * P + p) * g.c + c0);
@@ -146,10 +226,10 @@ __attribute__((always_inline)) inline void Gather(const TileGrid& g, const T* x,
   }
 }
 
-// One tile's window values for the channel block: w[i][j] = sum_ab L[i, a] t[a, b] L[j, b].
-template <typename T>
+// One tile's window values for the channel block: w[i][j] = sum_ab L(i, a) t[a, b] L(j, b).
+template <typename T, class L>
 __attribute__((always_inline)) inline void TileWindow(const TileGrid& g, const T* t, int64_t p, int64_t c0, int nc, Block& w) {
-  const int R = g.r;
+  constexpr int R = L::cols;
   const int64_t P = g.tiles();
   Block tile;
   for (int a = 0; a < R; ++a) {
@@ -157,12 +237,12 @@ __attribute__((always_inline)) inline void TileWindow(const TileGrid& g, const T
       LoadBlock(t + (static_cast<int64_t>(a * R + bb) * P + p) * g.c + c0, nc, tile[a][bb]);
     }
   }
-  Sandwich(g.L, g.window, R, tile, w);
+  Sandwich<L>(tile, w);
 }
 
 // Non-overlapping windows (stride == window): every output element is written by one tile, after
 // adding bias[channel] (if given) and, with relu, clamping at 0: the layer's epilogue in the same pass.
-template <typename T>
+template <typename T, class L>
 __attribute__((always_inline)) inline void ScatterAssign(const TileGrid& g, const T* t, const T* bias, bool relu, T* y,
                                                          int64_t begin, int64_t end) {
   Block w;
@@ -171,7 +251,9 @@ __attribute__((always_inline)) inline void ScatterAssign(const TileGrid& g, cons
     const int64_t p = unit / g.blocks();
     const int64_t c0 = (unit % g.blocks()) * kBlock;
     const int nc = static_cast<int>(std::min<int64_t>(kBlock, g.c - c0));
-    TileWindow(g, t, p, c0, nc, w);
+    const int64_t ahead = unit + kPrefetchUnits;
+    PrefetchTile<false>(g, t, ahead / g.blocks(), (ahead % g.blocks()) * kBlock);
+    TileWindow<T, L>(g, t, p, c0, nc, w);
     if (bias != nullptr) {
       LoadBlock(bias + c0, nc, shift);
     } else {
@@ -181,10 +263,10 @@ __attribute__((always_inline)) inline void ScatterAssign(const TileGrid& g, cons
     const int64_t b = p / (g.tiles_h * g.tiles_w);
     const int64_t ty = (p / g.tiles_w) % g.tiles_h, tx = p % g.tiles_w;
     const int64_t y0 = g.off_y + ty * g.stride, x0 = g.off_x + tx * g.stride;
-    for (int i = 0; i < g.window; ++i) {
+    for (int i = 0; i < L::rows; ++i) {
       const int64_t yy = y0 + i;
       if (yy < 0 || yy >= g.h) continue;
-      for (int j = 0; j < g.window; ++j) {
+      for (int j = 0; j < L::rows; ++j) {
         const int64_t xx = x0 + j;
         if (xx < 0 || xx >= g.w) continue;
         float* v = w[i][j];
@@ -195,23 +277,9 @@ __attribute__((always_inline)) inline void ScatterAssign(const TileGrid& g, cons
   }
 }
 
-// Entry points per tensor type, each compiled once per instruction set (GCC clones only
-// non-template functions; the always-inline templates above are expanded into every clone).
-#define KD_WINOGRAD_ENTRY_POINTS(T)                                                                \
-  KD_CPU_CLONES void GatherRange(const TileGrid& g, const T* x, T* out, int64_t b, int64_t e) {   \
-    Gather<T>(g, x, out, b, e);                                                                    \
-  }                                                                                                \
-  KD_CPU_CLONES void ScatterAssignRange(const TileGrid& g, const T* t, const T* bias, bool relu,   \
-                                        T* y, int64_t b, int64_t e) {                              \
-    ScatterAssign<T>(g, t, bias, relu, y, b, e);                                                   \
-  }                                                                                                \
-  KD_CPU_CLONES void ScatterAddRange(const TileGrid& g, const T* t, T* y, int64_t b, int64_t e) { \
-    ScatterAdd<T>(g, t, y, b, e);                                                                  \
-  }
-
 // Overlapping windows: units are (image, channel block); the block's float32 sums live in `acc`
 // ([h, w, kBlock] per worker call) and are rounded to T once at the end.
-template <typename T>
+template <typename T, class L>
 __attribute__((always_inline)) inline void ScatterAdd(const TileGrid& g, const T* t, T* y, int64_t begin, int64_t end) {
   Block w;
   std::vector<float> acc(static_cast<size_t>(g.h * g.w * kBlock));
@@ -223,12 +291,13 @@ __attribute__((always_inline)) inline void ScatterAdd(const TileGrid& g, const T
     for (int64_t ty = 0; ty < g.tiles_h; ++ty) {
       for (int64_t tx = 0; tx < g.tiles_w; ++tx) {
         const int64_t p = (b * g.tiles_h + ty) * g.tiles_w + tx;
-        TileWindow(g, t, p, c0, nc, w);
+        PrefetchTile<false>(g, t, p + kPrefetchUnits, c0);
+        TileWindow<T, L>(g, t, p, c0, nc, w);
         const int64_t y0 = g.off_y + ty * g.stride, x0 = g.off_x + tx * g.stride;
-        for (int i = 0; i < g.window; ++i) {
+        for (int i = 0; i < L::rows; ++i) {
           const int64_t yy = y0 + i;
           if (yy < 0 || yy >= g.h) continue;
-          for (int j = 0; j < g.window; ++j) {
+          for (int j = 0; j < L::rows; ++j) {
             const int64_t xx = x0 + j;
             if (xx < 0 || xx >= g.w) continue;
             float* a = acc.data() + (yy * g.w + xx) * kBlock;
@@ -245,32 +314,39 @@ __attribute__((always_inline)) inline void ScatterAdd(const TileGrid& g, const T
   }
 }
 
+// Entry points per tensor type, each compiled once per instruction set (GCC clones only
+// non-template functions; the always-inline templates above are expanded into every clone), each
+// dispatching on the tile size m (g.r = m + 2).
+#define KD_WINOGRAD_ENTRY_POINTS(T)                                                                 \
+  KD_CPU_CLONES void InputTransformRange(const TileGrid& g, const T* x, T* out, int64_t b,         \
+                                         int64_t e) {                                              \
+    if (g.r == 4) Gather<T, InputL<F2>>(g, x, out, b, e);                                          \
+    else if (g.r == 6) Gather<T, InputL<F4>>(g, x, out, b, e);                                     \
+    else Gather<T, InputL<F6>>(g, x, out, b, e);                                                   \
+  }                                                                                                 \
+  KD_CPU_CLONES void OutputTransformGradRange(const TileGrid& g, const T* x, T* out, int64_t b,    \
+                                              int64_t e) {                                         \
+    if (g.r == 4) Gather<T, OutputAdjointL<F2>>(g, x, out, b, e);                                  \
+    else if (g.r == 6) Gather<T, OutputAdjointL<F4>>(g, x, out, b, e);                             \
+    else Gather<T, OutputAdjointL<F6>>(g, x, out, b, e);                                           \
+  }                                                                                                 \
+  KD_CPU_CLONES void OutputTransformRange(const TileGrid& g, const T* t, const T* bias, bool relu, \
+                                          T* y, int64_t b, int64_t e) {                            \
+    if (g.r == 4) ScatterAssign<T, OutputL<F2>>(g, t, bias, relu, y, b, e);                        \
+    else if (g.r == 6) ScatterAssign<T, OutputL<F4>>(g, t, bias, relu, y, b, e);                   \
+    else ScatterAssign<T, OutputL<F6>>(g, t, bias, relu, y, b, e);                                 \
+  }                                                                                                 \
+  KD_CPU_CLONES void InputTransformGradRange(const TileGrid& g, const T* t, T* y, int64_t b,       \
+                                             int64_t e) {                                          \
+    if (g.r == 4) ScatterAdd<T, InputAdjointL<F2>>(g, t, y, b, e);                                 \
+    else if (g.r == 6) ScatterAdd<T, InputAdjointL<F4>>(g, t, y, b, e);                            \
+    else ScatterAdd<T, InputAdjointL<F6>>(g, t, y, b, e);                                          \
+  }
+
 KD_WINOGRAD_ENTRY_POINTS(float)
 KD_WINOGRAD_ENTRY_POINTS(Eigen::bfloat16)
 KD_WINOGRAD_ENTRY_POINTS(Eigen::half)
 #undef KD_WINOGRAD_ENTRY_POINTS
-
-// Transposes of the row-major transform matrices (the adjoint ops use L^T).
-struct Matrices {
-  float bt[36], b[36], at[24], a[24];
-  explicit Matrices(int m) {
-    const int r = m + 2;
-    const float* bt_src = m == 2 ? kBT2 : kBT4;
-    const float* at_src = m == 2 ? kAT2 : kAT4;
-    for (int i = 0; i < r; ++i) {
-      for (int j = 0; j < r; ++j) {
-        bt[i * r + j] = bt_src[i * r + j];
-        b[j * r + i] = bt_src[i * r + j];
-      }
-    }
-    for (int i = 0; i < m; ++i) {
-      for (int j = 0; j < r; ++j) {
-        at[i * r + j] = at_src[i * r + j];
-        a[j * m + i] = at_src[i * r + j];
-      }
-    }
-  }
-};
 
 int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -296,8 +372,8 @@ class WinogradBase : public OpKernel {
  public:
   explicit WinogradBase(OpKernelConstruction* ctx, bool padded) : OpKernel(ctx), pads_{0, 0, 0, 0} {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("tile", &m_));
-    OP_REQUIRES(ctx, m_ == 2 || m_ == 4,
-                InvalidArgument("tile must be 2 (F(2x2, 3x3)) or 4 (F(4x4, 3x3)), got ", m_));
+    OP_REQUIRES(ctx, m_ == 2 || m_ == 4 || m_ == 6,
+                InvalidArgument("tile must be 2, 4 or 6 (F(2x2, 3x3), F(4x4, 3x3), F(6x6, 3x3)), got ", m_));
     if (padded) {
       OP_REQUIRES_OK(ctx, ctx->GetAttr("pad_top", &pads_[0]));
       OP_REQUIRES_OK(ctx, ctx->GetAttr("pad_bottom", &pads_[1]));
@@ -318,13 +394,13 @@ class WinogradBase : public OpKernel {
       return false;
     }
     *g = TileGrid{n, h, w, c, CeilDiv(oh, m_), CeilDiv(ow, m_), m_, -pads_[0], -pads_[2], m_ + 2,
-                  m_ + 2, nullptr};
+                  m_ + 2};
     return true;
   }
 
   // The grid of the output transform over the output [n, oh, ow, k] (or its adjoint).
   TileGrid OutputGrid(int64_t n, int64_t oh, int64_t ow, int64_t k) const {
-    return TileGrid{n, oh, ow, k, CeilDiv(oh, m_), CeilDiv(ow, m_), m_, 0, 0, m_, m_ + 2, nullptr};
+    return TileGrid{n, oh, ow, k, CeilDiv(oh, m_), CeilDiv(ow, m_), m_, 0, 0, m_, m_ + 2};
   }
 
   // Checks that tiles [(m + 2)^2, P, C] has the P of grid g.
@@ -341,17 +417,17 @@ class WinogradBase : public OpKernel {
   }
 
   // The gather ops (the input transform, the output transform's adjoint): tiles [r^2, P, c] of
-  // `in` over grid g with the matrix L.
+  // `in` over grid g, by `range` (InputTransformRange or OutputTransformGradRange).
   template <typename T>
-  void GatherTiles(OpKernelContext* ctx, TileGrid g, const float* L, const Tensor& in) {
-    g.L = L;
+  void GatherTiles(OpKernelContext* ctx, const TileGrid& g, const Tensor& in,
+                   void (*range)(const TileGrid&, const T*, T*, int64_t, int64_t)) {
     Tensor* out = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({g.r * g.r, g.tiles(), g.c}), &out));
     if (out->NumElements() == 0) return;
     const T* src = in.flat<T>().data();
     T* dst = out->flat<T>().data();
     ShardOnCpu(ctx, g.tiles() * g.blocks(), 40 * kBlock * g.r * g.r,
-               [&](int64_t b, int64_t e) { GatherRange(g, src, dst, b, e); });
+               [&](int64_t b, int64_t e) { range(g, src, dst, b, e); });
   }
 
   int m_;
@@ -369,7 +445,7 @@ class InputTransformOp : public WinogradBase {
                 InvalidArgument("input must be NHWC [N, H, W, C], got shape ", x.shape().DebugString()));
     TileGrid g;
     if (!InputGrid(ctx, x.dim_size(0), x.dim_size(1), x.dim_size(2), x.dim_size(3), &g)) return;
-    GatherTiles<T>(ctx, g, Matrices(m_).bt, x);
+    GatherTiles<T>(ctx, g, x, InputTransformRange);
   }
 };
 
@@ -387,15 +463,13 @@ class InputTransformGradOp : public WinogradBase {
     if (!CheckTiles(ctx, grad, g, "grad")) return;
     OP_REQUIRES(ctx, grad.dim_size(2) == s[3],
                 InvalidArgument("grad has ", grad.dim_size(2), " channels, input_shape ", s[3]));
-    const Matrices mats(m_);
-    g.L = mats.b;
     Tensor* out = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({s[0], s[1], s[2], s[3]}), &out));
     if (out->NumElements() == 0) return;
     const T* src = grad.flat<T>().data();
     T* dst = out->flat<T>().data();
     ShardOnCpu(ctx, g.n * g.blocks(), 40 * kBlock * g.r * g.r * g.tiles_h * g.tiles_w,
-        [&](int64_t b, int64_t e) { ScatterAddRange(g, src, dst, b, e); });
+        [&](int64_t b, int64_t e) { InputTransformGradRange(g, src, dst, b, e); });
   }
 };
 
@@ -413,14 +487,12 @@ class OutputTransformOp : public WinogradBase {
     OP_REQUIRES(ctx, t.dims() == 3,
                 InvalidArgument("input must be tiles [(tile + 2)^2, P, K], got shape ",
                                 t.shape().DebugString()));
-    TileGrid g = OutputGrid(s[0], s[1], s[2], t.dim_size(2));
+    const TileGrid g = OutputGrid(s[0], s[1], s[2], t.dim_size(2));
     if (!CheckTiles(ctx, t, g, "input")) return;
     const Tensor& bias = ctx->input(2);
     OP_REQUIRES(ctx, bias.dims() == 1 && (bias.dim_size(0) == 0 || bias.dim_size(0) == g.c),
                 InvalidArgument("bias must be [", g.c, "] (one per output channel) or [0] (none), got "
                                 "shape ", bias.shape().DebugString()));
-    const Matrices mats(m_);
-    g.L = mats.at;
     Tensor* out = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({s[0], s[1], s[2], g.c}), &out));
     if (out->NumElements() == 0) return;
@@ -428,7 +500,7 @@ class OutputTransformOp : public WinogradBase {
     T* dst = out->flat<T>().data();
     const T* shift = bias.dim_size(0) > 0 ? bias.flat<T>().data() : nullptr;
     ShardOnCpu(ctx, g.tiles() * g.blocks(), 40 * kBlock * g.r * g.r,
-        [&](int64_t b, int64_t e) { ScatterAssignRange(g, src, shift, relu_, dst, b, e); });
+        [&](int64_t b, int64_t e) { OutputTransformRange(g, src, shift, relu_, dst, b, e); });
   }
 
  private:
@@ -446,7 +518,7 @@ class OutputTransformGradOp : public WinogradBase {
                 InvalidArgument("grad must be NHWC [N, OH, OW, K], got shape ",
                                 grad.shape().DebugString()));
     const TileGrid g = OutputGrid(grad.dim_size(0), grad.dim_size(1), grad.dim_size(2), grad.dim_size(3));
-    GatherTiles<T>(ctx, g, Matrices(m_).a, grad);
+    GatherTiles<T>(ctx, g, grad, OutputTransformGradRange);
   }
 };
 

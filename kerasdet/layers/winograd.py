@@ -1,5 +1,6 @@
 """`WinogradConv2D`: a 3x3 `keras.layers.Conv2D` whose stride-1 float32 convolution on the CPU runs
-as Winograd F(4x4, 3x3) (`kerasdet.ops.winograd_conv3x3`; when and why in that module).
+as Winograd F(4x4, 3x3), or F(6x6, 3x3) on large outputs (`kerasdet.ops.winograd_conv3x3`; when and
+why in that module: `winograd_applies`, `winograd_pays`, `winograd_large_tiles`).
 
 Same weights, config and outputs (to float32 rounding, ~1e-5 of the output's range) as
 ``keras.layers.Conv2D(filters, 3, ...)``; every other case (strides, dilation, groups, bfloat16 /
@@ -12,7 +13,8 @@ still loads, and back. Its serialized config keeps its registered name, "kerasde
 """
 import keras
 
-from kerasdet.ops.winograd import select, winograd_applies, winograd_conv3x3, winograd_pays
+from kerasdet.ops.winograd import (select, winograd_applies, winograd_conv3x3, winograd_large_tiles,
+                                   winograd_pays)
 
 __all__ = ["WinogradConv2D"]
 
@@ -33,6 +35,12 @@ class WinogradConv2D(keras.layers.Conv2D):
                 and winograd_applies(inputs.dtype, self.kernel_size, self.strides, self.dilation_rate,
                                      self.groups, inputs.shape[-1], self.filters))
 
+    def _winograd(self, inputs, kernel, bias=None, relu=False):
+        def form(tile):
+            return lambda: winograd_conv3x3(inputs, kernel, self.padding.upper(), tile=tile, bias=bias,
+                                            relu=relu)
+        return select(winograd_large_tiles(inputs), form(6), form(4))
+
     def _learning(self, training):
         # Gradients follow only for a trained layer: a frozen one runs the inference rule.
         return training is True and self.trainable
@@ -44,15 +52,15 @@ class WinogradConv2D(keras.layers.Conv2D):
             return super().call(inputs)
         # Bias and ReLU ride on the output transform's pass instead of two more passes over the output.
         return select(winograd_pays(inputs, training=self._learning(training)),
-                      lambda: winograd_conv3x3(inputs, self.kernel, self.padding.upper(),
-                                               bias=self.bias if self.use_bias else None, relu=relu),
+                      lambda: self._winograd(inputs, self.kernel,
+                                             bias=self.bias if self.use_bias else None, relu=relu),
                       lambda: keras.layers.Conv2D.call(self, inputs))
 
     def convolution_op(self, inputs, kernel):
         if not self.uses_winograd(inputs):
             return super().convolution_op(inputs, kernel)
         return select(winograd_pays(inputs),
-                      lambda: winograd_conv3x3(inputs, kernel, self.padding.upper()),
+                      lambda: self._winograd(inputs, kernel),
                       lambda: keras.layers.Conv2D.convolution_op(self, inputs, kernel))
 
     def biased_convolution_op(self, inputs, kernel, bias):
@@ -64,7 +72,7 @@ class WinogradConv2D(keras.layers.Conv2D):
         if not self.uses_winograd(inputs):
             return direct()
         return select(winograd_pays(inputs),
-                      lambda: winograd_conv3x3(inputs, kernel, self.padding.upper(), bias=bias), direct)
+                      lambda: self._winograd(inputs, kernel, bias=bias), direct)
 
 
 # See the module docstring: weights-file paths come from the class name.

@@ -1,4 +1,4 @@
-"""Stride-1 3x3 convolutions as Winograd F(4x4, 3x3) products, for float32 on the CPU.
+"""Stride-1 3x3 convolutions as Winograd F(4x4, 3x3) or F(6x6, 3x3) products, for float32 on the CPU.
 
 Lavin & Gray ("Fast Algorithms for Convolutional Neural Networks", 2016) compute a 4x4 block of a
 3x3 correlation from its 6x6 input window d as Y = A^T [(G g G^T) * (B^T d B)] A: 36 products per
@@ -8,9 +8,14 @@ transforms around them are the compiled kernels of ``custom_ops/winograd`` (memo
 All the pieces are linear, so the gradients are again transforms around matrix products (the
 kernels' adjoints are registered below): training gains as well.
 
+F(6x6, 3x3) (8x8 windows, 64 products per 36 outputs) does 21 % fewer products still, at twice the
+rounding error (~2e-5 of the output's range against ~1e-5, float32); `winograd_large_tiles` picks it
+where the padding to whole tiles leaves the saving and the products stay long enough.
+
 Where it pays (``python benchmarks/winograd.py``): on the 2-core AMD EPYC host of this change, the
-FPN's P2 3x3 convolution (1 x 200 x 304 x 256 -> 256, with bias and ReLU) took 0.48x the time of
-TensorFlow's float32 convolution (0.41x with both gradients, batch 2). It is not used for bfloat16
+FPN's P2 3x3 convolution (1 x 200 x 304 x 256 -> 256, with bias and ReLU) took 0.42x (4x4) / 0.32x
+(6x6) the time of TensorFlow's float32 convolution (0.33x / 0.25x with both gradients, batch 2).
+It is not used for bfloat16
 / float16: rounding the transformed tiles to 8 mantissa bits left errors of ~1e-1 of the output's
 range with F(4x4, 3x3) (the transforms multiply values by up to 25 before the products and the
 output transform cancels them again), and F(2x2, 3x3), accurate enough, was no faster than oneDNN's
@@ -27,15 +32,19 @@ from kerasdet.ops import _kernels
 from kerasdet.ops.conv_args import checked_conv_arguments
 from kerasdet.ops.xla import in_xla_context
 
-__all__ = ["winograd_conv3x3", "winograd_applies", "winograd_pays", "WINOGRAD_MIN_CHANNELS",
-           "WINOGRAD_MIN_TILES"]
+__all__ = ["winograd_conv3x3", "winograd_applies", "winograd_pays", "winograd_large_tiles",
+           "WINOGRAD_MIN_CHANNELS", "WINOGRAD_MIN_TILES", "WINOGRAD6_MIN_TILES"]
 
-# Filter transforms G (Lavin & Gray, interpolation points 0, +-1 and 0, +-1, +-2); B^T and A^T live
-# in the C++ kernels. The tests check the composition against the correlation's own definition.
+# Filter transforms G (Lavin & Gray, interpolation points 0, +-1 / 0, +-1, +-2 / 0, +-1, +-2, +-1/2);
+# B^T and A^T live in the C++ kernels. The tests check the composition against the correlation's
+# own definition.
 _G = {
     2: np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]], np.float64),
     4: np.array([[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
                  [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]], np.float64),
+    6: np.array([[1, 0, 0], [-2 / 9, -2 / 9, -2 / 9], [-2 / 9, 2 / 9, -2 / 9],
+                 [1 / 90, 1 / 45, 2 / 45], [1 / 90, -1 / 45, 2 / 45],
+                 [32 / 45, 16 / 45, 8 / 45], [32 / 45, -16 / 45, 8 / 45], [0, 0, 1]], np.float64),
 }
 
 # Below this many input or output channels, or (inference only) this many 4x4 output tiles per
@@ -52,6 +61,17 @@ _G = {
 # layer4's 140 tiles at batch 2).
 WINOGRAD_MIN_CHANNELS = 128
 WINOGRAD_MIN_TILES = 64
+
+# F(6x6, 3x3) forms 64 products per 36 outputs where F(4x4, 3x3) forms 36 per 16 (21 % fewer), but
+# pads more to whole tiles and splits the work into 64 shorter matrix products. Same benchmark,
+# after the transforms became compile-time-unrolled kernels, time over TensorFlow's, F(4x4) / F(6x6):
+#   inference (batch 1): P2 0.42 / 0.32, P3 0.39 / 0.35, layer2 0.71 / 0.63, layer3 (117 6x6 tiles)
+#     0.40 / 0.44, layer4 0.60 / 0.74, P4 0.47 / 0.49, the mask head (14 x 14 RoIs: no fewer
+#     products) 0.54 / 0.58;
+#   training (batch 2): P2 0.33 / 0.25, P3 0.33 / 0.29, layer2 0.42 / 0.37, layer3 (234 tiles)
+#     0.32 / 0.30, layer4 (70 tiles) 0.48 / 0.52, the mask head 0.46 / 0.49.
+# Hence F(6x6) when it saves at least a tenth of the products on at least this many 6x6 tiles.
+WINOGRAD6_MIN_TILES = 200
 
 
 @functools.lru_cache(maxsize=None)
@@ -81,6 +101,26 @@ def winograd_pays(inputs, tile=4, training=False):
         return n * (-(-h // tile)) * (-(-w // tile)) >= WINOGRAD_MIN_TILES
     size = tf.shape(inputs)
     return size[0] * ((size[1] + tile - 1) // tile) * ((size[2] + tile - 1) // tile) >= WINOGRAD_MIN_TILES
+
+
+def _tile_count(n, h, w, tile):
+    return n * ((h + tile - 1) // tile) * ((w + tile - 1) // tile)
+
+
+def winograd_large_tiles(inputs):
+    """Whether a 3x3 convolution of `inputs` (output about the input's size) should take F(6x6, 3x3)
+    rather than F(4x4, 3x3): at least `WINOGRAD6_MIN_TILES` 6x6 tiles, and at most 0.9x the products
+    of 4x4 tiles after both pad to whole tiles. A Python bool when the sizes are known at trace time,
+    else a scalar bool tensor (see `select`)."""
+    n, h, w = inputs.shape[:3]
+    if None in (n, h, w):
+        size = tf.shape(inputs)
+        n, h, w = size[0], size[1], size[2]
+    large = _tile_count(n, h, w, 6)
+    small = _tile_count(n, h, w, 4)
+    if isinstance(large, int):
+        return large >= WINOGRAD6_MIN_TILES and 64 * large * 10 <= 36 * small * 9
+    return tf.logical_and(large >= WINOGRAD6_MIN_TILES, 64 * large * 10 <= 36 * small * 9)
 
 
 def select(pays, winograd_fn, direct_fn):
@@ -133,7 +173,7 @@ def winograd_conv3x3(inputs, kernel, padding="SAME", tile=4, bias=None, relu=Fal
             "winograd_conv3x3 needs the compiled kerasdet kernels (build them with `make kernels`)")
     inputs, kernel = checked_conv_arguments("winograd_conv3x3", inputs, kernel, 3)
     if tile not in _G:
-        raise ValueError(f"winograd_conv3x3: tile must be 2 or 4, got {tile!r}")
+        raise ValueError(f"winograd_conv3x3: tile must be 2, 4 or 6, got {tile!r}")
     if bias is None:
         bias = tf.zeros([0], inputs.dtype)
     else:
