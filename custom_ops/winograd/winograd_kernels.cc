@@ -86,26 +86,20 @@ struct F6 {
 // registers. The first version read L from memory inside runtime-bounded loops and was
 // compute-bound at ~650 ns per 16-channel tile (the same per tile whether the tensors fitted in L2
 // or not), 3x the time the memory traffic needs.
-template <class F>
-struct InputL {  // B^T: r x r (the input transform)
-  static constexpr int rows = F::r, cols = F::r;
-  static constexpr float at(int a, int i) { return F::bt[a * F::r + i]; }
+// L of an op: B^T (r x r) or A^T (m x r) of F, or for the adjoints their transposes.
+template <class F, bool kInput, bool kAdjoint>
+struct TransformL {
+  static constexpr int stored_rows = kInput ? F::r : F::m;  // both stored row-major, r columns
+  static constexpr int rows = kAdjoint ? F::r : stored_rows, cols = kAdjoint ? stored_rows : F::r;
+  static constexpr float at(int a, int i) {
+    const float* stored = kInput ? F::bt : F::at;
+    return kAdjoint ? stored[i * F::r + a] : stored[a * F::r + i];
+  }
 };
-template <class F>
-struct InputAdjointL {  // B: r x r (the input transform's adjoint)
-  static constexpr int rows = F::r, cols = F::r;
-  static constexpr float at(int a, int i) { return F::bt[i * F::r + a]; }
-};
-template <class F>
-struct OutputL {  // A^T: m x r (the output transform)
-  static constexpr int rows = F::m, cols = F::r;
-  static constexpr float at(int a, int i) { return F::at[a * F::r + i]; }
-};
-template <class F>
-struct OutputAdjointL {  // A: r x m (the output transform's adjoint)
-  static constexpr int rows = F::r, cols = F::m;
-  static constexpr float at(int a, int i) { return F::at[i * F::r + a]; }
-};
+template <class F> using InputL = TransformL<F, true, false>;          // the input transform
+template <class F> using InputAdjointL = TransformL<F, true, true>;    // its adjoint
+template <class F> using OutputL = TransformL<F, false, false>;        // the output transform
+template <class F> using OutputAdjointL = TransformL<F, false, true>;  // its adjoint
 
 constexpr int kMaxSide = 8;
 constexpr int kBlock = 16;  // channels per unit: one AVX-512 register of float32

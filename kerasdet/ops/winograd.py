@@ -94,21 +94,26 @@ def winograd_applies(dtype, kernel_size, strides=(1, 1), dilation_rate=(1, 1), g
             and _kernels.use_kernels() and not in_xla_context() and not _gpu_visible())
 
 
+def _sizes(inputs):
+    """(n, h, w) of `inputs`: Python ints when known at trace time, else scalar tensors."""
+    n, h, w = inputs.shape[:3]
+    if None in (n, h, w):
+        size = tf.shape(inputs)
+        return size[0], size[1], size[2]
+    return n, h, w
+
+
+def _tile_count(n, h, w, tile):
+    return n * ((h + tile - 1) // tile) * ((w + tile - 1) // tile)
+
+
 def winograd_pays(inputs, tile=4, training=False):
     """Whether the output of `inputs` has at least `WINOGRAD_MIN_TILES` tiles (always true for a
     layer being trained, ``training``): a Python bool when the batch and spatial sizes are known at
     trace time, else a scalar bool tensor (see `select`)."""
     if training:
         return True
-    n, h, w = inputs.shape[:3]
-    if None not in (n, h, w):
-        return n * (-(-h // tile)) * (-(-w // tile)) >= WINOGRAD_MIN_TILES
-    size = tf.shape(inputs)
-    return size[0] * ((size[1] + tile - 1) // tile) * ((size[2] + tile - 1) // tile) >= WINOGRAD_MIN_TILES
-
-
-def _tile_count(n, h, w, tile):
-    return n * ((h + tile - 1) // tile) * ((w + tile - 1) // tile)
+    return _tile_count(*_sizes(inputs), tile) >= WINOGRAD_MIN_TILES
 
 
 def winograd_large_tiles(inputs):
@@ -116,15 +121,10 @@ def winograd_large_tiles(inputs):
     rather than F(4x4, 3x3): at least `WINOGRAD6_MIN_TILES` 6x6 tiles, and at most 0.9x the products
     of 4x4 tiles after both pad to whole tiles. A Python bool when the sizes are known at trace time,
     else a scalar bool tensor (see `select`)."""
-    n, h, w = inputs.shape[:3]
-    if None in (n, h, w):
-        size = tf.shape(inputs)
-        n, h, w = size[0], size[1], size[2]
-    large = _tile_count(n, h, w, 6)
-    small = _tile_count(n, h, w, 4)
-    if isinstance(large, int):
-        return large >= WINOGRAD6_MIN_TILES and 64 * large * 10 <= 36 * small * 9
-    return tf.logical_and(large >= WINOGRAD6_MIN_TILES, 64 * large * 10 <= 36 * small * 9)
+    sizes = _sizes(inputs)
+    large, small = _tile_count(*sizes, 6), _tile_count(*sizes, 4)
+    enough, fewer = large >= WINOGRAD6_MIN_TILES, 64 * large * 10 <= 36 * small * 9
+    return enough and fewer if isinstance(large, int) else tf.logical_and(enough, fewer)
 
 
 def select(pays, winograd_fn, direct_fn):
@@ -168,9 +168,9 @@ def filter_transform(kernel, tile=4):
 def winograd_conv3x3(inputs, kernel, padding="SAME", tile=4, bias=None, relu=False):
     """``tf.nn.conv2d(inputs, kernel, 1, padding)`` for a [3, 3, Ci, Co] kernel on channels-last
     [B, H, W, Ci] inputs, computed as Winograd F(tile x tile, 3x3) (tile 4; 6: fewer products, twice
-    the rounding error; 2: fewer operations saved, smaller rounding errors). ``padding``: "SAME", "VALID" or (top, bottom, left, right).
-    ``bias`` ([Co]) and ``relu`` are applied in the output transform's pass (a layer's epilogue).
-    Needs the compiled kernels (`winograd_applies` says when to call it); differentiable."""
+    the rounding error; 2: fewer operations saved, smaller rounding errors). ``padding``: "SAME",
+    "VALID" or (top, bottom, left, right). ``bias`` ([Co]) and ``relu`` are applied in the output
+    transform's pass (a layer's epilogue). Needs the compiled kernels (`winograd_applies` says when to call it); differentiable."""
     lib = _kernels.library()
     if lib is None:
         raise _kernels.KernelsUnavailableError(
