@@ -11,8 +11,8 @@ from learning import fit_and_evaluate
 
 BACKBONE = "mobilenet_v2_imagenet"
 FPN_ENTRY = "faster_rcnn_mobilenet_v2_fpn_synthetic"
-# Measured here (2 shared cores): mAP@0.5 0.995 and loss 0.62 -> 0.30 after 3 epochs (63 s of
-# training, 80 s for the whole test); the bounds leave room for other machines and seeds.
+# Measured here (2 cores): mAP@0.5 0.934 and loss 0.72 -> 0.28 after 3 epochs (34 s of training);
+# the bounds leave room for other machines and seeds.
 EPOCHS = 3
 LOSS_RATIO = 0.7
 MAP_THRESHOLD = 0.7
@@ -42,11 +42,14 @@ def test_mobilenet_v2_fpn_learns_the_synthetic_shapes_from_the_imagenet_backbone
     assert model.kerasdet_backbone_weights == BACKBONE
     # Three epochs (192 steps at batch 4) keep this test near 80 s on 2 cores;
     # benchmarks/pretrained_backbone.py measures what longer budgets give.
-    # The entry's warm-up (50 steps from 0.1 x lr) at half its lr: measured at this test's seed,
-    # lr 0.02 without warm-up blew the first epoch's loss up to ~50, and with it the second
+    # The entry's warm-up (50 steps from 0.1 x lr) at a quarter of its lr: measured at this test's
+    # seed, lr 0.02 without warm-up blew the first epoch's loss up to ~50, and with it the second
     # epoch's to ~640 (the entry's recipe run in benchmarks/pretrained_backbone.py, seed 0, did not
-    # diverge); either way nothing was detected afterwards.
-    warmup = WarmupStepSchedule(0.01, warmup_steps=50, warmup_factor=0.1)
+    # diverge); either way nothing was detected afterwards. At half the lr it still sat at the edge:
+    # a change of float rounding alone (frozen BNs folded into the convolutions in training) took the
+    # second epoch's loss to 13 at this seed, while seed 0 reached mAP 0.99. At a quarter, seeds
+    # 1234 / 1 / 7: mAP 0.934 / 0.879 / 0.921, final loss 0.27-0.28 (0.905, 0.262 unfolded).
+    warmup = WarmupStepSchedule(0.005, warmup_steps=50, warmup_factor=0.1)
     history, results, seconds = fit_and_evaluate(model, synthetic_data, epochs=EPOCHS, learning_rate=warmup)
     losses = history["loss"]
     print(f"Faster R-CNN FPN MobileNetV2 (ImageNet): mAP@0.5 {results['voc']['mAP']:.3f} after "

@@ -96,7 +96,7 @@ def check_input_shape(input_shape, name, min_size=None):
 class Backbone(FoldsFrozenNorms, keras.Model):
     """Base class of the backbones: a functional model with dict outputs and output strides.
 
-    Outside training its `call` folds each frozen BN into the convolution before it (`norm_folding`).
+    Its `call` folds each frozen BN into the convolution before it (`norm_folding`).
 
     Subclasses build their graph in ``__init__`` and call
     ``super().__init__(inputs=..., outputs={name: tensor}, strides={name: int}, name=...)``;

@@ -63,15 +63,15 @@ class WinogradConv2D(keras.layers.Conv2D):
                       lambda: self._winograd(inputs, kernel),
                       lambda: keras.layers.Conv2D.convolution_op(self, inputs, kernel))
 
-    def biased_convolution_op(self, inputs, kernel, bias):
+    def biased_convolution_op(self, inputs, kernel, bias, training=None):
         """convolution_op(inputs, kernel) + bias, in one pass where Winograd applies (the frozen-BN
-        fold of the backbones calls it with the folded kernel and shift)."""
+        fold of the backbones calls it with the folded kernel and shift); ``training`` as in `call`."""
         def direct():
             return keras.ops.add(keras.layers.Conv2D.convolution_op(self, inputs, kernel), bias)
 
         if not self.uses_winograd(inputs):
             return direct()
-        return select(winograd_pays(inputs),
+        return select(winograd_pays(inputs, training=self._learning(training)),
                       lambda: self._winograd(inputs, kernel, bias=bias), direct)
 
 
