@@ -1,5 +1,5 @@
 """kerasdet.ops.pointwise_conv2d (1x1 convolution, gradients as matrix products) and
-kerasdet.layers.PointwiseConv2D (the 1x1 Conv2D of ResNet and FPN that uses it in bfloat16 training)."""
+kerasdet.layers.PointwiseConv2D (the 1x1 Conv2D of ResNet and FPN that uses it in training)."""
 import h5py
 import keras
 import numpy as np
@@ -108,7 +108,7 @@ def _layer_gradients(layer, x, training):
 def test_layer_equals_conv2d_in_outputs_and_gradients(policy, training):
     conv, pointwise = _layer_pair(policy)
     x, _, _ = _problem(4, shape=(2, 6, 5, 6))
-    assert pointwise._uses_matmul_gradients(training) == (training and policy == "mixed_bfloat16")
+    assert pointwise._uses_matmul_gradients(training) == training
     for ours, theirs in zip(_layer_gradients(pointwise, x, training), _layer_gradients(conv, x, training)):
         assert ours.dtype == theirs.dtype
         ours, theirs = np.asarray(tf.cast(ours, tf.float32)), np.asarray(tf.cast(theirs, tf.float32))
@@ -117,8 +117,15 @@ def test_layer_equals_conv2d_in_outputs_and_gradients(policy, training):
         assert np.abs(ours - theirs).max() <= tolerance * max(1.0, np.abs(theirs).max())
 
 
-def test_bfloat16_training_graph_uses_matmuls_instead_of_the_convolution_gradient():
-    _, pointwise = _layer_pair("mixed_bfloat16")
+@pytest.mark.parametrize("policy, channels_in, filters, input_gradient", [
+    ("mixed_bfloat16", 6, 4, "MatMul"),
+    ("float32", 6, 4, "MatMul"),  # a reducing layer: both gradients are matrix products
+    ("float32", 4, 6, "Conv2DBackpropInput"),  # an expanding one: oneDNN's backward-data convolution
+])
+def test_training_graph_takes_the_gradient_chosen_for_the_dtype_and_shape(policy, channels_in, filters,
+                                                                         input_gradient):
+    pointwise = PointwiseConv2D(filters, dtype=policy)
+    pointwise.build((None, None, None, channels_in))
 
     @tf.function
     def step(x):
@@ -127,12 +134,24 @@ def test_bfloat16_training_graph_uses_matmuls_instead_of_the_convolution_gradien
             loss = tf.reduce_sum(tf.cast(pointwise(x, training=True), tf.float32))
         return tape.gradient(loss, [x, pointwise.kernel])
 
-    graph = step.get_concrete_function(tf.TensorSpec([2, 8, 8, 6])).graph
-    ops = {op.type for op in graph.get_operations()}
+    graph = step.get_concrete_function(tf.TensorSpec([2, 8, 8, channels_in])).graph
+    ops = [op.type for op in graph.get_operations()]
     for function in graph._functions.values():
-        ops |= {node.op for node in function.definition.node_def}
-    assert "Conv2DBackpropFilter" not in ops and "Conv2DBackpropInput" not in ops
-    assert "MatMul" in ops or "BatchMatMulV2" in ops
+        ops += [node.op for node in function.definition.node_def]
+    assert "Conv2DBackpropFilter" not in ops
+    matmuls = ops.count("MatMul") + ops.count("BatchMatMulV2")
+    if input_gradient == "MatMul":
+        assert "Conv2DBackpropInput" not in ops and matmuls == 2
+    else:
+        assert ops.count("Conv2DBackpropInput") == 1 and matmuls == 1
+
+
+@pytest.mark.parametrize("channels_in, filters", [(6, 4), (4, 6)])
+def test_float32_gradients_of_both_choices_match_the_definition(channels_in, filters):
+    x, w, dy = _problem(6, shape=(2, 5, 4, channels_in), filters=filters)
+    _, dx, dw = _gradients(pointwise_conv2d, x, w, dy)
+    np.testing.assert_allclose(dx, np.einsum("bijo,co->bijc", dy, w[0, 0]), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dw[0, 0], np.einsum("bijc,bijo->co", x, dy), rtol=1e-5, atol=1e-4)
 
 
 def test_strided_layer_keeps_tensorflows_gradient():

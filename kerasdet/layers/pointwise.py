@@ -1,10 +1,11 @@
-"""`PointwiseConv2D`: a 1x1 `keras.layers.Conv2D` that trains faster in bfloat16.
+"""`PointwiseConv2D`: a 1x1 `keras.layers.Conv2D` that trains faster.
 
 Same weights, config and outputs as ``keras.layers.Conv2D(filters, 1, ...)``; only the gradient of
-a stride-1 layer computing in bfloat16 under ``training=True`` changes, to the matrix products of
-`kerasdet.ops.pointwise_conv2d` (0.70x the time of TensorFlow's convolution gradients over
-ResNet-50 + FPN's stride-1 1x1 layers, and no faster in float32: see that module). Inference keeps
-the plain convolution, so grappler's conv + bias + activation fusions are unchanged.
+a stride-1 layer computing in float32 or bfloat16 under ``training=True`` changes, to the matrix
+products of `kerasdet.ops.pointwise_conv2d` (bfloat16: 0.70x the time of TensorFlow's convolution
+gradients over ResNet-50 + FPN's stride-1 1x1 layers; float32: the kernel gradients 0.91x, the
+input gradients chosen per layer shape; see that module). Inference keeps the plain convolution,
+so grappler's conv + bias + activation fusions are unchanged.
 
 Keras' weights files address the layers of a model by the snake_case of their class name
 ("layers/conv2d_7/vars"), not by the layers' own names, so the class answers to the name
@@ -35,7 +36,8 @@ class PointwiseConv2D(keras.layers.Conv2D):
             raise ValueError("PointwiseConv2D takes no dilation_rate or groups")
 
     def _uses_matmul_gradients(self, training):
-        return training is True and tuple(self.strides) == (1, 1) and self.compute_dtype == "bfloat16"
+        return (training is True and tuple(self.strides) == (1, 1)
+                and self.compute_dtype in ("float32", "bfloat16"))
 
     def call(self, inputs, training=None):
         if not self._uses_matmul_gradients(training):

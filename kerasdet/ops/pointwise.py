@@ -4,12 +4,19 @@ A 1x1 convolution over [B, H, W, Ci] multiplies the [B * H * W, Ci] matrix of pi
 kernel, so its kernel gradient is pixels^T @ dy and its input gradient dy @ kernel^T. TensorFlow
 differentiates the convolution with oneDNN's convolution backward kernels instead. On the stride-1
 1x1 shapes of ResNet-50 and FPN at 800 x 1216 (batch 2), forward + both gradients took 0.48-0.96x
-the time as matrix products in bfloat16 (AMX; 0.70x summed over the model's layers), but about
-the same in float32 (0.79-1.19x, 1.03x summed): `python benchmarks/pointwise_conv.py` prints the
-per-shape times. The strided (downsampling) 1x1 convolutions stay TensorFlow's: a strided variant
-(every s-th pixel, the input gradient by conv2d_transpose) measured 0.66-1.6x, no gain over the
-three of them. `kerasdet.layers.PointwiseConv2D` therefore uses this op for bfloat16 training only.
-The forward pass is the same convolution as `keras.layers.Conv2D`'s.
+the time as matrix products in bfloat16 (AMX; 0.70x summed over the model's layers).
+
+In float32 (AMD EPYC, AVX-512) it depends on the pass: the kernel gradient as a matrix product
+took 0.91x of oneDNN's over the model's layers (799 against 881 ms, per shape 0.76-1.06), the input
+gradient 1.05x (1008 against 958 ms): faster where the layer reduces the channels (Ci > Co,
+0.93-1.01x), slower where it expands them (Co > Ci, the bottlenecks' conv3: 1.19-1.37x). So float32
+takes the matrix product for the kernel gradient and for the input gradient of a reducing layer,
+and oneDNN's backward-data convolution for the rest. `python benchmarks/pointwise_conv.py` prints
+the per-shape times of each choice.
+
+The strided (downsampling) 1x1 convolutions stay TensorFlow's: a strided variant (every s-th pixel,
+the input gradient by conv2d_transpose) measured 0.66-1.6x, no gain over the three of them. The
+forward pass is the same convolution as `keras.layers.Conv2D`'s.
 """
 import tensorflow as tf
 
@@ -35,8 +42,11 @@ def _pointwise(x, w):
         pixels = tf.reshape(x, [-1, channels_in])
         dy_rows = tf.reshape(dy, [-1, channels_out])
         dw = tf.reshape(tf.matmul(pixels, dy_rows, transpose_a=True), tf.shape(w))
-        dx = tf.reshape(tf.matmul(dy_rows, tf.reshape(w, [channels_in, channels_out]), transpose_b=True),
-                        tf.shape(x))
+        if x.dtype == tf.float32 and channels_out >= channels_in:  # see the module docstring
+            dx = tf.compat.v1.nn.conv2d_backprop_input(tf.shape(x), w, dy, [1, 1, 1, 1], "VALID")
+        else:
+            dx = tf.reshape(tf.matmul(dy_rows, tf.reshape(w, [channels_in, channels_out]), transpose_b=True),
+                            tf.shape(x))
         return dx, dw
 
     return y, grad
