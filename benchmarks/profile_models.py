@@ -12,7 +12,13 @@ attains on this host, the practical ceiling for convolutions) and, with --peak-g
 FMA peak (both cores; see docs/SPEED.md for how it was measured).
 
     python benchmarks/profile_models.py --model mask_rcnn_fpn --mode inference [--top 25]
-        [--precision mixed_bfloat16]
+        [--precision mixed_bfloat16] [--inter-op-threads 1]
+
+With TensorFlow's default inter-op pool, independent ops overlap on the cores and each one's
+duration includes the time it waited for a core (the op times of a training step summed to 1.7x
+its wall time here, and oneDNN's strided filter gradients showed 2.5-4x their isolated time).
+``--inter-op-threads 1`` runs one op at a time (the step took the same wall time on this 2-core
+host, within its noise): the op times then add up to the wall time and say where it goes.
 """
 import argparse
 import collections
@@ -116,7 +122,11 @@ def main(argv=None):
     parser.add_argument("--logdir", default=None, help="keep the trace here (TensorBoard)")
     parser.add_argument("--precision", default="float32", choices=["float32", "mixed_bfloat16"],
                         help="Keras dtype policy of the profiled model")
+    parser.add_argument("--inter-op-threads", type=int, default=None,
+                        help="TensorFlow's inter-op pool size (1: op times add up to the wall time)")
     args = parser.parse_args(argv)
+    if args.inter_op_threads is not None:
+        tf.config.threading.set_inter_op_parallelism_threads(args.inter_op_threads)
     import keras
 
     keras.mixed_precision.set_global_policy(args.precision)
@@ -161,6 +171,7 @@ def main(argv=None):
 
     report = {"model": args.model, "mode": args.mode, "precision": args.precision,
               "cpu": _cpu_name(), "load_average": list(os.getloadavg()),
+              "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads() or "default",
               "seconds_median_unprofiled": round(statistics.median(times), 3),
               "seconds_per_call_profiled": round(profiled, 3), "logdir": logdir}
     summary = summarise(logdir, args.top)

@@ -10,7 +10,7 @@ together with the ReLU and the residual add that follow. Faster R-CNN R50-FPN in
 The fold applies in training too: the frozen BN's statistics and affine parameters are constants,
 so the gradient of the loss with respect to a kernel W is scale * (the gradient with respect to the
 folded kernel), which autodiff derives through the product. It took ~0.95x of the float32 Faster
-R-CNN R50-FPN training step at 800 x 1216 (6.25 against 6.61 s taking turns in one process) by
+R-CNN R50-FPN training step at 800 x 1216 (6.29 against 6.64 s taking turns in one process) by
 removing a multiply and an add over every activation in the forward pass and a multiply in the
 backward pass. tests/test_norm_folding.py checks the gradients against the layer-by-layer ones in
 float64 (to 1e-9) and in float32 (same error against float64 as layer by layer, ~3e-6). An earlier
