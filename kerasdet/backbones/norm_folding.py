@@ -10,13 +10,14 @@ together with the ReLU and the residual add that follow. Faster R-CNN R50-FPN in
 The fold applies in training too: the frozen BN's statistics and affine parameters are constants,
 so the gradient of the loss with respect to a kernel W is scale * (the gradient with respect to the
 folded kernel), which autodiff derives through the product. It took ~0.95x of the float32 Faster
-R-CNN R50-FPN training step at 800 x 1216 (6.29 against 6.64 s taking turns in one process) by
+R-CNN R50-FPN training step at 800 x 1216 (6.29 against 6.64 s taking turns in one process, an
+ad-hoc session script; docs/SPEED.md) by
 removing a multiply and an add over every activation in the forward pass and a multiply in the
 backward pass. tests/test_norm_folding.py checks the gradients against the layer-by-layer ones in
 float64 (to 1e-9) and in float32 (same error against float64 as layer by layer, ~3e-6). An earlier
 note here recorded one loaded run with a 3e-3 float32 error in conv1's gradient; that test's
-randomized net and loss carry errors of that size either way (1e-2 layer by layer, on a layer4
-kernel, at one seed), so it was not a fold error.
+randomized net and loss carry errors of that size either way (in an ad-hoc run at another seed,
+1e-2 layer by layer on a layer4 kernel, 5e-4 folded), so it was not a fold error.
 
 The layers and their weights are untouched: a model built from the graph's intermediate outputs
 (``keras.Model(backbone.input, backbone.get_layer("conv1").output)``) still sees the convolution

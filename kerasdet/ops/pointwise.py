@@ -6,13 +6,15 @@ differentiates the convolution with oneDNN's convolution backward kernels instea
 1x1 shapes of ResNet-50 and FPN at 800 x 1216 (batch 2), forward + both gradients took 0.48-0.96x
 the time as matrix products in bfloat16 (AMX; 0.70x summed over the model's layers).
 
-In float32 (AMD EPYC, AVX-512) it depends on the pass: the kernel gradient as a matrix product
-took 0.91x of oneDNN's over the model's layers (799 against 881 ms, per shape 0.76-1.06), the input
-gradient 1.05x (1008 against 958 ms): faster where the layer reduces the channels (Ci > Co,
-0.93-1.01x), slower where it expands them (Co > Ci, the bottlenecks' conv3: 1.19-1.37x). So float32
-takes the matrix product for the kernel gradient and for the input gradient of a reducing layer,
-and oneDNN's backward-data convolution for the rest. `python benchmarks/pointwise_conv.py` prints
-the per-shape times of each choice.
+In float32 (AMD EPYC, AVX-512) it depends on the pass. `python benchmarks/pointwise_conv.py
+--dtypes float32` (its per-pass columns, summed over the model's layers): the kernel gradient as a
+matrix product 923 against oneDNN's 988 ms (0.93x; per shape 0.75-1.18), the input gradient 1083
+against 1074 ms; per shape the product was 0.94-1.0x of oneDNN's for layers that reduce the
+channels (Ci > Co) and 1.23x / 1.28x / 0.94x for the three that expand them (the bottlenecks'
+conv3, Co > Ci). Two ad-hoc per-pass timings in the same session gave 0.91-0.93x for the kernel
+gradients and 1.19-1.37x for the expanding layers' input gradients. So float32 takes the matrix
+product for the kernel gradient and for the input gradient of a reducing layer, and oneDNN's
+backward-data convolution for the rest.
 
 The strided (downsampling) 1x1 convolutions stay TensorFlow's: a strided variant (every s-th pixel,
 the input gradient by conv2d_transpose) measured 0.66-1.6x, no gain over the three of them. The
