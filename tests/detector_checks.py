@@ -1,4 +1,5 @@
 """Checks every detector must pass, shared by the per-model test files."""
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -34,3 +35,31 @@ def check_train_step_without_objects(model, box_losses=("rpn_box", "roi_box")):
     for name in box_losses:
         assert logs[name] == 0.0, name
     return logs
+
+
+def check_training_reaches_every_layer(model, batch):
+    """One eager `train_on_batch`: every sublayer whose `call` takes `training` and runs in the step
+    receives ``training=True``. Layers choose their training-time computation from it (the 1x1 and
+    3x3 convolutions' gradient kernels, frozen BN folding); a part that forgets to pass it on
+    silently trains on the inference path. Returns the names of the layers checked."""
+    import inspect
+
+    if not model.built:  # building runs the model once with training=False
+        model.build()
+    received = {}
+    for layer in model._flatten_layers(include_self=False):
+        # keras.layers.Dense takes `training` and ignores it; RoI pooling layers call theirs without.
+        if type(layer) is keras.layers.Dense or "training" not in inspect.signature(layer.call).parameters:
+            continue
+
+        def recording(*args, _layer=layer, _call=layer.call, **kwargs):
+            received.setdefault(_layer.name, set()).add(kwargs.get("training"))
+            return _call(*args, **kwargs)
+
+        layer.call = recording
+    model.compile(optimizer="sgd", run_eagerly=True)
+    model.train_on_batch(batch)
+    wrong = {name: seen for name, seen in received.items() if seen != {True}}
+    assert not wrong, f"layers run in a training step without training=True: {wrong}"
+    assert received, "no layer taking `training` ran: the check would be vacuous"
+    return sorted(received)

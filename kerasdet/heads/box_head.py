@@ -123,7 +123,7 @@ class BoxPredictor(keras.layers.Layer):
         self.cls.build(shape)
         self.box.build(shape)
 
-    def call(self, features):
+    def call(self, features, training=None):
         """features [B, R, D] -> logits [B, R, K + 1], deltas [B, R, K or 1, 4]."""
         logits = self.cls(features)
         deltas = self.box(features)

@@ -51,7 +51,7 @@ class BoxStage:
 
     def predict(self, pooled, training=False):
         hidden = pooled if self.head is None else self.head(pooled, training=training)
-        return self.predictor(hidden)
+        return self.predictor(hidden, training=training)
 
     def __call__(self, features, rois, training=False):
         return self.predict(self.pool(features, rois), training)

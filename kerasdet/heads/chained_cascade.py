@@ -180,13 +180,13 @@ class ChainedCascade:
     def _alpha(self, t, o):
         return o if self.alphas[t] is None else self.alphas[t](o)
 
-    def _score(self, t, h):
-        f = tf.cast(self.classifiers[t](h), tf.float32)
+    def _score(self, t, h, training=False):
+        f = tf.cast(self.classifiers[t](h, training=training), tf.float32)
         return f if self.betas[t] is None else self.betas[t](f)
 
-    def deltas(self, hidden):
+    def deltas(self, hidden, training=False):
         """[B, R, D] -> class-specific deltas [B, R, K, 4] float32."""
-        deltas = tf.cast(self.box_predictor(hidden), tf.float32)
+        deltas = tf.cast(self.box_predictor(hidden, training=training), tf.float32)
         shape = tf.concat([tf.shape(hidden)[:-1], [self.num_classes, 4]], axis=0)
         deltas = tf.reshape(deltas, shape)
         deltas.set_shape(hidden.shape[:-1].concatenate([self.num_classes, 4]))
@@ -200,10 +200,11 @@ class ChainedCascade:
                    for t in range(self.num_stages)]
         outputs = self.gated(outputs)
         hidden = chain_features(outputs, self.alphas) if self.feature_chaining else outputs
-        scores = [tf.cast(self.classifiers[t](h), tf.float32) for t, h in enumerate(hidden)]
+        scores = [tf.cast(self.classifiers[t](h, training=training), tf.float32)
+                  for t, h in enumerate(hidden)]
         chained = chain_scores(scores, self.betas) if self.score_chaining else scores
         box_hidden = hidden[0] if self.box_from == "first" else hidden[-1]
-        return chained, self.deltas(box_hidden)
+        return chained, self.deltas(box_hidden, training)
 
     def losses(self, roi_features, sampled, positive_quota, negative_quota, training=False):
         """Stage t's cascade loss on the RoIs still in the cascade, weighted; the box loss (Fast
@@ -260,7 +261,7 @@ class ChainedCascade:
             h = o
             if t > 0 and self.feature_chaining:
                 h = tf.gather(hidden, indices, batch_dims=1) + self._alpha(t, o)
-            c = self._score(t, h)
+            c = self._score(t, h, training)
             if t > 0 and self.score_chaining:
                 c = tf.gather(scores, indices, batch_dims=1) + c
             if t == 0:
@@ -275,7 +276,7 @@ class ChainedCascade:
                 background = tf.nn.softmax(scores)[..., 0]
                 alive = alive & (background <= self.thresholds[t])
         box_hidden = first_hidden if self.box_from == "first" else hidden
-        return tf.nn.softmax(scores), self.deltas(box_hidden), alive
+        return tf.nn.softmax(scores), self.deltas(box_hidden, training), alive
 
     def __call__(self, roi_features, rois, training=False):
         """(the last stage's logits c_T, deltas) on every RoI (the BoxStage interface)."""

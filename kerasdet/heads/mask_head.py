@@ -76,11 +76,11 @@ class MaskBranch:
         self.extractor, self.head, self.config = extractor, head, config
         self.max_rois = int(max_rois)
 
-    def logits(self, features, boxes):
+    def logits(self, features, boxes, training=False):
         """[B, R, 4] boxes -> per-class mask logits [B, R, 2S, 2S, K] (float32)."""
-        return tf.cast(self.head(self.extractor(features, boxes)), tf.float32)
+        return tf.cast(self.head(self.extractor(features, boxes), training=training), tf.float32)
 
-    def loss(self, features, targets, gt_masks, gt_boxes):
+    def loss(self, features, targets, gt_masks, gt_boxes, training=False):
         """Per-pixel sigmoid cross entropy of the class channel on the foreground RoIs of
         `targets` (`sample_rois` / `relabel_rois` dict): foreground moved to the front (a stable
         sort, so a sample's order is kept), at most `max_rois` per image. `gt_masks` [B, N, G, G]
@@ -101,7 +101,7 @@ class MaskBranch:
         matched = tf.gather(targets["matched_index"], order, batch_dims=1)
         grids = mask_targets(gt_masks, gt_boxes, rois, matched, self.config.mask_size,
                              threshold=self.config.threshold)
-        return kd_losses.mask_loss(grids, self.logits(features, rois), tf.maximum(labels - 1, 0),
+        return kd_losses.mask_loss(grids, self.logits(features, rois, training), tf.maximum(labels - 1, 0),
                                    weights=tf.cast(labels > 0, tf.float32))
 
     def masks(self, features, detections, canvas_size, paste):
@@ -156,7 +156,7 @@ class MaskHead(keras.layers.Layer):
         up = None if size is None else 2 * size
         self.predictor.build((None, up, up, self.channels))
 
-    def call(self, pooled):
+    def call(self, pooled, training=None):
         """pooled [B, R, S, S, C] -> mask logits [B, R, 2S, 2S, K]."""
         if pooled.shape.rank != 5:
             raise ValueError(f"MaskHead expects RoI features [B, R, S, S, C], got {pooled.shape}.")
@@ -164,7 +164,7 @@ class MaskHead(keras.layers.Layer):
         # Static spatial size and channels keep the convs' input shapes known.
         x = tf.reshape(pooled, [-1, *pooled.shape[2:]])
         for conv in self.convs:
-            x = conv(x)
+            x = conv(x, training=training)
         x = self.predictor(self.deconv(x))
         return tf.reshape(x, [batch, num, *x.shape[1:]])
 

@@ -136,8 +136,9 @@ class PSRoIHead(keras.layers.Layer):
         rois = tf.cast(rois, tf.float32)
         return self.cls_pool(cls_maps, rois), self.box_pool(box_maps, rois)
 
-    def vote(self, pooled):
-        """The predictor: (class logits [B, R, C + 1], box deltas [B, R, 1, 4]) by voting."""
+    def vote(self, pooled, training=False):
+        """The predictor: (class logits [B, R, C + 1], box deltas [B, R, 1, 4]) by voting (no
+        weights: `training` changes nothing)."""
         cls_bins, box_bins = pooled
         # The paper aggregates the 4 k^2 box bins "by average voting" whatever the class voting.
         deltas = average_vote(box_bins, "mean")

@@ -68,9 +68,9 @@ class RPN:
         self.anchor_generator = anchor_generator
         self.config = config
 
-    def outputs(self, maps):
+    def outputs(self, maps, training=False):
         """(logits per level, deltas per level, anchors per level), all float32."""
-        logits, deltas = self.head(maps)
+        logits, deltas = self.head(maps, training=training)
         # Under a mixed policy the head computes in float16 / bfloat16; the ranking, decoding,
         # NMS and losses run in float32 (the -1e9 score of a dropped box is -inf in float16).
         logits = [tf.cast(x, tf.float32) for x in logits]
@@ -87,7 +87,7 @@ class RPN:
 
     def with_losses(self, maps, context, seed, training):
         c = self.config
-        logits, deltas, anchors = self.outputs(maps)
+        logits, deltas, anchors = self.outputs(maps, training)
         labels, targets = rpn_targets(
             tf.concat(anchors, 0), context["gt_boxes"], context["gt_labels"],
             context["image_shapes"], positive_iou=c.positive_iou, negative_iou=c.negative_iou,
@@ -132,15 +132,15 @@ class RPNHead(keras.layers.Layer):
         self.objectness.build(hidden)
         self.box.build(hidden)
 
-    def call(self, features):
+    def call(self, features, training=None):
         if not isinstance(features, (list, tuple)):
             features = [features]
         logits, deltas = [], []
         for feature in features:
-            hidden = self.conv(feature)
+            hidden = self.conv(feature, training=training)
             batch = tf.shape(feature)[0]
-            logits.append(tf.reshape(self.objectness(hidden), [batch, -1]))
-            deltas.append(tf.reshape(self.box(hidden), [batch, -1, 4]))
+            logits.append(tf.reshape(self.objectness(hidden, training=training), [batch, -1]))
+            deltas.append(tf.reshape(self.box(hidden, training=training), [batch, -1, 4]))
         return logits, deltas
 
     def get_config(self):

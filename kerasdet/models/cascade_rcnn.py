@@ -189,9 +189,9 @@ class CascadeRCNN(FasterRCNN):
         """RoI features [B, R, S, S, C] for the stage heads, trunk gradient scaled."""
         return self.box_stages[0].pool(roi_features, rois)
 
-    def stage_head(self, pooled, stage):
+    def stage_head(self, pooled, stage, training=False):
         """(logits, class-agnostic deltas) of stage `stage` (0-based)."""
-        return self.box_stages[stage].predict(pooled)
+        return self.box_stages[stage].predict(pooled, training)
 
     def stage_weights(self, stage):
         return self.box_stages[stage].box_weights
@@ -200,16 +200,18 @@ class CascadeRCNN(FasterRCNN):
         return self.box_losses(*args, **kwargs)
 
     # -- the integral loss: one head, a classifier per IoU ----------------------------------------
-    def _integral_logits(self, pooled):
-        hidden = self.box_head(pooled)
-        logits, deltas = self.box_predictor(hidden)
-        return [logits] + [cls(hidden) for cls in self.integral_classifiers], deltas
+    def _integral_logits(self, pooled, training=False):
+        hidden = self.box_head(pooled, training=training)
+        logits, deltas = self.box_predictor(hidden, training=training)
+        return [logits] + [cls(hidden, training=training) for cls in self.integral_classifiers], deltas
 
-    def integral_losses(self, roi_features, sampled, gt_boxes, gt_labels, gt_crowd=None):
+    def integral_losses(self, roi_features, sampled, gt_boxes, gt_labels, gt_crowd=None,
+                        training=False):
         """Each classifier on the sampled RoIs labelled at its threshold, the regressor at the
         first; returns the losses and the RoIs labelled at the last threshold."""
         c, losses = self.cascade_config, {}
-        stage_logits, deltas = self._integral_logits(self.pool(roi_features, sampled["rois"]))
+        stage_logits, deltas = self._integral_logits(self.pool(roi_features, sampled["rois"]),
+                                                     training)
         targets = sampled
         for t, logits in enumerate(stage_logits):
             if t > 0:  # the same RoIs, labelled at the higher threshold
@@ -225,13 +227,15 @@ class CascadeRCNN(FasterRCNN):
     def box_losses(self, roi_features, sampled, gt_boxes, gt_labels, image_shapes,
                    gt_crowd=None, training=False):
         if self.cascade_config.mode == "integral":
-            return self.integral_losses(roi_features, sampled, gt_boxes, gt_labels, gt_crowd)
+            return self.integral_losses(roi_features, sampled, gt_boxes, gt_labels, gt_crowd,
+                                        training)
         return super().box_losses(roi_features, sampled, gt_boxes, gt_labels, image_shapes,
                                   gt_crowd, training)
 
     def refine(self, roi_features, proposals, image_shapes, training=False):
         if self.cascade_config.mode == "integral":
-            stage_logits, deltas = self._integral_logits(self.pool(roi_features, proposals))
+            stage_logits, deltas = self._integral_logits(self.pool(roi_features, proposals),
+                                                         training)
             return (mean_class_probabilities(stage_logits), deltas, proposals,
                     self.stage_weights(0))
         return super().refine(roi_features, proposals, image_shapes, training)

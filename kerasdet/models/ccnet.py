@@ -214,7 +214,7 @@ class CCNet(FasterRCNN):
         """(RPN feature maps, RoI maps: the FPN levels, or {backbone output name: map})."""
         outputs = self.backbone(images, training=training)
         if self.use_fpn:
-            pyramid = self.neck({k: outputs[k] for k in _FPN_LEVELS})
+            pyramid = self.neck({k: outputs[k] for k in _FPN_LEVELS}, training=training)
             levels = [pyramid[f"P{k}"] for k in range(2, 7)]
             return levels, levels[:4]
         maps = {name: outputs[name] for name in set(self.stage_feature_names)}

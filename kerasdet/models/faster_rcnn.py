@@ -161,14 +161,14 @@ class FasterRCNN(TwoStageDetector):
         """(RPN feature maps, RoI-pooling feature maps), shallowest first."""
         outputs = self.backbone(images, training=training)
         if self.use_fpn:
-            pyramid = self.neck({k: outputs[k] for k in _FPN_LEVELS})
+            pyramid = self.neck({k: outputs[k] for k in _FPN_LEVELS}, training=training)
             levels = [pyramid[f"P{k}"] for k in range(2, 7)]
             return levels, levels[:4]
         return [outputs[self.feature]], [outputs[self.feature]]
 
-    def rpn(self, rpn_features):
+    def rpn(self, rpn_features, training=False):
         """(objectness logits, deltas, anchors), one entry per level."""
-        return self.proposal_source.outputs(rpn_features)
+        return self.proposal_source.outputs(rpn_features, training)
 
     def proposals(self, logits, deltas, anchors, image_shapes, training):
         return self.proposal_source.proposals(logits, deltas, anchors, image_shapes, training)

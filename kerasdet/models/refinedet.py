@@ -107,7 +107,7 @@ class RefineDet(SingleShotDetector):
         odm_logits [B, N, C + 1] (float32: the losses and decoding run in float32 under a mixed
         policy)."""
         maps = self.source_maps(images, training)
-        odm_maps = self.tcb(dict(zip(self.source_layers, maps)))
+        odm_maps = self.tcb(dict(zip(self.source_layers, maps)), training=training)
         odm_maps = [odm_maps[name] for name in self.tcb.output_names]
         f32 = lambda x: tf.cast(x, tf.float32)  # noqa: E731
         return {"anchors": self.anchors(maps),

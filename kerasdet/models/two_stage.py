@@ -168,7 +168,7 @@ class TwoStageDetector(Detector):
                                        context.get("gt_crowd"), training)
         if self.mask_branch is not None:
             losses["mask"] = self.mask_loss(context["roi_features"], last,
-                                            *batch_mask_grids(context["batch"]))
+                                            *batch_mask_grids(context["batch"]), training=training)
         return losses
 
     def compute_detection_losses(self, batch, training):
@@ -228,13 +228,13 @@ class TwoStageDetector(Detector):
         self.built = True
 
     # -- mask branch ----------------------------------------------------------------------------
-    def mask_logits(self, roi_features, boxes):
+    def mask_logits(self, roi_features, boxes, training=False):
         """[B, R, 4] boxes -> per-class mask logits [B, R, 2S, 2S, K] (float32)."""
-        return self.mask_branch.logits(roi_features, boxes)
+        return self.mask_branch.logits(roi_features, boxes, training)
 
-    def mask_loss(self, roi_features, targets, gt_masks, gt_boxes):
+    def mask_loss(self, roi_features, targets, gt_masks, gt_boxes, training=False):
         """The mask loss on the foreground of labelled RoIs (see `MaskBranch.loss`)."""
-        return self.mask_branch.loss(roi_features, targets, gt_masks, gt_boxes)
+        return self.mask_branch.loss(roi_features, targets, gt_masks, gt_boxes, training)
 
     def detection_masks(self, roi_features, detections, canvas_size):
         return self.mask_branch.masks(roi_features, detections, canvas_size, self.paste_masks)

@@ -113,14 +113,14 @@ class FPN(keras.layers.Layer):
             conv.build((None, None, None, self.channels))
         self.built = True
 
-    def call(self, features):
+    def call(self, features, training=None):
         self._check_inputs(features)
-        laterals = [conv(features[n]) for conv, n in zip(self.lateral_convs, self.input_levels)]
+        laterals = [conv(features[n], training=training) for conv, n in zip(self.lateral_convs, self.input_levels)]
         merged = [None] * len(laterals)
         merged[-1] = laterals[-1]
         for i in range(len(laterals) - 2, -1, -1):
             merged[i] = laterals[i] + upsample_nearest_to(merged[i + 1], laterals[i])
-        outputs = {f"P{k}": conv(m) for k, conv, m in zip(self._ranks, self.output_convs, merged)}
+        outputs = {f"P{k}": conv(m, training=training) for k, conv, m in zip(self._ranks, self.output_convs, merged)}
         if self.extra_pool_level:
             top = f"P{self._ranks[-1]}"
             outputs[f"P{self._ranks[-1] + 1}"] = self.extra_pool(outputs[top])

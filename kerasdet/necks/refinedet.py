@@ -89,17 +89,18 @@ class TransferConnectionBlocks(keras.layers.Layer):
             upsampler.build(block_shape)
         self.built = True
 
-    def call(self, features):
+    def call(self, features, training=None):
         self._check_inputs(features)
         top = len(self.input_names) - 1
         outputs = [None] * len(self.input_names)
         for i in range(top, -1, -1):
-            t = self.second_convs[i](self.first_convs[i](features[self.input_names[i]]))
+            t = self.second_convs[i](self.first_convs[i](features[self.input_names[i]], training=training),
+                                    training=training)
             if i < top:
                 up = self.upsamplers[i](outputs[i + 1])
                 size = tf.shape(t)
                 t = tf.nn.relu(t + up[:, :size[1], :size[2], :])
-            outputs[i] = self.output_convs[i](t)
+            outputs[i] = self.output_convs[i](t, training=training)
         return dict(zip(self.output_names, outputs))
 
     def compute_output_shape(self, input_shape):
