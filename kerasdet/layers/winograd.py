@@ -7,12 +7,15 @@ Same weights, config and outputs (to float32 rounding, ~1e-5 of the output's ran
 float16, fewer than `WINOGRAD_MIN_CHANNELS` channels, XLA, a GPU, `_kernels.pure_tf()`) runs the
 plain convolution, decided when the layer is traced; so does, outside training, an output of fewer
 than `WINOGRAD_MIN_TILES` 4x4 tiles, decided at run time when the image size is not known before.
-Like `PointwiseConv2D` the class answers to the name "Conv2D", because Keras' weights files address
+A stride-2 "valid" layer trained in float32 (ResNet's downsampling 3x3 convs, padded before)
+takes `kerasdet.ops.strided_conv3x3` instead: the same convolution, its kernel gradient one matrix
+product over the stride phases. Like `PointwiseConv2D` the class answers to the name "Conv2D", because Keras' weights files address
 layers by the snake_case of their class name: every .weights.h5 written with plain Conv2D layers
 still loads, and back. Its serialized config keeps its registered name, "kerasdet>WinogradConv2D".
 """
 import keras
 
+from kerasdet.ops.strided_conv import strided_conv3x3, strided_phases_apply
 from kerasdet.ops.winograd import (select, winograd_applies, winograd_conv3x3, winograd_large_tiles,
                                    winograd_pays)
 
@@ -45,7 +48,17 @@ class WinogradConv2D(keras.layers.Conv2D):
         # Gradients follow only for a trained layer: a frozen one runs the inference rule.
         return training is True and self.trainable
 
+    def _uses_strided_phases(self, inputs, training):
+        return (self._learning(training) and self.data_format == "channels_last"
+                and strided_phases_apply(inputs.dtype, self.strides, self.padding, self.dilation_rate,
+                                         self.groups))
+
     def call(self, inputs, training=None):
+        if self._uses_strided_phases(inputs, training):
+            outputs = strided_conv3x3(inputs, self.kernel)
+            if self.use_bias:
+                outputs = keras.ops.add(outputs, self.bias)
+            return outputs if self.activation is None else self.activation(outputs)
         relu = self.activation is keras.activations.relu
         if (not self.uses_winograd(inputs)
                 or not (relu or self.activation in (None, keras.activations.linear))):
@@ -69,6 +82,8 @@ class WinogradConv2D(keras.layers.Conv2D):
         def direct():
             return keras.ops.add(keras.layers.Conv2D.convolution_op(self, inputs, kernel), bias)
 
+        if self._uses_strided_phases(inputs, training):
+            return keras.ops.add(strided_conv3x3(inputs, kernel), bias)
         if not self.uses_winograd(inputs):
             return direct()
         return select(winograd_pays(inputs, training=self._learning(training)),

@@ -12,4 +12,5 @@ from kerasdet.ops.roi import *  # noqa: F401,F403
 from kerasdet.ops.deform import *  # noqa: F401,F403
 from kerasdet.ops.masks import *  # noqa: F401,F403
 from kerasdet.ops.pointwise import *  # noqa: F401,F403
+from kerasdet.ops.strided_conv import *  # noqa: F401,F403
 from kerasdet.ops.winograd import *  # noqa: F401,F403
