@@ -20,6 +20,11 @@ threads), so only a quiet machine gives a ratio to hold a goal against (docs/SPE
 With --rounds R, kerasdet's steps are timed R times between R + 1 torchvision runs: each round's
 ratio uses its own neighbours, and the reported ratio is the median of the rounds' ratios, which
 holds up better against this host's drift (the same step moves by +-30 % within minutes).
+Every round times the same training steps on both sides: torchvision's child process starts from
+its initial weights each time, and kerasdet's model (kept, with its traced step) is put back to
+its initial weights and optimizer state and warmed up again before each round. The work of a step
+changes as the random net trains: Mask R-CNN's mask head runs on the foreground RoIs, 7 and 6 of
+them per image at the first step of this problem and 17 and 17 at the sixth.
 
     python benchmarks/train_speed.py [--models faster_rcnn_fpn,mask_rcnn_fpn] [--repeats 5]
         [--precision float32|mixed_bfloat16] [--rounds 3]
@@ -174,6 +179,16 @@ def kerasdet_step_fn(name, problem, lr, jit_compile, precision="float32"):
         logs = model.train_on_batch(batch, return_dict=True)
         return float(logs["loss"])
 
+    # The optimizer built before any step, so that its initial slots can be put back (`restart`).
+    model.optimizer.build(model.trainable_variables)
+    initial = [(v, v.numpy()) for v in list(model.variables) + list(model.optimizer.variables)]
+
+    def restart():
+        """Back to the initial weights and optimizer state; the traced step is kept."""
+        for variable, value in initial:
+            variable.assign(value)
+
+    step.restart = restart
     trainable = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
     return step, trainable, model
 
@@ -254,8 +269,9 @@ def main(argv=None):
         kd_step, kd_params, _ = kerasdet_step_fn(name, problem, args.lr, jit, args.precision)
         kd_rounds, kd_loads = [], []
         for round_index in range(args.rounds):
-            # Only the first round warms up: the model and its traced step stay in this process.
-            kd_rounds.append(timed(kd_step, args.warmup if round_index == 0 else 0, args.repeats,
+            # The same steps as torchvision's fresh child times (see the module docstring).
+            kd_step.restart()
+            kd_rounds.append(timed(kd_step, args.warmup, args.repeats,
                                    f"{name} kerasdet round {round_index + 1}/{args.rounds}"))
             kd_loads.append(list(os.getloadavg()))
             torchvision_runs.append(run_torchvision(name, args))
