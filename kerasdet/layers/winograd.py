@@ -9,9 +9,10 @@ plain convolution, decided when the layer is traced; so does, outside training, 
 than `WINOGRAD_MIN_TILES` 4x4 tiles, decided at run time when the image size is not known before.
 A stride-2 "valid" layer trained in float32 (ResNet's downsampling 3x3 convs, padded before)
 takes `kerasdet.ops.strided_conv3x3` instead: the same convolution, its kernel gradient one matrix
-product over the stride phases. Like `PointwiseConv2D` the class answers to the name "Conv2D", because Keras' weights files address
-layers by the snake_case of their class name: every .weights.h5 written with plain Conv2D layers
-still loads, and back. Its serialized config keeps its registered name, "kerasdet>WinogradConv2D".
+product over the stride phases. Like `PointwiseConv2D` the class answers to the name "Conv2D",
+because Keras' weights files address layers by the snake_case of their class name: every
+.weights.h5 written with plain Conv2D layers still loads, and back. Its serialized config keeps its
+registered name, "kerasdet>WinogradConv2D".
 """
 import keras
 
