@@ -34,7 +34,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-import kerasdet  # noqa: E402,F401 (first: it sets TensorFlow's oneDNN default)
 import tensorflow as tf  # noqa: E402
 
 from kerasdet.data.pipeline import build_dataset  # noqa: E402

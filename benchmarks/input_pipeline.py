@@ -55,7 +55,6 @@ FIXED_BATCH = {"train_flip_800x1333_stride32": 2}
 
 def batch_bytes_per_image(batch):
     """Bytes of all tensors of one batch divided by its images, and of its `masks` alone."""
-    import kerasdet  # noqa: F401 (first: it sets TensorFlow's oneDNN default)
     import tensorflow as tf
 
     images = int(batch["images"].shape[0])
@@ -140,7 +139,6 @@ def main(argv=None):
                         help="benchmarks/train_speed.py --output file to read the step time from")
     args = parser.parse_args(argv)
 
-    import kerasdet  # noqa: F401 (first: it sets TensorFlow's oneDNN default)
     import tensorflow as tf
 
     from kerasdet.data.pipeline import build_dataset

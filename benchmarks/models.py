@@ -29,7 +29,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import numpy as np  # noqa: E402
 
 if "--torchvision-child" not in sys.argv:  # the torchvision child never loads TensorFlow
-    import kerasdet  # noqa: F401 (first: it sets TensorFlow's oneDNN default)
     import tensorflow as tf  # noqa: E402
 
 # name -> (module, class, ResNet-50-scale kwargs, tiny kwargs, torchvision builder name)

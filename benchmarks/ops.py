@@ -33,7 +33,6 @@ if "--torchvision" in sys.argv:
     import torchvision.ops  # noqa: F401
 
 import numpy as np  # noqa: E402
-import kerasdet  # noqa: E402,F401 (first: it sets TensorFlow's oneDNN default)
 import tensorflow as tf  # noqa: E402
 
 import kerasdet.ops as kops  # noqa: E402

@@ -103,7 +103,6 @@ def context_margin(model):
 
 def speed_for_size(model, image, size, args):
     import numpy as np
-    import kerasdet  # noqa: F401 (first: it sets TensorFlow's oneDNN default)
     import tensorflow as tf
 
     from kerasdet.ops.overfeat import pooled_size
@@ -240,7 +239,6 @@ def main(argv=None):
     parser.add_argument("--out", default=None, help="also write the JSON report here")
     args = parser.parse_args(argv)
 
-    import kerasdet  # noqa: F401 (first: it sets TensorFlow's oneDNN default)
     import tensorflow as tf
 
     from kerasdet import engine, zoo

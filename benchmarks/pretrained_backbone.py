@@ -174,7 +174,6 @@ def main(argv=None):
     parser.add_argument("--data", default=None, help="folder for the synthetic data (default: a temporary one)")
     args = parser.parse_args(argv)
 
-    import kerasdet  # noqa: F401 (first: it sets TensorFlow's oneDNN default)
     import tensorflow as tf
 
     from kerasdet.zoo import pretrained

@@ -134,7 +134,6 @@ def main(argv=None):
     if args.steps < 1:
         parser.error("--steps must be >= 1")
 
-    import kerasdet  # noqa: F401 (first: it sets TensorFlow's oneDNN default)
     import tensorflow as tf
 
     from kerasdet.data.sample_photos import make_sample_photos

@@ -28,7 +28,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
 import keras  # noqa: E402
-import kerasdet  # noqa: E402,F401 (first: it sets TensorFlow's oneDNN default)
 import tensorflow as tf  # noqa: E402
 
 from kerasdet.data.pipeline import build_dataset  # noqa: E402

@@ -154,7 +154,6 @@ def kerasdet_step_fn(name, problem, lr, jit_compile, precision="float32"):
     import importlib
 
     import keras
-    import kerasdet  # noqa: F401 (first: it sets TensorFlow's oneDNN default)
     import tensorflow as tf
 
     keras.mixed_precision.set_global_policy(precision)
@@ -246,7 +245,6 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.torchvision_only:
         return torchvision_only(args)
-    import kerasdet  # noqa: F401 (first: it sets TensorFlow's oneDNN default)
     import tensorflow as tf
 
     jit = {"false": False, "true": True, "auto": "auto"}[args.jit_compile]

@@ -18,7 +18,6 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
-import kerasdet  # noqa: E402,F401 (first: it sets TensorFlow's oneDNN default)
 import tensorflow as tf  # noqa: E402
 
 from kerasdet.models import FasterRCNN  # noqa: E402
