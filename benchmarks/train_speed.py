@@ -260,8 +260,7 @@ def main(argv=None):
                     or "default (one per core)",
                     "tf_inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads()
                     or "default",
-                    "TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS",
-                                                            "unset (TensorFlow's CPU-dependent default)"),
+                    "TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default (on)"),
                     "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "unset"),
                     "tensorflow": tf.__version__},
         "models": {}}

@@ -1,14 +1,5 @@
 """kerasdet: the object-detection lineage from OverFeat to Cascade R-CNN as a Keras 3 model zoo."""
 import importlib
-import os
-
-# TensorFlow turns its oneDNN kernels on by default only on CPUs with AVX512_VNNI, AVX512_BF16 or
-# AMX; elsewhere its convolutions and matrix products run Eigen code built without FMA. Measured on
-# a 2-core AVX2 host (AMD EPYC, no AVX-512), float32: a 4096^2 product 60 -> 130 GFLOP/s, a
-# 3x3 256-channel convolution at 200 x 304 95 -> 141 GFLOP/s (docs/SPEED.md). The variable is read
-# when TensorFlow loads, so this takes effect only when kerasdet is imported first;
-# TF_ENABLE_ONEDNN_OPTS=0 in the environment still turns it off.
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 __version__ = "0.1.0"
 

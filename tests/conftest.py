@@ -3,8 +3,6 @@ import os
 # Quiet TensorFlow's start-up banner and keep the two CI cores for the tests themselves.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
-# Test modules import TensorFlow before kerasdet: the same oneDNN default as kerasdet/__init__.py.
-os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
